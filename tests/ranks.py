@@ -1,0 +1,50 @@
+"""Run a function on several real processes joined in a gloo process group."""
+
+import os
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank, world_size, store_path, fn, args, results):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    try:
+        results.put((rank, fn(rank, world_size, *args), None))
+    except BaseException:
+        results.put((rank, None, traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size, *args, timeout=240):
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes.
+
+    Returns the per-rank return values (a list indexed by rank); re-raises the
+    first rank's failure with its traceback. ``fn`` must be importable (module level).
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [
+            ctx.Process(target=_entry, args=(r, world_size, os.path.join(tmp, "store"), fn, args, results))
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        try:
+            out = [results.get(timeout=timeout) for _ in procs]
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+    errors = [(rank, tb) for rank, _, tb in out if tb]
+    if errors:
+        raise AssertionError(f"rank {errors[0][0]} failed:\n{errors[0][1]}")
+    return [value for _, value, _ in sorted(out, key=lambda item: item[0])]

@@ -1,0 +1,86 @@
+"""select_topk is exact on every path; pack/unpack round-trip every value dtype."""
+
+import math
+
+import pytest
+import torch
+
+from raytopk.compression import VALUE_DTYPES, pack, payload_bytes, select_topk, unpack
+
+
+def _topk_set(x, k):
+    return set(torch.topk(x.abs(), k).indices.tolist())
+
+
+@pytest.mark.parametrize("numel", [1, 17, 5_000, 300_000, 2_000_003])
+@pytest.mark.parametrize("fraction", [0.001, 0.01, 0.3])
+def test_same_set_as_torch_topk(numel, fraction):
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+    k = max(1, math.ceil(fraction * numel))
+    values, indices = select_topk(x, k)
+    assert indices.dtype == torch.int32
+    assert len(indices) == k
+    assert set(indices.tolist()) == _topk_set(x, k)
+    assert torch.equal(values, x[indices.long()])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n, g: torch.randn(n, generator=g) ** 7,  # heavy tails
+        lambda n, g: torch.where(torch.rand(n, generator=g) < 0.995, 0.0, torch.randn(n, generator=g)),  # mostly zero
+        lambda n, g: torch.linspace(-1, 1, n),  # sorted: neighbours share magnitudes
+        lambda n, g: torch.cat([torch.zeros(n - 50), 1e6 * torch.randn(50, generator=g)]),  # few spikes at the end
+    ],
+)
+def test_fast_path_exact_on_hard_distributions(make):
+    n, k = 1_000_000, 10_000
+    x = make(n, torch.Generator().manual_seed(1))
+    values, indices = select_topk(x, k)
+    chosen = x[indices.long()].abs()
+    kth = torch.topk(x.abs(), k).values.min()
+    assert len(set(indices.tolist())) == k
+    assert bool((chosen >= kth).all()), "an entry below the k-th magnitude was selected"
+
+
+def test_ties_give_k_distinct_entries():
+    x = torch.ones(1_000_000)
+    _, indices = select_topk(x, 1000)
+    assert len(set(indices.tolist())) == 1000
+
+
+def test_nan_and_inf_are_selected_like_torch_topk():
+    x = torch.randn(1_000_000)
+    x[123] = float("nan")
+    x[456] = float("-inf")
+    values, indices = select_topk(x, 100)
+    assert {123, 456} <= set(indices.tolist())
+    assert not bool(torch.isfinite(values).all())
+
+
+def test_does_not_touch_the_global_random_stream():
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    select_topk(torch.randn(1_000_000, generator=torch.Generator().manual_seed(0)), 1000)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("k, shape", [(0, (10,)), (11, (10,)), (1, (2, 5))])
+def test_rejects_bad_k_and_shapes(k, shape):
+    with pytest.raises(ValueError):
+        select_topk(torch.randn(shape), k)
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_DTYPES))
+@pytest.mark.parametrize("k", [1, 7, 64])
+def test_pack_unpack_round_trip(name, k):
+    dtype = VALUE_DTYPES[name]
+    x = torch.randn(1000)
+    values, indices = select_topk(x, k)
+    buffer = pack(values, indices, dtype)
+    assert buffer.dtype == torch.uint8
+    assert buffer.numel() == payload_bytes(k, x.numel(), dtype) == k * (4 + torch.finfo(dtype).bits // 8)
+    got_values, got_indices = unpack(buffer, k, x.numel(), dtype)
+    assert torch.equal(got_indices, indices)
+    assert torch.equal(got_values, values.to(dtype))

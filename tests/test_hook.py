@@ -1,0 +1,289 @@
+"""topk_hook on real gloo process groups with real DDP, against references written here."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ranks import run_ranks
+from raytopk import TopKState, topk_hook
+
+
+def _model(seed=0, hidden=32, depth=1):
+    """An MLP; with ``bucket_cap_mb=0.01`` each hidden layer of 64 or more fills a bucket of its own."""
+    torch.manual_seed(seed)
+    layers = [torch.nn.Linear(16, hidden), torch.nn.ReLU()]
+    for _ in range(depth):
+        layers += [torch.nn.Linear(hidden, hidden), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(hidden, 4))
+
+
+def _batch(rank, step, size=8):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(size, 16, generator=g), torch.randint(0, 4, (size,), generator=g)
+
+
+def _loss(model, rank, step):
+    x, y = _batch(rank, step)
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _flat_grad(model):
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def _recording_hook(sizes):
+    """topk_hook, recording each bucket's size: an independent view of DDP's buckets."""
+
+    def hook(state, bucket) -> torch.futures.Future[torch.Tensor]:
+        sizes.append((state.iter, bucket.buffer().numel()))
+        return topk_hook(state, bucket)
+
+    return hook
+
+
+# ratio 1.0 is plain DDP ---------------------------------------------------------------
+
+
+def _ratio_one_vs_ddp(rank, world_size):
+    plain, hooked = DDP(_model()), DDP(_model())
+    hooked.register_comm_hook(TopKState(ratio=1.0, start_iter=0, module=hooked.module), topk_hook)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (plain, hooked)]
+    for step in range(4):
+        for model, opt in zip((plain, hooked), opts):
+            opt.zero_grad()
+            _loss(model, rank, step).backward()
+        torch.testing.assert_close(_flat_grad(hooked), _flat_grad(plain), rtol=1e-6, atol=1e-7)
+        for opt in opts:
+            opt.step()
+    return True
+
+
+def test_ratio_one_equals_plain_ddp():
+    assert run_ranks(_ratio_one_vs_ddp, 2) == [True, True]
+
+
+# the applied gradient is the mean of each rank's top-k of (gradient + residual) -------
+
+
+def _against_reference(rank, world_size, ratio, value_dtype, start_iter):
+    model = _model(hidden=24)
+    local = copy.deepcopy(model)  # computes this rank's own gradient, no DDP
+    ddp = DDP(model)
+    sizes = []
+    ddp.register_comm_hook(TopKState(ratio=ratio, start_iter=start_iter, value_dtype=value_dtype), _recording_hook(sizes))
+    n = sum(p.numel() for p in model.parameters())
+    k = max(1, math.ceil(ratio * n))
+    residuals = torch.zeros(world_size, n)
+    for step in range(6):
+        local.zero_grad()
+        _loss(local, rank, step).backward()
+        grads = [torch.empty(n) for _ in range(world_size)]
+        dist.all_gather(grads, _flat_grad(local))
+        if step < start_iter:
+            expected = torch.stack(grads).mean(0)
+        else:
+            expected = torch.zeros(n)
+            for r in range(world_size):
+                acc = grads[r] + residuals[r]
+                chosen = torch.topk(acc.abs(), k).indices
+                sent = torch.zeros(n)
+                sent[chosen] = acc[chosen].to(_TORCH_DTYPES[value_dtype]).float()
+                residuals[r] = acc - sent  # zero where sent, but for fp16/bf16 rounding
+                expected += sent
+            expected /= world_size
+        ddp.zero_grad()
+        _loss(ddp, rank, step).backward()
+        torch.testing.assert_close(_flat_grad(model), expected, rtol=1e-5, atol=1e-6)
+    assert len(sizes) == 6 and {size for _, size in sizes} == {n}, "the reference assumes one bucket"
+    return True
+
+
+@pytest.mark.parametrize(
+    "world_size, ratio, value_dtype, start_iter",
+    [(2, 0.01, "fp32", 0), (3, 0.05, "fp32", 2), (2, 0.02, "fp16", 1), (2, 0.02, "bf16", 0), (1, 0.1, "fp32", 0)],
+)
+def test_applied_gradient_matches_independent_reference(world_size, ratio, value_dtype, start_iter):
+    assert run_ranks(_against_reference, world_size, ratio, value_dtype, start_iter) == [True] * world_size
+
+
+# error feedback conserves mass, over many buckets -------------------------------------
+
+
+def _residual_sum(state, model):
+    residuals = state.state_dict()["residuals"]
+    return torch.cat([residuals[name].reshape(-1) for name, _ in model.named_parameters()])
+
+
+def _mass_conservation(rank, world_size):
+    model = _model(hidden=64, depth=4)
+    local = copy.deepcopy(model)
+    ddp = DDP(model, bucket_cap_mb=0.01)
+    sizes = []
+    state = TopKState(ratio=0.01, start_iter=1, module=model)
+    ddp.register_comm_hook(state, _recording_hook(sizes))
+    n = sum(p.numel() for p in model.parameters())
+    applied, mean_grads = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    for step in range(8):
+        local.zero_grad()
+        _loss(local, rank, step).backward()
+        grad = _flat_grad(local)
+        dist.all_reduce(grad)
+        mean_grads += grad.double() / world_size
+        ddp.zero_grad()
+        _loss(ddp, rank, step).backward()
+        applied += _flat_grad(model).double()
+    residual = _residual_sum(state, model)
+    dist.all_reduce(residual)
+    torch.testing.assert_close(applied + residual.double() / world_size, mean_grads, rtol=1e-5, atol=1e-6)
+    assert residual.abs().sum() > 0, "nothing was held back: the test did not exercise compression"
+    buckets_per_step = sum(1 for it, _ in sizes if it == 5)
+    return buckets_per_step
+
+
+def test_error_feedback_conserves_mass_across_buckets():
+    buckets = run_ranks(_mass_conservation, 2)
+    assert buckets[0] >= 3, f"expected several buckets, got {buckets[0]}"
+
+
+# exact resume through state_dict ------------------------------------------------------
+
+
+def _train(rank, steps, first_step, cap_mb, saved=None):
+    """SGD steps with the hook; optionally resume from ``saved``; return weights and a save point."""
+    model = _model(hidden=64, depth=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    state = TopKState(ratio=0.01, start_iter=2, module=model)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        state.load_state_dict(saved["hook"])
+    ddp = DDP(model, bucket_cap_mb=cap_mb)
+    ddp.register_comm_hook(state, topk_hook)
+    checkpoint = None
+    for step in range(first_step, first_step + steps):
+        opt.zero_grad()
+        _loss(ddp, rank, step).backward()
+        opt.step()
+        if step == 3:
+            checkpoint = {
+                "model": copy.deepcopy(model.state_dict()),
+                "optimizer": copy.deepcopy(opt.state_dict()),
+                "hook": state.state_dict(),
+            }
+    weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return weights, checkpoint, state
+
+
+def _resume(rank, world_size, resume_cap_mb):
+    straight, checkpoint, straight_state = _train(rank, 8, 0, cap_mb=0.01)
+    # A new model, optimizer, DDP and state, loaded from the step-3 checkpoint.
+    model = _model(hidden=64, depth=4)
+    state = TopKState(ratio=0.01, start_iter=2, module=model)
+    state.load_state_dict(checkpoint["hook"])
+    restored = state.state_dict()
+    for name, residual in checkpoint["hook"]["residuals"].items():
+        assert torch.equal(restored["residuals"][name], residual), name
+    assert restored["iter"] == 4 and restored["stats"] == checkpoint["hook"]["stats"]
+    bytes_at_save = checkpoint["hook"]["stats"]["bytes_sent"]
+
+    resumed, _, resumed_state = _train(rank, 4, 4, cap_mb=resume_cap_mb, saved=checkpoint)
+    assert resumed_state.iter == straight_state.iter == 8
+    sent_after_resume = resumed_state.stats["bytes_sent"] - bytes_at_save
+    dense_after_resume = resumed_state.stats["dense_bytes"] - checkpoint["hook"]["stats"]["dense_bytes"]
+    assert sent_after_resume < 0.05 * dense_after_resume, "the resumed run warmed up densely again"
+    return bool(torch.equal(resumed, straight)), float((resumed - straight).abs().max())
+
+
+def test_resume_continues_exactly_as_the_uninterrupted_run():
+    for equal, diff in run_ranks(_resume, 2, 0.01):
+        assert equal, f"resumed weights differ by up to {diff}"
+
+
+def test_resume_with_another_bucket_cap_restores_every_residual():
+    # Bucket membership changes which entries each bucket's top-k picks, so the
+    # weights may drift apart; the residuals, step count and stats are restored exactly.
+    for equal, diff in run_ranks(_resume, 2, 0.2):
+        assert diff < 1e-2
+
+
+# stats count the real payload ----------------------------------------------------------
+
+
+def _stats(rank, world_size, value_dtype):
+    model = _model(hidden=64, depth=4)
+    ddp = DDP(model, bucket_cap_mb=0.01)
+    sizes = []
+    state = TopKState(ratio=0.01, start_iter=2, value_dtype=value_dtype)
+    ddp.register_comm_hook(state, _recording_hook(sizes))
+    for step in range(5):
+        ddp.zero_grad()
+        _loss(ddp, rank, step).backward()
+    value_bytes = {"fp32": 4, "fp16": 2}[value_dtype]
+    expected_sent = sum(n * 4 if it < 2 else math.ceil(0.01 * n) * (value_bytes + 4) for it, n in sizes)
+    assert state.stats["bytes_sent"] == expected_sent
+    assert state.stats["dense_bytes"] == sum(n * 4 for _, n in sizes) == 5 * 4 * sum(p.numel() for p in model.parameters())
+    assert state.stats["steps"] == 5 and state.stats["hook_s"] > 0
+    return True
+
+
+@pytest.mark.parametrize("value_dtype", ["fp32", "fp16"])
+def test_stats_match_payload_sizes(value_dtype):
+    assert run_ranks(_stats, 2, value_dtype) == [True, True]
+
+
+# non-finite gradients pass through and leave residuals alone ----------------------------
+
+
+def _non_finite(rank, world_size):
+    model = _model()
+    ddp = DDP(model)
+    state = TopKState(ratio=0.05, start_iter=0, module=model)
+    ddp.register_comm_hook(state, topk_hook)
+    scaler_skips = []
+    for step in range(4):
+        before = {k: v.clone() for k, v in state.state_dict()["residuals"].items()}
+        ddp.zero_grad()
+        loss = _loss(ddp, rank, step)
+        if step == 2 and rank == 0:
+            loss = loss * float("inf")  # an fp16-style overflow on one rank only
+        loss.backward()
+        finite = bool(torch.isfinite(_flat_grad(model)).all())
+        scaler_skips.append(not finite)
+        after = state.state_dict()["residuals"]
+        if step == 2:  # every rank keeps its residual: the step never happened
+            assert all(torch.equal(before[k], after[k]) for k in before), "a non-finite step changed the residual"
+        else:
+            assert all(bool(torch.isfinite(v).all()) for v in after.values())
+    return scaler_skips
+
+
+def test_non_finite_step_is_skipped_on_every_rank_and_spares_the_residual():
+    for skips in run_ranks(_non_finite, 2):
+        assert skips == [False, False, True, False]
+
+
+# settings are checked ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [0, 0.0, -0.1, 1.5, float("nan"), float("inf"), "0.1", None, True])
+def test_bad_ratio_names_value_and_range(ratio):
+    with pytest.raises(ValueError, match=r"ratio must be a number in \(0, 1\], got"):
+        TopKState(ratio=ratio)
+
+
+@pytest.mark.parametrize("kwargs", [{"start_iter": -1}, {"start_iter": 1.5}, {"value_dtype": "int8"}])
+def test_bad_settings_are_value_errors(kwargs):
+    with pytest.raises(ValueError, match="got"):
+        TopKState(ratio=0.01, **kwargs)
+
+
+def test_state_dict_needs_the_module():
+    with pytest.raises(ValueError, match="module="):
+        TopKState(ratio=0.01).state_dict()
