@@ -1,0 +1,111 @@
+"""Time exact top-k selection on one CPU thread: raytopk's select_topk against torch.topk.
+
+What is measured: for float32 tensors of 1M, 10M and 25M elements (``torch.randn``)
+and ``k = ratio * n`` (1% by default), the median wall time of
+
+- ``raytopk.compression.select_topk(x, k)`` (sampled threshold, then an exact topk
+  over the few candidates),
+- ``torch.topk(x.abs(), k, sorted=False)`` (the plain exact selection),
+- ``x.abs()`` alone: one pass over memory, the floor any selection pays.
+
+Everything runs with ``torch.set_num_threads(1)``, as Ray workers do. Each timing
+is the median of ``--repeats`` runs after one warm-up run (torch.topk above 10M
+elements gets fewer repeats: it takes about a second). The script also checks
+that select_topk picks exactly the index set torch.topk picks.
+
+Reproduce (from the repository root)::
+
+    python benchmarks/compression.py
+
+Results go to ``benchmarks/results/compression.json``.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from raytopk.compression import select_topk
+
+COMMAND = "python benchmarks/compression.py"
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: allocator and caches
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def measure(n: int, ratio: float, repeats: int) -> dict:
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    k = max(1, math.ceil(ratio * n))
+    topk_repeats = repeats if n <= 10_000_000 else max(1, repeats // 3)
+    abs_s = median_seconds(lambda: x.abs(), repeats)
+    select_s = median_seconds(lambda: select_topk(x, k), repeats)
+    topk_s = median_seconds(lambda: torch.topk(x.abs(), k, sorted=False), topk_repeats)
+    _, chosen = select_topk(x, k)
+    _, expected = torch.topk(x.abs(), k, sorted=False)
+    exact = torch.equal(chosen.long().sort().values, expected.sort().values)
+    return {
+        "numel": n,
+        "k": k,
+        "abs_ms": abs_s * 1e3,
+        "select_topk_ms": select_s * 1e3,
+        "torch_topk_ms": topk_s * 1e3,
+        "select_over_abs": select_s / abs_s,
+        "topk_over_abs": topk_s / abs_s,
+        "topk_over_select": topk_s / select_s,
+        "repeats": {"abs": repeats, "select_topk": repeats, "torch_topk": topk_repeats},
+        "exact": exact,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000, 25_000_000])
+    parser.add_argument("--ratio", type=float, default=0.01, help="fraction of entries selected")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement")
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "compression.json"))
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    rows = []
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, k = {args.ratio:g} n, median of runs")
+    print(f"{'n':>11} {'k':>8} {'abs ms':>8} {'select ms':>10} {'topk ms':>9} "
+          f"{'select/abs':>11} {'topk/abs':>9} {'topk/select':>12} {'exact':>6}")
+    for n in args.sizes:
+        row = measure(n, args.ratio, args.repeats)
+        rows.append(row)
+        print(f"{n:>11,} {row['k']:>8,} {row['abs_ms']:>8.1f} {row['select_topk_ms']:>10.1f} "
+              f"{row['torch_topk_ms']:>9.1f} {row['select_over_abs']:>11.2f} {row['topk_over_abs']:>9.2f} "
+              f"{row['topk_over_select']:>12.2f} {str(row['exact']):>6}")
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(
+            {
+                "command": " ".join([COMMAND] + sys.argv[1:]),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "ratio": args.ratio,
+                "dtype": "float32",
+                "results": rows,
+            },
+            f,
+            indent=2,
+        )
+        f.write("\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

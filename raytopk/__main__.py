@@ -1,0 +1,5 @@
+import sys
+
+from raytopk.cli import main
+
+sys.exit(main())

@@ -1,0 +1,84 @@
+"""``raytopk train | bench``: the command line (also ``python -m raytopk``).
+
+User errors (bad flags, bad config, missing data) print one line to stderr
+and exit 2; nothing is written.
+"""
+
+import argparse
+import sys
+from dataclasses import fields
+
+from raytopk.config import ConfigError, TrainConfig, load_config
+
+# Flags whose names users know from the seed's train.py, and the rest of TrainConfig.
+_FLAG_HELP = {
+    "model": "simple_cnn | resnet18 | resnet50",
+    "dataset": "mnist5k | mnist | fashion_mnist | cifar10",
+    "compress": "send only the top-k gradient entries (raytopk's hook)",
+    "ratio": "fraction of entries sent per bucket, in (0, 1]",
+    "workers": "number of Ray Train workers",
+    "address": "Ray cluster address (else RAY_ADDRESS, else a local Ray)",
+    "checkpoint_dir": "storage path for runs and checkpoints",
+    "output": "write a JSON summary here",
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="job YAML (jobs/*.yaml); flags override its keys")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_FLAG_HELP.get(f.name))
+        else:
+            kind = {int: int, float: float}.get(f.type, str)
+            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=_FLAG_HELP.get(f.name))
+
+
+def _config(args) -> TrainConfig:
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    return load_config(args.config, **overrides)
+
+
+def _train(args) -> int:
+    from raytopk.train import run
+
+    summary = run(_config(args))
+    print(f"test accuracy {100 * summary['test_accuracy']:.2f}%  sent {summary['mb_sent_per_worker']:.2f} MB/worker  "
+          f"reduction {summary['reduction']:.1f}x  wall {summary['wall_s']:.0f} s")
+    return 0
+
+
+def _bench(args) -> int:
+    """The same job dense and with top-k, side by side."""
+    import dataclasses
+
+    from raytopk.train import run, write_json_atomically
+
+    cfg = _config(args)
+    rows = [run(dataclasses.replace(cfg, compress=False, output=None)), run(dataclasses.replace(cfg, compress=True, output=None))]
+    print(f"\n{'method':<14}{'test acc':>10}{'MB sent/worker':>16}{'reduction':>11}{'wall s':>8}")
+    for row in rows:
+        method = f"top-k {row['ratio']:g}" if row["compress"] else "dense"
+        print(f"{method:<14}{100 * row['test_accuracy']:>9.2f}%{row['mb_sent_per_worker']:>16.2f}{row['reduction']:>10.1f}x{row['wall_s']:>8.0f}")
+    if cfg.output:
+        write_json_atomically(cfg.output, rows)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="raytopk", description="Top-k compressed data-parallel training on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, fn, text in (("train", _train, "train one job"), ("bench", _bench, "train a job dense and with top-k, side by side")):
+        sub = commands.add_parser(name, help=text, description=text)
+        _add_config_flags(sub)
+        sub.set_defaults(func=fn)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"raytopk: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Ray Train service: ``train_loop_per_worker`` and the driver that builds the TorchTrainer.
+
+Each worker trains a DDP model on its shard; with ``compress`` it registers
+:func:`raytopk.topk_hook`. After each epoch it evaluates on the whole test
+split, reports metrics, and (every ``save_every`` epochs) a checkpoint that
+holds the model, optimizer, scheduler, epoch and every rank's hook state and
+random state, so a resumed run continues exactly where this one stopped.
+"""
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+import uuid
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from raytopk.config import TrainConfig, resolved
+from raytopk.data import DATASETS, load_dataset
+from raytopk.hook import TopKState, topk_hook
+from raytopk.models import build_model
+
+__all__ = ["train_loop_per_worker", "build_trainer", "run"]
+
+MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
+
+
+def rank_file(rank: int) -> str:
+    """The checkpoint file holding one rank's hook state (residuals) and random state."""
+    return f"rank{rank}.pt"
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One worker's training: read top to bottom, it is the whole recipe."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig(**config)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+
+    spec = DATASETS[cfg.dataset]
+    train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
+    test_loader = DataLoader(Subset(test_set, range(rank, len(test_set), world_size)), batch_size=256)
+
+    model = build_model(cfg.model, spec.in_channels, spec.num_classes, spec.image_size).to(device)
+    optimizer = _optimizer(cfg, model)
+    schedule = _schedule(cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    state = TopKState(cfg.ratio, cfg.start_iter, value_dtype=cfg.value_dtype, module=model) if cfg.compress else None
+    start_epoch, steps_done = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            start_epoch, steps_done = _restore(directory, rank, model, optimizer, scheduler, state, device)
+        # The schedule follows this run's epoch count, so a finished run rerun with more epochs continues on it.
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * schedule(start_epoch)
+
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if state is not None:
+        ddp.register_comm_hook(state, topk_hook)
+    step_dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    writer = _tensorboard(cfg, rank)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.perf_counter()
+        sampler.set_epoch(epoch)
+        ddp.train()
+        loss_sum, batches = 0.0, 0
+        for x, y in train_loader:
+            if cfg.max_train_batches and batches == cfg.max_train_batches:
+                break
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(ddp(x), y)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item()
+            batches += 1
+        scheduler.step()
+        steps_done += batches
+        seconds = time.perf_counter() - started
+        correct, total = _evaluate(ddp, test_loader, device)
+
+        stats = state.stats if state is not None else {"bytes_sent": steps_done * step_dense_bytes, "hook_s": 0.0}
+        sums = _all_reduce_sum(
+            [loss_sum, batches, correct, total, stats["bytes_sent"], steps_done * step_dense_bytes, stats["hook_s"]],
+            device,
+        )
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": sums[0] / max(sums[1], 1),
+            "test_accuracy": sums[2] / sums[3],
+            "bytes_sent": int(sums[4]),
+            "dense_bytes": int(sums[5]),
+            "reduction": sums[5] / max(sums[4], 1),
+            "hook_s": sums[6] / world_size,
+            "samples_per_s": world_size * batches * cfg.batch_size / seconds,
+        }
+        if writer is not None:
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, epoch + 1)
+            writer.flush()
+        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+            with tempfile.TemporaryDirectory() as directory:
+                _save(directory, rank, (epoch + 1, steps_done), cfg, model, optimizer, scheduler, state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)
+    if writer is not None:
+        writer.close()
+
+
+def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _schedule(cfg: TrainConfig):
+    """Learning-rate factor per epoch: cosine decay to zero over the run, or constant."""
+    import math
+
+    if cfg.lr_schedule == "constant":
+        return lambda epoch: 1.0
+    return lambda epoch: 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
+
+
+def _evaluate(model, loader, device):
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += (model(x.to(device)).argmax(1) == y.to(device)).sum().item()
+            total += len(y)
+    return correct, total
+
+
+def _all_reduce_sum(values, device):
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _tensorboard(cfg: TrainConfig, rank: int):
+    if not cfg.tensorboard or rank != 0:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=os.path.join(cfg.checkpoint_dir, cfg.name, "tensorboard"))
+
+
+def _save(directory, rank, progress, cfg, model, optimizer, scheduler, state) -> None:
+    """Write this rank's part of a checkpoint; Ray merges every rank's files into one directory."""
+    torch.save({"hook": state.state_dict() if state else None, "rng": torch.get_rng_state()}, os.path.join(directory, rank_file(rank)))
+    if rank == 0:
+        torch.save(model.state_dict(), os.path.join(directory, MODEL_FILE))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, os.path.join(directory, OPTIMIZER_FILE))
+        meta = {"epoch": progress[0], "steps": progress[1], "model": cfg.model, "dataset": cfg.dataset, "compress": cfg.compress, "ratio": cfg.ratio}
+        with open(os.path.join(directory, META_FILE), "w") as f:
+            json.dump(meta, f)
+
+
+def _restore(directory, rank, model, optimizer, scheduler, state, device) -> int:
+    """Load a checkpoint written by :func:`_save`; return the epoch and step to continue from."""
+    model.load_state_dict(torch.load(os.path.join(directory, MODEL_FILE), map_location=device, weights_only=True))
+    saved = torch.load(os.path.join(directory, OPTIMIZER_FILE), map_location=device, weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    own = torch.load(os.path.join(directory, rank_file(rank)), map_location="cpu", weights_only=True)
+    if state is not None and own["hook"] is not None:
+        state.load_state_dict(own["hook"])
+    torch.set_rng_state(own["rng"])
+    with open(os.path.join(directory, META_FILE)) as f:
+        meta = json.load(f)
+    return meta["epoch"], meta["steps"]
+
+
+def _progress_callback(epochs: int):
+    from ray.train import UserCallback
+
+    class EpochProgress(UserCallback):
+        """One line per epoch on the driver's console."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            m = metrics[0]
+            print(
+                f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}  test acc {100 * m['test_accuracy']:.2f}%  "
+                f"sent {m['bytes_sent'] / 1e6:.2f} MB  reduction {m['reduction']:.1f}x",
+                flush=True,
+            )
+
+    return EpochProgress()
+
+
+def build_trainer(cfg: TrainConfig):
+    """The TorchTrainer for ``cfg`` (paths resolved, a run name set)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=dataclasses.asdict(cfg),
+        torch_config=TorchConfig(backend=None if cfg.backend == "auto" else cfg.backend, timeout_s=300),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=cfg.checkpoint_dir,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=[_progress_callback(cfg.epochs)],
+        ),
+    )
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train ``cfg`` on Ray (``cfg.address``, else ``RAY_ADDRESS``, else a local Ray); return the summary."""
+    import ray
+
+    cfg = resolved(cfg)
+    if cfg.name is None:
+        kind = f"topk{cfg.ratio:g}" if cfg.compress else "dense"
+        cfg = dataclasses.replace(cfg, name=f"{cfg.model}-{cfg.dataset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    if not ray.is_initialized():
+        ray.init(address=cfg.address, log_to_driver=True)
+    started = time.time()
+    result = build_trainer(cfg).fit()
+    m = result.metrics
+    summary = {
+        "name": cfg.name,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "compress": cfg.compress,
+        "ratio": cfg.ratio if cfg.compress else 1.0,
+        "workers": cfg.workers,
+        "epochs": m["epoch"],
+        "test_accuracy": m["test_accuracy"],
+        "loss": m["loss"],
+        "bytes_sent": m["bytes_sent"],
+        "dense_bytes": m["dense_bytes"],
+        "mb_sent_per_worker": m["bytes_sent"] / cfg.workers / 1e6,
+        "reduction": m["reduction"],
+        "hook_s": m["hook_s"],
+        "wall_s": time.time() - started,
+        "run_dir": os.path.join(cfg.checkpoint_dir, cfg.name),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    }
+    if cfg.output:
+        write_json_atomically(cfg.output, summary)
+    return summary
+
+
+def write_json_atomically(path: str, payload) -> None:
+    """Write JSON to a temporary file beside ``path``, then rename: never a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(f.name, path)

@@ -1,0 +1,85 @@
+"""Bad config values and flags: one line naming the value and what is allowed, exit 2, no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from raytopk.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"ratio": 0}, "ratio: got 0; allowed: a number in (0, 1]"),
+        ({"ratio": -0.5}, "ratio: got -0.5; allowed: a number in (0, 1]"),
+        ({"ratio": 1.5}, "ratio: got 1.5; allowed: a number in (0, 1]"),
+        ({"ratio": float("nan")}, "ratio: got nan; allowed: a number in (0, 1]"),
+        ({"ratio": "lots"}, "ratio: got 'lots'; allowed: a number"),
+        ({"model": "vgg"}, "model: got 'vgg'; allowed: resnet18, resnet50, simple_cnn"),
+        ({"dataset": "imagenet"}, "dataset: got 'imagenet'; allowed: cifar10, fashion_mnist, mnist, mnist5k"),
+        ({"optimizer": "adam"}, "optimizer: got 'adam'; allowed: sgd, adamw"),
+        ({"backend": "mpi"}, "backend: got 'mpi'; allowed: auto, gloo, nccl"),
+        ({"batch_size": 0}, "batch_size: got 0; allowed: a number in [1, inf)"),
+        ({"epochs": -1}, "epochs: got -1; allowed: a number in [1, inf)"),
+        ({"compress": "yes"}, "compress: got 'yes'; allowed: true or false"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(**overrides)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("- a\n- b\n", "must be a mapping of keys to values, got list"),
+        ("ratio: 0.01\nratoi: 0.1\n", "unknown key 'ratoi'; allowed keys:"),
+        ("epochs: three\n", "epochs: got 'three'; allowed: an integer"),
+        ("model: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_yaml_files(tmp_path, text, message):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(str(path))
+
+
+def test_yaml_then_flags(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("ratio: 0.001\nepochs: 4\n")
+    cfg = load_config(str(path), epochs=2, ratio=None)
+    assert (cfg.ratio, cfg.epochs) == (0.001, 2)
+
+
+def test_every_shipped_job_is_valid():
+    import glob
+
+    jobs = sorted(glob.glob("jobs/*.yaml"))
+    assert len(jobs) >= 6
+    for job in jobs:
+        load_config(job)
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--ratio", "0"], "ratio: got 0.0; allowed: a number in (0, 1]"),
+        (["--model", "vgg"], "model: got 'vgg'"),
+        (["--config", "no/such.yaml"], "config file not found: no/such.yaml"),
+        (["--batch-size", "0"], "batch_size: got 0"),
+    ],
+)
+def test_cli_user_errors_are_one_line_exit_2(args, fragment, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "raytopk", "train", *args, "--checkpoint-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"raytopk: error: {fragment}" or (
+        done.stderr.count("\n") == 1 and fragment in done.stderr
+    ), done.stderr
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
