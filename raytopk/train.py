@@ -9,6 +9,7 @@ random state, so a resumed run continues exactly where this one stopped.
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 import time
@@ -40,6 +41,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     cfg = TrainConfig(**config)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # the driver prints one line per epoch
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()

@@ -80,6 +80,7 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes_the_same(local_ray,
         time.sleep(0.2)
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     assert workers, "no live training worker to kill"
+    assert thread.is_alive(), "the run finished before a worker could be killed"
     os.kill(workers[0].pid, signal.SIGKILL)
     thread.join(timeout=300)
     assert outcome.get("epochs") == 2, "the run did not finish after the worker died"
