@@ -21,7 +21,6 @@ Results go to ``benchmarks/results/compression.json``.
 """
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -29,6 +28,8 @@ import sys
 import time
 
 import torch
+
+from raytopk.train import write_json_atomically
 
 from raytopk.compression import select_topk
 
@@ -89,21 +90,17 @@ def main() -> None:
               f"{row['torch_topk_ms']:>9.1f} {row['select_over_abs']:>11.2f} {row['topk_over_abs']:>9.2f} "
               f"{row['topk_over_select']:>12.2f} {str(row['exact']):>6}")
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(
-            {
-                "command": " ".join([COMMAND] + sys.argv[1:]),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "ratio": args.ratio,
-                "dtype": "float32",
-                "results": rows,
-            },
-            f,
-            indent=2,
-        )
-        f.write("\n")
+    write_json_atomically(
+        args.output,
+        {
+            "command": " ".join([COMMAND] + sys.argv[1:]),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "ratio": args.ratio,
+            "dtype": "float32",
+            "results": rows,
+        },
+    )
     print(f"wrote {args.output}")
 
 

@@ -30,7 +30,6 @@ Results go to ``benchmarks/results/wire.json``.
 """
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -38,6 +37,8 @@ import sys
 import time
 
 import torch
+
+from raytopk.train import write_json_atomically
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
@@ -148,27 +149,23 @@ def run_in_namespace(args) -> None:
         print(f"| {row['method']} | {row['wire_bytes_per_step'] / 1e6:.3f} | {row['percent_of_dense']:.2f} | "
               f"{row['payload_bytes_per_step'] / 1e6:.3f} | {row['median_step_s']:.3f} |")
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(
-            {
-                "command": " ".join([COMMAND] + sys.argv[1:]),
-                "torch": torch.__version__,
-                "model": MODEL,
-                "parameters": params,
-                "buffer_bytes_broadcast_per_step": buffer_bytes,
-                "world_size": WORLD_SIZE,
-                "backend": "gloo over TCP on loopback, private network namespace",
-                "batch_size_per_worker": BATCH_SIZE,
-                "warmup_steps": WARMUP_STEPS,
-                "steps": args.steps,
-                "rate": args.rate,
-                "results": rows,
-            },
-            f,
-            indent=2,
-        )
-        f.write("\n")
+    write_json_atomically(
+        args.output,
+        {
+            "command": " ".join([COMMAND] + sys.argv[1:]),
+            "torch": torch.__version__,
+            "model": MODEL,
+            "parameters": params,
+            "buffer_bytes_broadcast_per_step": buffer_bytes,
+            "world_size": WORLD_SIZE,
+            "backend": "gloo over TCP on loopback, private network namespace",
+            "batch_size_per_worker": BATCH_SIZE,
+            "warmup_steps": WARMUP_STEPS,
+            "steps": args.steps,
+            "rate": args.rate,
+            "results": rows,
+        },
+    )
     print(f"\nwrote {args.output}")
 
 
