@@ -10,6 +10,7 @@ random state, so a resumed run continues exactly where this one stopped.
 import dataclasses
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -130,8 +131,6 @@ def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimize
 
 def _schedule(cfg: TrainConfig):
     """Learning-rate factor per epoch: cosine decay to zero over the run, or constant."""
-    import math
-
     if cfg.lr_schedule == "constant":
         return lambda epoch: 1.0
     return lambda epoch: 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
