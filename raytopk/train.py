@@ -9,7 +9,6 @@ random state, so a resumed run continues exactly where this one stopped.
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import tempfile
@@ -42,7 +41,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     cfg = TrainConfig(**config)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # the driver prints one line per epoch
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -78,7 +76,7 @@ def train_loop_per_worker(config: dict) -> None:
         started = time.perf_counter()
         sampler.set_epoch(epoch)
         ddp.train()
-        loss_sum, batches = 0.0, 0
+        loss_sum, batches = torch.zeros((), device=device), 0
         for x, y in train_loader:
             if cfg.max_train_batches and batches == cfg.max_train_batches:
                 break
@@ -87,18 +85,18 @@ def train_loop_per_worker(config: dict) -> None:
             loss = torch.nn.functional.cross_entropy(ddp(x), y)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item()
+            loss_sum += loss.detach()  # no per-step device sync
             batches += 1
         scheduler.step()
         steps_done += batches
         seconds = time.perf_counter() - started
-        correct, total = _evaluate(ddp, test_loader, device)
+        # The plain module: each rank's test shard may hold a different number of
+        # batches, and DDP's forward could start a collective the others never join.
+        correct, total = _evaluate(model, test_loader, device)
 
-        stats = state.stats if state is not None else {"bytes_sent": steps_done * step_dense_bytes, "hook_s": 0.0}
-        sums = _all_reduce_sum(
-            [loss_sum, batches, correct, total, stats["bytes_sent"], steps_done * step_dense_bytes, stats["hook_s"]],
-            device,
-        )
+        dense_bytes = steps_done * step_dense_bytes
+        sent, hook_s = (state.stats["bytes_sent"], state.stats["hook_s"]) if state is not None else (dense_bytes, 0.0)
+        sums = _all_reduce_sum([loss_sum.item(), batches, correct, total, sent, dense_bytes, hook_s], device)
         metrics = {
             "epoch": epoch + 1,
             "loss": sums[0] / max(sums[1], 1),
@@ -115,7 +113,7 @@ def train_loop_per_worker(config: dict) -> None:
             writer.flush()
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
             with tempfile.TemporaryDirectory() as directory:
-                _save(directory, rank, (epoch + 1, steps_done), cfg, model, optimizer, scheduler, state)
+                _save(directory, rank, epoch + 1, steps_done, cfg, model, optimizer, scheduler, state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
@@ -160,18 +158,18 @@ def _tensorboard(cfg: TrainConfig, rank: int):
     return SummaryWriter(log_dir=os.path.join(cfg.checkpoint_dir, cfg.name, "tensorboard"))
 
 
-def _save(directory, rank, progress, cfg, model, optimizer, scheduler, state) -> None:
+def _save(directory, rank, epoch, steps, cfg, model, optimizer, scheduler, state) -> None:
     """Write this rank's part of a checkpoint; Ray merges every rank's files into one directory."""
     torch.save({"hook": state.state_dict() if state else None, "rng": torch.get_rng_state()}, os.path.join(directory, rank_file(rank)))
     if rank == 0:
         torch.save(model.state_dict(), os.path.join(directory, MODEL_FILE))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, os.path.join(directory, OPTIMIZER_FILE))
-        meta = {"epoch": progress[0], "steps": progress[1], "model": cfg.model, "dataset": cfg.dataset, "compress": cfg.compress, "ratio": cfg.ratio}
+        meta = {"epoch": epoch, "steps": steps, "model": cfg.model, "dataset": cfg.dataset, "compress": cfg.compress, "ratio": cfg.ratio}
         with open(os.path.join(directory, META_FILE), "w") as f:
             json.dump(meta, f)
 
 
-def _restore(directory, rank, model, optimizer, scheduler, state, device) -> int:
+def _restore(directory, rank, model, optimizer, scheduler, state, device) -> tuple:
     """Load a checkpoint written by :func:`_save`; return the epoch and step to continue from."""
     model.load_state_dict(torch.load(os.path.join(directory, MODEL_FILE), map_location=device, weights_only=True))
     saved = torch.load(os.path.join(directory, OPTIMIZER_FILE), map_location=device, weights_only=True)
