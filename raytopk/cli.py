@@ -1,10 +1,11 @@
-"""``raytopk train | bench``: the command line (also ``python -m raytopk``).
+"""``raytopk train | bench | tune``: the command line (also ``python -m raytopk``).
 
 User errors (bad flags, bad config, missing data) print one line to stderr
 and exit 2; nothing is written.
 """
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 
@@ -25,6 +26,7 @@ _FLAG_HELP = {
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="job YAML (jobs/*.yaml); flags override its keys")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job key (as submit.py passes them); repeatable")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
@@ -35,7 +37,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args) -> TrainConfig:
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    """Defaults, then the YAML, then ``--set`` pairs, then the per-key flags."""
+    overrides = parse_sets(args.set)
+    overrides.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None})
     return load_config(args.config, **overrides)
 
 
@@ -65,6 +69,42 @@ def _bench(args) -> int:
     return 0
 
 
+def parse_sets(pairs) -> dict:
+    """``--set key=value`` pairs as a dict; values are read as YAML (``2`` is an int, ``true`` a bool)."""
+    import yaml
+
+    values = {}
+    for pair in pairs or ():
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set: got {pair!r}; allowed: KEY=VALUE, e.g. --set epochs=2")
+        values[key.strip()] = yaml.safe_load(text) if text.strip() else None
+    return values
+
+
+def _tune(args) -> int:
+    """Run a sweep; print the table and where the results are."""
+    from raytopk.sweep_results import BEST_FILE, PLOT_FILE, TRIALS_FILE, format_table
+    from raytopk.tune import SweepInterrupted, load_sweep, run_sweep, sweep_dir
+
+    sweep, cfg = load_sweep(args.file, parse_sets(args.set))
+    try:
+        rows, best = run_sweep(sweep, cfg, resume=args.resume, address=args.address)
+    except SweepInterrupted as stop:
+        print(f"raytopk: {stop}", file=sys.stderr)
+        return 130
+    directory = sweep_dir(sweep)
+    print("\n" + format_table(rows, best))
+    print(f"\nresults: {os.path.join(directory, TRIALS_FILE)}  plot: {os.path.join(directory, PLOT_FILE)}")
+    if best is None:
+        print(f"raytopk: error: no trial that ran every epoch meets select: {sweep.select}"
+              + (f" (max_mb_per_worker {sweep.max_mb_per_worker})" if sweep.select == "budget" else ""), file=sys.stderr)
+        return 1
+    print(f"best: trial {best['trial']}  test accuracy {100 * best['test_accuracy']:.2f}%  "
+          f"sent {best['mb_sent_per_worker']:.2f} MB/worker  job: {os.path.join(directory, BEST_FILE)}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="raytopk", description="Top-k compressed data-parallel training on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +112,13 @@ def main(argv=None) -> int:
         sub = commands.add_parser(name, help=text, description=text)
         _add_config_flags(sub)
         sub.set_defaults(func=fn)
+    sub = commands.add_parser("tune", help="sweep a job's compression ratio and learning rate with Ray Tune",
+                              description="Sweep a job's keys (tune_configs/*.yaml) with Ray Tune; print the table, write the results.")
+    sub.add_argument("file", help="sweep YAML (tune_configs/*.yaml)")
+    sub.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep key or a job key; repeatable")
+    sub.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same name")
+    sub.add_argument("--address", help=_FLAG_HELP["address"])
+    sub.set_defaults(func=_tune)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

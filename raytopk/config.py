@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Optional
 
-__all__ = ["ConfigError", "TrainConfig", "load_config"]
+__all__ = ["ConfigError", "TrainConfig", "load_config", "check_fields", "from_mapping"]
 
 
 class ConfigError(ValueError):
@@ -57,7 +57,13 @@ class TrainConfig:
     output: Optional[str] = None
 
     def __post_init__(self):
-        _validate(self)
+        check_fields(self, _CHOICES, _RANGES)
+        from raytopk.data import DATASETS
+        from raytopk.models import MODELS
+
+        for key, known in (("model", MODELS), ("dataset", DATASETS)):
+            if getattr(self, key) not in known:
+                raise ConfigError(f"{key}: got {getattr(self, key)!r}; allowed: {', '.join(sorted(known))}")
 
 
 _CHOICES = {
@@ -87,6 +93,8 @@ _RANGES = {
 def _type_ok(value, kind) -> bool:
     if kind == Optional[str]:
         return value is None or isinstance(value, str)
+    if kind == Optional[float]:
+        return value is None or _type_ok(value, float)
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is int:
@@ -95,42 +103,41 @@ def _type_ok(value, kind) -> bool:
 
 
 def _describe(kind) -> str:
-    return {str: "a string", bool: "true or false", int: "an integer", float: "a number"}.get(kind, "a string or null")
+    names = {str: "a string", bool: "true or false", int: "an integer", float: "a number", dict: "a mapping"}
+    return names.get(kind, "a number or null" if kind == Optional[float] else "a string or null")
 
 
-def _validate(cfg: TrainConfig) -> None:
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
+def check_fields(obj, choices: dict, ranges: dict) -> None:
+    """Check a config dataclass's field types, then ``choices`` (key -> allowed) and ``ranges``."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
         if not _type_ok(value, f.type):
             raise ConfigError(f"{f.name}: got {value!r}; allowed: {_describe(f.type)}")
-        if f.name in _CHOICES and value not in _CHOICES[f.name]:
-            raise ConfigError(f"{f.name}: got {value!r}; allowed: {', '.join(_CHOICES[f.name])}")
-        if f.name in _RANGES:
-            low, open_low, high = _RANGES[f.name]
+        if f.name in choices and value not in choices[f.name]:
+            raise ConfigError(f"{f.name}: got {value!r}; allowed: {', '.join(choices[f.name])}")
+        if f.name in ranges and value is not None:
+            low, open_low, high = ranges[f.name]
             too_low = value <= low if open_low else value < low
             if math.isnan(value) or too_low or (high is not None and value > high):
                 bracket = "(" if open_low else "["
                 top = f"{high}]" if high is not None else "inf)"
                 raise ConfigError(f"{f.name}: got {value!r}; allowed: a number in {bracket}{low}, {top}")
-    from raytopk.data import DATASETS
-    from raytopk.models import MODELS
 
-    for key, known in (("model", MODELS), ("dataset", DATASETS)):
-        if getattr(cfg, key) not in known:
-            raise ConfigError(f"{key}: got {getattr(cfg, key)!r}; allowed: {', '.join(sorted(known))}")
+
+def from_mapping(cls, values: dict, source: str):
+    """``cls(**values)`` after checking that every key is one of its fields; ``source`` names where they came from."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(known))}")
+    return cls(**values)
 
 
 def load_config(path: Optional[str] = None, **overrides) -> TrainConfig:
     """A validated config: defaults, then the YAML file at ``path``, then ``overrides`` (not None)."""
-    values = {}
-    if path is not None:
-        values = read_yaml_mapping(path)
-        known = {f.name for f in fields(TrainConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{path}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(known))}")
+    values = read_yaml_mapping(path) if path is not None else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(**values)
+    return from_mapping(TrainConfig, values, path or "overrides")
 
 
 def read_yaml_mapping(path: str) -> dict:

@@ -7,6 +7,7 @@ holds the model, optimizer, scheduler, epoch and every rank's hook state and
 random state, so a resumed run continues exactly where this one stopped.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -201,8 +202,8 @@ def _progress_callback(epochs: int):
     return EpochProgress()
 
 
-def build_trainer(cfg: TrainConfig):
-    """The TorchTrainer for ``cfg`` (paths resolved, a run name set)."""
+def build_trainer(cfg: TrainConfig, callbacks=None):
+    """The TorchTrainer for ``cfg`` (paths resolved, a run name set); ``callbacks`` replace the epoch printer."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -217,7 +218,7 @@ def build_trainer(cfg: TrainConfig):
             storage_path=cfg.checkpoint_dir,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            callbacks=[_progress_callback(cfg.epochs)],
+            callbacks=[_progress_callback(cfg.epochs)] if callbacks is None else callbacks,
         ),
     )
 
@@ -259,10 +260,25 @@ def run(cfg: TrainConfig) -> dict:
     return summary
 
 
-def write_json_atomically(path: str, payload) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename: never a partial file."""
+@contextlib.contextmanager
+def replacing(path: str):
+    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block finishes.
+
+    A crash or an error while writing leaves the old file (or none) in place, never a partial one.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".", suffix="." + os.path.basename(path))
+    os.close(fd)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_json_atomically(path: str, payload) -> None:
+    """Write JSON to ``path`` through :func:`replacing`: never a partial file."""
+    with replacing(path) as temporary, open(temporary, "w") as f:
         json.dump(payload, f, indent=2)
-    os.replace(f.name, path)
