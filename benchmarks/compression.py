@@ -29,9 +29,8 @@ import time
 
 import torch
 
-from raytopk.train import write_json_atomically
-
 from raytopk.compression import select_topk
+from raytopk.storage import write_json
 
 COMMAND = "python benchmarks/compression.py"
 
@@ -90,7 +89,7 @@ def main() -> None:
               f"{row['torch_topk_ms']:>9.1f} {row['select_over_abs']:>11.2f} {row['topk_over_abs']:>9.2f} "
               f"{row['topk_over_select']:>12.2f} {str(row['exact']):>6}")
 
-    write_json_atomically(
+    write_json(
         args.output,
         {
             "command": " ".join([COMMAND] + sys.argv[1:]),

@@ -13,14 +13,11 @@ BatchNorm buffers. The hook's own payload count (``state.stats["bytes_sent"]``,
 summed over workers) is shown next to it; for dense, that column is the
 gradient size times the number of workers.
 
-How: the script must run as root. It creates a private network namespace
-(``ip netns add raytopk-wire-<pid>``), brings its loopback up, re-executes
-itself inside it (so nothing else adds to the counter) and deletes the namespace
-afterwards, even on failure. Workers talk over TCP on 127.0.0.1 in that
-namespace. With ``--rate 1gbit`` the namespace's loopback is shaped by
-``tc qdisc add dev lo root tbf rate 1gbit burst 256kb latency 50ms``, which
-makes the median step time a fair comparison; unshaped (the default), step
-time is mostly compute.
+How: the script must run as root. It reruns itself in a private network
+namespace (``benchmarks/netns.py``), so nothing else adds to the counter, and
+workers talk over TCP on 127.0.0.1 there. With ``--rate 1gbit`` the
+namespace's loopback is shaped with ``tc ... tbf``; unshaped (the default),
+step time is mostly compute. ``benchmarks/link.py`` is the step-time benchmark.
 
 Reproduce (from the repository root, as root)::
 
@@ -32,13 +29,10 @@ Results go to ``benchmarks/results/wire.json``.
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
-
-from raytopk.train import write_json_atomically
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
@@ -46,10 +40,10 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import raytopk
+from netns import read_tx_bytes, reexec_in_namespace, shape
+from raytopk.storage import write_json
 
 COMMAND = "python benchmarks/wire.py"
-NETNS_ENV = "RAYTOPK_WIRE_NETNS"
-TX_BYTES = "/sys/class/net/lo/statistics/tx_bytes"
 WORLD_SIZE = 2
 WARMUP_STEPS = 2  # the hook's start_iter: dense steps that stay out of the count
 BATCH_SIZE = 16
@@ -108,11 +102,6 @@ def worker(rank: int, port: int, method: tuple, steps: int, results) -> None:
     dist.destroy_process_group()
 
 
-def read_tx_bytes() -> int:
-    with open(TX_BYTES) as f:
-        return int(f.read())
-
-
 def measure(method: tuple, port: int, steps: int) -> dict:
     """Run one method on WORLD_SIZE fresh workers; bytes and times per measured step."""
     results = mp.get_context("spawn").SimpleQueue()
@@ -131,7 +120,7 @@ def measure(method: tuple, port: int, steps: int) -> dict:
 
 def run_in_namespace(args) -> None:
     """The measurement proper; runs inside the private network namespace."""
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    shape(args.rate)
     model = build_model()
     params = sum(p.numel() for p in model.parameters())
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
@@ -149,7 +138,7 @@ def run_in_namespace(args) -> None:
         print(f"| {row['method']} | {row['wire_bytes_per_step'] / 1e6:.3f} | {row['percent_of_dense']:.2f} | "
               f"{row['payload_bytes_per_step'] / 1e6:.3f} | {row['median_step_s']:.3f} |")
 
-    write_json_atomically(
+    write_json(
         args.output,
         {
             "command": " ".join([COMMAND] + sys.argv[1:]),
@@ -175,24 +164,8 @@ def main() -> None:
     parser.add_argument("--rate", help="shape loopback with tc tbf to this rate, e.g. 1gbit (default: unshaped)")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "wire.json"))
     args = parser.parse_args()
-
-    if os.environ.get(NETNS_ENV):
-        run_in_namespace(args)
-        return
-    if os.geteuid() != 0:
-        sys.exit("wire.py creates a network namespace: run it as root")
-    netns = f"raytopk-wire-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", netns, "ip", "link", "set", "lo", "up"], check=True)
-        if args.rate:
-            subprocess.run(["ip", "netns", "exec", netns, "tc", "qdisc", "add", "dev", "lo", "root", "tbf",
-                            "rate", args.rate, "burst", "256kb", "latency", "50ms"], check=True)
-        env = dict(os.environ, **{NETNS_ENV: netns})
-        child = subprocess.run(["ip", "netns", "exec", netns, sys.executable, *sys.argv], env=env)
-        sys.exit(child.returncode)
-    finally:
-        subprocess.run(["ip", "netns", "delete", netns], check=True)
+    reexec_in_namespace("wire")
+    run_in_namespace(args)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ and exit 2; nothing is written.
 """
 
 import argparse
-import os
 import sys
 from dataclasses import fields
 
@@ -56,7 +55,8 @@ def _bench(args) -> int:
     """The same job dense and with top-k, side by side."""
     import dataclasses
 
-    from raytopk.train import run, write_json_atomically
+    from raytopk.storage import write_json
+    from raytopk.train import run
 
     cfg = _config(args)
     rows = [run(dataclasses.replace(cfg, compress=False, output=None)), run(dataclasses.replace(cfg, compress=True, output=None))]
@@ -65,7 +65,7 @@ def _bench(args) -> int:
         method = f"top-k {row['ratio']:g}" if row["compress"] else "dense"
         print(f"{method:<14}{100 * row['test_accuracy']:>9.2f}%{row['mb_sent_per_worker']:>16.2f}{row['reduction']:>10.1f}x{row['wall_s']:>8.0f}")
     if cfg.output:
-        write_json_atomically(cfg.output, rows)
+        write_json(cfg.output, rows)
     return 0
 
 
@@ -84,6 +84,7 @@ def parse_sets(pairs) -> dict:
 
 def _tune(args) -> int:
     """Run a sweep; print the table and where the results are."""
+    from raytopk.storage import join
     from raytopk.sweep_results import BEST_FILE, PLOT_FILE, TRIALS_FILE, format_table
     from raytopk.tune import SweepInterrupted, load_sweep, run_sweep, sweep_dir
 
@@ -95,13 +96,13 @@ def _tune(args) -> int:
         return 130
     directory = sweep_dir(sweep)
     print("\n" + format_table(rows, best))
-    print(f"\nresults: {os.path.join(directory, TRIALS_FILE)}  plot: {os.path.join(directory, PLOT_FILE)}")
+    print(f"\nresults: {join(directory, TRIALS_FILE)}  plot: {join(directory, PLOT_FILE)}")
     if best is None:
         print(f"raytopk: error: no trial that ran every epoch meets select: {sweep.select}"
               + (f" (max_mb_per_worker {sweep.max_mb_per_worker})" if sweep.select == "budget" else ""), file=sys.stderr)
         return 1
     print(f"best: trial {best['trial']}  test accuracy {100 * best['test_accuracy']:.2f}%  "
-          f"sent {best['mb_sent_per_worker']:.2f} MB/worker  job: {os.path.join(directory, BEST_FILE)}")
+          f"sent {best['mb_sent_per_worker']:.2f} MB/worker  job: {join(directory, BEST_FILE)}")
     return 0
 
 

@@ -159,9 +159,11 @@ def read_yaml_mapping(path: str) -> dict:
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
-    """The config with user paths made absolute (workers may run in another directory)."""
+    """The config with user paths made absolute (workers may run in another directory); URIs stay as they are."""
+    from raytopk.storage import resolve
+
     return dataclasses.replace(
         cfg,
         data_dir=os.path.abspath(os.path.expanduser(cfg.data_dir)),
-        checkpoint_dir=os.path.abspath(os.path.expanduser(cfg.checkpoint_dir)),
+        checkpoint_dir=resolve(cfg.checkpoint_dir),
     )

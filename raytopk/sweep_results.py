@@ -18,7 +18,7 @@ import dataclasses
 import os
 
 from raytopk.config import TrainConfig
-from raytopk.train import replacing, write_json_atomically
+from raytopk.storage import join, replacing, write_json
 
 __all__ = ["trial_rows", "pick_best", "pareto_front", "format_table", "write_results"]
 
@@ -150,16 +150,16 @@ def write_results(directory: str, rows: list, sweep, cfg: TrainConfig):
     best = pick_best(rows, sweep)
     selection = {"select": sweep.select, "metric": sweep.metric, "mode": sweep.mode,
                  "max_mb_per_worker": sweep.max_mb_per_worker, "within_points": sweep.within_points}
-    write_json_atomically(os.path.join(directory, TRIALS_FILE),
+    write_json(join(directory, TRIALS_FILE),
                           {"sweep": sweep.name, **selection, "best": best["trial"] if best else None, "trials": rows})
-    with replacing(os.path.join(directory, TABLE_FILE)) as temporary, open(temporary, "w") as f:
+    with replacing(join(directory, TABLE_FILE)) as temporary, open(temporary, "w") as f:
         f.write(format_table(rows, best) + "\n")
     if best is not None:
-        with replacing(os.path.join(directory, BEST_FILE)) as temporary, open(temporary, "w") as f:
+        with replacing(join(directory, BEST_FILE)) as temporary, open(temporary, "w") as f:
             f.write(f"# Best trial {best['trial']} of sweep {sweep.name} (select: {sweep.select}): "
                     f"test accuracy {100 * best['test_accuracy']:.2f}%, {best['mb_sent_per_worker']:.2f} MB sent per worker.\n"
                     f"# Train it with: raytopk train --config {BEST_FILE}\n")
             yaml.safe_dump(best["job"], f, sort_keys=False)
     if any(row["test_accuracy"] is not None for row in rows):
-        _plot(rows, best, os.path.join(directory, PLOT_FILE), f"{sweep.name}: {cfg.model} on {cfg.dataset}, {cfg.workers} workers")
+        _plot(rows, best, join(directory, PLOT_FILE), f"{sweep.name}: {cfg.model} on {cfg.dataset}, {cfg.workers} workers")
     return best

@@ -7,7 +7,6 @@ holds the model, optimizer, scheduler, epoch and every rank's hook state and
 random state, so a resumed run continues exactly where this one stopped.
 """
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -25,6 +24,7 @@ from raytopk.config import TrainConfig, resolved
 from raytopk.data import DATASETS, load_dataset
 from raytopk.hook import TopKState, topk_hook
 from raytopk.models import build_model
+from raytopk.storage import join, write_json
 
 __all__ = ["train_loop_per_worker", "build_trainer", "run"]
 
@@ -156,7 +156,7 @@ def _tensorboard(cfg: TrainConfig, rank: int):
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=os.path.join(cfg.checkpoint_dir, cfg.name, "tensorboard"))
+    return SummaryWriter(log_dir=join(cfg.checkpoint_dir, cfg.name, "tensorboard"))
 
 
 def _save(directory, rank, epoch, steps, cfg, model, optimizer, scheduler, state) -> None:
@@ -252,33 +252,9 @@ def run(cfg: TrainConfig) -> dict:
         "reduction": m["reduction"],
         "hook_s": m["hook_s"],
         "wall_s": time.time() - started,
-        "run_dir": os.path.join(cfg.checkpoint_dir, cfg.name),
+        "run_dir": join(cfg.checkpoint_dir, cfg.name),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
     }
     if cfg.output:
-        write_json_atomically(cfg.output, summary)
+        write_json(cfg.output, summary)
     return summary
-
-
-@contextlib.contextmanager
-def replacing(path: str):
-    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block finishes.
-
-    A crash or an error while writing leaves the old file (or none) in place, never a partial one.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".", suffix="." + os.path.basename(path))
-    os.close(fd)
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def write_json_atomically(path: str, payload) -> None:
-    """Write JSON to ``path`` through :func:`replacing`: never a partial file."""
-    with replacing(path) as temporary, open(temporary, "w") as f:
-        json.dump(payload, f, indent=2)

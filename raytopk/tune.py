@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from raytopk.config import ConfigError, TrainConfig, check_fields, from_mapping, read_yaml_mapping, resolved
+from raytopk.storage import exists, join, read_text, resolve, write_json
 
 __all__ = ["SweepConfig", "SweepInterrupted", "load_sweep", "sweep_dir", "trial_config", "run_sweep"]
 
@@ -178,7 +179,7 @@ def _check_space(path: str, sweep: SweepConfig, cfg: TrainConfig) -> None:
 
 def sweep_dir(sweep: SweepConfig) -> str:
     """The sweep's directory: Tune's experiment files, one training run per trial, and the results."""
-    return os.path.join(os.path.abspath(os.path.expanduser(sweep.storage_path)), sweep.name)
+    return join(resolve(sweep.storage_path), sweep.name)
 
 
 def trial_config(cfg: TrainConfig, sampled: dict) -> TrainConfig:
@@ -250,23 +251,21 @@ def run_sweep(sweep: SweepConfig, cfg: TrainConfig, resume: bool = False, addres
     from ray import tune
 
     from raytopk.sweep_results import trial_rows, write_results
-    from raytopk.train import write_json_atomically
 
     directory = sweep_dir(sweep)
-    saved_path = os.path.join(directory, SWEEP_FILE)
+    saved_path = join(directory, SWEEP_FILE)
     if resume:
-        if not os.path.isfile(saved_path):
+        if not exists(saved_path):
             raise ConfigError(f"--resume: no sweep to resume at {directory}; run without --resume to start it")
-        with open(saved_path) as f:
-            if json.load(f) != _saved_form(sweep, cfg):
-                raise ConfigError(f"--resume: the sweep file or its base job changed since {directory} started; restore them or set another name")
-    elif os.path.exists(saved_path):
+        if json.loads(read_text(saved_path)) != _saved_form(sweep, cfg):
+            raise ConfigError(f"--resume: the sweep file or its base job changed since {directory} started; restore them or set another name")
+    elif exists(saved_path):
         raise ConfigError(f"name: a sweep {sweep.name!r} already exists at {directory}; allowed: --resume to continue it, or another name (--set name=...)")
     if not ray.is_initialized():
         ray.init(address=address or cfg.address)
 
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, base=dataclasses.asdict(resolved(cfg)), trials_dir=os.path.join(directory, "trials")),
+        tune.with_parameters(train_trial, base=dataclasses.asdict(resolved(cfg)), trials_dir=join(directory, "trials")),
         {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY},
     )
     if resume:
@@ -282,9 +281,9 @@ def run_sweep(sweep: SweepConfig, cfg: TrainConfig, resume: bool = False, addres
                 scheduler=_scheduler(sweep, cfg.epochs),
                 num_samples=sweep.num_samples,
             ),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=os.path.dirname(directory), verbose=1),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=resolve(sweep.storage_path), verbose=1),
         )
-        write_json_atomically(saved_path, _saved_form(sweep, cfg))
+        write_json(saved_path, _saved_form(sweep, cfg))
     grid = tuner.fit()
     # Tune returns normally after Ctrl+C; the state it saved for a restore tells whether every trial ended.
     saved = tune.ExperimentAnalysis(directory).trials

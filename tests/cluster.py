@@ -1,0 +1,90 @@
+"""A real local Ray cluster for tests: ``ray start --head --block`` on loopback, free ports, its own temp dir and token.
+
+Only what this helper started is stopped: the ``ray start`` process (SIGTERM, it shuts its
+cluster down) and then, if anything is left, its process group by id.
+"""
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+_PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port",
+               "--metrics-export-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port")
+
+
+def free_ports(count: int) -> list:
+    """``count`` distinct ports free on 127.0.0.1 right now."""
+    sockets = []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@contextlib.contextmanager
+def local_head(num_cpus: int = 2, timeout: float = 120):
+    """Yield ``(address, env)``: the dashboard URL and the environment a client needs (token auth on)."""
+    temp = tempfile.mkdtemp(prefix="rtk")  # short: Ray's socket paths live under it
+    token_path = os.path.join(temp, "token")
+    with open(token_path, "w") as f:
+        f.write(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path, RAY_USAGE_STATS_ENABLED="0")
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # as with the venv activated
+    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
+    command = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+               "--include-dashboard=true", f"--num-cpus={num_cpus}", f"--temp-dir={temp}", "--disable-usage-stats",
+               *(f"{flag}={port}" for flag, port in ports.items())]
+    head = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{ports['--dashboard-port']}"
+    try:
+        _wait_for_jobs_api(address, token_path, head, timeout)
+        yield address, env
+    finally:
+        _stop(head)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_for_jobs_api(address: str, token_path: str, head, timeout: float) -> None:
+    with open(token_path) as f:
+        request = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {f.read()}"})
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"no Ray jobs API at {address} after {timeout:.0f} s")
+
+
+def _stop(head) -> None:
+    if head.poll() is None:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+    try:
+        os.killpg(head.pid, signal.SIGKILL)  # the session ray start led: only processes it started
+    except ProcessLookupError:
+        pass

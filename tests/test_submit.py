@@ -1,0 +1,125 @@
+"""Jobs on a real local cluster (``ray start --head``, token auth): submit.py and ``ray job submit``; cluster.yaml's schema."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster import RAY, free_ports, local_head
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def head():
+    with local_head(num_cpus=2) as (address, env):
+        yield address, env
+
+
+def _submit(head, *args, env=None, timeout=420):
+    address, head_env = head
+    return subprocess.run([sys.executable, str(ROOT / "submit.py"), *args, "--address", address],
+                          capture_output=True, text=True, timeout=timeout, env=env or head_env, cwd=ROOT)
+
+
+def _jobs(head) -> int:
+    address, env = head
+    listed = subprocess.run([RAY, "job", "list", "--address", address], capture_output=True, text=True, env=env, timeout=60)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    return listed.stdout.count("submission_id=")
+
+
+def test_submit_py_runs_the_smoke_job_to_success(head, tmp_path):
+    summary = tmp_path / "smoke.json"
+    done = _submit(head, "jobs/smoke.yaml", "--set", f"checkpoint_dir={tmp_path}", "--set", f"output={summary}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "SUCCEEDED" in done.stdout and "test accuracy" in done.stdout
+    result = json.loads(summary.read_text())
+    assert result["epochs"] == 2 and result["compress"] and result["test_accuracy"] > 0.2
+    assert result["bytes_sent"] < result["dense_bytes"] / 10
+
+
+def test_ray_job_submit_cli_runs_the_same_job(head, tmp_path):
+    address, env = head
+    summary = tmp_path / "cli.json"
+    done = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--entrypoint-num-cpus", "0.25", "--",
+         "python", "-m", "raytopk", "train", "--config", "jobs/smoke.yaml", "--checkpoint-dir", str(tmp_path), "--output", str(summary)],
+        capture_output=True, text=True, timeout=420, env=env, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout.lower()
+    assert json.loads(summary.read_text())["epochs"] == 2
+
+
+def test_a_sweep_submitted_the_same_way_finishes(head, tmp_path):
+    """Also the Optuna searcher: its samples stay inside the search space's bounds."""
+    done = _submit(head, "tune_configs/mnist5k_ratio_lr.yaml", "--set", "num_samples=2", "--set", "epochs=1",
+                   "--set", "max_train_batches=5", "--set", "search_alg=optuna", "--set", f"storage_path={tmp_path}",
+                   "--set", "name=submitted")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "submitted" / "trials.json").read_text())["trials"]
+    assert len(rows) == 2 and all(row["status"] == "done" for row in rows)
+    assert all(0.001 <= row["params"]["ratio"] <= 0.1 and 0.005 <= row["params"]["lr"] <= 0.2 for row in rows)
+
+
+def test_a_failing_job_exits_nonzero_with_its_status_and_last_lines(head, tmp_path):
+    done = _submit(head, "jobs/smoke.yaml", "--set", "dataset=mnist", "--set", f"data_dir={tmp_path / 'empty'}",
+                   "--set", f"checkpoint_dir={tmp_path}", "--set", "max_failures=0")
+    assert done.returncode == 1
+    assert "ended FAILED; its last log lines:" in done.stderr
+
+
+def test_bad_config_is_refused_before_anything_is_submitted(head):
+    before = _jobs(head)
+    done = _submit(head, "jobs/smoke.yaml", "--set", "ratio=2")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "ratio: got 2; allowed: a number in (0, 1]" in done.stderr and "Traceback" not in done.stderr
+    assert _jobs(head) == before
+
+
+def test_wrong_token_is_refused_clearly_and_never_printed(head):
+    wrong = "0" * 64
+    env = {k: v for k, v in head[1].items() if k != "RAY_AUTH_TOKEN_PATH"}
+    env["RAY_AUTH_TOKEN"] = wrong
+    done = _submit(head, "jobs/smoke.yaml", env=env, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "refused the token" in done.stderr and wrong not in done.stdout + done.stderr
+
+
+def test_unreachable_cluster_is_one_line(tmp_path):
+    (port,) = free_ports(1)
+    done = subprocess.run([sys.executable, str(ROOT / "submit.py"), "jobs/smoke.yaml", "--address", f"http://127.0.0.1:{port}"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"cannot reach a Ray cluster at http://127.0.0.1:{port}" in done.stderr
+
+
+def test_cluster_yaml_passes_rays_schema_and_scales_gpu_nodes_from_zero():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    config = prepare_config(raw)
+    validate_config(config)
+    types = config["available_node_types"]
+    assert types[config["head_node_type"]]["resources"]["CPU"] == 0
+    gpu_types = [t for name, t in types.items() if t.get("resources", {}).get("GPU", 0) >= 1]
+    assert gpu_types and all(t["min_workers"] == 0 and t["max_workers"] >= 4 for t in gpu_types)
+    assert config["max_workers"] >= max(t["max_workers"] for t in gpu_types)
+    # Nothing beyond Ray's own SSH rule is opened to the internet, and the dashboard binds to loopback.
+    assert raw["provider"]["security_group"]["IpPermissions"] == []
+    assert all("--dashboard-host=127.0.0.1" in c for c in raw["head_start_ray_commands"] if "ray start" in c)
+    assert "/home/ray/raytopk" in raw["file_mounts"] and any("pip install" in c and "/home/ray/raytopk" in c for c in raw["setup_commands"])
+
+
+def test_a_cluster_yaml_typo_is_caught_by_the_schema(tmp_path):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    raw["available_node_types"]["gpu_1x"]["min_worker"] = raw["available_node_types"]["gpu_1x"].pop("min_workers")
+    with pytest.raises(Exception, match="min_worker"):
+        validate_config(prepare_config(raw))
