@@ -158,7 +158,7 @@ def test_sweep_writes_table_best_job_and_plot_and_the_best_job_trains(tmp_path):
 
 def test_interrupted_sweep_resumes_each_trial_from_its_checkpoint(tmp_path):
     """Stored through a URI (as on S3 in a cluster): Tune's state, the trials' checkpoints and the results."""
-    path = _write(tmp_path, name="resumable", train={"epochs": 2, "cpus_per_worker": 0.5},
+    path = _write(tmp_path, name="resumable", train={"epochs": 3, "cpus_per_worker": 0.5},
                   search_space={"ratio": {"grid": [0.01, 0.001]}}, scheduler="none", max_concurrent_trials=1,
                   storage_path=f"file://{tmp_path / 'runs'}")
     directory = tmp_path / "runs" / "resumable"
@@ -182,8 +182,8 @@ def test_interrupted_sweep_resumes_each_trial_from_its_checkpoint(tmp_path):
     done = _tune(path, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((directory / TRIALS_FILE).read_text())["trials"]
-    assert [row["status"] for row in rows] == ["done", "done"] and [row["epochs"] for row in rows] == [2, 2]
+    assert [row["status"] for row in rows] == ["done", "done"] and [row["epochs"] for row in rows] == [3, 3]
     first = sorted(glob.glob(str(directory / "train_trial_*" / "result.json")))[0]
     epochs = [json.loads(line)["epoch"] for line in open(first)]
-    assert epochs[-1] == 2 and epochs[0] > 1, epochs  # continued from a checkpoint, not from epoch 1
+    assert epochs[-1] == 3 and epochs[0] > 1, epochs  # continued from a checkpoint, not from epoch 1
 
