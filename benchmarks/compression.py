@@ -6,12 +6,16 @@ and ``k = ratio * n`` (1% by default), the median wall time of
 - ``raytopk.compression.select_topk(x, k)`` (sampled threshold, then an exact topk
   over the few candidates),
 - ``torch.topk(x.abs(), k, sorted=False)`` (the plain exact selection),
-- ``x.abs()`` alone: one pass over memory, the floor any selection pays.
+- ``x.abs()`` alone: one pass that reads the tensor and writes a new one, the
+  yardstick the target is set against (select_topk within 1.0x of it),
+- ``x.sum()``: one read and nothing written, the floor any selection pays.
 
-Everything runs with ``torch.set_num_threads(1)``, as Ray workers do. Each timing
-is the median of ``--repeats`` runs after one warm-up run (torch.topk above 10M
-elements gets fewer repeats: it takes about a second). The script also checks
-that select_topk picks exactly the index set torch.topk picks.
+Everything runs with ``torch.set_num_threads(1)``, as Ray workers do. abs, sum
+and select_topk run in turns, one call each per round, so the ratios compare
+runs that shared the machine's state; each timing is the median over
+``--repeats`` rounds after one warm-up call. torch.topk is timed alone, with
+fewer repeats above 10M elements (it takes about a second). The script also
+checks that select_topk picks exactly the index set torch.topk picks.
 
 Reproduce (from the repository root)::
 
@@ -35,23 +39,26 @@ from raytopk.storage import write_json
 COMMAND = "python benchmarks/compression.py"
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator and caches
-    times = []
+def median_seconds(fns: dict, repeats: int) -> dict:
+    """Median seconds per function, calling each once per round, in turns."""
+    for fn in fns.values():
+        fn()  # warm-up: allocator and caches
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def measure(n: int, ratio: float, repeats: int) -> dict:
     x = torch.randn(n, generator=torch.Generator().manual_seed(n))
     k = max(1, math.ceil(ratio * n))
     topk_repeats = repeats if n <= 10_000_000 else max(1, repeats // 3)
-    abs_s = median_seconds(lambda: x.abs(), repeats)
-    select_s = median_seconds(lambda: select_topk(x, k), repeats)
-    topk_s = median_seconds(lambda: torch.topk(x.abs(), k, sorted=False), topk_repeats)
+    side_by_side = median_seconds({"abs": lambda: x.abs(), "sum": lambda: x.sum(), "select": lambda: select_topk(x, k)}, repeats)
+    abs_s, sum_s, select_s = side_by_side["abs"], side_by_side["sum"], side_by_side["select"]
+    topk_s = median_seconds({"topk": lambda: torch.topk(x.abs(), k, sorted=False)}, topk_repeats)["topk"]
     _, chosen = select_topk(x, k)
     _, expected = torch.topk(x.abs(), k, sorted=False)
     exact = torch.equal(chosen.long().sort().values, expected.sort().values)
@@ -59,12 +66,13 @@ def measure(n: int, ratio: float, repeats: int) -> dict:
         "numel": n,
         "k": k,
         "abs_ms": abs_s * 1e3,
+        "sum_ms": sum_s * 1e3,
         "select_topk_ms": select_s * 1e3,
         "torch_topk_ms": topk_s * 1e3,
         "select_over_abs": select_s / abs_s,
         "topk_over_abs": topk_s / abs_s,
         "topk_over_select": topk_s / select_s,
-        "repeats": {"abs": repeats, "select_topk": repeats, "torch_topk": topk_repeats},
+        "repeats": {"abs, sum, select_topk (in turns)": repeats, "torch_topk": topk_repeats},
         "exact": exact,
     }
 
@@ -80,12 +88,12 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, k = {args.ratio:g} n, median of runs")
-    print(f"{'n':>11} {'k':>8} {'abs ms':>8} {'select ms':>10} {'topk ms':>9} "
+    print(f"{'n':>11} {'k':>8} {'sum ms':>7} {'abs ms':>8} {'select ms':>10} {'topk ms':>9} "
           f"{'select/abs':>11} {'topk/abs':>9} {'topk/select':>12} {'exact':>6}")
     for n in args.sizes:
         row = measure(n, args.ratio, args.repeats)
         rows.append(row)
-        print(f"{n:>11,} {row['k']:>8,} {row['abs_ms']:>8.1f} {row['select_topk_ms']:>10.1f} "
+        print(f"{n:>11,} {row['k']:>8,} {row['sum_ms']:>7.1f} {row['abs_ms']:>8.1f} {row['select_topk_ms']:>10.1f} "
               f"{row['torch_topk_ms']:>9.1f} {row['select_over_abs']:>11.2f} {row['topk_over_abs']:>9.2f} "
               f"{row['topk_over_select']:>12.2f} {str(row['exact']):>6}")
 

@@ -13,9 +13,9 @@ owns the communication and the residuals.
 Why a fast path: ``torch.topk`` on a large CPU tensor sorts far more than it
 needs and costs about ten passes over memory. The k largest magnitudes are
 almost always above a threshold that a small random sample predicts, so
-:func:`select_topk` estimates that threshold, keeps only the entries at or
-above it (one streaming pass in cache-sized chunks), and runs the exact
-``torch.topk`` on those few candidates. When the sample misleads and fewer
+:func:`select_topk` estimates that threshold, keeps only the entries above it
+(one streaming read in cache-sized chunks), and drops the few smallest
+candidates beyond ``k``. When the sample misleads and fewer
 than ``k`` entries pass, it falls back to a full ``torch.topk``: the result is
 always the exact top-k, only the time changes.
 """
@@ -31,12 +31,14 @@ __all__ = ["select_topk", "index_dtype", "pack", "unpack", "payload_bytes"]
 _FAST_PATH_MIN_NUMEL = 1 << 18
 _FAST_PATH_MAX_FRACTION = 0.05
 # The sample that estimates the threshold, and the chunk the filter streams
-# through (256K floats = 1 MiB, which stays in a core's L2 cache).
-_SAMPLE_SIZE = 1 << 16
-_CHUNK_NUMEL = 1 << 18
+# through (1M floats = 4 MiB, which stays in cache between its two kernels).
+_SAMPLE_SIZE, _SAMPLE_RUN = 1 << 15, 8
+_CHUNK_NUMEL = 1 << 20
 # A private generator: sampling must not shift the training's random stream.
 _SAMPLER = torch.Generator().manual_seed(0)
 
+# Each value dtype of the fast path, and the integer type of two of them (the filter scans pairs).
+_PAIR_DTYPE = {torch.float32: torch.int64, torch.float16: torch.int32, torch.bfloat16: torch.int32}
 VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -58,47 +60,72 @@ def select_topk(x: torch.Tensor, k: int):
     n = x.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}] for a tensor of {n} elements, got {k}")
-    if x.device.type == "cpu" and n >= _FAST_PATH_MIN_NUMEL and k <= _FAST_PATH_MAX_FRACTION * n:
-        candidates = _candidates_above_sampled_threshold(x, k)
-        if candidates is not None:
-            _, best = torch.topk(x[candidates].abs(), k, sorted=False)
-            indices = candidates[best]
-            return x[indices], indices.to(index_dtype(n))
+    if x.device.type == "cpu" and x.dtype in _PAIR_DTYPE and n >= _FAST_PATH_MIN_NUMEL and k <= _FAST_PATH_MAX_FRACTION * n:
+        selected = _topk_above_sampled_threshold(x, k)
+        if selected is not None:
+            return selected
     _, indices = torch.topk(x.abs(), k, sorted=False)
     return x[indices], indices.to(index_dtype(n))
 
 
-def _candidates_above_sampled_threshold(x: torch.Tensor, k: int):
-    """Indices (int64) of every entry whose magnitude reaches a sampled threshold.
+def _topk_above_sampled_threshold(x: torch.Tensor, k: int):
+    """The exact top-k through a sampled threshold, or ``None`` when the sample misled.
 
-    The threshold is the magnitude that a random sample says about ``1.2 k``
+    The threshold is the magnitude that a stratified sample says about ``1.05 k``
     entries exceed, lowered by four standard deviations of the sample count,
-    so the candidates hold at least ``k`` entries with overwhelming
-    probability. Returns ``None`` when they do not (the caller then falls back).
-    Entries below the threshold can never be in the top-k once ``k`` candidates
-    reach it, which is what makes the result exact.
+    so at least ``k`` entries exceed it with overwhelming probability. Entries
+    at or below it can never be in the top-k once ``k`` entries exceed it,
+    which is what makes the result exact; when fewer do, this returns ``None``
+    and the caller falls back to ``torch.topk``.
+
+    The filter reads ``x`` once, in cache-sized chunks, with two kernels each:
+
+    1. ``hardshrink`` zeroes every entry with ``|x| <= threshold`` (NaN stays,
+       as it is never within the range), into a buffer that stays in cache.
+    2. ``nonzero`` on that buffer viewed as integers twice as wide, i.e. on
+       pairs of values: half the elements to scan. A pair is nonzero when
+       either value is, and is copied out whole while it is in cache.
+
+    Then the partners shrunk to zero are dropped, and so are the few smallest
+    survivors beyond ``k``.
     """
     n = x.numel()
-    sample = x[torch.randint(n, (_SAMPLE_SIZE,), generator=_SAMPLER)].abs()
+    # A run of _SAMPLE_RUN entries at a random place in each of n / _SAMPLE_SIZE * _SAMPLE_RUN
+    # equal strata: stratified like the gradient's layout, and a few thousand memory pages
+    # touched instead of one page per sampled entry.
+    strata = _SAMPLE_SIZE // _SAMPLE_RUN
+    stride = n // strata
+    starts = torch.randint(stride - _SAMPLE_RUN + 1, (strata,), generator=_SAMPLER).add_(torch.arange(0, strata * stride, stride))
+    sample = x.index_select(0, (starts.unsqueeze(1) + torch.arange(_SAMPLE_RUN)).view(-1)).abs()
     expected = _SAMPLE_SIZE * k / n
-    rank = min(_SAMPLE_SIZE, int(1.2 * expected + 4.0 * math.sqrt(expected)) + 1)
-    threshold = torch.topk(sample, rank, sorted=False).values.min()
+    rank = min(_SAMPLE_SIZE, int(1.05 * expected + 4.0 * math.sqrt(expected)) + 1)
+    threshold = float(torch.topk(sample, rank, sorted=False).values.min())
 
-    found = []
-    magnitude = torch.empty(min(n, _CHUNK_NUMEL), dtype=x.dtype)
-    below = torch.empty(magnitude.shape, dtype=torch.bool)
-    for start in range(0, n, _CHUNK_NUMEL):
-        chunk = x[start : start + _CHUNK_NUMEL]
-        m, b = magnitude[: chunk.numel()], below[: chunk.numel()]
-        torch.abs(chunk, out=m)
-        torch.lt(m, threshold, out=b)  # NaN is never below: it stays a candidate
-        hits = torch.nonzero(b.logical_not_()).squeeze(1)
-        if hits.numel():
-            found.append(hits.add_(start))
-    if not found:
+    pair_dtype, body = _PAIR_DTYPE[x.dtype], n - n % 2
+    pair_starts, pair_bits = [], []
+    shrunk = torch.empty(min(body, _CHUNK_NUMEL), dtype=x.dtype)
+    for start in range(0, body, _CHUNK_NUMEL):
+        chunk = x[start : min(start + _CHUNK_NUMEL, body)]
+        pairs = shrunk[: chunk.numel()]
+        torch.ops.aten.hardshrink.out(chunk, threshold, out=pairs)
+        pairs = pairs.view(pair_dtype)
+        hits = torch.nonzero(pairs).squeeze(1)
+        pair_bits.append(pairs.index_select(0, hits))
+        pair_starts.append(hits.mul_(2).add_(start))
+    if body < n:  # the odd last entry, shrunk like the rest, as a pair with a zero
+        last = torch.nn.functional.hardshrink(torch.cat([x[body:], x.new_zeros(1)]), threshold)
+        pair_bits.append(last.view(pair_dtype))
+        pair_starts.append(torch.tensor([body]))
+    values = torch.cat(pair_bits).view(x.dtype)
+    passed = torch.nonzero(values).squeeze(1)  # drops the partners that were shrunk to zero
+    if passed.numel() < k:
         return None
-    candidates = torch.cat(found)
-    return candidates if candidates.numel() >= k else None
+    values = values.index_select(0, passed)
+    positions = torch.cat(pair_starts).index_select(0, passed >> 1).add_(passed & 1)
+    # Keep the k largest by dropping the few smallest: a top-k of those few is the cheaper one.
+    _, smallest = torch.topk(values.abs(), passed.numel() - k, largest=False, sorted=False)  # never a NaN
+    keep = torch.ones(passed.numel(), dtype=torch.bool).index_fill_(0, smallest, False).nonzero().squeeze(1)
+    return values.index_select(0, keep), positions.index_select(0, keep).to(index_dtype(n))
 
 
 def payload_bytes(k: int, numel: int, value_dtype: torch.dtype) -> int:

@@ -43,6 +43,17 @@ def test_fast_path_exact_on_hard_distributions(make):
     assert bool((chosen >= kth).all()), "an entry below the k-th magnitude was selected"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("numel", [1_000_000, 1_048_577])  # even, and odd past a whole chunk
+def test_exact_for_every_dtype_and_odd_sizes(dtype, numel):
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(3)).to(dtype)
+    k = numel // 100
+    values, indices = select_topk(x, k)
+    kth = torch.topk(x.abs(), k).values.min()
+    assert len(set(indices.tolist())) == k and values.dtype == dtype
+    assert bool((x[indices.long()].abs() >= kth).all()) and torch.equal(values, x[indices.long()])
+
+
 def test_ties_give_k_distinct_entries():
     x = torch.ones(1_000_000)
     _, indices = select_topk(x, 1000)
