@@ -50,7 +50,7 @@ from netns import read_tx_bytes, reexec_in_namespace, shape
 from raytopk.storage import replacing, write_json
 
 COMMAND = "python benchmarks/link.py"
-WARMUP_STEPS = 3
+WARMUP_STEPS = 2  # the fewest PowerSGD allows; DDP rebuilds its buckets after the first
 MODELS = {"resnet18": lambda: torchvision.models.resnet18(), "resnet50": lambda: torchvision.models.resnet50()}
 RATES = ["1gbit", "10gbit", None]  # None: unshaped loopback
 RATE_BITS = {"1gbit": 1e9, "10gbit": 1e10}
@@ -68,18 +68,18 @@ METHODS = {
 
 
 class GradientShapes(torch.nn.Module):
-    """A model's parameters and a loss whose gradient is a fixed random tensor per parameter."""
+    """A model's parameters (``MODELS[name]``) and a loss whose gradient is a fixed random tensor per parameter."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, device: torch.device = torch.device("cpu")):
         super().__init__()
         shapes = [p.shape for p in MODELS[name]().parameters()]
-        self.params = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(s)) for s in shapes)
-        generator = torch.Generator().manual_seed(0)
-        for i, s in enumerate(shapes):
-            self.register_buffer(f"grad{i}", torch.randn(s, generator=generator), persistent=False)
+        self.params = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(s, device=device)) for s in shapes)
+        generator = torch.Generator(device=device).manual_seed(0)
+        # A plain list, not buffers: DDP would broadcast buffers every forward and add to the wire.
+        self.gradients = [torch.randn(s, device=device, generator=generator) for s in shapes]
 
     def forward(self) -> torch.Tensor:
-        return sum((p * getattr(self, f"grad{i}")).sum() for i, p in enumerate(self.params))
+        return sum((p * g).sum() for p, g in zip(self.params, self.gradients))
 
 
 def register(ddp: DDP, model: torch.nn.Module, method: str):

@@ -17,6 +17,7 @@ inside, it returns and the benchmark proceeds, calling :func:`shape` as it goes.
 """
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -32,6 +33,7 @@ def reexec_in_namespace(name: str) -> None:
     if os.geteuid() != 0:
         sys.exit(f"{os.path.basename(sys.argv[0])} creates a network namespace: run it as root")
     netns = f"raytopk-{name}-{os.getpid()}"
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` deletes the namespace
     subprocess.run(["ip", "netns", "add", netns], check=True)
     try:
         subprocess.run(["ip", "netns", "exec", netns, "ip", "link", "set", "lo", "up"], check=True)

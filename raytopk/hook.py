@@ -45,6 +45,11 @@ class TopKState:
        cuts the payload from 8 to 6 bytes per entry. Indices are always int32
        (int64 only for buckets beyond 2**31 entries).
 
+    Memory: two residual-sized tensors per worker (twice the gradient size):
+    the residual, and the ``gradient + residual`` of the step in flight, which
+    becomes the next residual. Holding both saves a copy of every bucket per
+    step and lets a skipped step keep the old residual exactly.
+
     Args:
         ratio: fraction of each bucket's entries to send, in (0, 1].
         start_iter: number of dense allreduce iterations before compression.
@@ -166,6 +171,12 @@ class TopKState:
 class _BucketMemory:
     """One bucket's residual, and the groups of its entries that each get their own top-k.
 
+    ``spare`` is a second residual-sized tensor: each step writes
+    ``gradient + residual`` into it and, once every rank's entries arrived
+    finite, it becomes the residual (the two swap). That costs one extra
+    bucket of memory and saves copying the bucket back, and a step that is
+    skipped (non-finite values) leaves the old residual untouched, bit for bit.
+
     Normally the whole bucket is one group. On the first step after a resume,
     DDP's fresh bucket can hold several of the buckets the checkpoint was
     selecting over; each of those stays a group of its own (in its saved
@@ -177,6 +188,7 @@ class _BucketMemory:
         self.residual = torch.cat(
             [pending.pop(p).to(buffer).reshape(-1) if p in pending else buffer.new_zeros(p.numel()) for p in params]
         )
+        self.spare = torch.empty_like(self.residual)
         spans, start = {}, 0
         for p in params:
             spans[p] = (start, start + p.numel())
@@ -205,15 +217,17 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     Algorithm, per bucket of ``n`` entries on each of ``W`` workers:
 
     1. Before ``state.start_iter``: a plain dense allreduce of the mean, as DDP does.
-    2. ``acc = bucket + residual`` (error feedback: this worker's own memory).
+    2. ``acc = bucket + residual`` (error feedback: this worker's own memory),
+       written into the bucket's spare residual tensor.
     3. Select the ``k = max(1, ceil(ratio * n))`` entries of largest ``|acc|``;
        where sending ``k`` values and indices would cost at least as many bytes
        as the dense bucket (``ratio`` near 1), allreduce ``acc`` densely instead.
     4. Pack indices and values (cast to ``value_dtype``) into one buffer and
        ``all_gather`` it asynchronously: each rank sends exactly ``k`` entries.
     5. When the gather completes: ``residual = acc - what this rank sent`` (zero
-       at the sent entries, up to the rounding of fp16/bf16 values), then
-       scatter-add every rank's entries into a zero bucket and divide by ``W``.
+       at the sent entries, up to the rounding of fp16/bf16 values; ``acc``
+       becomes the residual in place), then scatter-add every rank's entries,
+       scaled by ``1 / W``, into the zeroed bucket.
        If any rank sent inf or NaN (an fp16 overflow), the residual stays as it
        was and the non-finite values pass on, so every rank's GradScaler skips.
     """
@@ -229,13 +243,13 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         return future
 
     memory = state._memory(bucket)
-    residual = memory.residual
-    buffer.add_(residual)
     value_dtype = VALUE_DTYPES[state.value_dtype]
     ks = [state.k_for(size) for size in memory.sizes]
     k = sum(ks)
 
     if payload_bytes(k, n, value_dtype) >= n * buffer.element_size():
+        residual = memory.residual
+        buffer.add_(residual)
 
         def clear_residual(fut: torch.futures.Future) -> torch.Tensor:
             mean = fut.value()
@@ -247,7 +261,8 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         state._count(bucket, n * buffer.element_size(), time.perf_counter() - started)
         return future
 
-    values, indices = memory.select(buffer, ks)
+    acc = torch.add(buffer, memory.residual, out=memory.spare)
+    values, indices = memory.select(acc, ks)
     payload = pack(values, indices, value_dtype)
     gathered = [torch.empty_like(payload) for _ in range(world_size)]
     work = dist.all_gather(gathered, payload, group=group, async_op=True)
@@ -256,12 +271,11 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         decode_started = time.perf_counter()
         peers = [unpack(peer, k, n, value_dtype) for peer in gathered]
         if all(torch.isfinite(peer_values).all() for peer_values, _ in peers):
-            residual.copy_(buffer)
-            residual[indices] = values - unpack(payload, k, n, value_dtype)[0].to(values.dtype)
+            acc[indices] = values - unpack(payload, k, n, value_dtype)[0].to(values.dtype)
+            memory.residual, memory.spare = acc, memory.residual
         buffer.zero_()
         for peer_values, peer_indices in peers:
-            buffer.index_add_(0, peer_indices, peer_values.to(buffer.dtype))
-        buffer.div_(world_size)
+            buffer.index_add_(0, peer_indices, peer_values.to(buffer.dtype), alpha=1.0 / world_size)
         with state._stats_lock:
             state.stats["hook_s"] += time.perf_counter() - decode_started
         return buffer

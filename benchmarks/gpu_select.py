@@ -1,0 +1,129 @@
+"""Time selection and the hook on a GPU: select_topk and torch.topk against one memory pass.
+
+What is measured, on ``--device`` (default ``cuda``), for float32 tensors of
+25M and 100M elements and k = 1%: the median time of ``x.abs()`` (one read and
+one write of the tensor), ``torch.topk(x.abs(), k)`` and
+``raytopk.compression.select_topk(x, k)``, each synchronized, and whether
+select_topk picks the same set as torch.topk. Then a one-rank process group
+(NCCL on a GPU, gloo on CPU) runs DDP over ResNet-50's parameter shapes with
+a fixed random gradient (``link.GradientShapes``), dense and with
+``raytopk.topk_hook`` at 0.01, and reports the median step time of each and
+the hook's compute time.
+
+Run by ``benchmarks/gpu_check.sh``; ``--device cpu`` checks the script itself
+on a machine without a GPU. Results go to ``benchmarks/results/gpu_check.json``.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import raytopk
+from link import GradientShapes
+from raytopk.compression import select_topk
+from raytopk.storage import write_json
+
+COMMAND = "bash benchmarks/gpu_check.sh"
+
+
+def median_s(fn, device: torch.device, repeats: int) -> float:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        sync()
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def selection_rows(device: torch.device, sizes, repeats: int) -> list:
+    rows = []
+    for n in sizes:
+        x = torch.randn(n, device=device, generator=torch.Generator(device=device).manual_seed(n))
+        k = n // 100
+        _, chosen = select_topk(x, k)
+        _, expected = torch.topk(x.abs(), k, sorted=False)
+        row = {
+            "numel": n,
+            "k": k,
+            "abs_ms": 1e3 * median_s(lambda: x.abs(), device, repeats),
+            "torch_topk_ms": 1e3 * median_s(lambda: torch.topk(x.abs(), k, sorted=False), device, repeats),
+            "select_topk_ms": 1e3 * median_s(lambda: select_topk(x, k), device, repeats),
+            "exact": torch.equal(chosen.long().sort().values, expected.sort().values),
+        }
+        rows.append(row)
+        del x
+    return rows
+
+
+def hook_row(device: torch.device, steps: int) -> dict:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29650")
+    dist.init_process_group(backend, rank=0, world_size=1)
+    row = {"backend": backend}
+    for compress in (False, True):
+        model = GradientShapes("resnet50", device)
+        row["parameters"] = sum(p.numel() for p in model.parameters())
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        state = raytopk.TopKState(ratio=0.01, start_iter=2, module=model) if compress else None
+        if state is not None:
+            ddp.register_comm_hook(state, raytopk.topk_hook)
+
+        def step():
+            ddp.zero_grad(set_to_none=True)
+            ddp().backward()
+
+        for _ in range(3):
+            step()
+        hook_before = state.stats["hook_s"] if state else 0.0
+        row["topk_step_ms" if compress else "dense_step_ms"] = 1e3 * median_s(step, device, steps)
+        if state is not None:
+            row["hook_ms_per_step"] = 1e3 * (state.stats["hook_s"] - hook_before) / (steps + 1)
+    dist.destroy_process_group()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[25_000_000, 100_000_000])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "gpu_check.json"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+    rows = selection_rows(device, args.sizes, args.repeats)
+    hook = hook_row(device, args.repeats)
+    write_json(args.output, {"command": " ".join([COMMAND] + sys.argv[1:]), "torch": torch.__version__,
+                             "device": name, "selection": rows, "hook": hook})
+    print(f"\n{name}, torch {torch.__version__}, k = 1% of n, median of {args.repeats}")
+    print("| n | abs ms | torch.topk ms | select_topk ms | select/topk | exact |")
+    print("|---:|---:|---:|---:|---:|:---:|")
+    for r in rows:
+        print(f"| {r['numel']:,} | {r['abs_ms']:.3f} | {r['torch_topk_ms']:.3f} | {r['select_topk_ms']:.3f} | "
+              f"{r['select_topk_ms'] / r['torch_topk_ms']:.2f} | {r['exact']} |")
+    print(f"\nDDP over ResNet-50 shapes ({hook['parameters']:,} parameters), 1 rank, {hook['backend']}: step "
+          f"dense {hook['dense_step_ms']:.2f} ms, raytopk 0.01 {hook['topk_step_ms']:.2f} ms "
+          f"(hook compute {hook['hook_ms_per_step']:.2f} ms/step)")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

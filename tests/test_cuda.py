@@ -1,0 +1,55 @@
+"""The CUDA path: exact selection on the GPU and the hook in a one-rank NCCL group. Skipped without a GPU."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import raytopk
+from raytopk.compression import select_topk
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("numel, k", [(1_000, 10), (5_000_000, 50_000), (25_000_001, 25_000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_selection_on_cuda_is_exact(numel, k, dtype):
+    x = torch.randn(numel, device="cuda", dtype=dtype, generator=torch.Generator(device="cuda").manual_seed(numel))
+    values, indices = select_topk(x, k)
+    assert values.device.type == "cuda" and values.dtype == dtype
+    kth = torch.topk(x.abs().float(), k).values.min()
+    assert len(set(indices.tolist())) == k and bool((x[indices.long()].abs().float() >= kth).all())
+
+
+@pytest.fixture
+def nccl_group():
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29660")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("value_dtype", ["fp32", "fp16", "bf16"])
+def test_hook_on_nccl_applies_topk_and_keeps_the_rest(nccl_group, value_dtype):
+    """One rank: the applied gradient is the top-k of (gradient + residual); applied + residual is the whole."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10)).cuda()
+    ddp = DDP(model, device_ids=[torch.cuda.current_device()], bucket_cap_mb=1)
+    state = raytopk.TopKState(ratio=0.01, start_iter=0, value_dtype=value_dtype, module=model)
+    ddp.register_comm_hook(state, raytopk.topk_hook)
+    x, y = torch.randn(32, 256, device="cuda"), torch.randint(10, (32,), device="cuda")
+    reference = torch.nn.functional.cross_entropy(model(x), y)
+    full = torch.autograd.grad(reference, list(model.parameters()))
+    torch.nn.functional.cross_entropy(ddp(x), y).backward()
+    applied = torch.cat([p.grad.flatten() for p in model.parameters()])
+    residual = torch.cat([state.state_dict()["residuals"][name].flatten().cuda() for name, _ in model.named_parameters()])
+    whole = torch.cat([g.flatten() for g in full])
+    assert 0 < int((applied != 0).sum()) <= 0.02 * whole.numel() + 16
+    tolerance = 1e-2 if value_dtype != "fp32" else 1e-5
+    assert torch.allclose(applied + residual, whole, atol=tolerance)
+    assert state.stats["bytes_sent"] < state.stats["dense_bytes"]
