@@ -4,7 +4,9 @@ What is measured: DDP workers (gloo over TCP) whose model has exactly the
 parameter shapes of torchvision's ResNet-18 (11.7M) or ResNet-50 (25.6M) and a
 loss whose gradient is a fixed random tensor, so a step is almost nothing but
 the gradient exchange: DDP's buckets, the communication hook (selection,
-packing, error feedback included) and the collectives. For each link rate,
+packing, error feedback included) and the collectives. Every method runs DDP
+with ``gradient_as_bucket_view=True`` (gradients live in the buckets, no copies
+in and out), as raytopk's training loop does. For each link rate,
 worker count, model and method, the median time of ``backward()`` over
 ``--steps`` steps after the warm-up, minus the same model's median
 ``backward()`` without DDP (the compute floor, measured in the same run), is
@@ -111,7 +113,7 @@ def worker(rank: int, world_size: int, port: int, model_name: str, method: str, 
     model = GradientShapes(model_name)
     size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     one_bucket = METHODS[method][0] == "powersgd"
-    ddp = DDP(model, bucket_cap_mb=math.ceil(size_mb) + 1 if one_bucket else 25)
+    ddp = DDP(model, bucket_cap_mb=math.ceil(size_mb) + 1 if one_bucket else 25, gradient_as_bucket_view=True)
     register(ddp, model, method)
     median_backward_s(ddp, WARMUP_STEPS)
     dist.barrier()

@@ -65,7 +65,7 @@ def worker(rank: int, port: int, model_name: str, compress: bool, steps: int, re
     torch.manual_seed(0)
     channels, size, _ = MODELS[model_name]
     model = build_model(model_name, channels, 10, size)
-    ddp = DDP(model)
+    ddp = DDP(model, gradient_as_bucket_view=True)
     state = raytopk.TopKState(ratio=RATIO, start_iter=WARMUP_STEPS, module=model) if compress else None
     if state is not None:
         ddp.register_comm_hook(state, raytopk.topk_hook)

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-__all__ = ["select_topk", "index_dtype", "pack", "unpack", "payload_bytes"]
+__all__ = ["select_topk", "select_topk_of_sum", "index_dtype", "pack", "unpack", "payload_bytes"]
 
 # Below this many elements (or above this fraction selected) the plain
 # torch.topk is as fast as the sampled path.
@@ -55,20 +55,33 @@ def select_topk(x: torch.Tensor, k: int):
     the same as ``torch.topk(x.abs(), k)`` selects, ties aside; NaN counts as
     largest, as in ``torch.topk``, so a non-finite gradient is always selected.
     """
-    if x.dim() != 1:
-        raise ValueError(f"select_topk expects a flat tensor, got shape {tuple(x.shape)}")
-    n = x.numel()
+    return select_topk_of_sum(x, None, k, x)
+
+
+def select_topk_of_sum(a: torch.Tensor, b, k: int, out: torch.Tensor):
+    """``out = a + b`` (``b`` may be None: ``out`` is ``a``), then :func:`select_topk` of ``out``.
+
+    On the CPU fast path the sum is made chunk by chunk inside the selection's
+    single read, while each chunk is in cache: one pass over memory fewer than
+    adding first. This is how the hook adds a worker's residual to its gradient.
+    """
+    if out.dim() != 1:
+        raise ValueError(f"select_topk expects a flat tensor, got shape {tuple(out.shape)}")
+    n = out.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}] for a tensor of {n} elements, got {k}")
-    if x.device.type == "cpu" and x.dtype in _PAIR_DTYPE and n >= _FAST_PATH_MIN_NUMEL and k <= _FAST_PATH_MAX_FRACTION * n:
-        selected = _topk_above_sampled_threshold(x, k)
+    summands = None if b is None else (a, b)
+    if out.device.type == "cpu" and out.dtype in _PAIR_DTYPE and n >= _FAST_PATH_MIN_NUMEL and k <= _FAST_PATH_MAX_FRACTION * n:
+        selected = _topk_above_sampled_threshold(out, k, summands)
         if selected is not None:
             return selected
-    _, indices = torch.topk(x.abs(), k, sorted=False)
-    return x[indices], indices.to(index_dtype(n))
+    elif summands is not None:
+        torch.add(a, b, out=out)
+    _, indices = torch.topk(out.abs(), k, sorted=False)
+    return out[indices], indices.to(index_dtype(n))
 
 
-def _topk_above_sampled_threshold(x: torch.Tensor, k: int):
+def _topk_above_sampled_threshold(x: torch.Tensor, k: int, summands=None):
     """The exact top-k through a sampled threshold, or ``None`` when the sample misled.
 
     The threshold is the magnitude that a stratified sample says about ``1.05 k``
@@ -76,7 +89,8 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int):
     so at least ``k`` entries exceed it with overwhelming probability. Entries
     at or below it can never be in the top-k once ``k`` entries exceed it,
     which is what makes the result exact; when fewer do, this returns ``None``
-    and the caller falls back to ``torch.topk``.
+    and the caller falls back to ``torch.topk``. With ``summands`` ``(a, b)``,
+    ``x`` is filled with ``a + b`` along the way (and is whole on return).
 
     The filter reads ``x`` once, in cache-sized chunks, with two kernels each:
 
@@ -96,7 +110,11 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int):
     strata = _SAMPLE_SIZE // _SAMPLE_RUN
     stride = n // strata
     starts = torch.randint(stride - _SAMPLE_RUN + 1, (strata,), generator=_SAMPLER).add_(torch.arange(0, strata * stride, stride))
-    sample = x.index_select(0, (starts.unsqueeze(1) + torch.arange(_SAMPLE_RUN)).view(-1)).abs()
+    positions = (starts.unsqueeze(1) + torch.arange(_SAMPLE_RUN)).view(-1)
+    if summands is None:
+        sample = x.index_select(0, positions).abs()
+    else:
+        sample = summands[0].index_select(0, positions).add_(summands[1].index_select(0, positions)).abs_()
     expected = _SAMPLE_SIZE * k / n
     rank = min(_SAMPLE_SIZE, int(1.05 * expected + 4.0 * math.sqrt(expected)) + 1)
     threshold = float(torch.topk(sample, rank, sorted=False).values.min())
@@ -104,8 +122,13 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int):
     pair_dtype, body = _PAIR_DTYPE[x.dtype], n - n % 2
     pair_starts, pair_bits = [], []
     shrunk = torch.empty(min(body, _CHUNK_NUMEL), dtype=x.dtype)
-    for start in range(0, body, _CHUNK_NUMEL):
-        chunk = x[start : min(start + _CHUNK_NUMEL, body)]
+    for start in range(0, n, _CHUNK_NUMEL):
+        end = min(start + _CHUNK_NUMEL, n)
+        if summands is not None:
+            torch.add(summands[0][start:end], summands[1][start:end], out=x[start:end])
+        if start >= body:
+            break
+        chunk = x[start : min(end, body)]
         pairs = shrunk[: chunk.numel()]
         torch.ops.aten.hardshrink.out(chunk, threshold, out=pairs)
         pairs = pairs.view(pair_dtype)

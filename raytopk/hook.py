@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from raytopk.compression import VALUE_DTYPES, index_dtype, pack, payload_bytes, select_topk, unpack
+from raytopk.compression import VALUE_DTYPES, index_dtype, pack, payload_bytes, select_topk, select_topk_of_sum, unpack
 
 __all__ = ["TopKState", "topk_hook"]
 
@@ -201,10 +201,12 @@ class _BucketMemory:
             ]
         self.sizes = [buffer.numel()] if self.groups is None else [len(g) for g in self.groups]
 
-    def select(self, acc: torch.Tensor, ks: List[int]):
-        """The top-``ks[i]`` entries of each group, as positions in the bucket."""
+    def select(self, buffer: torch.Tensor, ks: List[int]):
+        """Write ``buffer + residual`` into ``spare``; return the top-``ks[i]`` entries of each group of it."""
+        acc = self.spare
         if self.groups is None:
-            return select_topk(acc, ks[0])
+            return select_topk_of_sum(buffer, self.residual, ks[0], acc)
+        torch.add(buffer, self.residual, out=acc)
         picks = [select_topk(acc[group], k) for group, k in zip(self.groups, ks)]
         values = torch.cat([v for v, _ in picks])
         indices = torch.cat([group[i.long()] for group, (_, i) in zip(self.groups, picks)])
@@ -261,8 +263,8 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         state._count(bucket, n * buffer.element_size(), time.perf_counter() - started)
         return future
 
-    acc = torch.add(buffer, memory.residual, out=memory.spare)
-    values, indices = memory.select(acc, ks)
+    acc = memory.spare
+    values, indices = memory.select(buffer, ks)
     payload = pack(values, indices, value_dtype)
     gathered = [torch.empty_like(payload) for _ in range(world_size)]
     work = dist.all_gather(gathered, payload, group=group, async_op=True)

@@ -67,7 +67,8 @@ def train_loop_per_worker(config: dict) -> None:
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * schedule(start_epoch)
 
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # Gradients as views into DDP's buckets: no copy into the buckets and back each step.
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     if state is not None:
         ddp.register_comm_hook(state, topk_hook)
     step_dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
