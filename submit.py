@@ -37,30 +37,27 @@ class SubmitError(Exception):
 
 
 def entrypoint(config: str, sets: list) -> str:
-    """The job's command line: ``raytopk train`` for a job YAML, ``raytopk tune`` for a sweep YAML."""
-    from raytopk.config import read_yaml_mapping
+    """The job's command line: ``raytopk tune`` for a sweep YAML (it has a ``search_space``), else ``raytopk train``.
 
-    relative = os.path.relpath(os.path.abspath(config), ROOT)
-    if relative.startswith(os.pardir):
-        raise SubmitError(f"{config}: outside the project directory {ROOT}; allowed: a config inside it (it is uploaded with it)")
-    is_sweep = "search_space" in read_yaml_mapping(config)
-    command = ["python", "-m", "raytopk", "tune", relative] if is_sweep else ["python", "-m", "raytopk", "train", "--config", relative]
-    for pair in sets:
-        command += ["--set", pair]
-    return " ".join(shlex.quote(part) for part in command)
-
-
-def check_config(config: str, sets: list) -> None:
-    """Refuse a bad config here, with the same one-line message the cluster would give."""
+    The config is checked here first, with the same one-line message the cluster would give.
+    """
     from raytopk.cli import parse_sets
     from raytopk.config import load_config, read_yaml_mapping
     from raytopk.tune import load_sweep
 
+    relative = os.path.relpath(os.path.abspath(config), ROOT)
+    if relative.startswith(os.pardir):
+        raise SubmitError(f"{config}: outside the project directory {ROOT}; allowed: a config inside it (it is uploaded with it)")
     overrides = parse_sets(sets)
     if "search_space" in read_yaml_mapping(config):
         load_sweep(config, overrides)
+        command = ["python", "-m", "raytopk", "tune", relative]
     else:
         load_config(config, **overrides)
+        command = ["python", "-m", "raytopk", "train", "--config", relative]
+    for pair in sets:
+        command += ["--set", pair]
+    return " ".join(shlex.quote(part) for part in command)
 
 
 def _use_token_if_available() -> None:
@@ -116,7 +113,6 @@ def main(argv=None) -> int:
     from raytopk.config import ConfigError
 
     try:
-        check_config(args.config, args.set)
         command = entrypoint(args.config, args.set)
         client = connect(address)
         job_id = client.submit_job(

@@ -104,7 +104,7 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int, summands=None):
     survivors beyond ``k``.
     """
     n = x.numel()
-    # A run of _SAMPLE_RUN entries at a random place in each of n / _SAMPLE_SIZE * _SAMPLE_RUN
+    # A run of _SAMPLE_RUN entries at a random place in each of _SAMPLE_SIZE / _SAMPLE_RUN
     # equal strata: stratified like the gradient's layout, and a few thousand memory pages
     # touched instead of one page per sampled entry.
     strata = _SAMPLE_SIZE // _SAMPLE_RUN
@@ -153,9 +153,7 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int, summands=None):
 
 def payload_bytes(k: int, numel: int, value_dtype: torch.dtype) -> int:
     """Bytes of one packed buffer of ``k`` entries from a tensor of ``numel``."""
-    value_size = torch.empty((), dtype=value_dtype).element_size()
-    index_size = torch.empty((), dtype=index_dtype(numel)).element_size()
-    return k * (value_size + index_size)
+    return k * (value_dtype.itemsize + index_dtype(numel).itemsize)
 
 
 def pack(values: torch.Tensor, indices: torch.Tensor, value_dtype: torch.dtype) -> torch.Tensor:
@@ -169,5 +167,5 @@ def pack(values: torch.Tensor, indices: torch.Tensor, value_dtype: torch.dtype) 
 def unpack(buffer: torch.Tensor, k: int, numel: int, value_dtype: torch.dtype):
     """Inverse of :func:`pack`: ``(values, indices)`` as views of ``buffer``."""
     idx_dtype = index_dtype(numel)
-    split = k * torch.empty((), dtype=idx_dtype).element_size()
+    split = k * idx_dtype.itemsize
     return buffer[split:].view(value_dtype), buffer[:split].view(idx_dtype)

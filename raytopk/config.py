@@ -126,18 +126,24 @@ def check_fields(obj, choices: dict, ranges: dict) -> None:
 
 def from_mapping(cls, values: dict, source: str):
     """``cls(**values)`` after checking that every key is one of its fields; ``source`` names where they came from."""
+    _check_keys(cls, values, source)
+    return cls(**values)
+
+
+def _check_keys(cls, keys, source: str) -> None:
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(keys) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(known))}")
-    return cls(**values)
 
 
 def load_config(path: Optional[str] = None, **overrides) -> TrainConfig:
     """A validated config: defaults, then the YAML file at ``path``, then ``overrides`` (not None)."""
     values = read_yaml_mapping(path) if path is not None else {}
+    _check_keys(TrainConfig, values, path)
+    _check_keys(TrainConfig, overrides, "override")  # --set, or a caller's keyword
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return from_mapping(TrainConfig, values, path or "overrides")
+    return TrainConfig(**values)
 
 
 def read_yaml_mapping(path: str) -> dict:

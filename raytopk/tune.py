@@ -184,7 +184,7 @@ def sweep_dir(sweep: SweepConfig) -> str:
 
 def trial_config(cfg: TrainConfig, sampled: dict) -> TrainConfig:
     """The job a trial trains: the base job with the sampled values."""
-    return dataclasses.replace(cfg, **{k: v for k, v in sampled.items() if k in {f.name for f in fields(TrainConfig)}})
+    return dataclasses.replace(cfg, **sampled)
 
 
 def train_trial(sampled: dict, base: dict, trials_dir: str) -> None:
