@@ -22,6 +22,7 @@ always the exact top-k, only the time changes.
 
 import math
 
+import numpy as np
 import torch
 
 __all__ = ["select_topk", "select_topk_of_sum", "index_dtype", "pack", "unpack", "payload_bytes"]
@@ -31,14 +32,14 @@ __all__ = ["select_topk", "select_topk_of_sum", "index_dtype", "pack", "unpack",
 _FAST_PATH_MIN_NUMEL = 1 << 18
 _FAST_PATH_MAX_FRACTION = 0.05
 # The sample that estimates the threshold, and the chunk the filter streams
-# through (1M floats = 4 MiB, which stays in cache between its two kernels).
+# through (128K entries: the chunk and its two scratch arrays stay in L2).
 _SAMPLE_SIZE, _SAMPLE_RUN = 1 << 15, 8
-_CHUNK_NUMEL = 1 << 20
-# A private generator: sampling must not shift the training's random stream.
-_SAMPLER = torch.Generator().manual_seed(0)
+_CHUNK_NUMEL = 1 << 17
+# A private generator: sampling must not shift the training's random streams.
+_SAMPLER = np.random.default_rng(0)
 
-# Each value dtype of the fast path, and the integer type of two of them (the filter scans pairs).
-_PAIR_DTYPE = {torch.float32: torch.int64, torch.float16: torch.int32, torch.bfloat16: torch.int32}
+# Each value dtype of the fast path, and the integer type its bits are compared as.
+_BITS_DTYPE = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -71,7 +72,7 @@ def select_topk_of_sum(a: torch.Tensor, b, k: int, out: torch.Tensor):
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}] for a tensor of {n} elements, got {k}")
     summands = None if b is None else (a, b)
-    if out.device.type == "cpu" and out.dtype in _PAIR_DTYPE and n >= _FAST_PATH_MIN_NUMEL and k <= _FAST_PATH_MAX_FRACTION * n:
+    if out.device.type == "cpu" and out.dtype in _BITS_DTYPE and n >= _FAST_PATH_MIN_NUMEL and k <= _FAST_PATH_MAX_FRACTION * n:
         selected = _topk_above_sampled_threshold(out, k, summands)
         if selected is not None:
             return selected
@@ -92,63 +93,56 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int, summands=None):
     and the caller falls back to ``torch.topk``. With ``summands`` ``(a, b)``,
     ``x`` is filled with ``a + b`` along the way (and is whole on return).
 
-    The filter reads ``x`` once, in cache-sized chunks, with two kernels each:
-
-    1. ``hardshrink`` zeroes every entry with ``|x| <= threshold`` (NaN stays,
-       as it is never within the range), into a buffer that stays in cache.
-    2. ``nonzero`` on that buffer viewed as integers twice as wide, i.e. on
-       pairs of values: half the elements to scan. A pair is nonzero when
-       either value is, and is copied out whole while it is in cache.
-
-    Then the partners shrunk to zero are dropped, and so are the few smallest
-    survivors beyond ``k``.
+    Everything compares the float's bits as integers: with the sign bit
+    cleared, a float's bits order exactly as its magnitude does, infinities
+    above every finite value and NaN above them all (so NaN counts as largest,
+    as in ``torch.topk``). That makes ``|x| > threshold`` two integer kernels,
+    run through numpy on a zero-copy view, whose compare and ``flatnonzero``
+    are vectorized where PyTorch's CPU ``nonzero`` is not. The filter reads
+    ``x`` once, in chunks that stay in cache between its kernels; the few
+    smallest survivors beyond ``k`` are dropped with ``argpartition``.
     """
     n = x.numel()
+    bits = x.detach().view(_BITS_DTYPE[x.dtype]).numpy()
+    magnitude = np.iinfo(bits.dtype).max  # every bit but the sign
     # A run of _SAMPLE_RUN entries at a random place in each of _SAMPLE_SIZE / _SAMPLE_RUN
     # equal strata: stratified like the gradient's layout, and a few thousand memory pages
     # touched instead of one page per sampled entry.
     strata = _SAMPLE_SIZE // _SAMPLE_RUN
     stride = n // strata
-    starts = torch.randint(stride - _SAMPLE_RUN + 1, (strata,), generator=_SAMPLER).add_(torch.arange(0, strata * stride, stride))
-    positions = (starts.unsqueeze(1) + torch.arange(_SAMPLE_RUN)).view(-1)
+    starts = _SAMPLER.integers(0, stride - _SAMPLE_RUN + 1, strata) + np.arange(0, strata * stride, stride)
+    positions = (starts[:, None] + np.arange(_SAMPLE_RUN)).ravel()
     if summands is None:
-        sample = x.index_select(0, positions).abs()
+        sample = bits[positions]
     else:
-        sample = summands[0].index_select(0, positions).add_(summands[1].index_select(0, positions)).abs_()
+        at = torch.from_numpy(positions)
+        sample = summands[0][at].add_(summands[1][at]).view(_BITS_DTYPE[x.dtype]).numpy()
+    sample &= magnitude
     expected = _SAMPLE_SIZE * k / n
     rank = min(_SAMPLE_SIZE, int(1.05 * expected + 4.0 * math.sqrt(expected)) + 1)
-    threshold = float(torch.topk(sample, rank, sorted=False).values.min())
+    threshold = np.partition(sample, _SAMPLE_SIZE - rank)[_SAMPLE_SIZE - rank]
 
-    pair_dtype, body = _PAIR_DTYPE[x.dtype], n - n % 2
-    pair_starts, pair_bits = [], []
-    shrunk = torch.empty(min(body, _CHUNK_NUMEL), dtype=x.dtype)
-    for start in range(0, n, _CHUNK_NUMEL):
-        end = min(start + _CHUNK_NUMEL, n)
+    chunk_numel = min(_CHUNK_NUMEL, n)
+    cleared, above = np.empty(chunk_numel, bits.dtype), np.empty(chunk_numel, bool)
+    hits = []
+    for start in range(0, n, chunk_numel):
+        end = min(start + chunk_numel, n)
         if summands is not None:
             torch.add(summands[0][start:end], summands[1][start:end], out=x[start:end])
-        if start >= body:
-            break
-        chunk = x[start : min(end, body)]
-        pairs = shrunk[: chunk.numel()]
-        torch.ops.aten.hardshrink.out(chunk, threshold, out=pairs)
-        pairs = pairs.view(pair_dtype)
-        hits = torch.nonzero(pairs).squeeze(1)
-        pair_bits.append(pairs.index_select(0, hits))
-        pair_starts.append(hits.mul_(2).add_(start))
-    if body < n:  # the odd last entry, shrunk like the rest, as a pair with a zero
-        last = torch.nn.functional.hardshrink(torch.cat([x[body:], x.new_zeros(1)]), threshold)
-        pair_bits.append(last.view(pair_dtype))
-        pair_starts.append(torch.tensor([body]))
-    values = torch.cat(pair_bits).view(x.dtype)
-    passed = torch.nonzero(values).squeeze(1)  # drops the partners that were shrunk to zero
-    if passed.numel() < k:
+        chunk_cleared, chunk_above = cleared[: end - start], above[: end - start]
+        np.bitwise_and(bits[start:end], magnitude, out=chunk_cleared)
+        np.greater(chunk_cleared, threshold, out=chunk_above)
+        found = np.flatnonzero(chunk_above)
+        found += start
+        hits.append(found)
+    passed = np.concatenate(hits)
+    if passed.size < k:
         return None
-    values = values.index_select(0, passed)
-    positions = torch.cat(pair_starts).index_select(0, passed >> 1).add_(passed & 1)
-    # Keep the k largest by dropping the few smallest: a top-k of those few is the cheaper one.
-    _, smallest = torch.topk(values.abs(), passed.numel() - k, largest=False, sorted=False)  # never a NaN
-    keep = torch.ones(passed.numel(), dtype=torch.bool).index_fill_(0, smallest, False).nonzero().squeeze(1)
-    return values.index_select(0, keep), positions.index_select(0, keep).to(index_dtype(n))
+    passed_bits = bits[passed]
+    # Keep the k largest by partitioning around the (size - k)-th smallest magnitude.
+    keep = np.argpartition(passed_bits & magnitude, passed.size - k)[passed.size - k :]
+    values = torch.from_numpy(passed_bits[keep]).view(x.dtype)
+    return values, torch.from_numpy(passed[keep]).to(index_dtype(n))
 
 
 def payload_bytes(k: int, numel: int, value_dtype: torch.dtype) -> int:

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,12 +70,20 @@ def test_nan_and_inf_are_selected_like_torch_topk():
     assert not bool(torch.isfinite(values).all())
 
 
-def test_does_not_touch_the_global_random_stream():
+def test_does_not_touch_the_global_random_streams():
     torch.manual_seed(7)
-    expected = torch.rand(3)
+    np.random.seed(7)
+    expected = torch.rand(3), np.random.rand(3)
     torch.manual_seed(7)
+    np.random.seed(7)
     select_topk(torch.randn(1_000_000, generator=torch.Generator().manual_seed(0)), 1000)
-    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
+
+
+def test_strided_input_is_exact():
+    x = torch.randn(2_000_000, generator=torch.Generator().manual_seed(5))[::2]
+    values, indices = select_topk(x, 10_000)
+    assert set(indices.tolist()) == _topk_set(x, 10_000) and torch.equal(values, x[indices.long()])
 
 
 @pytest.mark.parametrize("k, shape", [(0, (10,)), (11, (10,)), (1, (2, 5))])
