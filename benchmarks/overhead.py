@@ -23,6 +23,7 @@ Results go to ``benchmarks/results/overhead.json``.
 
 import argparse
 import os
+import socket
 import statistics
 import sys
 import time
@@ -85,7 +86,15 @@ def worker(rank: int, port: int, model_name: str, compress: bool, steps: int, re
     dist.destroy_process_group()
 
 
-def measure(model_name: str, compress: bool, steps: int, port: int) -> dict:
+def free_port() -> int:
+    """A loopback port nothing listens on now, for the gloo rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def measure(model_name: str, compress: bool, steps: int) -> dict:
+    port = free_port()
     results = mp.get_context("spawn").SimpleQueue()
     mp.spawn(worker, args=(port, model_name, compress, steps, results), nprocs=WORLD_SIZE, join=True)
     ranks = [results.get() for _ in range(WORLD_SIZE)]
@@ -101,9 +110,9 @@ def main() -> None:
     rows = []
     print("| model | parameters | dense DDP step ms | raytopk step ms | hook compute ms | hook / step |")
     print("|---|---:|---:|---:|---:|---:|")
-    for i, model_name in enumerate(MODELS):
-        dense = measure(model_name, False, args.steps, 29700 + 2 * i)
-        topk = measure(model_name, True, args.steps, 29701 + 2 * i)
+    for model_name in MODELS:
+        dense = measure(model_name, False, args.steps)
+        topk = measure(model_name, True, args.steps)
         row = {"model": model_name, "input": MODELS[model_name][2], "parameters": topk["parameters"],
                "dense_step_s": dense["step_s"], "topk_step_s": topk["step_s"], "hook_s": topk["hook_s"],
                "hook_fraction": topk["hook_s"] / topk["step_s"]}

@@ -14,10 +14,10 @@ Why a fast path: ``torch.topk`` on a large CPU tensor sorts far more than it
 needs and costs about ten passes over memory. The k largest magnitudes are
 almost always above a threshold that a small random sample predicts, so
 :func:`select_topk` estimates that threshold, keeps only the entries above it
-(one streaming read in cache-sized chunks), and drops the few smallest
-candidates beyond ``k``. When the sample misleads and fewer
-than ``k`` entries pass, it falls back to a full ``torch.topk``: the result is
-always the exact top-k, only the time changes.
+(one streaming read in cache-sized chunks, comparing the floats' bits as
+integers), and drops the few smallest candidates beyond ``k``. When the
+sample misleads and fewer than ``k`` entries pass, it falls back to a full
+``torch.topk``: the result is always the exact top-k, only the time changes.
 """
 
 import math
@@ -25,7 +25,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["select_topk", "select_topk_of_sum", "index_dtype", "pack", "unpack", "payload_bytes"]
+__all__ = ["select_topk", "index_dtype", "pack", "unpack", "payload_bytes"]
 
 # Below this many elements (or above this fraction selected) the plain
 # torch.topk is as fast as the sampled path.
@@ -56,33 +56,20 @@ def select_topk(x: torch.Tensor, k: int):
     the same as ``torch.topk(x.abs(), k)`` selects, ties aside; NaN counts as
     largest, as in ``torch.topk``, so a non-finite gradient is always selected.
     """
-    return select_topk_of_sum(x, None, k, x)
-
-
-def select_topk_of_sum(a: torch.Tensor, b, k: int, out: torch.Tensor):
-    """``out = a + b`` (``b`` may be None: ``out`` is ``a``), then :func:`select_topk` of ``out``.
-
-    On the CPU fast path the sum is made chunk by chunk inside the selection's
-    single read, while each chunk is in cache: one pass over memory fewer than
-    adding first. This is how the hook adds a worker's residual to its gradient.
-    """
-    if out.dim() != 1:
-        raise ValueError(f"select_topk expects a flat tensor, got shape {tuple(out.shape)}")
-    n = out.numel()
+    if x.dim() != 1:
+        raise ValueError(f"select_topk expects a flat tensor, got shape {tuple(x.shape)}")
+    n = x.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}] for a tensor of {n} elements, got {k}")
-    summands = None if b is None else (a, b)
-    if out.device.type == "cpu" and out.dtype in _BITS_DTYPE and n >= _FAST_PATH_MIN_NUMEL and k <= _FAST_PATH_MAX_FRACTION * n:
-        selected = _topk_above_sampled_threshold(out, k, summands)
+    if x.device.type == "cpu" and x.dtype in _BITS_DTYPE and n >= _FAST_PATH_MIN_NUMEL and k <= _FAST_PATH_MAX_FRACTION * n:
+        selected = _topk_above_sampled_threshold(x, k)
         if selected is not None:
             return selected
-    elif summands is not None:
-        torch.add(a, b, out=out)
-    _, indices = torch.topk(out.abs(), k, sorted=False)
-    return out[indices], indices.to(index_dtype(n))
+    _, indices = torch.topk(x.abs(), k, sorted=False)
+    return x[indices], indices.to(index_dtype(n))
 
 
-def _topk_above_sampled_threshold(x: torch.Tensor, k: int, summands=None):
+def _topk_above_sampled_threshold(x: torch.Tensor, k: int):
     """The exact top-k through a sampled threshold, or ``None`` when the sample misled.
 
     The threshold is the magnitude that a stratified sample says about ``1.05 k``
@@ -90,8 +77,7 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int, summands=None):
     so at least ``k`` entries exceed it with overwhelming probability. Entries
     at or below it can never be in the top-k once ``k`` entries exceed it,
     which is what makes the result exact; when fewer do, this returns ``None``
-    and the caller falls back to ``torch.topk``. With ``summands`` ``(a, b)``,
-    ``x`` is filled with ``a + b`` along the way (and is whole on return).
+    and the caller falls back to ``torch.topk``.
 
     Everything compares the float's bits as integers: with the sign bit
     cleared, a float's bits order exactly as its magnitude does, infinities
@@ -112,12 +98,7 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int, summands=None):
     stride = n // strata
     starts = _SAMPLER.integers(0, stride - _SAMPLE_RUN + 1, strata) + np.arange(0, strata * stride, stride)
     positions = (starts[:, None] + np.arange(_SAMPLE_RUN)).ravel()
-    if summands is None:
-        sample = bits[positions]
-    else:
-        at = torch.from_numpy(positions)
-        sample = summands[0][at].add_(summands[1][at]).view(_BITS_DTYPE[x.dtype]).numpy()
-    sample &= magnitude
+    sample = bits[positions] & magnitude
     expected = _SAMPLE_SIZE * k / n
     rank = min(_SAMPLE_SIZE, int(1.05 * expected + 4.0 * math.sqrt(expected)) + 1)
     threshold = np.partition(sample, _SAMPLE_SIZE - rank)[_SAMPLE_SIZE - rank]
@@ -127,8 +108,6 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int, summands=None):
     hits = []
     for start in range(0, n, chunk_numel):
         end = min(start + chunk_numel, n)
-        if summands is not None:
-            torch.add(summands[0][start:end], summands[1][start:end], out=x[start:end])
         chunk_cleared, chunk_above = cleared[: end - start], above[: end - start]
         np.bitwise_and(bits[start:end], magnitude, out=chunk_cleared)
         np.greater(chunk_cleared, threshold, out=chunk_above)

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from raytopk.compression import VALUE_DTYPES, index_dtype, pack, payload_bytes, select_topk, select_topk_of_sum, unpack
+from raytopk.compression import VALUE_DTYPES, index_dtype, pack, payload_bytes, select_topk, unpack
 
 __all__ = ["TopKState", "topk_hook"]
 
@@ -203,10 +203,9 @@ class _BucketMemory:
 
     def select(self, buffer: torch.Tensor, ks: List[int]):
         """Write ``buffer + residual`` into ``spare``; return the top-``ks[i]`` entries of each group of it."""
-        acc = self.spare
+        acc = torch.add(buffer, self.residual, out=self.spare)
         if self.groups is None:
-            return select_topk_of_sum(buffer, self.residual, ks[0], acc)
-        torch.add(buffer, self.residual, out=acc)
+            return select_topk(acc, ks[0])
         picks = [select_topk(acc[group], k) for group, k in zip(self.groups, ks)]
         values = torch.cat([v for v, _ in picks])
         indices = torch.cat([group[i.long()] for group, (_, i) in zip(self.groups, picks)])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from raytopk.compression import VALUE_DTYPES, pack, payload_bytes, select_topk, select_topk_of_sum, unpack
+from raytopk.compression import VALUE_DTYPES, pack, payload_bytes, select_topk, unpack
 
 
 def _topk_set(x, k):
@@ -104,14 +104,3 @@ def test_pack_unpack_round_trip(name, k):
     got_values, got_indices = unpack(buffer, k, x.numel(), dtype)
     assert torch.equal(got_indices, indices)
     assert torch.equal(got_values, values.to(dtype))
-
-
-@pytest.mark.parametrize("numel", [5_000, 1_000_000, 2_097_153])  # torch.topk path; fast path; odd, past whole chunks
-def test_topk_of_sum_writes_the_sum_and_selects_from_it(numel):
-    g = torch.Generator().manual_seed(7)
-    a, b = torch.randn(numel, generator=g), torch.randn(numel, generator=g)
-    out = torch.full((numel,), float("nan"))
-    k = max(1, numel // 100)
-    values, indices = select_topk_of_sum(a, b, k, out)
-    assert torch.equal(out, a + b)
-    assert set(indices.tolist()) == _topk_set(a + b, k) and torch.equal(values, out[indices.long()])
