@@ -7,6 +7,7 @@ and exit 2; nothing is written.
 import argparse
 import sys
 from dataclasses import fields
+from typing import Optional
 
 from raytopk.config import ConfigError, TrainConfig, load_config
 
@@ -31,7 +32,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_FLAG_HELP.get(f.name))
         else:
-            kind = {int: int, float: float}.get(f.type, str)
+            kind = {int: int, float: float, Optional[float]: float}.get(f.type, str)
             parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=_FLAG_HELP.get(f.name))
 
 

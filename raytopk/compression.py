@@ -124,21 +124,23 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int):
     return values, torch.from_numpy(passed[keep]).to(index_dtype(n))
 
 
-def payload_bytes(k: int, numel: int, value_dtype: torch.dtype) -> int:
-    """Bytes of one packed buffer of ``k`` entries from a tensor of ``numel``."""
-    return k * (value_dtype.itemsize + index_dtype(numel).itemsize)
+def payload_bytes(k: int, numel: int, value_dtype: torch.dtype, dense: int = 0) -> int:
+    """Bytes of one packed buffer: ``k`` indices and values from a tensor of ``numel``, plus ``dense`` bare values."""
+    return k * (value_dtype.itemsize + index_dtype(numel).itemsize) + dense * value_dtype.itemsize
 
 
 def pack(values: torch.Tensor, indices: torch.Tensor, value_dtype: torch.dtype) -> torch.Tensor:
     """Indices then values, cast to ``value_dtype``, as one uint8 buffer.
 
-    Indices go first so both parts stay aligned for :func:`unpack`'s views.
+    ``values`` may run past ``indices``: the extra values travel bare, at
+    positions both sides know (entries sent dense). Indices go first so both
+    parts stay aligned for :func:`unpack`'s views.
     """
     return torch.cat([indices.view(torch.uint8), values.to(value_dtype).view(torch.uint8)])
 
 
 def unpack(buffer: torch.Tensor, k: int, numel: int, value_dtype: torch.dtype):
-    """Inverse of :func:`pack`: ``(values, indices)`` as views of ``buffer``."""
+    """Inverse of :func:`pack`: ``(values, indices)`` as views of ``buffer`` (``k`` indices, every value)."""
     idx_dtype = index_dtype(numel)
     split = k * idx_dtype.itemsize
     return buffer[split:].view(value_dtype), buffer[:split].view(idx_dtype)

@@ -41,6 +41,16 @@ class TrainConfig:
     ratio: float = 0.01
     start_iter: int = 2
     value_dtype: str = "fp32"
+    # Deep Gradient Compression's techniques, each off by default (see TopKState).
+    warmup_ratio: Optional[float] = None  # the ratio decays from this to ``ratio`` ...
+    warmup_epochs: int = 0  # ... over these epochs
+    momentum_correction: bool = False  # SGD's momentum moves into the hook; the optimizer runs without
+    clip_norm: Optional[float] = None  # local gradient clipping to this global norm
+    per_layer: bool = False  # top-k per parameter; 1-D and small ones dense
+    dense_below: int = 1024
+    # Precision and batching.
+    amp: str = "none"  # torch.autocast: bf16 (CPU or GPU) or fp16 (GPU, with a GradScaler)
+    accumulate: int = 1  # micro-batches per optimizer step (DDP no_sync between)
     # Where to run.
     workers: int = 2
     use_gpu: bool = False
@@ -64,6 +74,27 @@ class TrainConfig:
         for key, known in (("model", MODELS), ("dataset", DATASETS)):
             if getattr(self, key) not in known:
                 raise ConfigError(f"{key}: got {getattr(self, key)!r}; allowed: {', '.join(sorted(known))}")
+        _check_combinations(self)
+
+
+def _check_combinations(cfg: "TrainConfig") -> None:
+    """Settings that are valid alone but wrong together."""
+    dgc = {"warmup_ratio": cfg.warmup_ratio is not None, "momentum_correction": cfg.momentum_correction,
+           "clip_norm": cfg.clip_norm is not None, "per_layer": cfg.per_layer}
+    if not cfg.compress and any(dgc.values()):
+        key = next(key for key, on in dgc.items() if on)
+        raise ConfigError(f"{key}: set, but compress is false; allowed: only with compress: true")
+    if cfg.warmup_epochs and cfg.warmup_ratio is None:
+        raise ConfigError(f"warmup_epochs: got {cfg.warmup_epochs}, but warmup_ratio is null; allowed: set warmup_ratio too")
+    if cfg.momentum_correction and cfg.optimizer != "sgd":
+        raise ConfigError(f"momentum_correction: true with optimizer {cfg.optimizer!r}; allowed: only with optimizer: sgd")
+    if cfg.momentum_correction and not 0 < cfg.momentum < 1:
+        raise ConfigError(f"momentum: got {cfg.momentum!r} with momentum_correction; allowed: a number in (0, 1)")
+    if cfg.max_train_batches and cfg.accumulate > cfg.max_train_batches:
+        raise ConfigError(f"accumulate: got {cfg.accumulate}, more than max_train_batches {cfg.max_train_batches}; "
+                          "allowed: at most max_train_batches")
+    if cfg.amp == "fp16" and not cfg.use_gpu:
+        raise ConfigError("amp: got 'fp16' without use_gpu; allowed on CPU: none, bf16")
 
 
 _CHOICES = {
@@ -71,6 +102,7 @@ _CHOICES = {
     "lr_schedule": ("cosine", "constant"),
     "value_dtype": ("fp32", "fp16", "bf16"),
     "backend": ("auto", "gloo", "nccl"),
+    "amp": ("none", "bf16", "fp16"),
 }
 # key -> (lowest allowed, whether the lowest is excluded, highest or None)
 _RANGES = {
@@ -82,6 +114,11 @@ _RANGES = {
     "weight_decay": (0, False, None),
     "ratio": (0, True, 1),
     "start_iter": (0, False, None),
+    "warmup_ratio": (0, True, 1),
+    "warmup_epochs": (0, False, None),
+    "clip_norm": (0, True, None),
+    "dense_below": (0, False, None),
+    "accumulate": (1, False, None),
     "workers": (1, False, None),
     "cpus_per_worker": (0, False, None),
     "save_every": (1, False, None),
@@ -118,7 +155,7 @@ def check_fields(obj, choices: dict, ranges: dict) -> None:
         if f.name in ranges and value is not None:
             low, open_low, high = ranges[f.name]
             too_low = value <= low if open_low else value < low
-            if math.isnan(value) or too_low or (high is not None and value > high):
+            if math.isnan(value) or math.isinf(value) or too_low or (high is not None and value > high):
                 bracket = "(" if open_low else "["
                 top = f"{high}]" if high is not None else "inf)"
                 raise ConfigError(f"{f.name}: got {value!r}; allowed: a number in {bracket}{low}, {top}")

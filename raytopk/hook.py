@@ -45,10 +45,35 @@ class TopKState:
        cuts the payload from 8 to 6 bytes per entry. Indices are always int32
        (int64 only for buckets beyond 2**31 entries).
 
+    Deep Gradient Compression's techniques (Lin et al., 2018), for very low
+    ratios such as 0.001; each is off by default:
+
+    4. Sparsity warm-up: ``warmup_ratio`` and ``warmup_steps``. The ratio
+       starts at ``warmup_ratio`` and decays exponentially to ``ratio`` over
+       the first ``warmup_steps`` compressed steps (DGC: 0.25 to 0.001 over 4
+       epochs), so the early, fast-changing gradients are not held back long.
+    5. Momentum correction: ``momentum``. The hook keeps each worker's SGD
+       velocity ``u = momentum * u + g`` and accumulates and sparsifies ``u``
+       instead of ``g``; entries it sends have their velocity cleared
+       (momentum factor masking), so stale momentum does not push them again.
+       The optimizer must then be plain SGD without momentum
+       (``torch.optim.SGD(params, lr, momentum=0)``): the momentum is already in
+       what arrives. :meth:`check_optimizer` raises on any other optimizer.
+    6. Local gradient clipping: ``clip_norm``. Each worker clips each bucket of
+       its gradient to norm ``clip_norm / sqrt(W)`` before accumulating it, so
+       the sum over ``W`` workers stays within ``clip_norm`` as a global clip
+       would, and a burst cannot swell the residual.
+    7. Per-layer selection: ``per_layer=True`` picks the top-k of each
+       parameter on its own, so no layer is starved by another's larger
+       gradients. Parameters that are 1-D (biases, norms) or have fewer than
+       ``dense_below`` entries go dense, as their values alone (both sides
+       know their positions); every rank still sends the same number of bytes.
+
     Memory: two residual-sized tensors per worker (twice the gradient size):
     the residual, and the ``gradient + residual`` of the step in flight, which
-    becomes the next residual. Holding both saves a copy of every bucket per
-    step and lets a skipped step keep the old residual exactly.
+    becomes the next residual; momentum correction adds two more for the
+    velocity. Holding both saves a copy of every bucket per step and lets a
+    skipped step (non-finite values) keep the old state exactly.
 
     Args:
         ratio: fraction of each bucket's entries to send, in (0, 1].
@@ -58,6 +83,12 @@ class TopKState:
         module: the model the DDP wraps. Only needed by :meth:`state_dict` and
             :meth:`load_state_dict`, which name residuals by parameter so they
             survive bucket rebuilds and a different ``bucket_cap_mb``.
+        warmup_ratio: the ratio of the first compressed step, in (0, 1]; ``None`` for no warm-up.
+        warmup_steps: compressed steps over which the ratio decays to ``ratio``.
+        momentum: momentum for momentum correction, in [0, 1); 0 turns it off.
+        clip_norm: the global gradient norm that local clipping keeps to; ``None`` for no clipping.
+        per_layer: select the top-k of each parameter instead of each bucket.
+        dense_below: with ``per_layer``, parameters with fewer entries (or 1-D) go dense.
     """
 
     def __init__(
@@ -67,27 +98,51 @@ class TopKState:
         process_group: Optional[dist.ProcessGroup] = None,
         value_dtype: str = "fp32",
         module: Optional[torch.nn.Module] = None,
+        *,
+        warmup_ratio: Optional[float] = None,
+        warmup_steps: int = 0,
+        momentum: float = 0.0,
+        clip_norm: Optional[float] = None,
+        per_layer: bool = False,
+        dense_below: int = 1024,
     ):
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
-            raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
-        if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
-            raise ValueError(f"start_iter must be an integer >= 0, got {start_iter!r}")
+        _check_number("ratio", ratio, 0.0, 1.0, "(0, 1]")
+        _check_count("start_iter", start_iter)
         if value_dtype not in VALUE_DTYPES:
             raise ValueError(f"value_dtype must be one of {sorted(VALUE_DTYPES)}, got {value_dtype!r}")
+        if warmup_ratio is not None:
+            _check_number("warmup_ratio", warmup_ratio, 0.0, 1.0, "(0, 1]")
+        _check_count("warmup_steps", warmup_steps)
+        if warmup_steps and warmup_ratio is None:
+            raise ValueError(f"warmup_steps needs warmup_ratio (the ratio the warm-up starts from), got warmup_steps={warmup_steps} alone")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+        if clip_norm is not None:
+            _check_number("clip_norm", clip_norm, 0.0, math.inf, "(0, inf)")
+        if not isinstance(per_layer, bool):
+            raise ValueError(f"per_layer must be True or False, got {per_layer!r}")
+        _check_count("dense_below", dense_below)
 
         # Compression settings: what each step sends.
         self.ratio = float(ratio)
         self.value_dtype = value_dtype
-        # Warm-up: dense steps while DDP settles its buckets.
+        self.per_layer = per_layer
+        self.dense_below = dense_below
+        # Warm-up: dense steps while DDP settles its buckets, then a decaying ratio.
         self.start_iter = start_iter
+        self.warmup_ratio = None if warmup_ratio is None else float(warmup_ratio)
+        self.warmup_steps = warmup_steps
+        # What is accumulated: the gradient (clipped), or its velocity.
+        self.momentum = float(momentum)
+        self.clip_norm = None if clip_norm is None else float(clip_norm)
         self.process_group = process_group
         # Parameter names, for checkpoints that outlive bucket layouts.
         self.module = module
         # Error feedback: this worker's residual, one _BucketMemory per bucket index.
         self._buckets: Dict[int, _BucketMemory] = {}
-        # Residuals per parameter waiting for their bucket's first step (after
-        # load_state_dict, or after DDP changed its bucket layout).
-        self._pending: Dict[torch.Tensor, torch.Tensor] = {}
+        # Residuals and velocities per parameter waiting for their bucket's first
+        # step (after load_state_dict, or after DDP changed its bucket layout).
+        self._pending: Dict[str, Dict[torch.Tensor, torch.Tensor]] = {kind: {} for kind in _KINDS}
         # The bucket layout a loaded checkpoint was selecting over: a resumed
         # DDP starts with other buckets, and selecting over the saved ones
         # until it rebuilds keeps the run identical to the uninterrupted one.
@@ -98,21 +153,36 @@ class TopKState:
         self.stats = {"steps": 0, "bytes_sent": 0, "dense_bytes": 0, "hook_s": 0.0}
         self._stats_lock = threading.Lock()
 
+    def current_ratio(self) -> float:
+        """The ratio of this step: ``ratio``, or on the way to it during the sparsity warm-up."""
+        done = self.iter - self.start_iter
+        if self.warmup_ratio is None or done >= self.warmup_steps:
+            return self.ratio
+        return self.warmup_ratio * (self.ratio / self.warmup_ratio) ** (max(done, 0) / self.warmup_steps)
+
     def k_for(self, numel: int) -> int:
-        """Entries a bucket of ``numel`` sends: ``max(1, ceil(ratio * numel))``."""
-        return max(1, min(numel, math.ceil(self.ratio * numel)))
+        """Entries a group of ``numel`` sends this step: ``max(1, ceil(ratio * numel))``."""
+        return max(1, min(numel, math.ceil(self.current_ratio() * numel)))
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Raise ``ValueError`` if ``optimizer`` would apply momentum that momentum correction already applied."""
+        if not self.momentum:
+            return
+        if type(optimizer) is not torch.optim.SGD or any(g.get("momentum", 0) for g in optimizer.param_groups):
+            raise ValueError(
+                f"momentum correction (momentum={self.momentum}) needs torch.optim.SGD with momentum=0, got "
+                f"{type(optimizer).__name__} with momentum {[g.get('momentum') for g in optimizer.param_groups][0]!r}"
+            )
 
     def state_dict(self) -> dict:
-        """Everything a resumed run needs: step count, stats, residuals by parameter name."""
+        """Everything a resumed run needs: settings, step count, stats, residuals (and velocities) by parameter name."""
         names = self._names()
         layout = [m.params for _, m in sorted(self._buckets.items())] or self._saved_layout
         return {
-            "ratio": self.ratio,
-            "value_dtype": self.value_dtype,
-            "start_iter": self.start_iter,
+            **{key: getattr(self, key) for key in _SETTINGS},
             "iter": self.iter,
             "stats": dict(self.stats),
-            "residuals": {names[p]: r.detach().cpu().clone() for p, r in self._residuals_by_param().items()},
+            **{kind: {names[p]: t.detach().cpu().clone() for p, t in self._by_param(kind).items()} for kind in _KINDS},
             "buckets": [[names[p] for p in params] for params in layout],
         }
 
@@ -126,7 +196,7 @@ class TopKState:
         self.iter = int(state_dict["iter"])
         self.stats.update(state_dict["stats"])
         self._buckets = {}
-        self._pending = {params[name]: r.clone() for name, r in state_dict["residuals"].items()}
+        self._pending = {kind: {params[name]: t.clone() for name, t in state_dict.get(kind, {}).items()} for kind in _KINDS}
         self._saved_layout = [tuple(params[name] for name in names) for names in state_dict["buckets"]]
 
     def _names(self) -> Dict[torch.Tensor, str]:
@@ -134,13 +204,15 @@ class TopKState:
             raise ValueError("TopKState needs module=<the model DDP wraps> to save or load residuals")
         return {p: name for name, p in self.module.named_parameters()}
 
-    def _residuals_by_param(self) -> Dict[torch.Tensor, torch.Tensor]:
-        """Every residual, placed in a bucket or pending, as one tensor per parameter."""
-        residuals = dict(self._pending)
+    def _by_param(self, kind: str) -> Dict[torch.Tensor, torch.Tensor]:
+        """Every residual (``kind="residuals"``) or velocity, placed in a bucket or pending, one tensor per parameter."""
+        by_param = dict(self._pending[kind])
         for memory in self._buckets.values():
-            for p, piece in zip(memory.params, memory.residual.split([q.numel() for q in memory.params])):
-                residuals[p] = piece.view_as(p)
-        return residuals
+            flat = memory.residual if kind == "residuals" else memory.velocity
+            if flat is not None:
+                for p, piece in zip(memory.params, flat.split([q.numel() for q in memory.params])):
+                    by_param[p] = piece.view_as(p)
+        return by_param
 
     def _memory(self, bucket: dist.GradBucket) -> "_BucketMemory":
         """This bucket's memory; rebuilt, residuals carried per parameter, when DDP changed the layout."""
@@ -151,10 +223,10 @@ class TopKState:
         placed = {p for m in self._buckets.values() for p in m.params}
         if memory is not None or placed.intersection(params):
             # DDP changed its bucket layout: take every residual apart by parameter.
-            self._pending = self._residuals_by_param()
+            self._pending = {kind: self._by_param(kind) for kind in _KINDS}
             self._buckets = {}
             self._saved_layout = []
-        memory = _BucketMemory(params, bucket.buffer(), self._pending, self._saved_layout)
+        memory = _BucketMemory(params, bucket.buffer(), self)
         self._buckets[bucket.index()] = memory
         return memory
 
@@ -168,48 +240,108 @@ class TopKState:
                 self.stats["steps"] += 1
 
 
+# What a checkpoint holds per parameter, and the settings it records.
+_KINDS = ("residuals", "velocities")
+_SETTINGS = ("ratio", "value_dtype", "start_iter", "warmup_ratio", "warmup_steps", "momentum", "clip_norm", "per_layer", "dense_below")
+
+
+def _check_number(name, value, low, high, allowed) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high or value == math.inf:
+        raise ValueError(f"{name} must be a number in {allowed}, got {value!r}")
+
+
+def _check_count(name, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
 class _BucketMemory:
-    """One bucket's residual, and the groups of its entries that each get their own top-k.
+    """One bucket's residual (and velocity), and the groups of its entries that each get their own top-k.
 
     ``spare`` is a second residual-sized tensor: each step writes
     ``gradient + residual`` into it and, once every rank's entries arrived
     finite, it becomes the residual (the two swap). That costs one extra
     bucket of memory and saves copying the bucket back, and a step that is
     skipped (non-finite values) leaves the old residual untouched, bit for bit.
+    The velocity of momentum correction is double-buffered the same way.
 
-    Normally the whole bucket is one group. On the first step after a resume,
-    DDP's fresh bucket can hold several of the buckets the checkpoint was
-    selecting over; each of those stays a group of its own (in its saved
-    order), so the step selects exactly what the uninterrupted run selected.
+    Groups: normally the whole bucket is one. With ``per_layer`` each large
+    parameter is a group (a slice) and the small ones are sent dense. On the
+    first step after a resume, DDP's fresh bucket can hold several of the
+    buckets the checkpoint was selecting over; each of those stays a group of
+    its own (in its saved order), so the step selects exactly what the
+    uninterrupted run selected.
     """
 
-    def __init__(self, params, buffer, pending, saved_layout):
+    def __init__(self, params, buffer, state: TopKState):
         self.params = params
-        self.residual = torch.cat(
-            [pending.pop(p).to(buffer).reshape(-1) if p in pending else buffer.new_zeros(p.numel()) for p in params]
-        )
+
+        def flat(kind):
+            pending = state._pending[kind]
+            return torch.cat([pending.pop(p).to(buffer).reshape(-1) if p in pending else buffer.new_zeros(p.numel()) for p in params])
+
+        self.residual = flat("residuals")
         self.spare = torch.empty_like(self.residual)
+        self.velocity = flat("velocities") if state.momentum else None
+        self.velocity_spare = torch.empty_like(self.residual) if state.momentum else None
         spans, start = {}, 0
         for p in params:
             spans[p] = (start, start + p.numel())
             start += p.numel()
-        held = [saved for saved in saved_layout if all(p in spans for p in saved)]
-        self.groups = None
-        if len(held) > 1 and sum(len(saved) for saved in held) == len(params):
-            self.groups = [
-                torch.cat([torch.arange(*spans[p], device=buffer.device) for p in saved]) for saved in held
-            ]
-        self.sizes = [buffer.numel()] if self.groups is None else [len(g) for g in self.groups]
+        idx_dtype = index_dtype(buffer.numel())
+        self.slices, self.groups = None, None
+        self.dense = torch.empty(0, dtype=idx_dtype, device=buffer.device)  # positions sent as bare values
+        if state.per_layer:
+            dense = [p.dim() <= 1 or p.numel() < state.dense_below for p in params]
+            self.slices = [spans[p] for p, whole in zip(params, dense) if not whole]
+            if any(dense):
+                whole = [torch.arange(*spans[p], device=buffer.device) for p, whole in zip(params, dense) if whole]
+                self.dense = torch.cat(whole).to(idx_dtype)
+        else:
+            held = [saved for saved in state._saved_layout if all(p in spans for p in saved)]
+            if len(held) > 1 and sum(len(saved) for saved in held) == len(params):
+                self.groups = [torch.cat([torch.arange(*spans[p], device=buffer.device) for p in saved]) for saved in held]
+        if self.slices is not None:
+            self.sizes = [end - start for start, end in self.slices]
+        else:
+            self.sizes = [buffer.numel()] if self.groups is None else [len(g) for g in self.groups]
 
-    def select(self, buffer: torch.Tensor, ks: List[int]):
-        """Write ``buffer + residual`` into ``spare``; return the top-``ks[i]`` entries of each group of it."""
-        acc = torch.add(buffer, self.residual, out=self.spare)
-        if self.groups is None:
-            return select_topk(acc, ks[0])
-        picks = [select_topk(acc[group], k) for group, k in zip(self.groups, ks)]
-        values = torch.cat([v for v, _ in picks])
-        indices = torch.cat([group[i.long()] for group, (_, i) in zip(self.groups, picks)])
-        return values, indices.to(index_dtype(acc.numel()))
+    def accumulate(self, buffer: torch.Tensor, momentum: float) -> torch.Tensor:
+        """Write ``residual + (momentum * velocity + buffer)`` into ``spare`` (the new velocity into its spare)."""
+        added = buffer if self.velocity is None else torch.add(buffer, self.velocity, alpha=momentum, out=self.velocity_spare)
+        return torch.add(added, self.residual, out=self.spare)
+
+    def select(self, acc: torch.Tensor, ks: List[int]):
+        """The top-``ks[i]`` entries of each group of ``acc``, then the dense ones: ``(values, indices)``.
+
+        ``indices`` covers the selected entries only; the dense values follow
+        them in ``values``, at the positions in ``self.dense``.
+        """
+        if self.slices is not None:
+            picks = [select_topk(acc[start:end], k) for (start, end), k in zip(self.slices, ks)]
+            starts = [start for start, _ in self.slices]
+            indices = [i + start for (_, i), start in zip(picks, starts)]
+        elif self.groups is None:
+            picks = [select_topk(acc, ks[0])]
+            indices = [picks[0][1]]
+        else:
+            picks = [select_topk(acc[group], k) for group, k in zip(self.groups, ks)]
+            indices = [group[i.long()] for group, (_, i) in zip(self.groups, picks)]
+        values = torch.cat([v for v, _ in picks] + [acc[self.dense]])
+        return values, torch.cat([self.dense[:0], *indices]).to(index_dtype(acc.numel()))
+
+    def commit(self, sent: torch.Tensor, unsent: torch.Tensor) -> None:
+        """Every rank's step arrived finite: ``acc`` minus what went out becomes the residual.
+
+        ``sent`` are the positions sent (selected and dense), ``unsent`` what
+        rounding to the value dtype kept back there (zero in fp32). Momentum
+        factor masking clears the velocity at the same positions.
+        """
+        self.spare[sent] = unsent
+        self.residual, self.spare = self.spare, self.residual
+        if self.velocity is not None:
+            self.velocity_spare[sent] = 0
+            self.velocity, self.velocity_spare = self.velocity_spare, self.velocity
 
 
 def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -218,19 +350,23 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     Algorithm, per bucket of ``n`` entries on each of ``W`` workers:
 
     1. Before ``state.start_iter``: a plain dense allreduce of the mean, as DDP does.
-    2. ``acc = bucket + residual`` (error feedback: this worker's own memory),
-       written into the bucket's spare residual tensor.
-    3. Select the ``k = max(1, ceil(ratio * n))`` entries of largest ``|acc|``;
-       where sending ``k`` values and indices would cost at least as many bytes
-       as the dense bucket (``ratio`` near 1), allreduce ``acc`` densely instead.
-    4. Pack indices and values (cast to ``value_dtype``) into one buffer and
-       ``all_gather`` it asynchronously: each rank sends exactly ``k`` entries.
-    5. When the gather completes: ``residual = acc - what this rank sent`` (zero
+    2. With ``clip_norm``: scale the bucket down to norm ``clip_norm / sqrt(W)`` if above it.
+    3. ``acc = bucket + residual`` (error feedback: this worker's own memory),
+       written into the bucket's spare residual tensor. With ``momentum``:
+       ``u = momentum * u + bucket`` and ``acc = u + residual`` instead.
+    4. Select the ``k = max(1, ceil(ratio * n))`` entries of largest ``|acc|``
+       (per parameter with ``per_layer``, small ones dense); where sending them
+       would cost at least as many bytes as the dense bucket (``ratio`` near
+       1), allreduce ``acc`` densely instead.
+    5. Pack indices and values (cast to ``value_dtype``) into one buffer and
+       ``all_gather`` it asynchronously: each rank sends exactly as many bytes.
+    6. When the gather completes: ``residual = acc - what this rank sent`` (zero
        at the sent entries, up to the rounding of fp16/bf16 values; ``acc``
-       becomes the residual in place), then scatter-add every rank's entries,
-       scaled by ``1 / W``, into the zeroed bucket.
-       If any rank sent inf or NaN (an fp16 overflow), the residual stays as it
-       was and the non-finite values pass on, so every rank's GradScaler skips.
+       becomes the residual in place; the velocity is cleared where sent), then
+       scatter-add every rank's entries, scaled by ``1 / W``, into the zeroed bucket.
+       If any rank sent inf or NaN (an fp16 overflow), the residual and velocity
+       stay as they were and the non-finite values pass on, so every rank's
+       GradScaler skips.
     """
     started = time.perf_counter()
     group = state.process_group if state.process_group is not None else dist.group.WORLD
@@ -246,43 +382,55 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     memory = state._memory(bucket)
     value_dtype = VALUE_DTYPES[state.value_dtype]
     ks = [state.k_for(size) for size in memory.sizes]
-    k = sum(ks)
+    k, dense = sum(ks), len(memory.dense)
+    if state.clip_norm is not None:
+        _clip(buffer, state.clip_norm / math.sqrt(world_size))
 
-    if payload_bytes(k, n, value_dtype) >= n * buffer.element_size():
-        residual = memory.residual
-        buffer.add_(residual)
+    if payload_bytes(k, n, value_dtype, dense) >= n * buffer.element_size():
+        # Everything is sent: the residual (and with it the velocity, fully masked) empties.
+        buffer.add_(memory.residual)
+        if memory.velocity is not None:
+            buffer.add_(memory.velocity, alpha=state.momentum)
 
-        def clear_residual(fut: torch.futures.Future) -> torch.Tensor:
+        def clear_memory(fut: torch.futures.Future) -> torch.Tensor:
             mean = fut.value()
             if torch.isfinite(mean).all():
-                residual.zero_()
+                for flat in (memory.residual, memory.velocity):
+                    if flat is not None:
+                        flat.zero_()
             return mean
 
-        future = _dense_allreduce(buffer, group, world_size).then(clear_residual)
+        future = _dense_allreduce(buffer, group, world_size).then(clear_memory)
         state._count(bucket, n * buffer.element_size(), time.perf_counter() - started)
         return future
 
-    acc = memory.spare
-    values, indices = memory.select(buffer, ks)
+    acc = memory.accumulate(buffer, state.momentum)
+    values, indices = memory.select(acc, ks)
     payload = pack(values, indices, value_dtype)
     gathered = [torch.empty_like(payload) for _ in range(world_size)]
     work = dist.all_gather(gathered, payload, group=group, async_op=True)
 
-    def update_residual_and_scatter_mean(fut: torch.futures.Future) -> torch.Tensor:
+    def update_memory_and_scatter_mean(fut: torch.futures.Future) -> torch.Tensor:
         decode_started = time.perf_counter()
         peers = [unpack(peer, k, n, value_dtype) for peer in gathered]
         if all(torch.isfinite(peer_values).all() for peer_values, _ in peers):
-            acc[indices] = values - unpack(payload, k, n, value_dtype)[0].to(values.dtype)
-            memory.residual, memory.spare = acc, memory.residual
+            memory.commit(torch.cat([indices, memory.dense]), values - unpack(payload, k, n, value_dtype)[0].to(values.dtype))
         buffer.zero_()
         for peer_values, peer_indices in peers:
-            buffer.index_add_(0, peer_indices, peer_values.to(buffer.dtype), alpha=1.0 / world_size)
+            buffer.index_add_(0, torch.cat([peer_indices, memory.dense]), peer_values.to(buffer.dtype), alpha=1.0 / world_size)
         with state._stats_lock:
             state.stats["hook_s"] += time.perf_counter() - decode_started
         return buffer
 
     state._count(bucket, payload.numel(), time.perf_counter() - started)
-    return work.get_future().then(update_residual_and_scatter_mean)
+    return work.get_future().then(update_memory_and_scatter_mean)
+
+
+def _clip(buffer: torch.Tensor, max_norm: float) -> None:
+    """Scale ``buffer`` in place to norm ``max_norm`` if its norm is above it (a non-finite norm passes)."""
+    norm = float(torch.linalg.vector_norm(buffer))
+    if norm > max_norm:
+        buffer.mul_(max_norm / norm)
 
 
 def _dense_allreduce(buffer: torch.Tensor, group, world_size: int) -> torch.futures.Future[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Models by name: a small CNN and torchvision's ResNets adapted to small images.
+"""Models by name: a small CNN, torchvision's ResNets adapted to small images, and a small ViT.
 
 ``build_model(name, in_channels, num_classes, image_size)`` is the one entry
 point; an unknown name is a one-line error that lists the known ones.
@@ -53,7 +53,37 @@ def _resnet50(in_channels, num_classes, image_size):
     return _small_image_resnet(resnet50, in_channels, num_classes)
 
 
-MODELS = {"simple_cnn": SimpleCNN, "resnet18": _resnet18, "resnet50": _resnet50}
+class SmallViT(nn.Module):
+    """A Vision Transformer for small images: 4x4 patches, 4 pre-norm encoder layers of width 64.
+
+    The image is cut into a 4x4 grid of patches (7x7 pixels each for 28x28
+    inputs), each embedded linearly (a strided convolution), with a learned
+    class token and position embedding; the class token's final state is
+    classified. About 0.14M parameters, nearly all in attention and MLP
+    weights, plus dozens of small 1-D LayerNorm and bias vectors: a gradient
+    that sparsifies differently from a CNN's.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
+                 grid: int = 4, width: int = 64, depth: int = 4, heads: int = 4):
+        super().__init__()
+        patch = image_size // grid
+        self.embed = nn.Conv2d(in_channels, width, kernel_size=patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.position = nn.Parameter(0.02 * torch.randn(1, grid * grid + 1, width))
+        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)  # (batch, patches, width)
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.position
+        return self.head(self.norm(self.encoder(tokens)[:, 0]))
+
+
+MODELS = {"simple_cnn": SimpleCNN, "resnet18": _resnet18, "resnet50": _resnet50, "vit": SmallViT}
 
 
 def build_model(name: str, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> nn.Module:

@@ -7,6 +7,7 @@ holds the model, optimizer, scheduler, epoch and every rank's hook state and
 random state, so a resumed run continues exactly where this one stopped.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -57,12 +58,15 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = _optimizer(cfg, model)
     schedule = _schedule(cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    state = TopKState(cfg.ratio, cfg.start_iter, value_dtype=cfg.value_dtype, module=model) if cfg.compress else None
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    # Micro-batches per epoch: whole optimizer steps of ``accumulate`` micro-batches each.
+    micro_batches = min(len(train_loader), cfg.max_train_batches or len(train_loader)) // cfg.accumulate * cfg.accumulate
+    state = _hook_state(cfg, model, optimizer, micro_batches // cfg.accumulate) if cfg.compress else None
     start_epoch, steps_done = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            start_epoch, steps_done = _restore(directory, rank, model, optimizer, scheduler, state, device)
+            start_epoch, steps_done = _restore(directory, rank, model, optimizer, scheduler, scaler, state, device)
         # The schedule follows this run's epoch count, so a finished run rerun with more epochs continues on it.
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * schedule(start_epoch)
@@ -73,24 +77,31 @@ def train_loop_per_worker(config: dict) -> None:
         ddp.register_comm_hook(state, topk_hook)
     step_dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     writer = _tensorboard(cfg, rank)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         sampler.set_epoch(epoch)
         ddp.train()
         loss_sum, batches = torch.zeros((), device=device), 0
+        optimizer.zero_grad(set_to_none=True)
         for x, y in train_loader:
-            if cfg.max_train_batches and batches == cfg.max_train_batches:
+            if batches == micro_batches:
                 break
             x, y = x.to(device), y.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(ddp(x), y)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()  # no per-step device sync
             batches += 1
+            synchronize = batches % cfg.accumulate == 0  # the hook runs on this micro-batch's backward only
+            with contextlib.nullcontext() if synchronize else ddp.no_sync():
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    loss = torch.nn.functional.cross_entropy(ddp(x), y)
+                scaler.scale(loss / cfg.accumulate).backward()
+            if synchronize:
+                scaler.step(optimizer)  # skips the step when the gradients are not finite
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()  # no per-step device sync
         scheduler.step()
-        steps_done += batches
+        steps_done += batches // cfg.accumulate
         seconds = time.perf_counter() - started
         # The plain module: each rank's test shard may hold a different number of
         # batches, and DDP's forward could start a collective the others never join.
@@ -115,7 +126,7 @@ def train_loop_per_worker(config: dict) -> None:
             writer.flush()
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
             with tempfile.TemporaryDirectory() as directory:
-                _save(directory, rank, epoch + 1, steps_done, cfg, model, optimizer, scheduler, state)
+                _save(directory, rank, epoch + 1, steps_done, cfg, model, optimizer, scheduler, scaler, state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
@@ -126,7 +137,21 @@ def train_loop_per_worker(config: dict) -> None:
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # With momentum correction the hook applies the momentum; SGD must not apply it again.
+    momentum = 0.0 if cfg.momentum_correction else cfg.momentum
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=momentum, weight_decay=cfg.weight_decay)
+
+
+def _hook_state(cfg: TrainConfig, model, optimizer, steps_per_epoch: int) -> TopKState:
+    """The hook's state for ``cfg``: epochs of sparsity warm-up become optimizer steps."""
+    state = TopKState(
+        cfg.ratio, cfg.start_iter, value_dtype=cfg.value_dtype, module=model,
+        warmup_ratio=cfg.warmup_ratio, warmup_steps=cfg.warmup_epochs * steps_per_epoch,
+        momentum=cfg.momentum if cfg.momentum_correction else 0.0, clip_norm=cfg.clip_norm,
+        per_layer=cfg.per_layer, dense_below=cfg.dense_below,
+    )
+    state.check_optimizer(optimizer)
+    return state
 
 
 def _schedule(cfg: TrainConfig):
@@ -160,23 +185,26 @@ def _tensorboard(cfg: TrainConfig, rank: int):
     return SummaryWriter(log_dir=join(cfg.checkpoint_dir, cfg.name, "tensorboard"))
 
 
-def _save(directory, rank, epoch, steps, cfg, model, optimizer, scheduler, state) -> None:
+def _save(directory, rank, epoch, steps, cfg, model, optimizer, scheduler, scaler, state) -> None:
     """Write this rank's part of a checkpoint; Ray merges every rank's files into one directory."""
     torch.save({"hook": state.state_dict() if state else None, "rng": torch.get_rng_state()}, os.path.join(directory, rank_file(rank)))
     if rank == 0:
         torch.save(model.state_dict(), os.path.join(directory, MODEL_FILE))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, os.path.join(directory, OPTIMIZER_FILE))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
+                   os.path.join(directory, OPTIMIZER_FILE))
         meta = {"epoch": epoch, "steps": steps, "model": cfg.model, "dataset": cfg.dataset, "compress": cfg.compress, "ratio": cfg.ratio}
         with open(os.path.join(directory, META_FILE), "w") as f:
             json.dump(meta, f)
 
 
-def _restore(directory, rank, model, optimizer, scheduler, state, device) -> tuple:
+def _restore(directory, rank, model, optimizer, scheduler, scaler, state, device) -> tuple:
     """Load a checkpoint written by :func:`_save`; return the epoch and step to continue from."""
     model.load_state_dict(torch.load(os.path.join(directory, MODEL_FILE), map_location=device, weights_only=True))
     saved = torch.load(os.path.join(directory, OPTIMIZER_FILE), map_location=device, weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
+    if saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
     own = torch.load(os.path.join(directory, rank_file(rank)), map_location="cpu", weights_only=True)
     if state is not None and own["hook"] is not None:
         state.load_state_dict(own["hook"])
@@ -255,6 +283,8 @@ def run(cfg: TrainConfig) -> dict:
         "wall_s": time.time() - started,
         "run_dir": join(cfg.checkpoint_dir, cfg.name),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        # Per-epoch metrics of the checkpoints Ray kept (every epoch when keep_checkpoints >= epochs).
+        "history": sorted((metrics for _, metrics in result.best_checkpoints or []), key=lambda metrics: metrics["epoch"]),
     }
     if cfg.output:
         write_json(cfg.output, summary)

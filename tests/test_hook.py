@@ -72,15 +72,35 @@ def test_ratio_one_equals_plain_ddp():
 # the applied gradient is the mean of each rank's top-k of (gradient + residual) -------
 
 
-def _against_reference(rank, world_size, ratio, value_dtype, start_iter):
+def _reference_ratio(step, ratio, start_iter, warmup_ratio=None, warmup_steps=0, **_):
+    """DGC's exponential warm-up, written out: warmup_ratio * (ratio / warmup_ratio) ** (t / T)."""
+    done = step - start_iter
+    if warmup_ratio is None or done >= warmup_steps:
+        return ratio
+    return warmup_ratio * (ratio / warmup_ratio) ** (done / warmup_steps)
+
+
+def _against_reference(rank, world_size, ratio, value_dtype, start_iter, options):
+    """Six steps of DDP with the hook against a reference computed here from every rank's own gradient.
+
+    The reference follows the algorithm as published: clip (local, to the
+    norm over sqrt(W)), momentum correction u = m u + g, accumulate, top-k per
+    bucket or per parameter (1-D and small parameters whole), momentum factor
+    masking, error feedback.
+    """
     model = _model(hidden=24)
     local = copy.deepcopy(model)  # computes this rank's own gradient, no DDP
     ddp = DDP(model)
     sizes = []
-    ddp.register_comm_hook(TopKState(ratio=ratio, start_iter=start_iter, value_dtype=value_dtype), _recording_hook(sizes))
+    ddp.register_comm_hook(TopKState(ratio=ratio, start_iter=start_iter, value_dtype=value_dtype, **options), _recording_hook(sizes))
+    shapes = [p.shape for p in model.parameters()]
     n = sum(p.numel() for p in model.parameters())
-    k = max(1, math.ceil(ratio * n))
-    residuals = torch.zeros(world_size, n)
+    spans, start = [], 0
+    for shape in shapes:
+        spans.append((start, start + shape.numel(), len(shape) <= 1 or shape.numel() < options.get("dense_below", 1024)))
+        start += shape.numel()
+    momentum, clip = options.get("momentum", 0.0), options.get("clip_norm")
+    residuals, velocities = torch.zeros(world_size, n), torch.zeros(world_size, n)
     for step in range(6):
         local.zero_grad()
         _loss(local, rank, step).backward()
@@ -90,12 +110,26 @@ def _against_reference(rank, world_size, ratio, value_dtype, start_iter):
             expected = torch.stack(grads).mean(0)
         else:
             expected = torch.zeros(n)
+            current = _reference_ratio(step, ratio, start_iter, **options)
             for r in range(world_size):
-                acc = grads[r] + residuals[r]
-                chosen = torch.topk(acc.abs(), k).indices
+                g = grads[r]
+                if clip is not None:
+                    g = g * min(1.0, clip / math.sqrt(world_size) / float(g.norm()))
+                if momentum:
+                    velocities[r] = momentum * velocities[r] + g
+                    g = velocities[r]
+                acc = g + residuals[r]
+                if options.get("per_layer"):
+                    chosen = torch.cat([
+                        torch.arange(lo, hi) if dense else lo + torch.topk(acc[lo:hi].abs(), math.ceil(current * (hi - lo))).indices
+                        for lo, hi, dense in spans
+                    ])
+                else:
+                    chosen = torch.topk(acc.abs(), max(1, math.ceil(current * n))).indices
                 sent = torch.zeros(n)
                 sent[chosen] = acc[chosen].to(_TORCH_DTYPES[value_dtype]).float()
                 residuals[r] = acc - sent  # zero where sent, but for fp16/bf16 rounding
+                velocities[r][chosen] = 0.0  # momentum factor masking
                 expected += sent
             expected /= world_size
         ddp.zero_grad()
@@ -106,11 +140,43 @@ def _against_reference(rank, world_size, ratio, value_dtype, start_iter):
 
 
 @pytest.mark.parametrize(
-    "world_size, ratio, value_dtype, start_iter",
-    [(2, 0.01, "fp32", 0), (3, 0.05, "fp32", 2), (2, 0.02, "fp16", 1), (2, 0.02, "bf16", 0), (1, 0.1, "fp32", 0)],
+    "world_size, ratio, value_dtype, start_iter, options",
+    [
+        (2, 0.01, "fp32", 0, {}),
+        (3, 0.05, "fp32", 2, {}),
+        (2, 0.02, "fp16", 1, {}),
+        (2, 0.02, "bf16", 0, {}),
+        (1, 0.1, "fp32", 0, {}),
+        (2, 0.01, "fp32", 1, {"warmup_ratio": 0.25, "warmup_steps": 3}),
+        (2, 0.02, "fp32", 0, {"momentum": 0.9}),
+        (3, 0.02, "fp32", 0, {"clip_norm": 0.05}),
+        (2, 0.05, "fp32", 0, {"per_layer": True, "dense_below": 100}),
+        (2, 0.5, "fp16", 0, {"per_layer": True}),  # every parameter small: all dense, as fp16 values
+        (2, 0.01, "fp16", 1, {"warmup_ratio": 0.3, "warmup_steps": 2, "momentum": 0.5, "clip_norm": 0.1, "per_layer": True,
+                              "dense_below": 100}),
+    ],
 )
-def test_applied_gradient_matches_independent_reference(world_size, ratio, value_dtype, start_iter):
-    assert run_ranks(_against_reference, world_size, ratio, value_dtype, start_iter) == [True] * world_size
+def test_applied_gradient_matches_independent_reference(world_size, ratio, value_dtype, start_iter, options):
+    assert run_ranks(_against_reference, world_size, ratio, value_dtype, start_iter, options) == [True] * world_size
+
+
+def test_warmup_ratio_decays_exponentially_to_the_target():
+    state = TopKState(ratio=0.001, start_iter=2, warmup_ratio=0.25, warmup_steps=4)
+    ratios = []
+    for state.iter in range(2, 8):
+        ratios.append(state.current_ratio())
+    expected = [0.25, 0.25 * 0.004**0.25, 0.25 * 0.004**0.5, 0.25 * 0.004**0.75, 0.001, 0.001]
+    assert ratios == pytest.approx(expected, rel=1e-12)
+    assert state.k_for(1_000_000) == 1000
+
+
+def test_momentum_correction_refuses_an_optimizer_with_momentum():
+    model = _model()
+    state = TopKState(ratio=0.01, momentum=0.9)
+    state.check_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    for wrong in (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), torch.optim.AdamW(model.parameters())):
+        with pytest.raises(ValueError, match="needs torch.optim.SGD with momentum=0"):
+            state.check_optimizer(wrong)
 
 
 # error feedback conserves mass, over many buckets -------------------------------------
@@ -155,11 +221,12 @@ def test_error_feedback_conserves_mass_across_buckets():
 # exact resume through state_dict ------------------------------------------------------
 
 
-def _train(rank, steps, first_step, cap_mb, saved=None):
+def _train(rank, steps, first_step, cap_mb, saved=None, options=None):
     """SGD steps with the hook; optionally resume from ``saved``; return weights and a save point."""
+    options = options or {}
     model = _model(hidden=64, depth=4)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    state = TopKState(ratio=0.01, start_iter=2, module=model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.0 if options.get("momentum") else 0.9)
+    state = TopKState(ratio=0.01, start_iter=2, module=model, **options)
     if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
@@ -181,19 +248,21 @@ def _train(rank, steps, first_step, cap_mb, saved=None):
     return weights, checkpoint, state
 
 
-def _resume(rank, world_size, resume_cap_mb):
-    straight, checkpoint, straight_state = _train(rank, 8, 0, cap_mb=0.01)
+def _resume(rank, world_size, resume_cap_mb, options=None):
+    straight, checkpoint, straight_state = _train(rank, 8, 0, cap_mb=0.01, options=options)
     # A new model, optimizer, DDP and state, loaded from the step-3 checkpoint.
     model = _model(hidden=64, depth=4)
-    state = TopKState(ratio=0.01, start_iter=2, module=model)
+    state = TopKState(ratio=0.01, start_iter=2, module=model, **(options or {}))
     state.load_state_dict(checkpoint["hook"])
     restored = state.state_dict()
-    for name, residual in checkpoint["hook"]["residuals"].items():
-        assert torch.equal(restored["residuals"][name], residual), name
+    for kind in ("residuals", "velocities"):
+        assert restored[kind].keys() == checkpoint["hook"][kind].keys()
+        for name, saved in checkpoint["hook"][kind].items():
+            assert torch.equal(restored[kind][name], saved), name
     assert restored["iter"] == 4 and restored["stats"] == checkpoint["hook"]["stats"]
     bytes_at_save = checkpoint["hook"]["stats"]["bytes_sent"]
 
-    resumed, _, resumed_state = _train(rank, 4, 4, cap_mb=resume_cap_mb, saved=checkpoint)
+    resumed, _, resumed_state = _train(rank, 4, 4, cap_mb=resume_cap_mb, saved=checkpoint, options=options)
     assert resumed_state.iter == straight_state.iter == 8
     sent_after_resume = resumed_state.stats["bytes_sent"] - bytes_at_save
     dense_after_resume = resumed_state.stats["dense_bytes"] - checkpoint["hook"]["stats"]["dense_bytes"]
@@ -203,6 +272,13 @@ def _resume(rank, world_size, resume_cap_mb):
 
 def test_resume_continues_exactly_as_the_uninterrupted_run():
     for equal, diff in run_ranks(_resume, 2, 0.01):
+        assert equal, f"resumed weights differ by up to {diff}"
+
+
+def test_resume_with_momentum_correction_and_per_layer_selection_is_exact():
+    # Velocities are saved by parameter like residuals; per-layer groups do not depend on buckets.
+    options = {"momentum": 0.9, "per_layer": True, "dense_below": 100, "warmup_ratio": 0.2, "warmup_steps": 2}
+    for equal, diff in run_ranks(_resume, 2, 0.2, options):
         assert equal, f"resumed weights differ by up to {diff}"
 
 
@@ -278,7 +354,14 @@ def test_bad_ratio_names_value_and_range(ratio):
         TopKState(ratio=ratio)
 
 
-@pytest.mark.parametrize("kwargs", [{"start_iter": -1}, {"start_iter": 1.5}, {"value_dtype": "int8"}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"start_iter": -1}, {"start_iter": 1.5}, {"value_dtype": "int8"}, {"warmup_ratio": 0}, {"warmup_ratio": 2.0},
+        {"warmup_steps": 3}, {"warmup_steps": -1}, {"momentum": 1.0}, {"momentum": -0.1}, {"clip_norm": 0},
+        {"clip_norm": float("inf")}, {"per_layer": "yes"}, {"dense_below": -5},
+    ],
+)
 def test_bad_settings_are_value_errors(kwargs):
     with pytest.raises(ValueError, match="got"):
         TopKState(ratio=0.01, **kwargs)

@@ -30,7 +30,7 @@ def test_resnet_has_the_small_image_stem():
 
 
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown model 'vgg'; known models: resnet18, resnet50, simple_cnn"):
+    with pytest.raises(ValueError, match="unknown model 'vgg'; known models: resnet18, resnet50, simple_cnn, vit"):
         build_model("vgg")
 
 

