@@ -1,10 +1,11 @@
 # make demo: the embedded default job, dense vs top-k 1%, on a local Ray.
-# make test: the test suite. Both create .venv and install the project first.
+# make test: the test suite; make test-faults: the long fault and recovery tests.
+# Each creates .venv and installs the project first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test
+.PHONY: demo test test-faults
 
 $(BIN)/raytopk: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,4 +17,7 @@ demo: $(BIN)/raytopk
 	$(BIN)/raytopk bench --config jobs/mnist5k_topk.yaml --checkpoint-dir runs --output runs/demo.json
 
 test: $(BIN)/raytopk
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not faults"
+
+test-faults: $(BIN)/raytopk
+	$(BIN)/python -m pytest -q -m faults

@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 
 import ray
@@ -194,7 +193,9 @@ def main() -> None:
     table = aggregate(rows)
     print(format_table(table))
     plot(table, os.path.splitext(args.output)[0] + ".png")
-    write_json(args.output, {"command": " ".join([COMMAND] + sys.argv[1:]), "workers": 2, "table": table, "runs": rows})
+    # The command that reproduces the rows (where the file goes does not change them).
+    command = COMMAND + ("" if args.suites == list(SUITES) else " --suites " + " ".join(args.suites))
+    write_json(args.output, {"command": command, "workers": 2, "table": table, "runs": rows})
     os.remove(partial)
     print(f"wrote {args.output}")
 

@@ -10,6 +10,7 @@ from dataclasses import fields
 from typing import Optional
 
 from raytopk.config import ConfigError, TrainConfig, load_config
+from raytopk.data import DatasetError
 
 # Flags whose names users know from the seed's train.py, and the rest of TrainConfig.
 _FLAG_HELP = {
@@ -46,7 +47,7 @@ def _config(args) -> TrainConfig:
 def _train(args) -> int:
     from raytopk.train import run
 
-    summary = run(_config(args))
+    summary = run(_config(args), restart=args.restart)
     print(f"test accuracy {100 * summary['test_accuracy']:.2f}%  sent {summary['mb_sent_per_worker']:.2f} MB/worker  "
           f"reduction {summary['reduction']:.1f}x  wall {summary['wall_s']:.0f} s")
     return 0
@@ -60,7 +61,10 @@ def _bench(args) -> int:
     from raytopk.train import run
 
     cfg = _config(args)
-    rows = [run(dataclasses.replace(cfg, compress=False, output=None)), run(dataclasses.replace(cfg, compress=True, output=None))]
+    # The dense row drops the compression-only settings (DGC's); SGD keeps its momentum there.
+    dense = dataclasses.replace(cfg, compress=False, output=None, warmup_ratio=None, warmup_epochs=0, momentum_correction=False,
+                                clip_norm=None, per_layer=False)
+    rows = [run(job, restart=args.restart) for job in (dense, dataclasses.replace(cfg, compress=True, output=None))]
     print(f"\n{'method':<14}{'test acc':>10}{'MB sent/worker':>16}{'reduction':>11}{'wall s':>8}")
     for row in rows:
         method = f"top-k {row['ratio']:g}" if row["compress"] else "dense"
@@ -113,6 +117,8 @@ def main(argv=None) -> int:
     for name, fn, text in (("train", _train, "train one job"), ("bench", _bench, "train a job dense and with top-k, side by side")):
         sub = commands.add_parser(name, help=text, description=text)
         _add_config_flags(sub)
+        sub.add_argument("--restart", action="store_true",
+                         help="train from scratch as a new run beside the old one (else the same job resumes)")
         sub.set_defaults(func=fn)
     sub = commands.add_parser("tune", help="sweep a job's compression ratio and learning rate with Ray Tune",
                               description="Sweep a job's keys (tune_configs/*.yaml) with Ray Tune; print the table, write the results.")
@@ -124,7 +130,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
+    except (ConfigError, DatasetError) as err:
         print(f"raytopk: error: {err}", file=sys.stderr)
         return 2
 

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Optional
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "check_fields", "from_mapping"]
+__all__ = ["ConfigError", "TrainConfig", "load_config", "check_fields", "from_mapping", "run_identity", "default_run_name"]
 
 
 class ConfigError(ValueError):
@@ -199,6 +199,26 @@ def read_yaml_mapping(path: str) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: must be a mapping of keys to values, got {type(values).__name__}")
     return values
+
+
+# Keys that say where and how long a run goes, not what it trains: a rerun may change them and still resume.
+_NOT_IDENTITY = {"data_dir", "download", "epochs", "workers", "use_gpu", "cpus_per_worker", "backend", "address",
+                 "name", "checkpoint_dir", "save_every", "keep_checkpoints", "max_failures", "tensorboard", "output"}
+
+
+def run_identity(cfg: TrainConfig) -> dict:
+    """What a run trains: every key a checkpoint must agree with before a rerun resumes from it."""
+    return {key: value for key, value in dataclasses.asdict(cfg).items() if key not in _NOT_IDENTITY}
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    """``model-dataset-method-digest``: the same job gets the same name, so rerunning it resumes it."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha1(json.dumps(run_identity(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    kind = f"topk{cfg.ratio:g}" if cfg.compress else "dense"
+    return f"{cfg.model}-{cfg.dataset}-{kind}-{digest}"
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:

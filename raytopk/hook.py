@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from raytopk.compression import VALUE_DTYPES, index_dtype, pack, payload_bytes, select_topk, unpack
 
-__all__ = ["TopKState", "topk_hook"]
+__all__ = ["TopKState", "topk_hook", "redistribute"]
 
 
 class TopKState:
@@ -238,6 +238,25 @@ class TopKState:
             if bucket.is_last():
                 self.iter += 1
                 self.stats["steps"] += 1
+
+
+def redistribute(state_dicts: List[dict], world_size: int) -> dict:
+    """One :meth:`TopKState.state_dict` for each of ``world_size`` workers, from the saved ones of another count.
+
+    What the model has yet to receive is the mean residual over workers (each
+    rank's residual reaches the model divided by the worker count). Giving
+    every new worker that mean keeps it: ``W'`` copies of the mean, divided by
+    ``W'``, are the mean. Velocities are averaged the same way, and the byte
+    counters split so that their sum over the new workers is the old sum.
+    """
+    first = state_dicts[0]
+    merged = {key: value for key, value in first.items() if key not in _KINDS and key != "stats"}
+    for kind in _KINDS:
+        names = first.get(kind, {})
+        merged[kind] = {name: torch.stack([sd[kind][name] for sd in state_dicts]).mean(0) for name in names}
+    merged["stats"] = {key: sum(sd["stats"][key] for sd in state_dicts) / world_size for key in first["stats"]}
+    merged["stats"]["steps"] = first["stats"]["steps"]
+    return merged
 
 
 # What a checkpoint holds per parameter, and the settings it records.

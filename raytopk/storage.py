@@ -12,7 +12,7 @@ import os
 import posixpath
 import tempfile
 
-__all__ = ["is_uri", "resolve", "join", "exists", "read_text", "replacing", "write_json"]
+__all__ = ["is_uri", "resolve", "join", "exists", "list_dir", "read_bytes", "read_text", "replacing", "write_json"]
 
 
 def is_uri(path: str) -> bool:
@@ -43,13 +43,28 @@ def exists(path: str) -> bool:
     return fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
 
 
-def read_text(path: str) -> str:
+def list_dir(path: str) -> list:
+    """Names of the entries directly under ``path`` (none if it does not exist)."""
     if not is_uri(path):
-        with open(path) as f:
+        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+    import pyarrow.fs
+
+    fs, inner = _filesystem(path)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
+    return sorted(posixpath.basename(info.path) for info in infos)
+
+
+def read_bytes(path: str) -> bytes:
+    if not is_uri(path):
+        with open(path, "rb") as f:
             return f.read()
     fs, inner = _filesystem(path)
     with fs.open_input_stream(inner) as f:
-        return f.read().decode()
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode()
 
 
 @contextlib.contextmanager

@@ -9,23 +9,23 @@ random state, so a resumed run continues exactly where this one stopped.
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
 import tempfile
 import time
-import uuid
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from raytopk.config import TrainConfig, resolved
+from raytopk.config import ConfigError, TrainConfig, default_run_name, resolved, run_identity
 from raytopk.data import DATASETS, load_dataset
-from raytopk.hook import TopKState, topk_hook
+from raytopk.hook import TopKState, redistribute, topk_hook
 from raytopk.models import build_model
-from raytopk.storage import join, write_json
+from raytopk.storage import join, list_dir, read_bytes, read_text, write_json
 
 __all__ = ["train_loop_per_worker", "build_trainer", "run"]
 
@@ -66,7 +66,7 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            start_epoch, steps_done = _restore(directory, rank, model, optimizer, scheduler, scaler, state, device)
+            start_epoch, steps_done = _restore(directory, rank, world_size, model, optimizer, scheduler, scaler, state, device)
         # The schedule follows this run's epoch count, so a finished run rerun with more epochs continues on it.
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * schedule(start_epoch)
@@ -126,7 +126,7 @@ def train_loop_per_worker(config: dict) -> None:
             writer.flush()
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
             with tempfile.TemporaryDirectory() as directory:
-                _save(directory, rank, epoch + 1, steps_done, cfg, model, optimizer, scheduler, scaler, state)
+                _save(directory, rank, world_size, epoch + 1, steps_done, metrics, cfg, model, optimizer, scheduler, scaler, state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
@@ -185,32 +185,45 @@ def _tensorboard(cfg: TrainConfig, rank: int):
     return SummaryWriter(log_dir=join(cfg.checkpoint_dir, cfg.name, "tensorboard"))
 
 
-def _save(directory, rank, epoch, steps, cfg, model, optimizer, scheduler, scaler, state) -> None:
+def _save(directory, rank, world_size, epoch, steps, metrics, cfg, model, optimizer, scheduler, scaler, state) -> None:
     """Write this rank's part of a checkpoint; Ray merges every rank's files into one directory."""
     torch.save({"hook": state.state_dict() if state else None, "rng": torch.get_rng_state()}, os.path.join(directory, rank_file(rank)))
     if rank == 0:
         torch.save(model.state_dict(), os.path.join(directory, MODEL_FILE))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
                    os.path.join(directory, OPTIMIZER_FILE))
-        meta = {"epoch": epoch, "steps": steps, "model": cfg.model, "dataset": cfg.dataset, "compress": cfg.compress, "ratio": cfg.ratio}
+        meta = {"epoch": epoch, "steps": steps, "workers": world_size, "identity": run_identity(cfg), "metrics": metrics}
         with open(os.path.join(directory, META_FILE), "w") as f:
             json.dump(meta, f)
 
 
-def _restore(directory, rank, model, optimizer, scheduler, scaler, state, device) -> tuple:
-    """Load a checkpoint written by :func:`_save`; return the epoch and step to continue from."""
+def _restore(directory, rank, world_size, model, optimizer, scheduler, scaler, state, device) -> tuple:
+    """Load a checkpoint written by :func:`_save`; return the epoch and step to continue from.
+
+    A checkpoint saved by another number of workers is redistributed: every
+    worker starts from the mean of the saved residuals (see
+    :func:`raytopk.hook.redistribute`) and from a saved rank's random state.
+    """
+    with open(os.path.join(directory, META_FILE)) as f:
+        meta = json.load(f)
     model.load_state_dict(torch.load(os.path.join(directory, MODEL_FILE), map_location=device, weights_only=True))
     saved = torch.load(os.path.join(directory, OPTIMIZER_FILE), map_location=device, weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
-    own = torch.load(os.path.join(directory, rank_file(rank)), map_location="cpu", weights_only=True)
+    saved_workers = meta["workers"]
+
+    def load_rank(r):
+        return torch.load(os.path.join(directory, rank_file(r)), map_location="cpu", weights_only=True)
+
+    own = load_rank(rank % saved_workers)
     if state is not None and own["hook"] is not None:
-        state.load_state_dict(own["hook"])
+        if saved_workers == world_size:
+            state.load_state_dict(own["hook"])
+        else:
+            state.load_state_dict(redistribute([load_rank(r)["hook"] for r in range(saved_workers)], world_size))
     torch.set_rng_state(own["rng"])
-    with open(os.path.join(directory, META_FILE)) as f:
-        meta = json.load(f)
     return meta["epoch"], meta["steps"]
 
 
@@ -252,20 +265,42 @@ def build_trainer(cfg: TrainConfig, callbacks=None):
     )
 
 
-def run(cfg: TrainConfig) -> dict:
-    """Train ``cfg`` on Ray (``cfg.address``, else ``RAY_ADDRESS``, else a local Ray); return the summary."""
+def run(cfg: TrainConfig, restart: bool = False) -> dict:
+    """Train ``cfg`` on Ray (``cfg.address``, else ``RAY_ADDRESS``, else a local Ray); return the summary.
+
+    The run is named ``cfg.name``, else after what it trains
+    (:func:`~raytopk.config.default_run_name`), so running the same job again
+    resumes it from its latest checkpoint, and a finished one returns its
+    summary without training. ``restart`` starts a new run beside the old one.
+    """
     import ray
 
     cfg = resolved(cfg)
-    if cfg.name is None:
-        kind = f"topk{cfg.ratio:g}" if cfg.compress else "dense"
-        cfg = dataclasses.replace(cfg, name=f"{cfg.model}-{cfg.dataset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    name = cfg.name or default_run_name(cfg)
+    cfg = dataclasses.replace(cfg, name=f"{name}-restart-{time.strftime('%Y%m%d-%H%M%S')}" if restart else name)
+    previous = latest_checkpoint(join(cfg.checkpoint_dir, cfg.name), cfg)
+    if previous is not None:
+        path, meta = previous
+        if meta["epoch"] >= cfg.epochs:
+            print(f"raytopk: {cfg.name} already finished {meta['epoch']} epochs; raise epochs to continue it, "
+                  "or --restart to train it again", flush=True)
+            return _summary(cfg, meta["metrics"], path, wall_s=0.0, history=[])
+        print(f"raytopk: resuming {cfg.name} after epoch {meta['epoch']} from {path}", flush=True)
     if not ray.is_initialized():
         ray.init(address=cfg.address, log_to_driver=True)
+    _check_local(cfg)
     started = time.time()
     result = build_trainer(cfg).fit()
-    m = result.metrics
-    summary = {
+    # Per-epoch metrics of the checkpoints Ray kept (every epoch when keep_checkpoints >= epochs).
+    history = sorted((metrics for _, metrics in result.best_checkpoints or []), key=lambda metrics: metrics["epoch"])
+    summary = _summary(cfg, result.metrics, result.checkpoint.path if result.checkpoint else None, time.time() - started, history)
+    if cfg.output:
+        write_json(cfg.output, summary)
+    return summary
+
+
+def _summary(cfg: TrainConfig, m: dict, checkpoint, wall_s: float, history: list) -> dict:
+    return {
         "name": cfg.name,
         "model": cfg.model,
         "dataset": cfg.dataset,
@@ -280,12 +315,70 @@ def run(cfg: TrainConfig) -> dict:
         "mb_sent_per_worker": m["bytes_sent"] / cfg.workers / 1e6,
         "reduction": m["reduction"],
         "hook_s": m["hook_s"],
-        "wall_s": time.time() - started,
+        "wall_s": wall_s,
         "run_dir": join(cfg.checkpoint_dir, cfg.name),
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        # Per-epoch metrics of the checkpoints Ray kept (every epoch when keep_checkpoints >= epochs).
-        "history": sorted((metrics for _, metrics in result.best_checkpoints or []), key=lambda metrics: metrics["epoch"]),
+        "checkpoint": checkpoint,
+        "history": history,
     }
-    if cfg.output:
-        write_json(cfg.output, summary)
-    return summary
+
+
+def latest_checkpoint(run_dir: str, cfg: TrainConfig):
+    """``(path, meta)`` of the run's latest complete checkpoint, or None; a ConfigError if it cannot be resumed.
+
+    Complete means every file the saving ranks wrote is there (a crash during
+    an upload leaves an incomplete one, which Ray never registered either).
+    The latest must train the same job (:func:`~raytopk.config.run_identity`)
+    and every file must load, checked here before any worker starts.
+    """
+    complete = []
+    for entry in list_dir(run_dir):
+        path = join(run_dir, entry)
+        files = set(list_dir(path)) if entry.startswith("checkpoint_") else set()
+        if META_FILE not in files:
+            continue
+        try:
+            meta = json.loads(read_text(join(path, META_FILE)))
+            needed = {MODEL_FILE, OPTIMIZER_FILE} | {rank_file(r) for r in range(meta["workers"])}
+            epoch = int(meta["epoch"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"checkpoint {path}: unreadable {META_FILE} ({err}); allowed: --restart, or another name") from None
+        if needed <= files:
+            complete.append((epoch, path, meta))
+    if not complete:
+        return None
+    _, path, meta = max(complete, key=lambda item: item[0])
+    ours = run_identity(cfg)
+    for key in sorted(set(ours) | set(meta.get("identity", {}))):
+        if meta.get("identity", {}).get(key) != ours.get(key):
+            raise ConfigError(
+                f"{key}: got {ours.get(key)!r}, but run {cfg.name} was trained with {meta.get('identity', {}).get(key)!r}; "
+                "allowed: the same value to resume it, --restart to train from scratch, or another name"
+            )
+    for name in sorted({MODEL_FILE, OPTIMIZER_FILE} | {rank_file(r) for r in range(meta["workers"])}):
+        try:
+            torch.load(io.BytesIO(read_bytes(join(path, name))), map_location="cpu", weights_only=True)
+        except Exception as err:  # a truncated or foreign file: any unpickling error
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"checkpoint {join(path, name)}: cannot be loaded ({reason}); allowed: --restart, or another name") from None
+    return path, meta
+
+
+def _check_local(cfg: TrainConfig) -> None:
+    """On a local Ray (no address: nothing scales up, the data is here), refuse what can never run.
+
+    Too many workers would wait for resources forever, and a missing dataset
+    would fail on every worker and retry; both are one-line errors instead.
+    """
+    import ray
+
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
+        return
+    have = ray.cluster_resources()
+    for key, need, each in (("CPU", cfg.workers * cfg.cpus_per_worker, cfg.cpus_per_worker), ("GPU", cfg.workers * cfg.use_gpu, 1)):
+        if need > have.get(key, 0) + 1e-9:
+            raise ConfigError(
+                f"workers: got {cfg.workers}, which need {need:g} {key} in all, but this local Ray has {have.get(key, 0):g}; "
+                f"allowed: at most {int(have.get(key, 0) // each)} workers at {each:g} {key} each"
+            )
+    if not cfg.download:
+        load_dataset(cfg.dataset, cfg.data_dir, False)  # a DatasetError says where it looked and what to do

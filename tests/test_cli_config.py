@@ -83,6 +83,11 @@ def test_every_shipped_job_is_valid():
         (["--model", "vgg"], "model: got 'vgg'"),
         (["--config", "no/such.yaml"], "config file not found: no/such.yaml"),
         (["--batch-size", "0"], "batch_size: got 0"),
+        (["--optimizer", "adam"], "optimizer: got 'adam'; allowed: sgd, adamw"),
+        (["--backend", "mpi"], "backend: got 'mpi'; allowed: auto, gloo, nccl"),
+        (["--epochs", "-1"], "epochs: got -1"),
+        (["--workers", "64"], "workers: got 64, which need 64 CPU in all"),
+        (["--dataset", "mnist", "--data-dir", "/nonexistent/raytopk-data"], "MNIST not found or unreadable under /nonexistent/raytopk-data"),
     ],
 )
 def test_cli_user_errors_are_one_line_exit_2(args, fragment, tmp_path):

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,23 @@ def test_submit_py_runs_the_smoke_job_to_success(head, tmp_path):
     result = json.loads(summary.read_text())
     assert result["epochs"] == 2 and result["compress"] and result["test_accuracy"] > 0.2
     assert result["bytes_sent"] < result["dense_bytes"] / 10
+
+
+@pytest.mark.faults
+def test_six_jobs_submitted_at_once_queue_and_all_finish(head, tmp_path):
+    """A 2-CPU head holds one smoke job at a time: the other five wait in Ray's queue, none is lost."""
+    for i in range(6):
+        done = _submit(head, "jobs/smoke.yaml", "--no-wait", "--set", f"checkpoint_dir={tmp_path}", "--set", f"name=load{i}",
+                       "--set", f"output={tmp_path / f'load{i}.json'}", timeout=120)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    deadline = time.time() + 900
+    while len(list(tmp_path.glob("load*.json"))) < 6 and time.time() < deadline:
+        time.sleep(2)
+    summaries = [json.loads((tmp_path / f"load{i}.json").read_text()) for i in range(6)]
+    assert all(summary["epochs"] == 2 for summary in summaries)
+    address, env = head
+    listed = subprocess.run([RAY, "job", "list", "--address", address], capture_output=True, text=True, env=env, timeout=60)
+    assert listed.stdout.count("status=<JobStatus.SUCCEEDED") >= 6, listed.stdout[-3000:]
 
 
 def test_ray_job_submit_cli_runs_the_same_job(head, tmp_path):

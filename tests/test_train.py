@@ -2,14 +2,19 @@
 
 import glob
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import torch
 
-from raytopk.config import load_config
+from raytopk.config import ConfigError, load_config
+from raytopk.data import DatasetError
+from raytopk.hook import redistribute
 from raytopk.models import build_model
 from raytopk.train import MODEL_FILE, rank_file, run
 
@@ -70,6 +75,7 @@ def test_resumed_run_matches_the_uninterrupted_one(local_ray, tmp_path, straight
         assert torch.equal(_weights(second["checkpoint"])[key], value), key
 
 
+@pytest.mark.faults
 def test_killed_worker_restarts_from_checkpoint_and_finishes_the_same(local_ray, tmp_path, straight):
     from ray.util.state import list_actors
 
@@ -102,3 +108,101 @@ def test_dgc_options_train_a_vit_with_fewer_bytes(local_ray, tmp_path):
                        warmup_ratio=0.25, warmup_epochs=1, momentum_correction=True, clip_norm=5.0, per_layer=True,
                        dense_below=256))
     assert 0 < summary["loss"] < 10 and summary["reduction"] > 2
+
+
+# reruns, and checkpoints that must not be resumed ------------------------------------------
+
+
+def _files(directory):
+    """Every file under ``directory`` with its bytes: to prove nothing was touched."""
+    return {path: open(path, "rb").read() for path in glob.glob(os.path.join(directory, "**", "*"), recursive=True) if os.path.isfile(path)}
+
+
+def test_rerun_of_a_finished_run_returns_it_without_training(local_ray, straight):
+    before = _files(straight["run_dir"])
+    again = run(_cfg(os.path.dirname(straight["run_dir"]), "straight"))
+    assert again["history"] == [] and again["epochs"] == 2 and again["test_accuracy"] == straight["test_accuracy"]
+    assert _files(straight["run_dir"]) == before
+
+
+def _raytopk_train(checkpoint_dir, name, *flags):
+    """``raytopk train`` on the straight run's job (the same keys as ``_cfg``), plus ``flags``."""
+    command = [sys.executable, "-m", "raytopk", "train", "--dataset", "mnist5k", "--epochs", "2", "--batch-size", "32",
+               "--workers", "2", "--compress", "--ratio", "0.01", "--checkpoint-dir", str(checkpoint_dir), "--name", name, *flags]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "flags, damage, message",
+    [
+        (["--model", "vit"], None, "model: got 'vit', but run copy was trained with 'simple_cnn'; allowed: the same value"),
+        (["--ratio", "0.05"], None, "ratio: got 0.05, but run copy was trained with 0.01; allowed: the same value"),
+        (["--no-compress"], None, "compress: got False, but run copy was trained with True"),
+        ([], "model.pt", "model.pt: cannot be loaded"),
+        ([], "rank1.pt", "rank1.pt: cannot be loaded"),
+        ([], "meta.json", "unreadable meta.json"),
+    ],
+)
+def test_a_checkpoint_of_another_job_or_damaged_is_refused_and_left_alone(straight, tmp_path, flags, damage, message):
+    shutil.copytree(straight["run_dir"], tmp_path / "copy")
+    if damage:
+        latest = sorted(path for path in glob.glob(str(tmp_path / "copy" / "checkpoint_*")) if os.path.isdir(path))[-1]
+        with open(os.path.join(latest, damage), "r+b") as f:
+            f.truncate(os.path.getsize(os.path.join(latest, damage)) // 2)
+    before = _files(tmp_path / "copy")
+    done = _raytopk_train(tmp_path, "copy", "--epochs", "3", *flags)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr, done.stderr
+    assert _files(tmp_path / "copy") == before
+
+
+def test_more_workers_than_a_local_ray_holds_is_refused(local_ray, tmp_path):
+    with pytest.raises(ConfigError, match=r"workers: got 8, which need 8 CPU in all, but this local Ray has 2; allowed: at most 2 workers"):
+        run(_cfg(tmp_path, "too-big", workers=8))
+
+
+def test_a_missing_dataset_is_refused_before_any_worker_starts(local_ray, tmp_path):
+    with pytest.raises(DatasetError, match="MNIST"):
+        run(_cfg(tmp_path, "no-data", dataset="mnist", data_dir=str(tmp_path / "nothing-here")))
+
+
+@pytest.mark.faults
+def test_resume_at_another_worker_count_keeps_the_mean_residual(local_ray, tmp_path):
+    first = run(_cfg(tmp_path, "rescaled", epochs=1))
+    saved = [torch.load(os.path.join(first["checkpoint"], rank_file(r)), weights_only=True)["hook"] for r in range(2)]
+    merged = redistribute(saved, 1)
+    for name, residual in saved[0]["residuals"].items():
+        torch.testing.assert_close(merged["residuals"][name], (residual + saved[1]["residuals"][name]) / 2, rtol=0, atol=0)
+    assert merged["stats"]["bytes_sent"] == saved[0]["stats"]["bytes_sent"] + saved[1]["stats"]["bytes_sent"]
+    second = run(_cfg(tmp_path, "rescaled", workers=1))
+    assert second["epochs"] == 2 and second["workers"] == 1
+
+
+@pytest.mark.faults
+def test_killed_driver_rerun_resumes_and_restart_starts_over(straight, tmp_path):
+    """SIGKILL the whole ``raytopk train`` (driver and the local Ray it started) mid-run; the same command resumes."""
+    command = [sys.executable, "-m", "raytopk", "train", "--dataset", "mnist5k", "--epochs", "2", "--batch-size", "32",
+               "--workers", "2", "--compress", "--ratio", "0.01", "--checkpoint-dir", str(tmp_path)]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not glob.glob(str(tmp_path / "*" / "checkpoint_*" / "meta.json")) and time.time() < deadline:
+            time.sleep(0.2)
+        assert driver.poll() is None, "the run finished before it could be killed"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the group this test started: the driver and its Ray processes
+        driver.wait()
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming" in rerun.stdout and "after epoch 1" in rerun.stdout, rerun.stdout[-2000:]
+    (run_dir,) = glob.glob(str(tmp_path / "simple_cnn-mnist5k-topk0.01-*"))
+    latest = max((p for p in glob.glob(os.path.join(run_dir, "checkpoint_*")) if os.path.isdir(p)), key=os.path.getmtime)
+    for key, value in _weights(straight["checkpoint"]).items():
+        assert torch.equal(_weights(latest)[key], value), key
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already finished 2 epochs" in again.stdout
+    fresh = subprocess.run(command + ["--epochs", "1", "--restart"], capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert len(glob.glob(str(tmp_path / "simple_cnn-mnist5k-topk0.01-*"))) == 2, "--restart did not start a new run beside the old"
