@@ -14,7 +14,7 @@ $(BIN)/raytopk: pyproject.toml
 	touch $@
 
 demo: $(BIN)/raytopk
-	$(BIN)/raytopk bench --config jobs/mnist5k_topk.yaml --checkpoint-dir runs --output runs/demo.json
+	$(BIN)/raytopk bench --config jobs/mnist5k_topk.yaml --checkpoint-dir runs --output runs/demo.json --restart
 
 test: $(BIN)/raytopk
 	$(BIN)/python -m pytest -q -m "not faults"

@@ -286,9 +286,9 @@ def run(cfg: TrainConfig, restart: bool = False) -> dict:
                   "or --restart to train it again", flush=True)
             return _summary(cfg, meta["metrics"], path, wall_s=0.0, history=[])
         print(f"raytopk: resuming {cfg.name} after epoch {meta['epoch']} from {path}", flush=True)
+    _check_local(cfg)
     if not ray.is_initialized():
         ray.init(address=cfg.address, log_to_driver=True)
-    _check_local(cfg)
     started = time.time()
     result = build_trainer(cfg).fit()
     # Per-epoch metrics of the checkpoints Ray kept (every epoch when keep_checkpoints >= epochs).
@@ -367,18 +367,22 @@ def _check_local(cfg: TrainConfig) -> None:
     """On a local Ray (no address: nothing scales up, the data is here), refuse what can never run.
 
     Too many workers would wait for resources forever, and a missing dataset
-    would fail on every worker and retry; both are one-line errors instead.
+    would fail on every worker and retry; both are one-line errors instead,
+    before Ray starts.
     """
     import ray
 
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         return
-    have = ray.cluster_resources()
+    if not cfg.download:
+        load_dataset(cfg.dataset, cfg.data_dir, False)  # a DatasetError says where it looked and what to do
+    if ray.is_initialized():
+        have = ray.cluster_resources()
+    else:  # what ray.init() will find on this machine
+        have = {"CPU": float(len(os.sched_getaffinity(0))), "GPU": float(torch.cuda.device_count())}
     for key, need, each in (("CPU", cfg.workers * cfg.cpus_per_worker, cfg.cpus_per_worker), ("GPU", cfg.workers * cfg.use_gpu, 1)):
         if need > have.get(key, 0) + 1e-9:
             raise ConfigError(
                 f"workers: got {cfg.workers}, which need {need:g} {key} in all, but this local Ray has {have.get(key, 0):g}; "
                 f"allowed: at most {int(have.get(key, 0) // each)} workers at {each:g} {key} each"
             )
-    if not cfg.download:
-        load_dataset(cfg.dataset, cfg.data_dir, False)  # a DatasetError says where it looked and what to do

@@ -5,6 +5,7 @@ cluster down) and then, if anything is left, its process group by id.
 """
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -55,6 +56,7 @@ def local_head(num_cpus: int = 2, timeout: float = 120):
         _wait_for_jobs_api(address, token_path, head, timeout)
         yield address, env
     finally:
+        _stop_jobs(address, token_path)
         _stop(head)
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -74,6 +76,28 @@ def _wait_for_jobs_api(address: str, token_path: str, head, timeout: float) -> N
             pass
         time.sleep(1)
     raise RuntimeError(f"no Ray jobs API at {address} after {timeout:.0f} s")
+
+
+def _api(address: str, token_path: str, path: str, method: str = "GET"):
+    with open(token_path) as f:
+        request = urllib.request.Request(f"{address}{path}", method=method, headers={"Authorization": f"Bearer {f.read()}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read() or b"null")
+
+
+def _stop_jobs(address: str, token_path: str, timeout: float = 60) -> None:
+    """Stop every job still running on the head: their drivers run in sessions of their own, outside the head's group."""
+    try:
+        running = [job["submission_id"] for job in _api(address, token_path, "/api/jobs/")
+                   if job.get("submission_id") and job["status"] in ("PENDING", "RUNNING")]
+        for submission_id in running:
+            _api(address, token_path, f"/api/jobs/{submission_id}/stop", method="POST")
+        deadline = time.time() + timeout
+        while running and time.time() < deadline:
+            time.sleep(1)
+            running = [i for i in running if _api(address, token_path, f"/api/jobs/{i}")["status"] in ("PENDING", "RUNNING")]
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        pass  # the head is gone already: nothing left to ask
 
 
 def _stop(head) -> None:

@@ -340,6 +340,41 @@ def _non_finite(rank, world_size):
     return scaler_skips
 
 
+def _amp_overflow(rank, world_size):
+    """bf16 autocast and a GradScaler whose first scales overflow: skipped steps change neither residuals nor weights."""
+    model = _model()
+    ddp = DDP(model)
+    state = TopKState(ratio=0.05, start_iter=0, module=model)
+    ddp.register_comm_hook(state, topk_hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1000)
+    skipped = []
+    for step in range(9):
+        residuals = {k: v.clone() for k, v in state.state_dict()["residuals"].items()}
+        weights = [p.detach().clone() for p in model.parameters()]
+        scale = scaler.get_scale()
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = 16 * _loss(ddp, rank, step)  # a loss weight: scale * loss passes the fp32 range at first
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        skip = scaler.get_scale() < scale
+        skipped.append(skip)
+        after = state.state_dict()["residuals"]
+        same_weights = all(torch.equal(a, p) for a, p in zip(weights, model.parameters()))
+        if skip:
+            assert same_weights and all(torch.equal(residuals[k], after[k]) for k in residuals), f"skipped step {step} changed state"
+        else:
+            assert not same_weights and all(bool(torch.isfinite(v).all()) for v in after.values())
+    return skipped
+
+
+def test_amp_overflow_steps_are_skipped_and_leave_residuals_untouched():
+    for skipped in run_ranks(_amp_overflow, 2):
+        assert skipped[0] and not skipped[-1], f"expected early overflows, then steps: {skipped}"
+
+
 def test_non_finite_step_is_skipped_on_every_rank_and_spares_the_residual():
     for skips in run_ranks(_non_finite, 2):
         assert skips == [False, False, True, False]

@@ -42,6 +42,15 @@ def test_submit_py_runs_the_smoke_job_to_success(head, tmp_path):
     result = json.loads(summary.read_text())
     assert result["epochs"] == 2 and result["compress"] and result["test_accuracy"] > 0.2
     assert result["bytes_sent"] < result["dense_bytes"] / 10
+    # The token the head and the client share never shows: not in our output, the results, the
+    # process list, nor any log or file the cluster wrote (its own token file aside).
+    token_path = head[1]["RAY_AUTH_TOKEN_PATH"]
+    token = Path(token_path).read_text().strip()
+    processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert token not in done.stdout + done.stderr + summary.read_text() + processes
+    for path in Path(token_path).parent.rglob("*"):
+        if path.is_file() and not path.is_socket() and path != Path(token_path):
+            assert token.encode() not in path.read_bytes(), f"the token is in {path}"
 
 
 @pytest.mark.faults
@@ -76,15 +85,18 @@ def test_ray_job_submit_cli_runs_the_same_job(head, tmp_path):
 
 def test_a_sweep_submitted_the_same_way_finishes(head, tmp_path):
     """Also the Optuna searcher: its samples stay inside the search space's bounds."""
+    # One trial at a time: beside the job's driver (0.25 CPU) two 1-CPU trials do not fit the 2-CPU head,
+    # and a Ray Train worker group that times out waiting (60 s) for resources can keep retrying without starting.
     done = _submit(head, "tune_configs/mnist5k_ratio_lr.yaml", "--set", "num_samples=2", "--set", "epochs=1",
                    "--set", "max_train_batches=5", "--set", "search_alg=optuna", "--set", f"storage_path={tmp_path}",
-                   "--set", "name=submitted")
+                   "--set", "name=submitted", "--set", "max_concurrent_trials=1")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((tmp_path / "submitted" / "trials.json").read_text())["trials"]
     assert len(rows) == 2 and all(row["status"] == "done" for row in rows)
     assert all(0.001 <= row["params"]["ratio"] <= 0.1 and 0.005 <= row["params"]["lr"] <= 0.2 for row in rows)
 
 
+@pytest.mark.faults
 def test_a_failing_job_exits_nonzero_with_its_status_and_last_lines(head, tmp_path):
     done = _submit(head, "jobs/smoke.yaml", "--set", "dataset=mnist", "--set", f"data_dir={tmp_path / 'empty'}",
                    "--set", f"checkpoint_dir={tmp_path}", "--set", "max_failures=0")

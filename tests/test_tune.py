@@ -50,7 +50,7 @@ def test_every_shipped_sweep_is_valid():
         ({"search_space": {"lr": {"choice": [0.1, -1]}}}, "search_space.lr: lr: got -1; allowed: a number in (0, inf)"),
         ({"search_space": {"ratio": {"normal": [0.01, 0.1]}}}, "search_space.ratio: got {'normal': [0.01, 0.1]}; allowed: one of loguniform, uniform, choice, grid"),
         ({"search_space": {"ratio": {"choice": []}}}, "search_space.ratio: choice got []; allowed: a non-empty list of values"),
-        ({"search_space": {"ratoi": {"choice": [0.1]}}}, "search_space.ratoi: unknown job key; allowed: backend, batch_size"),
+        ({"search_space": {"ratoi": {"choice": [0.1]}}}, "search_space.ratoi: unknown job key; allowed: accumulate, amp, backend, batch_size"),
         ({"search_space": {"epochs": {"uniform": [1, 3]}}}, "search_space.epochs: uniform samples real numbers but epochs takes an integer; use choice or grid"),
         ({"search_space": {"model": {"choice": ["vgg"]}}}, "search_space.model: model: got 'vgg'; allowed: resnet18"),
         ({"search_space": {"name": {"choice": ["a"]}}}, "name: set per trial by the sweep"),
@@ -156,6 +156,7 @@ def test_sweep_writes_table_best_job_and_plot_and_the_best_job_trains(tmp_path):
     assert json.loads((directory / TRIALS_FILE).read_text()) == results
 
 
+@pytest.mark.faults
 def test_interrupted_sweep_resumes_each_trial_from_its_checkpoint(tmp_path):
     """Stored through a URI (as on S3 in a cluster): Tune's state, the trials' checkpoints and the results."""
     path = _write(tmp_path, name="resumable", train={"epochs": 3, "cpus_per_worker": 0.5},
