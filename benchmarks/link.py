@@ -183,7 +183,7 @@ def plot(rows: list, path: str) -> None:
     panels = sorted({(r["model"], r["workers"]) for r in rows})
     rates = list(dict.fromkeys(r["rate"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5.2 * len(panels), 8.5), 5), squeeze=False, sharey=True)
     width = 0.8 / len(methods)
     colors = plt.cm.tab10.colors
     for ax, (model_name, world_size) in zip(axes[0], panels):

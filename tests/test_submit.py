@@ -60,14 +60,15 @@ def test_six_jobs_submitted_at_once_queue_and_all_finish(head, tmp_path):
         done = _submit(head, "jobs/smoke.yaml", "--no-wait", "--set", f"checkpoint_dir={tmp_path}", "--set", f"name=load{i}",
                        "--set", f"output={tmp_path / f'load{i}.json'}", timeout=120)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    deadline = time.time() + 900
-    while len(list(tmp_path.glob("load*.json"))) < 6 and time.time() < deadline:
+    address, env = head
+    deadline, succeeded = time.time() + 900, 0
+    while succeeded < 6 and time.time() < deadline:  # a job's summary is written just before its driver exits
         time.sleep(2)
+        listed = subprocess.run([RAY, "job", "list", "--address", address], capture_output=True, text=True, env=env, timeout=60)
+        succeeded = sum(1 for line in listed.stdout.split("JobDetails(") if "name=load" in line and "JobStatus.SUCCEEDED" in line)
+    assert succeeded == 6, listed.stdout[-3000:]
     summaries = [json.loads((tmp_path / f"load{i}.json").read_text()) for i in range(6)]
     assert all(summary["epochs"] == 2 for summary in summaries)
-    address, env = head
-    listed = subprocess.run([RAY, "job", "list", "--address", address], capture_output=True, text=True, env=env, timeout=60)
-    assert listed.stdout.count("status=<JobStatus.SUCCEEDED") >= 6, listed.stdout[-3000:]
 
 
 def test_ray_job_submit_cli_runs_the_same_job(head, tmp_path):
