@@ -42,7 +42,7 @@ import tempfile
 import ray
 
 from raytopk.config import load_config
-from raytopk.storage import replacing, write_json
+from raytopk.storage import read_text, replacing, write_json
 from raytopk.train import run
 
 COMMAND = "python benchmarks/accuracy.py"
@@ -174,7 +174,7 @@ def main() -> None:
     args = parser.parse_args()
 
     partial = args.output + ".partial"
-    rows = json.load(open(partial)) if os.path.exists(partial) else []
+    rows = json.loads(read_text(partial)) if os.path.exists(partial) else []
     done = {(r["suite"], r["optimizer"], r["method"], r["seed"]) for r in rows}
     ray.init(num_cpus=2, log_to_driver=False)
     with tempfile.TemporaryDirectory() as storage:

@@ -346,8 +346,13 @@ class _BucketMemory:
         else:
             picks = [select_topk(acc[group], k) for group, k in zip(self.groups, ks)]
             indices = [group[i.long()] for group, (_, i) in zip(self.groups, picks)]
-        values = torch.cat([v for v, _ in picks] + [acc[self.dense]])
-        return values, torch.cat([self.dense[:0], *indices]).to(index_dtype(acc.numel()))
+        values = torch.cat([v for v, _ in picks] + [acc[self.dense]]) if len(picks) > 1 or len(self.dense) else picks[0][0]
+        indices = indices[0] if len(indices) == 1 else torch.cat([self.dense[:0], *indices])  # none: every parameter dense
+        return values, indices.to(index_dtype(acc.numel()))
+
+    def positions(self, indices: torch.Tensor) -> torch.Tensor:
+        """Where a payload's values go: its ``indices``, then the dense positions (no copy when there are none)."""
+        return torch.cat([indices, self.dense]) if len(self.dense) else indices
 
     def commit(self, sent: torch.Tensor, unsent: torch.Tensor) -> None:
         """Every rank's step arrived finite: ``acc`` minus what went out becomes the residual.
@@ -433,10 +438,10 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         decode_started = time.perf_counter()
         peers = [unpack(peer, k, n, value_dtype) for peer in gathered]
         if all(torch.isfinite(peer_values).all() for peer_values, _ in peers):
-            memory.commit(torch.cat([indices, memory.dense]), values - unpack(payload, k, n, value_dtype)[0].to(values.dtype))
+            memory.commit(memory.positions(indices), values - unpack(payload, k, n, value_dtype)[0].to(values.dtype))
         buffer.zero_()
         for peer_values, peer_indices in peers:
-            buffer.index_add_(0, torch.cat([peer_indices, memory.dense]), peer_values.to(buffer.dtype), alpha=1.0 / world_size)
+            buffer.index_add_(0, memory.positions(peer_indices), peer_values.to(buffer.dtype), alpha=1.0 / world_size)
         with state._stats_lock:
             state.stats["hook_s"] += time.perf_counter() - decode_started
         return buffer

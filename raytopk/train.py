@@ -347,11 +347,11 @@ def latest_checkpoint(run_dir: str, cfg: TrainConfig):
     if not complete:
         return None
     _, path, meta = max(complete, key=lambda item: item[0])
-    ours = run_identity(cfg)
-    for key in sorted(set(ours) | set(meta.get("identity", {}))):
-        if meta.get("identity", {}).get(key) != ours.get(key):
+    ours, saved = run_identity(cfg), meta.get("identity", {})
+    for key in sorted(set(ours) | set(saved)):
+        if saved.get(key) != ours.get(key):
             raise ConfigError(
-                f"{key}: got {ours.get(key)!r}, but run {cfg.name} was trained with {meta.get('identity', {}).get(key)!r}; "
+                f"{key}: got {ours.get(key)!r}, but run {cfg.name} was trained with {saved.get(key)!r}; "
                 "allowed: the same value to resume it, --restart to train from scratch, or another name"
             )
     for name in sorted({MODEL_FILE, OPTIMIZER_FILE} | {rank_file(r) for r in range(meta["workers"])}):
