@@ -102,8 +102,9 @@ def main(argv=None) -> int:
     parser.add_argument("--address", help=f"the cluster's dashboard address (else RAY_ADDRESS, else {DEFAULT_ADDRESS})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key; repeatable")
     parser.add_argument("--no-wait", action="store_true", help="submit and exit without following the logs")
-    parser.add_argument("--entrypoint-num-cpus", type=float, default=0.25, metavar="N",
-                        help="CPUs the driver reserves (default 0.25: it never lands on a head that has 0 CPUs); 0 lets it run on the head")
+    parser.add_argument("--entrypoint-num-cpus", type=float, default=0, metavar="N",
+                        help="CPUs the driver holds for as long as the job runs (default 0, as in Ray: it runs on the head and "
+                             "leaves every CPU to training; jobs beyond what the cluster can train at once queue for workers)")
     parser.add_argument("--submission-id", help="the job's id (default: chosen by Ray)")
     args = parser.parse_args(argv)
     address = args.address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS

@@ -25,11 +25,12 @@ from raytopk.config import ConfigError, TrainConfig, default_run_name, resolved,
 from raytopk.data import DATASETS, load_dataset
 from raytopk.hook import TopKState, redistribute, topk_hook
 from raytopk.models import build_model
-from raytopk.storage import join, list_dir, read_bytes, read_text, write_json
+from raytopk.storage import exists, join, read_bytes, read_text, write_json
 
 __all__ = ["train_loop_per_worker", "build_trainer", "run"]
 
 MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the run's finished checkpoints
 
 
 def rank_file(rank: int) -> str:
@@ -323,30 +324,31 @@ def _summary(cfg: TrainConfig, m: dict, checkpoint, wall_s: float, history: list
 
 
 def latest_checkpoint(run_dir: str, cfg: TrainConfig):
-    """``(path, meta)`` of the run's latest complete checkpoint, or None; a ConfigError if it cannot be resumed.
+    """``(path, meta)`` of the checkpoint Ray Train will resume the run from, or None; a ConfigError if it cannot be.
 
-    Complete means every file the saving ranks wrote is there (a crash during
-    an upload leaves an incomplete one, which Ray never registered either).
-    The latest must train the same job (:func:`~raytopk.config.run_identity`)
-    and every file must load, checked here before any worker starts.
+    Ray copies a checkpoint's files into ``run_dir`` one by one, and only when
+    every rank's copy has finished does it record the checkpoint in the run's
+    snapshot (:data:`SNAPSHOT_FILE`); a rerun resumes from the latest one
+    recorded there. So a crash during a copy leaves a directory that is never
+    read, and the previous checkpoint stays the one to resume. The recorded
+    one must train the same job (:func:`~raytopk.config.run_identity`) and
+    every file must load, checked here before any worker starts.
     """
-    complete = []
-    for entry in list_dir(run_dir):
-        path = join(run_dir, entry)
-        files = set(list_dir(path)) if entry.startswith("checkpoint_") else set()
-        if META_FILE not in files:
-            continue
-        try:
-            meta = json.loads(read_text(join(path, META_FILE)))
-            needed = {MODEL_FILE, OPTIMIZER_FILE} | {rank_file(r) for r in range(meta["workers"])}
-            epoch = int(meta["epoch"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"checkpoint {path}: unreadable {META_FILE} ({err}); allowed: --restart, or another name") from None
-        if needed <= files:
-            complete.append((epoch, path, meta))
-    if not complete:
+    snapshot = join(run_dir, SNAPSHOT_FILE)
+    if not exists(snapshot):
         return None
-    _, path, meta = max(complete, key=lambda item: item[0])
+    try:
+        latest = json.loads(read_text(snapshot))["latest_checkpoint_result"]
+        if latest is None:
+            return None
+        path = join(run_dir, latest["checkpoint_dir_name"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{snapshot}: unreadable ({err!r}); allowed: --restart, or another name") from None
+    try:
+        meta = json.loads(read_text(join(path, META_FILE)))
+        names = sorted({MODEL_FILE, OPTIMIZER_FILE} | {rank_file(r) for r in range(meta["workers"])})
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"checkpoint {path}: unreadable {META_FILE} ({err!r}); allowed: --restart, or another name") from None
     ours, saved = run_identity(cfg), meta.get("identity", {})
     for key in sorted(set(ours) | set(saved)):
         if saved.get(key) != ours.get(key):
@@ -354,10 +356,10 @@ def latest_checkpoint(run_dir: str, cfg: TrainConfig):
                 f"{key}: got {ours.get(key)!r}, but run {cfg.name} was trained with {saved.get(key)!r}; "
                 "allowed: the same value to resume it, --restart to train from scratch, or another name"
             )
-    for name in sorted({MODEL_FILE, OPTIMIZER_FILE} | {rank_file(r) for r in range(meta["workers"])}):
+    for name in names:
         try:
             torch.load(io.BytesIO(read_bytes(join(path, name))), map_location="cpu", weights_only=True)
-        except Exception as err:  # a truncated or foreign file: any unpickling error
+        except Exception as err:  # missing, truncated or foreign: any read or unpickling error
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ConfigError(f"checkpoint {join(path, name)}: cannot be loaded ({reason}); allowed: --restart, or another name") from None
     return path, meta

@@ -85,6 +85,11 @@ def _api(address: str, token_path: str, path: str, method: str = "GET"):
         return json.loads(response.read() or b"null")
 
 
+def list_jobs(address: str, env: dict) -> list:
+    """Every job the head knows, as its jobs API lists them (``submission_id``, ``status``, ``entrypoint``, ...)."""
+    return _api(address, env["RAY_AUTH_TOKEN_PATH"], "/api/jobs/")
+
+
 def _stop_jobs(address: str, token_path: str, timeout: float = 60) -> None:
     """Stop every job still running on the head: their drivers run in sessions of their own, outside the head's group."""
     try:

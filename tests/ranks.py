@@ -22,12 +22,13 @@ def _entry(rank, world_size, store_path, fn, args, results):
 
 
 def run_ranks(fn, world_size, *args, timeout=240):
-    """Call ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes.
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` new processes.
 
     Returns the per-rank return values (a list indexed by rank); re-raises the
     first rank's failure with its traceback. ``fn`` must be importable (module level).
     """
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")  # a fresh process per rank, forked from a server that imported torch once
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "raytopk"])
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         procs = [

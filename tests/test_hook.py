@@ -2,6 +2,7 @@
 
 import copy
 import math
+import time
 
 import pytest
 import torch
@@ -378,6 +379,29 @@ def test_amp_overflow_steps_are_skipped_and_leave_residuals_untouched():
 def test_non_finite_step_is_skipped_on_every_rank_and_spares_the_residual():
     for skips in run_ranks(_non_finite, 2):
         assert skips == [False, False, True, False]
+
+
+# a peer that dies -------------------------------------------------------------------------
+
+
+def _peer_leaves(rank, world_size):
+    """Rank 1 trains one step and leaves (its process ends); rank 0's next hook call must fail, not wait."""
+    model = DDP(_model())
+    model.register_comm_hook(TopKState(ratio=0.1, start_iter=0, module=model.module), topk_hook)
+    _loss(model, rank, 0).backward()
+    if rank == 1:
+        return None
+    started = time.monotonic()
+    try:
+        _loss(model, rank, 1).backward()
+    except RuntimeError as err:  # gloo's error, raised through DDP's backward
+        return str(err).splitlines()[0], time.monotonic() - started
+    return "no error", time.monotonic() - started
+
+
+def test_a_peer_that_dies_inside_the_hook_is_an_error_on_the_others_not_a_hang():
+    message, seconds = run_ranks(_peer_leaves, 2, timeout=120)[0]
+    assert message != "no error" and seconds < 60, (message, seconds)
 
 
 # settings are checked ------------------------------------------------------------------

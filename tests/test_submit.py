@@ -4,12 +4,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cluster import RAY, free_ports, local_head
+from cluster import RAY, free_ports, list_jobs, local_head
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +34,22 @@ def _jobs(head) -> int:
     return listed.stdout.count("submission_id=")
 
 
-def test_submit_py_runs_the_smoke_job_to_success(head, tmp_path):
+@pytest.fixture
+def planted_secrets():
+    """Secret-looking files in the project, as a user's checkout may hold them (none of them ignored by git); only
+    the ones created here are removed after."""
+    paths = [ROOT / "planted.key", ROOT / "id_rsa_planted", ROOT / "auth_token"]
+    created = [path for path in paths if not path.exists()]
+    try:
+        for path in created:
+            path.write_text("planted by a test\n")
+        yield [path.name for path in paths]
+    finally:
+        for path in created:
+            path.unlink(missing_ok=True)
+
+
+def test_submit_py_runs_the_smoke_job_to_success(head, tmp_path, planted_secrets):
     summary = tmp_path / "smoke.json"
     done = _submit(head, "jobs/smoke.yaml", "--set", f"checkpoint_dir={tmp_path}", "--set", f"output={summary}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -50,32 +66,63 @@ def test_submit_py_runs_the_smoke_job_to_success(head, tmp_path):
     for path in Path(token_path).parent.rglob("*"):
         if path.is_file() and not path.is_socket() and path != Path(token_path):
             assert token.encode() not in path.read_bytes(), f"the token is in {path}"
+    # What the head unpacked as the job's working directory: the project, without environments, history or secrets.
+    packages = Path(token_path).parent.glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")
+    package = max((path for path in packages if path.is_dir()), key=lambda path: path.stat().st_mtime)
+    assert (package / "raytopk" / "hook.py").is_file() and (package / "jobs" / "smoke.yaml").is_file()
+    uploaded = {path.name for path in package.iterdir()}
+    assert not uploaded & {".venv", ".git", "runs", *planted_secrets}, uploaded
 
 
 def test_ray_job_submit_cli_runs_the_same_job(head, tmp_path):
     address, env = head
     summary = tmp_path / "cli.json"
     done = subprocess.run(
-        [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--entrypoint-num-cpus", "0.25", "--",
-         "python", "-m", "raytopk", "train", "--config", "jobs/smoke.yaml", "--checkpoint-dir", str(tmp_path), "--output", str(summary)],
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+         "python", "-m", "raytopk", "train", "--config", "jobs/smoke.yaml", "--epochs", "1", "--checkpoint-dir", str(tmp_path),
+         "--output", str(summary)],
         capture_output=True, text=True, timeout=420, env=env, cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout.lower()
-    assert json.loads(summary.read_text())["epochs"] == 2
+    assert json.loads(summary.read_text())["epochs"] == 1
 
 
-def test_a_sweep_submitted_the_same_way_finishes(head, tmp_path):
-    """Also the Optuna searcher: its samples stay inside the search space's bounds."""
-    # One trial at a time: beside the job's driver (0.25 CPU) two 1-CPU trials do not fit the 2-CPU head,
-    # and a Ray Train worker group that times out waiting (60 s) for resources can keep retrying without starting.
-    done = _submit(head, "tune_configs/mnist5k_ratio_lr.yaml", "--set", "num_samples=2", "--set", "epochs=1",
+@pytest.mark.faults
+def test_a_sweep_with_more_trials_than_cpus_queues_and_finishes(head, tmp_path):
+    """Three 1-CPU trials, no concurrency limit, on the 2-CPU head: the third waits for a free CPU. Also the Optuna
+    searcher: its samples stay inside the search space's bounds."""
+    done = _submit(head, "tune_configs/mnist5k_ratio_lr.yaml", "--set", "num_samples=3", "--set", "epochs=1",
                    "--set", "max_train_batches=5", "--set", "search_alg=optuna", "--set", f"storage_path={tmp_path}",
-                   "--set", "name=submitted", "--set", "max_concurrent_trials=1")
+                   "--set", "name=submitted", "--set", "max_concurrent_trials=0", timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((tmp_path / "submitted" / "trials.json").read_text())["trials"]
-    assert len(rows) == 2 and all(row["status"] == "done" for row in rows)
+    assert len(rows) == 3 and all(row["status"] == "done" for row in rows)
     assert all(0.001 <= row["params"]["ratio"] <= 0.1 and 0.005 <= row["params"]["lr"] <= 0.2 for row in rows)
+
+
+@pytest.mark.faults
+def test_six_jobs_submitted_at_once_all_queue_and_finish(head, tmp_path):
+    """Load: six jobs at once on the 2-CPU head. Two train at a time (1 CPU each); the rest wait for workers, none fails or is lost."""
+    address, env = head
+    ids = [f"load{i}-{os.getpid()}" for i in range(6)]
+    submitters = [
+        subprocess.Popen([sys.executable, str(ROOT / "submit.py"), "jobs/smoke.yaml", "--address", address, "--no-wait",
+                          "--submission-id", job_id, "--set", f"name={job_id}", "--set", "epochs=1", "--set", "max_train_batches=5",
+                          "--set", f"checkpoint_dir={tmp_path}", "--set", f"output={tmp_path / job_id}.json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+        for job_id in ids
+    ]
+    for submitter in submitters:
+        assert submitter.wait(timeout=300) == 0, submitter.stdout.read()[-2000:]
+    deadline = time.time() + 1200
+    while time.time() < deadline:
+        statuses = {job["submission_id"]: job["status"] for job in list_jobs(address, env) if job.get("submission_id") in ids}
+        if len(statuses) == len(ids) and all(status in ("SUCCEEDED", "FAILED", "STOPPED") for status in statuses.values()):
+            break
+        time.sleep(5)
+    assert statuses == {job_id: "SUCCEEDED" for job_id in ids}, statuses
+    assert all(json.loads((tmp_path / f"{job_id}.json").read_text())["epochs"] == 1 for job_id in ids)
 
 
 @pytest.mark.faults

@@ -1,6 +1,7 @@
 """The Ray Train service end to end on a real local Ray: metrics, checkpoints, TensorBoard, resume, a killed worker."""
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -122,11 +123,11 @@ def test_rerun_of_a_finished_run_returns_it_without_training(local_ray, straight
     assert _files(straight["run_dir"]) == before
 
 
-def _raytopk_train(checkpoint_dir, name, *flags):
+def _raytopk_train(checkpoint_dir, name, *flags, timeout=120):
     """``raytopk train`` on the straight run's job (the same keys as ``_cfg``), plus ``flags``."""
     command = [sys.executable, "-m", "raytopk", "train", "--dataset", "mnist5k", "--epochs", "2", "--batch-size", "32",
                "--workers", "2", "--compress", "--ratio", "0.01", "--checkpoint-dir", str(checkpoint_dir), "--name", name, *flags]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.faults
@@ -153,6 +154,24 @@ def test_a_checkpoint_of_another_job_or_damaged_is_refused_and_left_alone(straig
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr, done.stderr
     assert _files(tmp_path / "copy") == before
+
+
+@pytest.mark.faults
+def test_a_checkpoint_cut_off_mid_write_is_never_resumed_from(straight, tmp_path):
+    """What a crash while epoch 3 is being copied to storage leaves: a newer checkpoint directory, one file half written, that Ray never recorded."""
+    shutil.copytree(straight["run_dir"], tmp_path / "cut")
+    recorded = tmp_path / "cut" / os.path.basename(straight["checkpoint"])
+    partial = tmp_path / "cut" / "checkpoint_2999-01-01_00-00-00.000000"
+    shutil.copytree(recorded, partial)
+    meta = json.loads((partial / "meta.json").read_text())
+    (partial / "meta.json").write_text(json.dumps({**meta, "epoch": 3}))
+    with open(partial / MODEL_FILE, "r+b") as f:
+        f.truncate(os.path.getsize(partial / MODEL_FILE) // 2)
+    before = _files(partial)
+    done = _raytopk_train(tmp_path, "cut", "--epochs", "3", timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming cut after epoch 2 from {recorded}" in done.stdout, done.stdout[-2000:]
+    assert "epoch 3/3" in done.stdout and _files(partial) == before
 
 
 def test_more_workers_than_a_local_ray_holds_is_refused(local_ray, tmp_path):
