@@ -290,6 +290,7 @@ def run(cfg: TrainConfig, restart: bool = False) -> dict:
     _check_local(cfg)
     if not ray.is_initialized():
         ray.init(address=cfg.address, log_to_driver=True)
+    _say_if_waiting(cfg)
     started = time.time()
     result = build_trainer(cfg).fit()
     # Per-epoch metrics of the checkpoints Ray kept (every epoch when keep_checkpoints >= epochs).
@@ -382,9 +383,28 @@ def _check_local(cfg: TrainConfig) -> None:
         have = ray.cluster_resources()
     else:  # what ray.init() will find on this machine
         have = {"CPU": float(len(os.sched_getaffinity(0))), "GPU": float(torch.cuda.device_count())}
-    for key, need, each in (("CPU", cfg.workers * cfg.cpus_per_worker, cfg.cpus_per_worker), ("GPU", cfg.workers * cfg.use_gpu, 1)):
-        if need > have.get(key, 0) + 1e-9:
-            raise ConfigError(
-                f"workers: got {cfg.workers}, which need {need:g} {key} in all, but this local Ray has {have.get(key, 0):g}; "
-                f"allowed: at most {int(have.get(key, 0) // each)} workers at {each:g} {key} each"
-            )
+    short = _shortfall(cfg, have)
+    if short:
+        key, need, got, each = short
+        raise ConfigError(f"workers: got {cfg.workers}, which need {need:g} {key} in all, but this local Ray has {got:g}; "
+                          f"allowed: at most {int(got // each)} workers at {each:g} {key} each")
+
+
+def _say_if_waiting(cfg: TrainConfig) -> None:
+    """On a cluster, workers beyond what it holds now wait for nodes (an autoscaler's, or ``ray start`` elsewhere): say so."""
+    import ray
+
+    short = _shortfall(cfg, ray.cluster_resources())
+    if short:
+        key, need, got, _ = short
+        print(f"raytopk: waiting for nodes: {cfg.workers} workers need {need:g} {key} in all and this cluster has {got:g} now; "
+              "Ray Train asks again every 60 s (ray job stop, or Ctrl+C, ends the wait)", flush=True)
+
+
+def _shortfall(cfg: TrainConfig, have: dict):
+    """``(resource, needed, available, per worker)`` for the first resource the workers need more of than ``have``, or None."""
+    for key, each in (("CPU", cfg.cpus_per_worker), ("GPU", 1 if cfg.use_gpu else 0)):
+        need, got = cfg.workers * each, have.get(key, 0)
+        if need > got + 1e-9:
+            return key, need, got, each
+    return None

@@ -90,6 +90,10 @@ def list_jobs(address: str, env: dict) -> list:
     return _api(address, env["RAY_AUTH_TOKEN_PATH"], "/api/jobs/")
 
 
+def job_logs(address: str, env: dict, submission_id: str) -> str:
+    return _api(address, env["RAY_AUTH_TOKEN_PATH"], f"/api/jobs/{submission_id}/logs")["logs"]
+
+
 def _stop_jobs(address: str, token_path: str, timeout: float = 60) -> None:
     """Stop every job still running on the head: their drivers run in sessions of their own, outside the head's group."""
     try:

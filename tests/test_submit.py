@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster import RAY, free_ports, list_jobs, local_head
+from cluster import RAY, free_ports, job_logs, list_jobs, local_head
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,6 +123,24 @@ def test_six_jobs_submitted_at_once_all_queue_and_finish(head, tmp_path):
         time.sleep(5)
     assert statuses == {job_id: "SUCCEEDED" for job_id in ids}, statuses
     assert all(json.loads((tmp_path / f"{job_id}.json").read_text())["epochs"] == 1 for job_id in ids)
+
+
+@pytest.mark.faults
+def test_a_job_wanting_more_than_the_cluster_holds_says_it_waits(head, tmp_path):
+    """A cluster may grow (an autoscaler, or ``ray start`` on another machine): the job waits for nodes, and says so."""
+    address, env = head
+    job_id = f"too-big-{os.getpid()}"
+    done = _submit(head, "jobs/smoke.yaml", "--no-wait", "--submission-id", job_id, "--set", "workers=8",
+                   "--set", f"checkpoint_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr
+    try:
+        deadline = time.time() + 180
+        while "raytopk: waiting for nodes" not in job_logs(address, env, job_id) and time.time() < deadline:
+            time.sleep(2)
+        assert "raytopk: waiting for nodes: 8 workers need 4 CPU in all and this cluster has 2 now" in job_logs(address, env, job_id)
+        assert {job["submission_id"]: job["status"] for job in list_jobs(address, env)}[job_id] == "RUNNING"
+    finally:
+        subprocess.run([RAY, "job", "stop", job_id, "--address", address], capture_output=True, env=env, timeout=120)
 
 
 @pytest.mark.faults
