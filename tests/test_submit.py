@@ -1,10 +1,14 @@
 """Jobs on a real local cluster (``ray start --head``, token auth): submit.py and ``ray job submit``; cluster.yaml's schema."""
 
+import http.client
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -149,6 +153,68 @@ def test_a_failing_job_exits_nonzero_with_its_status_and_last_lines(head, tmp_pa
                    "--set", f"checkpoint_dir={tmp_path}", "--set", "max_failures=0")
     assert done.returncode == 1
     assert "ended FAILED; its last log lines:" in done.stderr
+
+
+def test_the_head_runs_jobs_only_from_loopback_and_serves_nothing_else_without_the_token(head):
+    """The dashboard, whose Jobs API runs code, listens on 127.0.0.1 alone. Ray turns a loopback node address into
+    the machine's own on purpose, so its other services listen there too: each answers a client without the token
+    with 401 (HTTP) or a refusal (gRPC, shown for the GCS), or is a read-only metrics page.
+
+    The head's processes are those of its ``ray start`` session; ``ss`` lists the sockets they listen on.
+    """
+    address, env = head
+    session, gcs_port = _head_session(env)
+    ours = []  # (ip, port) of every socket a process of the head listens on
+    for line in subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout.splitlines():
+        if any(_session(int(pid)) == session for pid in re.findall(r"pid=(\d+)", line)):
+            ip, port = line.split()[3].rsplit(":", 1)
+            ours.append((ip.strip("[]").removeprefix("::ffff:"), port))
+    dashboard_port = address.rsplit(":", 1)[1]
+    assert [ip for ip, port in ours if port == dashboard_port] == ["127.0.0.1"], ours
+    node_ip = subprocess.run([sys.executable, "-c", "from ray._private.services import get_node_ip_address as ip; print(ip())"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    answers = {f"{ip}:{port}": _answer_without_token(node_ip if ip == node_ip else "127.0.0.1", port)
+               for ip, port in ours if ip != "127.0.0.1"}
+    assert answers and set(answers.values()) <= {"401", "metrics", "grpc"}, answers
+    client = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    client.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)
+    refused = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{node_ip}:{gcs_port}')"],
+                             capture_output=True, text=True, env=client, timeout=120)
+    assert refused.returncode != 0 and "Failed to connect to Ray cluster" in refused.stderr, refused.stderr[-2000:]
+
+
+def _session(pid: int):
+    try:
+        return os.getsid(pid)
+    except OSError:  # the process ended meanwhile
+        return None
+
+
+def _head_session(env: dict) -> tuple:
+    """``(session id, GCS port)`` of the head: its GCS names the head's temp dir and its port on its command line."""
+    temp = str(Path(env["RAY_AUTH_TOKEN_PATH"]).parent).encode()
+    for pid in Path("/proc").iterdir():
+        try:
+            args = (pid / "cmdline").read_bytes().split(b"\0") if pid.name.isdigit() else []
+        except OSError:
+            continue
+        if args and args[0].endswith(b"gcs_server") and any(temp in arg for arg in args):
+            (port,) = [arg.split(b"=")[1].decode() for arg in args if arg.startswith(b"--gcs_server_port=")]
+            return _session(int(pid.name)), port
+    raise AssertionError("no GCS of this head is running")
+
+
+def _answer_without_token(host: str, port: str) -> str:
+    """What a plain HTTP GET without a token gets: "401", "metrics" (Prometheus text), "grpc" (an HTTP/2 server's
+    first frame), or else what it was."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/", timeout=10) as response:
+            body = response.read(6)
+            return "metrics" if body == b"# HELP" else f"{response.status} {body!r}"
+    except urllib.error.HTTPError as err:
+        return str(err.code)
+    except http.client.BadStatusLine as err:
+        return "grpc" if str(err).startswith("\x00\x00") else repr(err)
 
 
 def test_bad_config_is_refused_before_anything_is_submitted(head):
