@@ -156,6 +156,25 @@ def test_a_checkpoint_of_another_job_or_damaged_is_refused_and_left_alone(straig
     assert _files(tmp_path / "copy") == before
 
 
+class _Payload:
+    """Pickles as a call to ``os.system``: what a planted checkpoint would run under a full unpickle."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(straight, tmp_path):
+    shutil.copytree(straight["run_dir"], tmp_path / "planted")
+    marker = tmp_path / "it-ran"
+    torch.save({"conv.weight": _Payload(marker)}, tmp_path / "planted" / os.path.basename(straight["checkpoint"]) / MODEL_FILE)
+    done = _raytopk_train(tmp_path, "planted", "--epochs", "3")
+    assert done.returncode == 2 and "model.pt: cannot be loaded (Weights only load failed" in done.stderr, done.stderr
+    assert not marker.exists()
+
+
 @pytest.mark.faults
 def test_a_checkpoint_cut_off_mid_write_is_never_resumed_from(straight, tmp_path):
     """What a crash while epoch 3 is being copied to storage leaves: a newer checkpoint directory, one file half written, that Ray never recorded."""
