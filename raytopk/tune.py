@@ -11,7 +11,7 @@ A sweep YAML (``tune_configs/*.yaml``) is flat, one key a setting::
     grace_period: 1                          #   grace_period, then every reduction_factor-fold
     reduction_factor: 2                      #   more epochs
     num_samples: 8
-    max_concurrent_trials: 2                 # 0: as many as the cluster's resources allow
+    max_concurrent_trials: 2                 # 0: no limit (trials beyond what the cluster holds wait for workers)
 
 Ray 2.60 runs Train V2, where a ``TorchTrainer`` cannot be handed to a ``Tuner``.
 Each trial is therefore a Tune *function* that builds one ``TorchTrainer`` and
