@@ -53,33 +53,29 @@ def local_head(num_cpus: int = 2, timeout: float = 120):
     head = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{ports['--dashboard-port']}"
     try:
-        _wait_for_jobs_api(address, token_path, head, timeout)
+        _wait_for_jobs_api(address, env, head, timeout)
         yield address, env
     finally:
-        _stop_jobs(address, token_path)
+        _stop_jobs(address, env)
         _stop(head)
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _wait_for_jobs_api(address: str, token_path: str, head, timeout: float) -> None:
-    with open(token_path) as f:
-        request = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {f.read()}"})
+def _wait_for_jobs_api(address: str, env: dict, head, timeout: float) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if head.poll() is not None:
             raise RuntimeError(f"ray start exited with {head.returncode}")
         try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                if response.status == 200:
-                    return
+            list_jobs(address, env)
+            return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(1)
+            time.sleep(1)
     raise RuntimeError(f"no Ray jobs API at {address} after {timeout:.0f} s")
 
 
-def _api(address: str, token_path: str, path: str, method: str = "GET"):
-    with open(token_path) as f:
+def _api(address: str, env: dict, path: str, method: str = "GET"):
+    with open(env["RAY_AUTH_TOKEN_PATH"]) as f:
         request = urllib.request.Request(f"{address}{path}", method=method, headers={"Authorization": f"Bearer {f.read()}"})
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read() or b"null")
@@ -87,24 +83,29 @@ def _api(address: str, token_path: str, path: str, method: str = "GET"):
 
 def list_jobs(address: str, env: dict) -> list:
     """Every job the head knows, as its jobs API lists them (``submission_id``, ``status``, ``entrypoint``, ...)."""
-    return _api(address, env["RAY_AUTH_TOKEN_PATH"], "/api/jobs/")
+    return _api(address, env, "/api/jobs/")
 
 
 def job_logs(address: str, env: dict, submission_id: str) -> str:
-    return _api(address, env["RAY_AUTH_TOKEN_PATH"], f"/api/jobs/{submission_id}/logs")["logs"]
+    return _api(address, env, f"/api/jobs/{submission_id}/logs")["logs"]
 
 
-def _stop_jobs(address: str, token_path: str, timeout: float = 60) -> None:
+def stop_job(address: str, env: dict, submission_id: str) -> None:
+    _api(address, env, f"/api/jobs/{submission_id}/stop", method="POST")
+
+
+def _stop_jobs(address: str, env: dict, timeout: float = 60) -> None:
     """Stop every job still running on the head: their drivers run in sessions of their own, outside the head's group."""
+
+    def running():
+        return [job["submission_id"] for job in list_jobs(address, env) if job.get("submission_id") and job["status"] in ("PENDING", "RUNNING")]
+
     try:
-        running = [job["submission_id"] for job in _api(address, token_path, "/api/jobs/")
-                   if job.get("submission_id") and job["status"] in ("PENDING", "RUNNING")]
-        for submission_id in running:
-            _api(address, token_path, f"/api/jobs/{submission_id}/stop", method="POST")
+        for submission_id in running():
+            stop_job(address, env, submission_id)
         deadline = time.time() + timeout
-        while running and time.time() < deadline:
+        while running() and time.time() < deadline:
             time.sleep(1)
-            running = [i for i in running if _api(address, token_path, f"/api/jobs/{i}")["status"] in ("PENDING", "RUNNING")]
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         pass  # the head is gone already: nothing left to ask
 

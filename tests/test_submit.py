@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster import RAY, free_ports, job_logs, list_jobs, local_head
+from cluster import RAY, free_ports, job_logs, list_jobs, local_head, stop_job
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,10 +32,7 @@ def _submit(head, *args, env=None, timeout=420):
 
 
 def _jobs(head) -> int:
-    address, env = head
-    listed = subprocess.run([RAY, "job", "list", "--address", address], capture_output=True, text=True, env=env, timeout=60)
-    assert listed.returncode == 0, listed.stderr[-2000:]
-    return listed.stdout.count("submission_id=")
+    return sum(1 for job in list_jobs(*head) if job.get("submission_id"))
 
 
 @pytest.fixture
@@ -144,7 +141,7 @@ def test_a_job_wanting_more_than_the_cluster_holds_says_it_waits(head, tmp_path)
         assert "raytopk: waiting for nodes: 8 workers need 4 CPU in all and this cluster has 2 now" in job_logs(address, env, job_id)
         assert {job["submission_id"]: job["status"] for job in list_jobs(address, env)}[job_id] == "RUNNING"
     finally:
-        subprocess.run([RAY, "job", "stop", job_id, "--address", address], capture_output=True, env=env, timeout=120)
+        stop_job(address, env, job_id)
 
 
 @pytest.mark.faults
