@@ -5,9 +5,10 @@ Use it like PyTorch's PowerSGD hook::
     state = raytopk.TopKState(ratio=0.01, module=model)
     ddp_model.register_comm_hook(state, raytopk.topk_hook)
 
-Only the selected entries cross the network (an ``all_gather`` of ``k`` indices
-and values per rank), never a dense tensor. Nothing here imports Ray: any DDP
-program, ``torchrun`` included, can use the hook.
+Only the selected entries cross the network, never a dense tensor; how they
+cross (all-gather, sharded, or two levels across nodes) is
+:mod:`raytopk.exchange`'s job. Nothing here imports Ray: any DDP program,
+``torchrun`` included, can use the hook.
 """
 
 import math
@@ -18,7 +19,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from raytopk.compression import VALUE_DTYPES, index_dtype, pack, payload_bytes, select_topk, unpack
+from raytopk.compression import VALUE_DTYPES, index_dtype, payload_bytes, select_topk
+from raytopk.exchange import EXCHANGES, Exchanger, Link, allgather, dense_allreduce_bytes
 
 __all__ = ["TopKState", "topk_hook", "redistribute"]
 
@@ -69,6 +71,21 @@ class TopKState:
        ``dense_below`` entries go dense, as their values alone (both sides
        know their positions); every rank still sends the same number of bytes.
 
+    How entries cross the network, for many workers:
+
+    8. ``exchange``: "allgather" sends every rank's entries to every rank, so
+       each worker's traffic grows with the worker count; "sharded" routes
+       entries to the rank that owns their index and keeps traffic per worker
+       flat (``capacity_factor`` sizes each destination's slots, 1.25 = 25%
+       headroom for uneven indices); "hierarchical" reduces densely inside each
+       node first and sends sparse entries only between nodes. "auto" (the
+       default) picks per bucket by :func:`raytopk.exchange.cost` from the
+       worker count, the node layout (``LOCAL_WORLD_SIZE``, as torchrun and Ray
+       Train set it), the bucket and ``link`` (a :class:`~raytopk.exchange.Link`
+       of bandwidths and latencies). Sharded and hierarchical approximate a
+       global top-k; what they do not use stays in the residuals. Per-layer
+       selection sends with "allgather".
+
     Memory: two residual-sized tensors per worker (twice the gradient size):
     the residual, and the ``gradient + residual`` of the step in flight, which
     becomes the next residual; momentum correction adds two more for the
@@ -89,6 +106,9 @@ class TopKState:
         clip_norm: the global gradient norm that local clipping keeps to; ``None`` for no clipping.
         per_layer: select the top-k of each parameter instead of each bucket.
         dense_below: with ``per_layer``, parameters with fewer entries (or 1-D) go dense.
+        exchange: "auto", "allgather", "sharded" or "hierarchical".
+        capacity_factor: slots per destination of the sharded exchange, as a multiple of ``k / W``; >= 1.
+        link: network figures for ``exchange="auto"``; ``None`` is :class:`~raytopk.exchange.Link`'s defaults.
     """
 
     def __init__(
@@ -105,6 +125,9 @@ class TopKState:
         clip_norm: Optional[float] = None,
         per_layer: bool = False,
         dense_below: int = 1024,
+        exchange: str = "auto",
+        capacity_factor: float = 1.25,
+        link: Optional[Link] = None,
     ):
         _check_number("ratio", ratio, 0.0, 1.0, "(0, 1]")
         _check_count("start_iter", start_iter)
@@ -122,6 +145,13 @@ class TopKState:
         if not isinstance(per_layer, bool):
             raise ValueError(f"per_layer must be True or False, got {per_layer!r}")
         _check_count("dense_below", dense_below)
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {', '.join(EXCHANGES)}, got {exchange!r}")
+        if per_layer and exchange in ("sharded", "hierarchical"):
+            raise ValueError(f"per_layer=True sends with exchange='allgather' (or 'auto'), got exchange={exchange!r}")
+        _check_number("capacity_factor", capacity_factor, 1.0 - 1e-12, math.inf, "[1, inf)")
+        if link is not None and not isinstance(link, Link):
+            raise ValueError(f"link must be a raytopk.exchange.Link, got {link!r}")
 
         # Compression settings: what each step sends.
         self.ratio = float(ratio)
@@ -136,6 +166,13 @@ class TopKState:
         self.momentum = float(momentum)
         self.clip_norm = None if clip_norm is None else float(clip_norm)
         self.process_group = process_group
+        # How entries cross the network; the Exchanger (node layout, subgroups) is built at the first compressed step.
+        self.exchange = "allgather" if per_layer else exchange
+        self.capacity_factor = float(capacity_factor)
+        self.link = link or Link()
+        self._exchanger: Optional[Exchanger] = None
+        # Buckets exchanged by each algorithm (what auto chose), counted for logs and benchmarks.
+        self.algorithms: Dict[str, int] = {}
         # Parameter names, for checkpoints that outlive bucket layouts.
         self.module = module
         # Error feedback: this worker's residual, one _BucketMemory per bucket index.
@@ -230,10 +267,12 @@ class TopKState:
         self._buckets[bucket.index()] = memory
         return memory
 
-    def _count(self, bucket: dist.GradBucket, sent: int, seconds: float) -> None:
+    def _count(self, bucket: dist.GradBucket, world_size: int, sent: float, seconds: float) -> None:
+        """Add one bucket: ``sent`` bytes on the wire, against what DDP's ring allreduce would have sent."""
+        buffer = bucket.buffer()
         with self._stats_lock:
-            self.stats["bytes_sent"] += sent
-            self.stats["dense_bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
+            self.stats["bytes_sent"] += int(sent)
+            self.stats["dense_bytes"] += int(dense_allreduce_bytes(buffer.numel() * buffer.element_size(), world_size))
             self.stats["hook_s"] += seconds
             if bucket.is_last():
                 self.iter += 1
@@ -261,7 +300,8 @@ def redistribute(state_dicts: List[dict], world_size: int) -> dict:
 
 # What a checkpoint holds per parameter, and the settings it records.
 _KINDS = ("residuals", "velocities")
-_SETTINGS = ("ratio", "value_dtype", "start_iter", "warmup_ratio", "warmup_steps", "momentum", "clip_norm", "per_layer", "dense_below")
+_SETTINGS = ("ratio", "value_dtype", "start_iter", "warmup_ratio", "warmup_steps", "momentum", "clip_norm", "per_layer", "dense_below",
+             "exchange", "capacity_factor")
 
 
 def _check_number(name, value, low, high, allowed) -> None:
@@ -354,17 +394,15 @@ class _BucketMemory:
         """Where a payload's values go: its ``indices``, then the dense positions (no copy when there are none)."""
         return torch.cat([indices, self.dense]) if len(self.dense) else indices
 
-    def commit(self, sent: torch.Tensor, unsent: torch.Tensor) -> None:
-        """Every rank's step arrived finite: ``acc`` minus what went out becomes the residual.
+    def commit(self, cleared: torch.Tensor) -> None:
+        """Every rank's step arrived finite: ``acc``, which the exchange turned into what it did not use, becomes the residual.
 
-        ``sent`` are the positions sent (selected and dense), ``unsent`` what
-        rounding to the value dtype kept back there (zero in fp32). Momentum
-        factor masking clears the velocity at the same positions.
+        Momentum factor masking clears the velocity at ``cleared``, the
+        positions whose entry the exchange used.
         """
-        self.spare[sent] = unsent
         self.residual, self.spare = self.spare, self.residual
         if self.velocity is not None:
-            self.velocity_spare[sent] = 0
+            self.velocity_spare[cleared] = 0
             self.velocity, self.velocity_spare = self.velocity_spare, self.velocity
 
 
@@ -378,29 +416,34 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     3. ``acc = bucket + residual`` (error feedback: this worker's own memory),
        written into the bucket's spare residual tensor. With ``momentum``:
        ``u = momentum * u + bucket`` and ``acc = u + residual`` instead.
-    4. Select the ``k = max(1, ceil(ratio * n))`` entries of largest ``|acc|``
-       (per parameter with ``per_layer``, small ones dense); where sending them
-       would cost at least as many bytes as the dense bucket (``ratio`` near
-       1), allreduce ``acc`` densely instead.
-    5. Pack indices and values (cast to ``value_dtype``) into one buffer and
-       ``all_gather`` it asynchronously: each rank sends exactly as many bytes.
-    6. When the gather completes: ``residual = acc - what this rank sent`` (zero
-       at the sent entries, up to the rounding of fp16/bf16 values; ``acc``
-       becomes the residual in place; the velocity is cleared where sent), then
-       scatter-add every rank's entries, scaled by ``1 / W``, into the zeroed bucket.
-       If any rank sent inf or NaN (an fp16 overflow), the residual and velocity
-       stay as they were and the non-finite values pass on, so every rank's
-       GradScaler skips.
+    4. Where sending ``k = max(1, ceil(ratio * n))`` indices and values would
+       cost at least as many bytes as the dense bucket (``ratio`` near 1),
+       allreduce ``acc`` densely instead.
+    5. Exchange (:mod:`raytopk.exchange`; ``state.exchange``, or the cheapest
+       by the cost model): the entries of largest ``|acc|`` (per parameter with
+       ``per_layer``, small ones dense) cross the network as indices and
+       values cast to ``value_dtype``. The exchange turns ``acc`` into what it
+       did not use, and sums what it used over every worker into the bucket.
+    6. When the exchange completes: if the sum is finite, ``acc`` becomes the
+       residual (and the velocity is cleared where used); the bucket is
+       divided by ``W``. If any rank sent inf or NaN (an fp16 overflow), the
+       residual and velocity stay as they were and the non-finite values pass
+       on, so every rank's GradScaler skips.
+
+    ``state.stats["bytes_sent"]`` counts what this worker's collectives put on
+    the wire by each algorithm's standard cost (a ring all-gather sends
+    ``W - 1`` payloads); ``dense_bytes`` what DDP's ring allreduce would have
+    sent, ``2 (W - 1) / W`` of the bucket.
     """
     started = time.perf_counter()
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     world_size = dist.get_world_size(group)
     buffer = bucket.buffer()
-    n = buffer.numel()
+    n, dense_bytes = buffer.numel(), buffer.numel() * buffer.element_size()
 
     if state.iter < state.start_iter:
         future = _dense_allreduce(buffer, group, world_size)
-        state._count(bucket, n * buffer.element_size(), time.perf_counter() - started)
+        state._count(bucket, world_size, dense_allreduce_bytes(dense_bytes, world_size), time.perf_counter() - started)
         return future
 
     memory = state._memory(bucket)
@@ -410,7 +453,7 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     if state.clip_norm is not None:
         _clip(buffer, state.clip_norm / math.sqrt(world_size))
 
-    if payload_bytes(k, n, value_dtype, dense) >= n * buffer.element_size():
+    if payload_bytes(k, n, value_dtype, dense) >= dense_bytes:
         # Everything is sent: the residual (and with it the velocity, fully masked) empties.
         buffer.add_(memory.residual)
         if memory.velocity is not None:
@@ -425,29 +468,68 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
             return mean
 
         future = _dense_allreduce(buffer, group, world_size).then(clear_memory)
-        state._count(bucket, n * buffer.element_size(), time.perf_counter() - started)
+        state._count(bucket, world_size, dense_allreduce_bytes(dense_bytes, world_size), time.perf_counter() - started)
         return future
 
+    if state._exchanger is None:
+        state._exchanger = Exchanger(state.exchange, group, state.link, state.capacity_factor)
     acc = memory.accumulate(buffer, state.momentum)
-    values, indices = memory.select(acc, ks)
-    payload = pack(values, indices, value_dtype)
-    gathered = [torch.empty_like(payload) for _ in range(world_size)]
-    work = dist.all_gather(gathered, payload, group=group, async_op=True)
+    future, sent = _exchange(state, memory, acc, ks, value_dtype, buffer)
 
-    def update_memory_and_scatter_mean(fut: torch.futures.Future) -> torch.Tensor:
+    def keep_residual_and_average(fut: torch.futures.Future) -> torch.Tensor:
         decode_started = time.perf_counter()
-        peers = [unpack(peer, k, n, value_dtype) for peer in gathered]
-        if all(torch.isfinite(peer_values).all() for peer_values, _ in peers):
-            memory.commit(memory.positions(indices), values - unpack(payload, k, n, value_dtype)[0].to(values.dtype))
-        buffer.zero_()
-        for peer_values, peer_indices in peers:
-            buffer.index_add_(0, memory.positions(peer_indices), peer_values.to(buffer.dtype), alpha=1.0 / world_size)
+        out, cleared = fut.value()
+        if torch.isfinite(out).all():
+            memory.commit(cleared)
+        out.div_(world_size)
         with state._stats_lock:
             state.stats["hook_s"] += time.perf_counter() - decode_started
-        return buffer
+        return out
 
-    state._count(bucket, payload.numel(), time.perf_counter() - started)
-    return work.get_future().then(update_memory_and_scatter_mean)
+    state._count(bucket, world_size, sent, time.perf_counter() - started)
+    return future.then(keep_residual_and_average)
+
+
+def _exchange(state: TopKState, memory: "_BucketMemory", acc: torch.Tensor, ks: List[int], value_dtype, out: torch.Tensor):
+    """Run the exchange for one bucket: the future of ``(out, cleared)`` and the bytes this rank sent.
+
+    All-gather takes every selection mode (per-layer, dense parameters, the
+    saved groups of a resumed step) in one collective. Sharded and
+    hierarchical route by position in the bucket, so on the first step after a
+    resume each saved group is exchanged on its own, as the bucket it was in
+    the uninterrupted run.
+    """
+    exchanger = state._exchanger
+    value_bytes = value_dtype.itemsize
+    groups = memory.groups if memory.groups is not None else [None]
+    picked = [exchanger.pick(acc.numel() if g is None else len(g), k, value_bytes) for g, k in zip(groups, ks)]
+    _tally(state, picked)
+    if state.per_layer or all(name == "allgather" for name in picked):
+        values, indices = memory.select(acc, ks)
+        return allgather(acc, values, indices, value_dtype, exchanger.group, out, memory.positions)
+    if memory.groups is None:
+        return exchanger.run(picked[0], acc, ks[0], value_dtype, out)
+    cleared, sent = [], 0
+    for group, k, name in zip(memory.groups, ks, picked):
+        part, part_out = acc[group], torch.zeros(len(group), dtype=out.dtype)
+        if name == "allgather":
+            values, indices = select_topk(part, k)
+            future, part_sent = allgather(part, values, indices, value_dtype, exchanger.group, part_out)
+        else:
+            future, part_sent = exchanger.run(name, part, k, value_dtype, part_out)
+        _, part_cleared = future.wait()
+        acc[group], out[group] = part, part_out
+        cleared.append(group[part_cleared])
+        sent += part_sent
+    done = torch.futures.Future()
+    done.set_result((out, torch.cat(cleared)))
+    return done, sent
+
+
+def _tally(state: TopKState, picked: List[str]) -> None:
+    with state._stats_lock:
+        for name in picked:
+            state.algorithms[name] = state.algorithms.get(name, 0) + 1
 
 
 def _clip(buffer: torch.Tensor, max_norm: float) -> None:

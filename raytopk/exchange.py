@@ -1,0 +1,504 @@
+"""How each worker's selected gradient entries cross the network, and what each way costs.
+
+Every exchange takes this rank's accumulated bucket ``acc`` (gradient plus
+residual) and its selected entries, and produces two things:
+
+* ``out``: the sum over ranks of what the exchange used, dense, the same on
+  every rank (the hook divides it by the world size);
+* ``acc`` rewritten as this rank's next residual: whatever was not used stays,
+  so error feedback loses nothing. Summed over ranks,
+  ``sum(residuals) + out == sum(acc)``.
+
+Three algorithms, from simplest to most scalable:
+
+1. ``allgather``: every rank gathers every rank's ``k`` entries (one ring
+   all-gather). Each rank sends ``(W - 1) * k`` entries: traffic per worker
+   grows with the worker count, so at ratio 0.01 it reaches dense DDP's at about
+   100 workers. Exact (the update is the sum of every rank's top-k), and the
+   cheapest at 2 workers.
+2. ``sharded`` (as in Ok-Topk and SparCML): index ``i`` is owned by rank
+   ``i % W``. Each rank sends its entries to their owners in one
+   ``all_to_all_single`` with a fixed capacity per destination (so no round
+   trip to agree on sizes, on gloo or NCCL); owners sum exactly, keep the top
+   ``k / W`` of their shard and one equal-size ``all_gather`` gives everyone
+   the update. Each rank sends about ``(2 + capacity_factor - 1) * k * (W - 1) / W``
+   entries: flat in ``W``. Entries beyond a destination's capacity, or that
+   their owner did not keep, stay in the sender's residual.
+3. ``hierarchical`` (two levels, as in HiTopKComm/MSTopK): ranks on one node
+   reduce-scatter their dense ``acc`` over the fast local link, each local rank
+   runs the sparse exchange for its shard with its peers on the other nodes,
+   and a local all-gather of the (sparse) results puts the update together.
+   Only the sparse stage crosses the node's network card.
+
+:func:`cost` models bytes and alpha-beta time of each (and of dense DDP) for
+any worker count without starting a process; :func:`choose` picks the fastest
+for ``exchange="auto"``, the same way on every rank.
+
+Stages that need the previous stage's result wait for it inside the hook,
+never in a future callback: gloo matches collectives by the order they were
+launched in, and callbacks run on other threads.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from raytopk.compression import index_dtype, select_topk
+
+__all__ = ["EXCHANGES", "ALGORITHMS", "Link", "Layout", "Cost", "cost", "choose", "dense_allreduce_bytes",
+           "node_layout", "Exchanger", "allgather", "sharded"]
+
+EXCHANGES = ("auto", "allgather", "sharded", "hierarchical")
+# What the cost model knows: the exchanges, and dense DDP in fp32 and fp16 for comparison.
+ALGORITHMS = ("dense", "dense_fp16", "allgather", "sharded", "hierarchical")
+_SENTINEL = -1  # an index slot that carries nothing (padding to a fixed size)
+
+
+# -- the cost model ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Link:
+    """Alpha-beta figures of the network: latency per message and bandwidth, between nodes and inside one.
+
+    The defaults describe a common cloud setup: 10 Gbit/s and 25 us between
+    nodes, 100 Gbit/s and 5 us between ranks of one node. Only their ratios
+    matter to :func:`choose`; set them to your cluster's to make ``auto`` (and
+    :func:`cost`'s seconds) match it.
+    """
+
+    inter_gbps: float = 10.0
+    inter_latency_us: float = 25.0
+    intra_gbps: float = 100.0
+    intra_latency_us: float = 5.0
+
+    def __post_init__(self):
+        for name in ("inter_gbps", "inter_latency_us", "intra_gbps", "intra_latency_us"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"Link {name} must be a finite number >= 0, got {value!r}")
+        if not self.inter_gbps or not self.intra_gbps:
+            raise ValueError(f"Link bandwidths must be > 0, got inter_gbps={self.inter_gbps}, intra_gbps={self.intra_gbps}")
+
+    def seconds(self, messages: int, nbytes: float, inter: bool) -> float:
+        """Time of ``messages`` sequential messages carrying ``nbytes`` through one link."""
+        latency, gbps = (self.inter_latency_us, self.inter_gbps) if inter else (self.intra_latency_us, self.intra_gbps)
+        return messages * latency * 1e-6 + nbytes * 8 / (gbps * 1e9)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Ranks as nodes: ``world_size`` ranks, ``local_world_size`` per node, numbered node by node."""
+
+    world_size: int
+    local_world_size: int = 1
+
+    @property
+    def nodes(self) -> int:
+        return self.world_size // self.local_world_size
+
+
+@dataclass(frozen=True)
+class Cost:
+    """One bucket's exchange: bytes each rank sends (all stages), and its alpha-beta time in seconds."""
+
+    bytes_sent: float
+    seconds: float
+
+
+def dense_allreduce_bytes(nbytes: float, world_size: int) -> float:
+    """What a ring allreduce (DDP's, gloo's and NCCL's) sends per rank for a tensor of ``nbytes``."""
+    return 2 * (world_size - 1) / world_size * nbytes
+
+
+def _ring(layout: Layout, link: Link, steps: int, per_rank: float, sharing: int = 1) -> Cost:
+    """A ring collective of ``steps`` steps sending ``per_rank`` bytes from each rank.
+
+    The ring visits ranks node by node, so each node's card carries one ring
+    edge each way, and the slowest edge sets the pace. ``sharing`` rings run at
+    once through the same cards.
+    """
+    return Cost(per_rank, link.seconds(steps, sharing * per_rank, inter=layout.nodes > 1))
+
+
+def _pairwise(layout: Layout, link: Link, chunk: float, sharing: int = 1) -> Cost:
+    """An all-to-all with ``chunk`` bytes from each rank to each other rank.
+
+    Every rank of a node sends to every rank off it through the node's card:
+    ``L * (W - L)`` chunks leave each node (times ``sharing`` concurrent runs).
+    """
+    w, local = layout.world_size, layout.local_world_size
+    if layout.nodes == 1:
+        return Cost((w - 1) * chunk, link.seconds(w - 1, (w - 1) * chunk, inter=False))
+    seconds = link.seconds(w - 1, sharing * local * (w - local) * chunk, inter=True)
+    seconds += link.seconds(0, (local - 1) * chunk, inter=False)
+    return Cost((w - 1) * chunk, seconds)
+
+
+def _plus(*costs: Cost) -> Cost:
+    return Cost(sum(c.bytes_sent for c in costs), sum(c.seconds for c in costs))
+
+
+def sharded_counts(k: int, world_size: int, capacity_factor: float) -> Tuple[int, int]:
+    """``(capacity, keep)`` of the sharded exchange: entries per destination, and kept per owner."""
+    return max(1, math.ceil(capacity_factor * k / world_size)), max(1, math.ceil(k / world_size))
+
+
+def cost(algorithm: str, layout: Layout, numel: int, k: int, value_bytes: int = 4, element_bytes: int = 4,
+         link: Link = Link(), capacity_factor: float = 1.25) -> Cost:
+    """Bytes per rank and alpha-beta seconds of exchanging one bucket of ``numel`` entries, ``k`` selected per rank.
+
+    ``value_bytes`` is the size of a sent value (indices add 4), ``element_bytes``
+    that of a dense gradient entry. Starts no process: use it to project any
+    worker count (``benchmarks/cost_model.py`` plots it up to 1,024 workers).
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    w = layout.world_size
+    if w == 1:
+        return Cost(0, 0.0)
+    if algorithm in ("dense", "dense_fp16"):
+        nbytes = numel * (2 if algorithm == "dense_fp16" else element_bytes)
+        return _ring(layout, link, 2 * (w - 1), dense_allreduce_bytes(nbytes, w))
+    entry = value_bytes + index_dtype(numel).itemsize
+    if algorithm != "hierarchical":
+        return _flat(algorithm, layout, k, entry, link, capacity_factor)
+    local, nodes = layout.local_world_size, layout.nodes
+    shard, shard_k = math.ceil(numel / local), math.ceil(k / local)
+    on_node = Layout(local, local)
+    scatter = _pairwise(on_node, link, shard * element_bytes)
+    _, inner, result = _inner_choice(nodes, shard_k, entry, link, capacity_factor, sharing=local)
+    gather = _ring(on_node, link, local - 1, (local - 1) * result * (element_bytes + 4))
+    return _plus(scatter, inner, gather)
+
+
+def _flat(algorithm: str, layout: Layout, k: int, entry: int, link: Link, capacity_factor: float, sharing: int = 1) -> Cost:
+    """All-gather or sharded over ``layout``, ``entry`` bytes per sent entry."""
+    w = layout.world_size
+    if w == 1:
+        return Cost(0, 0.0)
+    if algorithm == "allgather":
+        return _ring(layout, link, w - 1, (w - 1) * k * entry, sharing)
+    capacity, keep = sharded_counts(k, w, capacity_factor)
+    return _plus(_pairwise(layout, link, capacity * entry, sharing), _ring(layout, link, w - 1, (w - 1) * keep * entry, sharing))
+
+
+def _inner_choice(nodes: int, k: int, entry: int, link: Link, capacity_factor: float, sharing: int):
+    """The hierarchical exchange's stage across ``nodes`` (one rank each, ``sharing`` per card at once).
+
+    Returns the flat algorithm it uses ("none" on one node), its cost, and how
+    many entries its result can hold.
+    """
+    if nodes == 1:
+        return "none", Cost(0, 0.0), k
+    across = Layout(nodes, 1)
+    timed = [(_flat(name, across, k, entry, link, capacity_factor, sharing), i, name) for i, name in enumerate(("allgather", "sharded"))]
+    inner, _, name = min(timed, key=lambda t: (t[0].seconds, t[1]))
+    entries = nodes * k if name == "allgather" else nodes * sharded_counts(k, nodes, capacity_factor)[1]
+    return name, inner, entries
+
+
+def choose(layout: Layout, numel: int, k: int, value_bytes: int = 4, link: Link = Link(), capacity_factor: float = 1.25,
+           candidates=("allgather", "sharded", "hierarchical")) -> str:
+    """The exchange with the least modelled time for this bucket (``exchange="auto"``); ties go to the simpler one.
+
+    Deterministic: every rank passes the same numbers and gets the same answer.
+    Hierarchical is a candidate only with several nodes of several ranks.
+    """
+    if layout.local_world_size == 1 or layout.nodes == 1:
+        candidates = [c for c in candidates if c != "hierarchical"]
+    timed = [(cost(name, layout, numel, k, value_bytes, link=link, capacity_factor=capacity_factor).seconds, i, name)
+             for i, name in enumerate(candidates)]
+    return min(timed)[2]
+
+
+# -- the node layout -------------------------------------------------------------------
+
+
+def node_layout(group) -> Tuple[Layout, Optional[str]]:
+    """This group's :class:`Layout`, from ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` (set by torchrun and Ray Train).
+
+    A collective (one tiny all-gather): every rank gets the same answer, and
+    an uneven layout (nodes with different rank counts, or ranks not numbered
+    node by node) is seen by all. Returns ``(layout, why_flat)``: an uneven or
+    unknown layout counts as one rank per node, and ``why_flat`` says why.
+    """
+    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    local_rank, local_size = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    mine = torch.tensor([local_rank, local_size], dtype=torch.int64)
+    if dist.get_backend(group) == "nccl":
+        mine = mine.cuda()
+    everyone = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(everyone, mine, group=group)
+    pairs = [tuple(int(v) for v in t.tolist()) for t in everyone]
+    sizes = {size for _, size in pairs}
+    if len(sizes) != 1:
+        return Layout(world_size, 1), f"nodes hold different numbers of ranks (LOCAL_WORLD_SIZE {sorted(sizes)})"
+    local = sizes.pop()
+    if local < 1 or world_size % local or any(lr != r % local for r, (lr, _) in enumerate(pairs)):
+        return Layout(world_size, 1), f"ranks are not numbered node by node with {local} per node"
+    del rank
+    return Layout(world_size, local), None
+
+
+# -- the exchanges ---------------------------------------------------------------------
+# Each returns (future, bytes sent by this rank). The future's value is
+# (out, cleared): ``out`` holds the sum over ranks, ``cleared`` the positions
+# where this rank's contribution was fully used (momentum factor masking).
+
+
+def _pack(indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return torch.cat([indices.view(torch.uint8), values.view(torch.uint8)])
+
+
+def _unpack(buffer: torch.Tensor, count: int, idx_dtype, value_dtype):
+    split = count * idx_dtype.itemsize
+    return buffer[split:].view(value_dtype), buffer[:split].view(idx_dtype)
+
+
+def _gather(payload: torch.Tensor, group, world_size: int):
+    """Start an all-gather of equal-size ``payload`` buffers; return the work and the list it fills."""
+    gathered = [torch.empty_like(payload) for _ in range(world_size)]
+    return dist.all_gather(gathered, payload, group=group, async_op=True), gathered
+
+
+def allgather(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, value_dtype, group, out: torch.Tensor,
+              positions: Optional[Callable] = None):
+    """Every rank's ``k`` entries to every rank; ``out`` is their sum, exact.
+
+    ``values`` may run past ``indices``: the extra values travel bare, at the
+    positions ``positions(indices)`` appends (entries sent dense). This
+    rank's residual keeps only the rounding of what it sent.
+    """
+    world_size = dist.get_world_size(group)
+    k, numel = len(indices), acc.numel()
+    positions = positions or _as_positions
+    sent = values.to(value_dtype)
+    payload = _pack(indices, sent)
+    work, gathered = _gather(payload, group, world_size)
+
+    def sum_peers(fut: torch.futures.Future):
+        cleared = positions(indices)
+        acc[cleared] = values - sent.to(values.dtype)
+        out.zero_()
+        for peer in gathered:
+            peer_values, peer_indices = _unpack(peer, k, index_dtype(numel), value_dtype)
+            out.index_add_(0, positions(peer_indices), peer_values.to(out.dtype))
+        return out, cleared
+
+    return work.get_future().then(sum_peers), (world_size - 1) * payload.numel()
+
+
+def _route(indices: torch.Tensor, values: torch.Tensor, owners: int, capacity: int):
+    """Slots of the entries that fit their owner's ``capacity`` (largest magnitudes first): ``(chosen, slots)``."""
+    order = torch.sort(values.abs(), descending=True, stable=True).indices
+    owner = indices[order].long() % owners
+    by_owner = torch.sort(owner, stable=True)
+    order, owner = order[by_owner.indices], by_owner.values
+    counts = torch.bincount(owner, minlength=owners)
+    place = torch.arange(len(order)) - (torch.cumsum(counts, 0) - counts)[owner]
+    fits = place < capacity
+    return order[fits], owner[fits] * capacity + place[fits]
+
+
+def _owner_sums(indices: torch.Tensor, values: torch.Tensor, dtype):
+    """Distinct ``indices`` (sentinels dropped) and the exact sum of ``values`` at each."""
+    valid = indices != _SENTINEL
+    distinct, inverse = torch.unique(indices[valid].long(), return_inverse=True)
+    return distinct, torch.zeros(len(distinct), dtype=dtype).index_add_(0, inverse, values[valid].to(dtype))
+
+
+def sharded(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, value_dtype, group, out: torch.Tensor,
+            capacity: int, keep: int):
+    """Entries to their index's owner (``i % W``), owners sum and keep ``keep`` each, then one all-gather.
+
+    Algorithm, on each of ``W`` ranks:
+
+    1. Route: the ``capacity`` largest entries for each owner go into its
+       slots (unused slots carry a sentinel index). One ``all_to_all_single``
+       with equal splits delivers them (waited for here: stage 2 needs it).
+    2. Owners sum the entries they received per index, exactly, and keep the
+       ``keep`` largest sums. Their rounding to ``value_dtype`` stays in the
+       owner's residual.
+    3. One equal-size ``all_gather`` of the kept entries; each rank adds them
+       into ``out`` (owners are disjoint, so no index arrives twice) and clears
+       its residual only where it sent an entry that was kept.
+
+    Returns the future of ``(out, cleared)`` and the bytes this rank sent.
+    """
+    world_size = dist.get_world_size(group)
+    idx_dtype = index_dtype(acc.numel() + 1)
+    chosen, slots = _route(indices, values, world_size, capacity)
+    send_indices = torch.full((world_size * capacity,), _SENTINEL, dtype=idx_dtype)
+    send_values = torch.zeros(world_size * capacity, dtype=value_dtype)
+    send_indices[slots] = indices[chosen].to(idx_dtype)
+    send_values[slots] = values[chosen].to(value_dtype)
+    rows = [t.view(torch.uint8).view(world_size, -1) for t in (send_indices, send_values)]
+    send = torch.cat(rows, 1).reshape(-1)
+    received = torch.empty_like(send)
+    dist.all_to_all_single(received, send, group=group, async_op=True).wait()
+    received = received.view(world_size, -1)
+    split = capacity * idx_dtype.itemsize
+    got_indices = received[:, :split].contiguous().view(idx_dtype).reshape(-1)
+    got_values = received[:, split:].contiguous().view(value_dtype).reshape(-1)
+
+    distinct, sums = _owner_sums(got_indices, got_values, acc.dtype)
+    kept = min(keep, len(distinct))
+    top = torch.topk(sums.abs(), kept, sorted=False).indices if kept < len(distinct) else torch.arange(kept)
+    keep_indices = torch.full((keep,), _SENTINEL, dtype=idx_dtype)
+    keep_values = torch.zeros(keep, dtype=value_dtype)
+    keep_indices[:kept] = distinct[top].to(idx_dtype)
+    keep_values[:kept] = sums[top].to(value_dtype)
+    owner_rounding = (distinct[top], sums[top] - keep_values[:kept].to(acc.dtype))
+    sent_positions = indices[chosen].long()
+    leftover = values[chosen] - values[chosen].to(value_dtype).to(values.dtype)
+    payload = _pack(keep_indices, keep_values)
+    work, gathered = _gather(payload, group, world_size)
+
+    def apply_kept(fut: torch.futures.Future):
+        all_values, all_indices = _unpack(torch.cat(gathered), world_size * keep, idx_dtype, value_dtype)
+        valid = all_indices != _SENTINEL
+        update_positions = all_indices[valid].long()
+        out.zero_()
+        out.index_add_(0, update_positions, all_values[valid].to(out.dtype))
+        used = torch.isin(sent_positions, update_positions)
+        cleared = sent_positions[used]
+        acc[cleared] = leftover[used]
+        acc.index_add_(0, *owner_rounding)
+        return out, cleared
+
+    sent_bytes = (world_size - 1) * (send.numel() // world_size + payload.numel())
+    return work.get_future().then(apply_kept), sent_bytes
+
+
+class Exchanger:
+    """The exchange a :class:`~raytopk.hook.TopKState` uses, with the process groups it needs, built once.
+
+    ``auto`` and ``hierarchical`` read the node layout (:func:`node_layout`);
+    with several nodes of several ranks, each rank builds two subgroups: the
+    ranks of its node, and the ranks with its local rank on every node.
+    """
+
+    def __init__(self, exchange: str, group, link: Link, capacity_factor: float):
+        self.exchange, self.group, self.link, self.capacity_factor = exchange, group, link, capacity_factor
+        self.world_size = dist.get_world_size(group)
+        self.layout = Layout(self.world_size, 1)
+        if exchange in ("auto", "hierarchical") and self.world_size > 1:
+            self.layout, why_flat = node_layout(group)
+            if exchange == "hierarchical" and why_flat:
+                raise ValueError(f"exchange='hierarchical' needs the same number of ranks on every node, numbered node by node: {why_flat}")
+        local, nodes = self.layout.local_world_size, self.layout.nodes
+        self.intra = self.group if nodes == 1 else None
+        self.inter = self.group if local == 1 else None
+        if local > 1 and nodes > 1:
+            ranks = dist.get_process_group_ranks(group)
+            node, local_rank = divmod(dist.get_rank(group), local)
+            self.intra = dist.new_group([ranks[node * local + i] for i in range(local)], use_local_synchronization=True)
+            self.inter = dist.new_group([ranks[n * local + local_rank] for n in range(nodes)], use_local_synchronization=True)
+
+    def pick(self, numel: int, k: int, value_bytes: int) -> str:
+        """The algorithm for one group of ``numel`` entries with ``k`` selected (``auto`` decides here)."""
+        if self.exchange != "auto":
+            return self.exchange
+        return choose(self.layout, numel, k, value_bytes, self.link, self.capacity_factor)
+
+    def run(self, algorithm: str, acc: torch.Tensor, k: int, value_dtype, out: torch.Tensor):
+        """Exchange ``acc``'s top-``k`` by ``algorithm`` (sharded or hierarchical): future of ``(out, cleared)``, bytes."""
+        if algorithm == "sharded":
+            values, indices = select_topk(acc, k)
+            capacity, keep = sharded_counts(k, self.world_size, self.capacity_factor)
+            return sharded(acc, values, indices, value_dtype, self.group, out, capacity, keep)
+        return self._hierarchical(acc, k, value_dtype, out)
+
+    def _hierarchical(self, acc: torch.Tensor, k: int, value_dtype, out: torch.Tensor):
+        """Two levels: dense reduce-scatter on the node, sparse across nodes, sparse all-gather on the node.
+
+        Algorithm, for local rank ``j`` of ``L`` on each of ``N`` nodes:
+
+        1. Reduce-scatter ``acc`` on the node (an ``all_to_all_single`` of
+           shards, summed in rank order): ``j`` holds its node's sum of shard ``j``.
+        2. Select ``ceil(k / L)`` entries of that sum and exchange them with the
+           ``j``-th rank of every other node (all-gather or sharded, whichever
+           the cost model says is faster for ``N`` ranks).
+        3. All-gather the shard's update on the node (its nonzero entries, in
+           ``acc``'s dtype so nothing is rounded again) and add every shard's.
+
+        Rank ``j`` becomes the only keeper of shard ``j``: its residual is zero
+        outside the shard and, inside, the node's sum minus what step 2 used.
+        """
+        local, nodes = self.layout.local_world_size, self.layout.nodes
+        me = dist.get_rank(self.intra) if local > 1 else 0
+        numel, element = acc.numel(), acc.element_size()
+        shard = math.ceil(numel / local)
+        bounds = [(min(j * shard, numel), min((j + 1) * shard, numel)) for j in range(local)]
+        start, end = bounds[me]
+        sent = 0
+        if local > 1:
+            received = torch.empty(local * (end - start), dtype=acc.dtype)
+            dist.all_to_all_single(received, acc, [end - start] * local, [e - s for s, e in bounds], group=self.intra,
+                                   async_op=True).wait()
+            node_sum = received.view(local, end - start).sum(0)
+            sent += (numel - (end - start)) * element
+        else:
+            node_sum = acc.clone()
+        shard_k = math.ceil(k / local)
+        entry = torch.empty(0, dtype=value_dtype).element_size() + index_dtype(numel).itemsize
+        inner, _, result_entries = _inner_choice(nodes, shard_k, entry, self.link, self.capacity_factor, local)
+        node_out, cleared = torch.zeros_like(node_sum), torch.empty(0, dtype=torch.long)
+        if end > start:  # every rank of the stage across nodes has the same shard: all skip it or none
+            values, indices = select_topk(node_sum, min(shard_k, end - start))
+            if inner == "none":
+                future, inner_sent = _local_only(node_sum, values, indices, value_dtype, node_out)
+            elif inner == "allgather":
+                future, inner_sent = allgather(node_sum, values, indices, value_dtype, self.inter, node_out)
+            else:
+                capacity, keep = sharded_counts(shard_k, nodes, self.capacity_factor)
+                future, inner_sent = sharded(node_sum, values, indices, value_dtype, self.inter, node_out, capacity, keep)
+            _, cleared = future.wait()
+            sent += inner_sent
+        acc.zero_()
+        acc[start:end] = node_sum
+        if local == 1:
+            out.copy_(node_out)
+            return _done(out, cleared), sent
+        hit = torch.nonzero(node_out).reshape(-1)
+        result_indices = torch.full((result_entries,), _SENTINEL, dtype=index_dtype(numel + 1))
+        result_values = torch.zeros(result_entries, dtype=acc.dtype)
+        result_indices[: len(hit)] = hit + start
+        result_values[: len(hit)] = node_out[hit]
+        payload = _pack(result_indices, result_values)
+        work, gathered = _gather(payload, self.intra, local)
+
+        def put_together(fut: torch.futures.Future):
+            all_values, all_indices = _unpack(torch.cat(gathered), local * result_entries, result_indices.dtype, acc.dtype)
+            valid = all_indices != _SENTINEL
+            positions = all_indices[valid].long()
+            out.zero_()
+            out[positions] = all_values[valid]
+            return out, positions
+
+        sent += (local - 1) * payload.numel()
+        return work.get_future().then(put_together), sent
+
+
+def _as_positions(indices: torch.Tensor) -> torch.Tensor:
+    return indices.long()
+
+
+def _done(out: torch.Tensor, cleared: torch.Tensor) -> torch.futures.Future:
+    future = torch.futures.Future()
+    future.set_result((out, cleared))
+    return future
+
+
+def _local_only(acc, values, indices, value_dtype, out):
+    """The stage across nodes when there is one node: nothing to send; the selected entries are the update."""
+    positions = indices.long()
+    rounded = values.to(value_dtype).to(acc.dtype)
+    out[positions] = rounded
+    acc[positions] = values - rounded
+    return _done(out, positions), 0
