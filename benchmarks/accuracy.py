@@ -92,7 +92,7 @@ def train_row(keys: dict, seed: int, data_dir: str, download: bool, storage: str
     summary = run(cfg)
     return {
         "test_accuracy": summary["test_accuracy"],
-        "mb_sent_per_worker": summary["mb_sent_per_worker"],
+        "wire_mb_per_worker": summary["wire_mb_per_worker"],
         "reduction": summary["reduction"],
         "accuracy_per_epoch": [m["test_accuracy"] for m in summary["history"]],
         "wall_s": summary["wall_s"],
@@ -112,7 +112,7 @@ def aggregate(rows: list) -> list:
             "suite": suite, "optimizer": optimizer, "method": method, "seeds": len(members),
             "accuracy_mean": statistics.mean(accuracies),
             "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-            "mb_sent_per_worker": statistics.mean(m["mb_sent_per_worker"] for m in members),
+            "wire_mb_per_worker": statistics.mean(m["wire_mb_per_worker"] for m in members),
             "reduction": statistics.mean(m["reduction"] for m in members),
             "accuracy_per_epoch": [100 * statistics.mean(e) for e in epochs],
         })
@@ -123,18 +123,18 @@ def aggregate(rows: list) -> list:
 
 
 def format_table(table: list) -> str:
-    lines = ["| suite | optimizer | method | seeds | test accuracy % | vs dense (points) | MB sent / worker | reduction |",
+    lines = ["| suite | optimizer | method | seeds | test accuracy % | vs dense (points) | wire MB / worker | reduction |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in table:
         spread = f" ± {r['accuracy_std']:.2f}" if r["seeds"] > 1 else ""
         gap = "" if r["method"] == "dense" else f"{r['gap_to_dense']:+.2f}"
         lines.append(f"| {r['suite']} | {r['optimizer']} | {r['method']} | {r['seeds']} | {r['accuracy_mean']:.2f}{spread} | "
-                     f"{gap} | {r['mb_sent_per_worker']:.1f} | {r['reduction']:.0f}x |")
+                     f"{gap} | {r['wire_mb_per_worker']:.1f} | {r['reduction']:.0f}x |")
     return "\n".join(lines)
 
 
 def plot(table: list, path: str) -> None:
-    """Left: accuracy against MB sent per worker; right: accuracy per epoch; one colour per method."""
+    """Left: accuracy against wire MB per worker; right: accuracy per epoch; one colour per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,10 +145,10 @@ def plot(table: list, path: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in table:
         marker = {"sgd": "o", "adamw": "s"}[r["optimizer"]]
-        left.errorbar(r["mb_sent_per_worker"], r["accuracy_mean"], yerr=r["accuracy_std"], fmt=marker,
+        left.errorbar(r["wire_mb_per_worker"], r["accuracy_mean"], yerr=r["accuracy_std"], fmt=marker,
                       color=colors[r["method"]], label=f"{r['suite']} {r['optimizer']} {r['method']}")
     left.set_xscale("log")
-    left.set_xlabel("MB sent per worker (log)")
+    left.set_xlabel("wire MB per worker (log)")
     left.set_ylabel("test accuracy %")
     left.set_title("accuracy against bytes sent")
     left.legend(fontsize=6)
@@ -187,7 +187,7 @@ def main() -> None:
             rows.append(row)
             write_json(partial, rows)
             print(f"{suite} {optimizer} {method} seed {seed}: {100 * row['test_accuracy']:.2f}%  "
-                  f"{row['mb_sent_per_worker']:.1f} MB/worker  {row['wall_s']:.0f} s", flush=True)
+                  f"{row['wire_mb_per_worker']:.1f} MB/worker  {row['wall_s']:.0f} s", flush=True)
     ray.shutdown()
 
     table = aggregate(rows)

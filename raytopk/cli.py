@@ -19,6 +19,7 @@ _FLAG_HELP = {
     "compress": "send only the top-k gradient entries (raytopk's hook)",
     "ratio": "fraction of entries sent per bucket, in (0, 1]",
     "workers": "number of Ray Train workers",
+    "exchange": "auto | allgather | sharded | hierarchical: how entries cross the network (auto: by cost model)",
     "address": "Ray cluster address (else RAY_ADDRESS, else a local Ray)",
     "checkpoint_dir": "storage path for runs and checkpoints",
     "output": "write a JSON summary here",
@@ -48,7 +49,7 @@ def _train(args) -> int:
     from raytopk.train import run
 
     summary = run(_config(args), restart=args.restart)
-    print(f"test accuracy {100 * summary['test_accuracy']:.2f}%  sent {summary['mb_sent_per_worker']:.2f} MB/worker  "
+    print(f"test accuracy {100 * summary['test_accuracy']:.2f}%  wire {summary['wire_mb_per_worker']:.2f} MB/worker ({summary['exchange']})  "
           f"reduction {summary['reduction']:.1f}x  wall {summary['wall_s']:.0f} s")
     return 0
 
@@ -65,10 +66,10 @@ def _bench(args) -> int:
     dense = dataclasses.replace(cfg, compress=False, output=None, warmup_ratio=None, warmup_epochs=0, momentum_correction=False,
                                 clip_norm=None, per_layer=False)
     rows = [run(job, restart=args.restart) for job in (dense, dataclasses.replace(cfg, compress=True, output=None))]
-    print(f"\n{'method':<14}{'test acc':>10}{'MB sent/worker':>16}{'reduction':>11}{'wall s':>8}")
+    print(f"\n{'method':<14}{'test acc':>10}{'wire MB/worker':>16}{'reduction':>11}{'wall s':>8}")
     for row in rows:
         method = f"top-k {row['ratio']:g}" if row["compress"] else "dense"
-        print(f"{method:<14}{100 * row['test_accuracy']:>9.2f}%{row['mb_sent_per_worker']:>16.2f}{row['reduction']:>10.1f}x{row['wall_s']:>8.0f}")
+        print(f"{method:<14}{100 * row['test_accuracy']:>9.2f}%{row['wire_mb_per_worker']:>16.2f}{row['reduction']:>10.1f}x{row['wall_s']:>8.0f}")
     if cfg.output:
         write_json(cfg.output, rows)
     return 0
@@ -107,7 +108,7 @@ def _tune(args) -> int:
               + (f" (max_mb_per_worker {sweep.max_mb_per_worker})" if sweep.select == "budget" else ""), file=sys.stderr)
         return 1
     print(f"best: trial {best['trial']}  test accuracy {100 * best['test_accuracy']:.2f}%  "
-          f"sent {best['mb_sent_per_worker']:.2f} MB/worker  job: {join(directory, BEST_FILE)}")
+          f"wire {best['wire_mb_per_worker']:.2f} MB/worker  job: {join(directory, BEST_FILE)}")
     return 0
 
 

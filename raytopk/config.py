@@ -48,6 +48,11 @@ class TrainConfig:
     clip_norm: Optional[float] = None  # local gradient clipping to this global norm
     per_layer: bool = False  # top-k per parameter; 1-D and small ones dense
     dense_below: int = 1024
+    # How the selected entries cross the network (see raytopk.exchange).
+    exchange: str = "auto"  # auto | allgather | sharded | hierarchical
+    capacity_factor: float = 1.25  # sharded: slots per destination, as a multiple of k / workers
+    link_gbps: float = 10.0  # auto's cost model: bandwidth between nodes ...
+    link_latency_us: float = 25.0  # ... and latency per message
     # Precision and batching.
     amp: str = "none"  # torch.autocast: bf16 (CPU or GPU) or fp16 (GPU, with a GradScaler)
     accumulate: int = 1  # micro-batches per optimizer step (DDP no_sync between)
@@ -93,6 +98,8 @@ def _check_combinations(cfg: "TrainConfig") -> None:
     if cfg.max_train_batches and cfg.accumulate > cfg.max_train_batches:
         raise ConfigError(f"accumulate: got {cfg.accumulate}, more than max_train_batches {cfg.max_train_batches}; "
                           "allowed: at most max_train_batches")
+    if cfg.per_layer and cfg.exchange in ("sharded", "hierarchical"):
+        raise ConfigError(f"exchange: got {cfg.exchange!r} with per_layer: true; allowed with per_layer: auto, allgather")
     if cfg.amp == "fp16" and not cfg.use_gpu:
         raise ConfigError("amp: got 'fp16' without use_gpu; allowed on CPU: none, bf16")
 
@@ -103,6 +110,7 @@ _CHOICES = {
     "value_dtype": ("fp32", "fp16", "bf16"),
     "backend": ("auto", "gloo", "nccl"),
     "amp": ("none", "bf16", "fp16"),
+    "exchange": ("auto", "allgather", "sharded", "hierarchical"),
 }
 # key -> (lowest allowed, whether the lowest is excluded, highest or None)
 _RANGES = {
@@ -119,6 +127,9 @@ _RANGES = {
     "clip_norm": (0, True, None),
     "dense_below": (0, False, None),
     "accumulate": (1, False, None),
+    "capacity_factor": (1, False, None),
+    "link_gbps": (0, True, None),
+    "link_latency_us": (0, False, None),
     "workers": (1, False, None),
     "cpus_per_worker": (0, False, None),
     "save_every": (1, False, None),
@@ -202,7 +213,9 @@ def read_yaml_mapping(path: str) -> dict:
 
 
 # Keys that say where and how long a run goes, not what it trains: a rerun may change them and still resume.
-_NOT_IDENTITY = {"data_dir", "download", "epochs", "workers", "use_gpu", "cpus_per_worker", "backend", "address",
+# How entries cross the network is among them: a residual is what was not used, whichever exchange ran
+# (and auto's choice changes with the worker count anyway).
+_NOT_IDENTITY = {"exchange", "capacity_factor", "link_gbps", "link_latency_us", "data_dir", "download", "epochs", "workers", "use_gpu", "cpus_per_worker", "backend", "address",
                  "name", "checkpoint_dir", "save_every", "keep_checkpoints", "max_failures", "tensorboard", "output"}
 
 

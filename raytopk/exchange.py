@@ -260,6 +260,13 @@ def _unpack(buffer: torch.Tensor, count: int, idx_dtype, value_dtype):
     return buffer[split:].view(value_dtype), buffer[:split].view(idx_dtype)
 
 
+def _unpack_all(gathered: List[torch.Tensor], count: int, idx_dtype, value_dtype):
+    """Every peer's ``count`` packed indices and values, concatenated: ``(values, indices)``."""
+    rows = torch.stack(gathered)
+    split = count * idx_dtype.itemsize
+    return rows[:, split:].reshape(-1).view(value_dtype), rows[:, :split].reshape(-1).view(idx_dtype)
+
+
 def _gather(payload: torch.Tensor, group, world_size: int):
     """Start an all-gather of equal-size ``payload`` buffers; return the work and the list it fills."""
     gathered = [torch.empty_like(payload) for _ in range(world_size)]
@@ -360,7 +367,7 @@ def sharded(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, valu
     work, gathered = _gather(payload, group, world_size)
 
     def apply_kept(fut: torch.futures.Future):
-        all_values, all_indices = _unpack(torch.cat(gathered), world_size * keep, idx_dtype, value_dtype)
+        all_values, all_indices = _unpack_all(gathered, keep, idx_dtype, value_dtype)
         valid = all_indices != _SENTINEL
         update_positions = all_indices[valid].long()
         out.zero_()
@@ -474,7 +481,7 @@ class Exchanger:
         work, gathered = _gather(payload, self.intra, local)
 
         def put_together(fut: torch.futures.Future):
-            all_values, all_indices = _unpack(torch.cat(gathered), local * result_entries, result_indices.dtype, acc.dtype)
+            all_values, all_indices = _unpack_all(gathered, result_entries, result_indices.dtype, acc.dtype)
             valid = all_indices != _SENTINEL
             positions = all_indices[valid].long()
             out.zero_()

@@ -20,15 +20,18 @@ import os
 from raytopk.config import TrainConfig
 from raytopk.storage import join, replacing, write_json
 
-__all__ = ["trial_rows", "pick_best", "pareto_front", "format_table", "write_results"]
+__all__ = ["trial_config", "trial_rows", "pick_best", "pareto_front", "format_table", "write_results"]
 
 TRIALS_FILE, TABLE_FILE, BEST_FILE, PLOT_FILE = "trials.json", "table.txt", "best.yaml", "accuracy_vs_bytes.png"
 
 
+def trial_config(cfg: TrainConfig, sampled: dict) -> TrainConfig:
+    """The job a trial trains: the base job with the sampled values."""
+    return dataclasses.replace(cfg, **sampled)
+
+
 def trial_rows(grid, cfg: TrainConfig) -> list:
     """One dict per trial of a Tune ``ResultGrid``: its sampled values, last metrics, status and job."""
-    from raytopk.tune import trial_config
-
     rows = []
     for result in grid:
         m = result.metrics or {}
@@ -44,7 +47,7 @@ def trial_rows(grid, cfg: TrainConfig) -> list:
             "test_accuracy": m.get("test_accuracy"),
             "loss": m.get("loss"),
             "bytes_sent": sent,
-            "mb_sent_per_worker": sent / job.workers / 1e6 if sent is not None else None,
+            "wire_mb_per_worker": sent / m.get("workers", job.workers) / 1e6 if sent is not None else None,
             "reduction": m.get("reduction"),
             "job": {k: v for k, v in dataclasses.asdict(job).items() if v is not None},
             "error": str(result.error).splitlines()[0] if result.error else None,
@@ -56,7 +59,7 @@ def pick_best(rows: list, sweep):
     """The chosen finished row (see the module docstring), or None when none qualifies."""
     done = [row for row in rows if row["status"] == "done"]
     if sweep.select == "budget":
-        done = [row for row in done if row["mb_sent_per_worker"] <= sweep.max_mb_per_worker]
+        done = [row for row in done if row["wire_mb_per_worker"] <= sweep.max_mb_per_worker]
     if not done:
         return None
     if sweep.select == "within":
@@ -79,10 +82,10 @@ def pareto_front(rows: list) -> list:
 def format_table(rows: list, best) -> str:
     """The results as a fixed-width table; ``*`` marks the chosen trial."""
     keys = sorted({k for row in rows for k in row["params"]})
-    header = ["", "trial"] + keys + ["accuracy", "MB sent/worker", "reduction", "status"]
+    header = ["", "trial"] + keys + ["accuracy", "wire MB/worker", "reduction", "status"]
     lines = [header]
     for row in rows:
-        acc, mb, red = row["test_accuracy"], row["mb_sent_per_worker"], row["reduction"]
+        acc, mb, red = row["test_accuracy"], row["wire_mb_per_worker"], row["reduction"]
         lines.append([
             "*" if best is not None and row["trial"] == best["trial"] else "",
             row["trial"],
@@ -113,25 +116,25 @@ def _plot(rows: list, best, path: str, title: str) -> None:
         if not group:
             continue
         colors = plt.cm.viridis(norm([row["job"]["lr"] for row in group]))
-        ax.scatter([row["mb_sent_per_worker"] for row in group], [100 * row["test_accuracy"] for row in group], s=55,
+        ax.scatter([row["wire_mb_per_worker"] for row in group], [100 * row["test_accuracy"] for row in group], s=55,
                    facecolors=colors if marker_face is None else marker_face, edgecolors=colors, linewidths=1.5, label=label)
     front = pareto_front(rows)
     if front:
-        xs, ys = [row["mb_sent_per_worker"] for row in front], [100 * row["test_accuracy"] for row in front]
+        xs, ys = [row["wire_mb_per_worker"] for row in front], [100 * row["test_accuracy"] for row in front]
         ax.step(xs, ys, where="post", color="tab:red", linewidth=1)
         ax.scatter(xs, ys, s=140, facecolors="none", edgecolors="tab:red", linewidths=1.2, label="Pareto front (finished trials)")
     if best is not None:
-        ax.scatter([best["mb_sent_per_worker"]], [100 * best["test_accuracy"]], marker="*", s=320, facecolors="none",
+        ax.scatter([best["wire_mb_per_worker"]], [100 * best["test_accuracy"]], marker="*", s=320, facecolors="none",
                    edgecolors="black", label=f"chosen: ratio {best['job']['ratio']:.3g}, lr {best['job']['lr']:.3g}")
     for row in shown:
-        ax.annotate(f"{row['job']['ratio']:.2g}", (row["mb_sent_per_worker"], 100 * row["test_accuracy"]),
+        ax.annotate(f"{row['job']['ratio']:.2g}", (row["wire_mb_per_worker"], 100 * row["test_accuracy"]),
                     textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.set_xscale("log")
     plain = FuncFormatter(lambda value, _: f"{value:g}")
     ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_formatter(plain)
     ax.tick_params(axis="x", which="minor", labelsize=7)
-    ax.set_xlabel("MB sent per worker (log scale; labels: ratio)")
+    ax.set_xlabel("wire MB per worker (log scale; labels: ratio)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="learning rate")
@@ -157,7 +160,7 @@ def write_results(directory: str, rows: list, sweep, cfg: TrainConfig):
     if best is not None:
         with replacing(join(directory, BEST_FILE)) as temporary, open(temporary, "w") as f:
             f.write(f"# Best trial {best['trial']} of sweep {sweep.name} (select: {sweep.select}): "
-                    f"test accuracy {100 * best['test_accuracy']:.2f}%, {best['mb_sent_per_worker']:.2f} MB sent per worker.\n"
+                    f"test accuracy {100 * best['test_accuracy']:.2f}%, {best['wire_mb_per_worker']:.2f} wire MB per worker.\n"
                     f"# Train it with: raytopk train --config {BEST_FILE}\n")
             yaml.safe_dump(best["job"], f, sort_keys=False)
     if any(row["test_accuracy"] is not None for row in rows):

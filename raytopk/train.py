@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from raytopk.config import ConfigError, TrainConfig, default_run_name, resolved, run_identity
 from raytopk.data import DATASETS, load_dataset
+from raytopk.exchange import Link, dense_allreduce_bytes
 from raytopk.hook import TopKState, redistribute, topk_hook
 from raytopk.models import build_model
 from raytopk.storage import exists, join, read_bytes, read_text, write_json
@@ -76,7 +77,8 @@ def train_loop_per_worker(config: dict) -> None:
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     if state is not None:
         ddp.register_comm_hook(state, topk_hook)
-    step_dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    # What DDP's ring allreduce sends per worker and step: the baseline every byte count is compared with.
+    step_dense_bytes = dense_allreduce_bytes(sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad), world_size)
     writer = _tensorboard(cfg, rank)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
@@ -108,7 +110,8 @@ def train_loop_per_worker(config: dict) -> None:
         # batches, and DDP's forward could start a collective the others never join.
         correct, total = _evaluate(model, test_loader, device)
 
-        dense_bytes = steps_done * step_dense_bytes
+        # Bytes on the wire, summed over workers: the hook's count, or dense DDP's (which equals the baseline).
+        dense_bytes = state.stats["dense_bytes"] if state is not None else steps_done * step_dense_bytes
         sent, hook_s = (state.stats["bytes_sent"], state.stats["hook_s"]) if state is not None else (dense_bytes, 0.0)
         sums = _all_reduce_sum([loss_sum.item(), batches, correct, total, sent, dense_bytes, hook_s], device)
         metrics = {
@@ -117,13 +120,17 @@ def train_loop_per_worker(config: dict) -> None:
             "test_accuracy": sums[2] / sums[3],
             "bytes_sent": int(sums[4]),
             "dense_bytes": int(sums[5]),
-            "reduction": sums[5] / max(sums[4], 1),
+            "reduction": sums[5] / sums[4] if sums[4] else 1.0,  # one worker sends nothing either way
             "hook_s": sums[6] / world_size,
             "samples_per_s": world_size * batches * cfg.batch_size / seconds,
+            "workers": world_size,
+            # What auto chose (or the exchange set), this rank's buckets: e.g. "sharded" or "allgather+sharded".
+            "exchange": "+".join(sorted(state.algorithms)) if state is not None and state.algorithms else "dense",
         }
         if writer is not None:
             for key, value in metrics.items():
-                writer.add_scalar(key, value, epoch + 1)
+                if not isinstance(value, str):
+                    writer.add_scalar(key, value, epoch + 1)
             writer.flush()
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
             with tempfile.TemporaryDirectory() as directory:
@@ -150,6 +157,8 @@ def _hook_state(cfg: TrainConfig, model, optimizer, steps_per_epoch: int) -> Top
         warmup_ratio=cfg.warmup_ratio, warmup_steps=cfg.warmup_epochs * steps_per_epoch,
         momentum=cfg.momentum if cfg.momentum_correction else 0.0, clip_norm=cfg.clip_norm,
         per_layer=cfg.per_layer, dense_below=cfg.dense_below,
+        exchange=cfg.exchange, capacity_factor=cfg.capacity_factor,
+        link=Link(inter_gbps=cfg.link_gbps, inter_latency_us=cfg.link_latency_us),
     )
     state.check_optimizer(optimizer)
     return state
@@ -238,7 +247,7 @@ def _progress_callback(epochs: int):
             m = metrics[0]
             print(
                 f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}  test acc {100 * m['test_accuracy']:.2f}%  "
-                f"sent {m['bytes_sent'] / 1e6:.2f} MB  reduction {m['reduction']:.1f}x",
+                f"wire {m['bytes_sent'] / 1e6:.2f} MB ({m['exchange']}, {m['workers']} workers)  reduction {m['reduction']:.1f}x",
                 flush=True,
             )
 
@@ -314,7 +323,8 @@ def _summary(cfg: TrainConfig, m: dict, checkpoint, wall_s: float, history: list
         "loss": m["loss"],
         "bytes_sent": m["bytes_sent"],
         "dense_bytes": m["dense_bytes"],
-        "mb_sent_per_worker": m["bytes_sent"] / cfg.workers / 1e6,
+        "wire_mb_per_worker": m["bytes_sent"] / m.get("workers", cfg.workers) / 1e6,
+        "exchange": m.get("exchange"),
         "reduction": m["reduction"],
         "hook_s": m["hook_s"],
         "wall_s": wall_s,

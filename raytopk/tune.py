@@ -33,8 +33,9 @@ from typing import Optional
 
 from raytopk.config import ConfigError, TrainConfig, check_fields, from_mapping, read_yaml_mapping, resolved
 from raytopk.storage import exists, join, read_text, resolve, write_json
+from raytopk.sweep_results import trial_config, trial_rows, write_results
 
-__all__ = ["SweepConfig", "SweepInterrupted", "load_sweep", "sweep_dir", "trial_config", "run_sweep"]
+__all__ = ["SweepConfig", "SweepInterrupted", "load_sweep", "sweep_dir", "run_sweep"]
 
 SWEEP_FILE = "sweep.json"  # the resolved sweep, saved on the first run and checked on --resume
 # What each trial's driver function reserves: no CPU (its trainer's workers take those) and, since Tune
@@ -182,11 +183,6 @@ def sweep_dir(sweep: SweepConfig) -> str:
     return join(resolve(sweep.storage_path), sweep.name)
 
 
-def trial_config(cfg: TrainConfig, sampled: dict) -> TrainConfig:
-    """The job a trial trains: the base job with the sampled values."""
-    return dataclasses.replace(cfg, **sampled)
-
-
 def train_trial(sampled: dict, base: dict, trials_dir: str) -> None:
     """One Tune trial: a TorchTrainer for the sampled job, its epoch reports forwarded to Tune."""
     from ray import tune
@@ -250,7 +246,6 @@ def run_sweep(sweep: SweepConfig, cfg: TrainConfig, resume: bool = False, addres
     import ray
     from ray import tune
 
-    from raytopk.sweep_results import trial_rows, write_results
 
     directory = sweep_dir(sweep)
     saved_path = join(directory, SWEEP_FILE)

@@ -36,6 +36,12 @@ from raytopk.config import ConfigError, load_config
          "momentum_correction: true with optimizer 'adamw'; allowed: only with optimizer: sgd"),
         ({"compress": True, "momentum_correction": True, "momentum": 0.0},
          "momentum: got 0.0 with momentum_correction; allowed: a number in (0, 1)"),
+        ({"exchange": "ring"}, "exchange: got 'ring'; allowed: auto, allgather, sharded, hierarchical"),
+        ({"compress": True, "per_layer": True, "exchange": "sharded"},
+         "exchange: got 'sharded' with per_layer: true; allowed with per_layer: auto, allgather"),
+        ({"capacity_factor": 0.9}, "capacity_factor: got 0.9; allowed: a number in [1, inf)"),
+        ({"link_gbps": 0}, "link_gbps: got 0; allowed: a number in (0, inf)"),
+        ({"link_latency_us": -1}, "link_latency_us: got -1; allowed: a number in [0, inf)"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(overrides, message):

@@ -297,22 +297,26 @@ def _stats(rank, world_size, value_dtype):
     model = _model(hidden=64, depth=4)
     ddp = DDP(model, bucket_cap_mb=0.01)
     sizes = []
-    state = TopKState(ratio=0.01, start_iter=2, value_dtype=value_dtype)
+    state = TopKState(ratio=0.01, start_iter=2, value_dtype=value_dtype, exchange="allgather")
     ddp.register_comm_hook(state, _recording_hook(sizes))
     for step in range(5):
         ddp.zero_grad()
         _loss(ddp, rank, step).backward()
     value_bytes = {"fp32": 4, "fp16": 2}[value_dtype]
-    expected_sent = sum(n * 4 if it < 2 else math.ceil(0.01 * n) * (value_bytes + 4) for it, n in sizes)
+    ring = 2 * (world_size - 1) / world_size  # of the bucket, per rank, in a ring allreduce
+    dense = [int(ring * n * 4) for _, n in sizes]
+    # a ring all-gather: each rank passes on the W - 1 payloads of the others
+    expected_sent = sum(d if it < 2 else (world_size - 1) * math.ceil(0.01 * n) * (value_bytes + 4) for (it, n), d in zip(sizes, dense))
     assert state.stats["bytes_sent"] == expected_sent
-    assert state.stats["dense_bytes"] == sum(n * 4 for _, n in sizes) == 5 * 4 * sum(p.numel() for p in model.parameters())
+    assert state.stats["dense_bytes"] == sum(dense)
+    assert sum(n for _, n in sizes) == 5 * sum(p.numel() for p in model.parameters())
     assert state.stats["steps"] == 5 and state.stats["hook_s"] > 0
     return True
 
 
-@pytest.mark.parametrize("value_dtype", ["fp32", "fp16"])
-def test_stats_match_payload_sizes(value_dtype):
-    assert run_ranks(_stats, 2, value_dtype) == [True, True]
+@pytest.mark.parametrize("value_dtype, world_size", [("fp32", 2), ("fp16", 2), ("fp32", 3)])
+def test_stats_count_wire_bytes(value_dtype, world_size):
+    assert run_ranks(_stats, world_size, value_dtype) == [True] * world_size
 
 
 # non-finite gradients pass through and leave residuals alone ----------------------------

@@ -90,7 +90,7 @@ def test_cli_bad_sweep_is_one_line_exit_2(tmp_path):
 
 
 def _row(trial, acc, mb, status="done"):
-    return {"trial": trial, "status": status, "test_accuracy": acc, "loss": 1 - acc, "bytes_sent": mb * 2e6, "mb_sent_per_worker": mb}
+    return {"trial": trial, "status": status, "test_accuracy": acc, "loss": 1 - acc, "bytes_sent": mb * 2e6, "wire_mb_per_worker": mb}
 
 
 ROWS = [_row("a", 0.970, 40.0), _row("b", 0.968, 10.0), _row("c", 0.960, 2.0), _row("d", 0.950, 5.0), _row("e", 0.990, 1.0, "stopped at epoch 1")]

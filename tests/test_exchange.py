@@ -1,0 +1,262 @@
+"""The exchanges of raytopk.exchange on real gloo groups of 2, 3 and 4 processes, and the cost model."""
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ranks import run_ranks
+from raytopk import TopKState, topk_hook
+from raytopk.compression import select_topk
+from raytopk.exchange import Exchanger, Layout, Link, allgather, choose, cost, sharded, sharded_counts
+
+# (world size, ranks per node): flat groups, one node, and two nodes of two.
+LAYOUTS = [(2, 1), (3, 1), (4, 1), (2, 2), (4, 2)]
+
+
+def _as_nodes(local_world_size):
+    """Say, as torchrun and Ray Train do, how many ranks share this rank's node."""
+    rank = dist.get_rank()
+    os.environ["LOCAL_WORLD_SIZE"] = str(local_world_size)
+    os.environ["LOCAL_RANK"] = str(rank % local_world_size)
+
+
+def _integer_acc(rank, numel, seed):
+    """Integer-valued floats with distinct magnitudes per rank: every sum is exact, in any order."""
+    g = torch.Generator().manual_seed(seed * 100 + rank)
+    return torch.randint(-1000, 1000, (numel,), generator=g).float()
+
+
+def _gather_all(tensor):
+    everyone = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, tensor)
+    return torch.stack(everyone)
+
+
+def _run(algorithm, acc, k, local_world_size, capacity=None, keep=None, capacity_factor=1.25):
+    """One exchange of ``acc``'s top-``k``; returns ``out`` (the sum) and the cleared positions; ``acc`` becomes the residual."""
+    out = torch.zeros_like(acc)
+    if algorithm == "allgather":
+        values, indices = select_topk(acc, k)
+        future, sent = allgather(acc, values, indices, torch.float32, dist.group.WORLD, out)
+    elif algorithm == "sharded" and capacity is not None:
+        values, indices = select_topk(acc, k)
+        future, sent = sharded(acc, values, indices, torch.float32, dist.group.WORLD, out, capacity, keep)
+    else:
+        _as_nodes(local_world_size)
+        exchanger = Exchanger(algorithm, dist.group.WORLD, Link(), capacity_factor)
+        future, sent = exchanger.run(algorithm, acc, k, torch.float32, out)
+    result, cleared = future.wait()
+    assert result is out
+    return out, cleared, sent
+
+
+def _invariant(rank, world_size, algorithm, local_world_size):
+    """Small capacities make entries overflow and owners drop sums: still nothing is lost, exactly."""
+    results = []
+    for seed, (numel, k) in enumerate([(1000, 40), (997, 7), (64, 64)]):
+        acc = _integer_acc(rank, numel, seed)
+        total = _gather_all(acc).sum(0)
+        out, _, _ = _run(algorithm, acc, k, local_world_size, capacity_factor=1.0)
+        residuals = _gather_all(acc).sum(0)
+        assert torch.equal(_gather_all(out), out.expand(world_size, -1)), "ranks got different updates"
+        assert torch.equal(residuals + out, total), f"lost {float((total - residuals - out).abs().max())} at numel {numel}"
+        results.append(int((out != 0).sum()))
+    return results
+
+
+@pytest.mark.parametrize("algorithm, world_size, local_world_size",
+                         [("sharded", w, 1) for w in (2, 3, 4)] + [("hierarchical", w, local) for w, local in LAYOUTS])
+def test_error_feedback_loses_nothing(algorithm, world_size, local_world_size):
+    updated = run_ranks(_invariant, world_size, algorithm, local_world_size)
+    assert all(count > 0 for count in updated[0]), "the exchange sent nothing: the test did not exercise it"
+
+
+def _keep_everything(rank, world_size, algorithm, local_world_size):
+    """Room for every entry: the exchange is a dense allreduce of the same sparse inputs, bit for bit."""
+    numel = 600
+    acc = _integer_acc(rank, numel, 7)
+    if algorithm == "hierarchical":
+        k = numel  # the node's sum is selected whole
+        sparse = acc.clone()
+        out, _, _ = _run(algorithm, acc, k, local_world_size)
+    else:
+        k = 50
+        values, indices = select_topk(acc, k)
+        sparse = torch.zeros(numel).index_put_((indices.long(),), values)
+        out, cleared, _ = _run(algorithm, acc, k, local_world_size, capacity=k, keep=world_size * k)
+        assert torch.equal(torch.sort(cleared).values, torch.sort(indices.long()).values), "a sent entry was not used"
+    dist.all_reduce(sparse)
+    assert torch.equal(out, sparse)
+    assert not acc.count_nonzero() if algorithm == "hierarchical" else torch.equal(acc[cleared], torch.zeros(len(cleared)))
+    return True
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_sharded_with_room_for_everything_equals_a_dense_allreduce(world_size):
+    assert all(run_ranks(_keep_everything, world_size, "sharded", 1))
+
+
+@pytest.mark.parametrize("world_size, local_world_size", [(2, 2), (4, 2)])
+def test_hierarchical_selecting_everything_equals_a_dense_allreduce(world_size, local_world_size):
+    assert all(run_ranks(_keep_everything, world_size, "hierarchical", local_world_size))
+
+
+def _bytes_as_modelled(rank, world_size, algorithm, local_world_size):
+    numel, k = 5000, 50
+    _, _, sent = _run(algorithm, _integer_acc(rank, numel, 3), k, local_world_size)
+    return sent, cost(algorithm, Layout(world_size, local_world_size if algorithm == "hierarchical" else 1), numel, k).bytes_sent
+
+
+@pytest.mark.parametrize("algorithm, world_size, local_world_size", [("allgather", 3, 1), ("sharded", 4, 1), ("hierarchical", 4, 2)])
+def test_counted_bytes_are_the_cost_models(algorithm, world_size, local_world_size):
+    for sent, modelled in run_ranks(_bytes_as_modelled, world_size, algorithm, local_world_size):
+        # hierarchical sends the nonzero entries of its shard's update, the model their upper bound
+        assert sent == modelled if algorithm != "hierarchical" else 0 < sent <= modelled
+
+
+# the hook with each exchange, under DDP ---------------------------------------------------
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+
+
+def _loss(model, rank, step):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x, y = torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+def _flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _hook_conserves_mass(rank, world_size, exchange, local_world_size):
+    _as_nodes(local_world_size)
+    model = _model()
+    ddp = DDP(model, bucket_cap_mb=0.005)
+    # With no latency, bytes alone decide what auto picks: sharded at 4 flat ranks.
+    state = TopKState(ratio=0.05, start_iter=1, module=model, exchange=exchange, link=Link(inter_latency_us=0, intra_latency_us=0))
+    ddp.register_comm_hook(state, topk_hook)
+    applied = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    mean_grads = torch.zeros_like(applied)
+    for step in range(6):
+        ddp.zero_grad()
+        _loss(ddp, rank, step).backward()
+        applied += _flat(p.grad for p in model.parameters()).double()
+        local = _model()
+        local.load_state_dict(model.state_dict())
+        _loss(local, rank, step).backward()
+        grad = _flat(p.grad for p in local.parameters())
+        dist.all_reduce(grad)
+        mean_grads += grad.double() / world_size
+    residual = _flat(state.state_dict()["residuals"][name] for name, _ in model.named_parameters())
+    dist.all_reduce(residual)
+    torch.testing.assert_close(applied + residual.double() / world_size, mean_grads, rtol=1e-5, atol=1e-6)
+    return state.algorithms, state.stats
+
+
+@pytest.mark.parametrize("exchange, world_size, local_world_size", [("sharded", 3, 1), ("hierarchical", 4, 2), ("auto", 4, 1)])
+def test_hook_conserves_the_gradient_with_each_exchange(exchange, world_size, local_world_size):
+    for algorithms, stats in run_ranks(_hook_conserves_mass, world_size, exchange, local_world_size):
+        expected = "sharded" if exchange == "auto" else exchange
+        assert set(algorithms) == {expected}, algorithms
+        assert 0 < stats["bytes_sent"] < stats["dense_bytes"]
+
+
+def _resume(rank, world_size, exchange, local_world_size):
+    """Train 8 steps straight, and 4 + 4 with a checkpoint between (new DDP, new state): the weights must match."""
+    _as_nodes(local_world_size)
+
+    def train(first, steps, saved=None):
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        state = TopKState(ratio=0.05, start_iter=2, module=model, exchange=exchange)
+        if saved:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            state.load_state_dict(saved["hook"])
+        ddp = DDP(model, bucket_cap_mb=0.005)
+        ddp.register_comm_hook(state, topk_hook)
+        checkpoint = None
+        for step in range(first, first + steps):
+            opt.zero_grad()
+            _loss(ddp, rank, step).backward()
+            opt.step()
+            if step == 3:
+                checkpoint = copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict(), "hook": state.state_dict()})
+        return _flat(p.detach() for p in model.parameters()), checkpoint, state
+
+    straight, checkpoint, _ = train(0, 8)
+    resumed, _, state = train(4, 4, checkpoint)
+    return bool(torch.equal(straight, resumed)), set(state.algorithms)
+
+
+@pytest.mark.parametrize("exchange, world_size, local_world_size", [("allgather", 2, 1), ("sharded", 3, 1), ("hierarchical", 4, 2)])
+def test_resume_is_exact_with_each_exchange(exchange, world_size, local_world_size):
+    for equal, used in run_ranks(_resume, world_size, exchange, local_world_size):
+        assert equal and used == {exchange}
+
+
+def _uneven_nodes(rank, world_size):
+    os.environ["LOCAL_WORLD_SIZE"] = "2" if rank < 2 else "1"
+    os.environ["LOCAL_RANK"] = str(rank % 2 if rank < 2 else 0)
+    with pytest.raises(ValueError, match="same number of ranks on every node"):
+        Exchanger("hierarchical", dist.group.WORLD, Link(), 1.25)
+    return Exchanger("auto", dist.group.WORLD, Link(), 1.25).layout
+
+
+def test_uneven_nodes_refuse_hierarchical_and_auto_goes_flat():
+    assert run_ranks(_uneven_nodes, 3) == [Layout(3, 1)] * 3
+
+
+# the cost model, with no process ---------------------------------------------------------
+
+
+def test_allgather_grows_with_workers_and_sharded_stays_flat():
+    numel, k = 4_000_000, 40_000
+    share = {name: [cost(name, Layout(w), numel, k).bytes_sent / cost("dense", Layout(w), numel, k).bytes_sent for w in (2, 8, 64, 1024)]
+             for name in ("allgather", "sharded")}
+    assert share["allgather"][0] == pytest.approx(0.02) and share["allgather"][1] == pytest.approx(0.08)
+    assert share["allgather"][-1] > 1  # past dense
+    assert all(0.02 < s < 0.025 for s in share["sharded"]), share["sharded"]
+
+
+def test_auto_is_allgather_at_two_workers_sharded_when_many_and_hierarchical_across_nodes():
+    numel, k = 4_000_000, 40_000
+    assert choose(Layout(2), numel, k) == "allgather"
+    assert choose(Layout(8), numel, k) == "sharded"
+    assert choose(Layout(64, 8), numel, k) == "hierarchical"
+    assert choose(Layout(8, 8), numel, k) in ("allgather", "sharded")  # one node: no second level
+    # a tiny bucket on a high-latency link: fewer messages win
+    assert choose(Layout(8), 1000, 10, link=Link(inter_latency_us=1000)) == "allgather"
+
+
+def test_sharded_counts_give_each_destination_headroom():
+    assert sharded_counts(40_000, 8, 1.25) == (6250, 5000)
+    assert sharded_counts(3, 8, 1.25) == (1, 1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"exchange": "ring"}, "exchange must be one of auto, allgather, sharded, hierarchical, got 'ring'"),
+    ({"exchange": "sharded", "per_layer": True}, "per_layer=True sends with exchange='allgather'"),
+    ({"capacity_factor": 0.5}, r"capacity_factor must be a number in \[1, inf\), got 0.5"),
+    ({"link": {"inter_gbps": 1}}, "link must be a raytopk.exchange.Link"),
+])
+def test_bad_exchange_settings_are_value_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TopKState(ratio=0.01, **kwargs)
+
+
+def test_bad_link_figures_are_value_errors():
+    with pytest.raises(ValueError, match="inter_gbps must be a finite number >= 0, got -1"):
+        Link(inter_gbps=-1)
+    with pytest.raises(ValueError, match="bandwidths must be > 0"):
+        Link(intra_gbps=0)
+    assert math.isclose(Link().seconds(2, 1.25e9, inter=True), 1.0 + 50e-6)
