@@ -19,6 +19,13 @@ Suites (``--suites``):
   images), 5 epochs; SGD over 3 seeds (the main rows), AdamW over 1 seed.
 - ``fashion_mnist_resnet18``: ResNet-18 on Fashion-MNIST, 2 epochs of 40
   batches per worker (a CPU budget, not a converged model), dense and topk 0.01.
+- ``fashion_mnist_exchange`` (run on its own): SimpleCNN on Fashion-MNIST, 5
+  epochs, 4 workers as 2 nodes of 2 (``ranks_per_node: 2``), SGD over 3
+  seeds: top-k at 0.01 and 0.001 through each exchange (all-gather, sharded,
+  hierarchical), each compared with all-gather's exact sum::
+
+      python benchmarks/accuracy.py --suites fashion_mnist_exchange \
+          --output benchmarks/results/accuracy_exchange.json
 
 Fashion-MNIST comes from Debian's package (``apt-get install dataset-fashion-mnist``,
 files under /usr/share/datasets/fashion-mnist) or a torchvision download into
@@ -52,6 +59,9 @@ METHODS = {
     "topk 0.001": {"compress": True, "ratio": 0.001},
     "topk 0.001 + DGC": {"compress": True, "ratio": 0.001, "warmup_ratio": 0.25, "warmup_epochs": 1,
                          "momentum_correction": True, "clip_norm": 5.0, "per_layer": True},
+    # The same top-k through each exchange (raytopk.exchange); sharded and hierarchical approximate a global top-k.
+    **{f"topk {ratio} {exchange}": {"compress": True, "ratio": ratio, "exchange": exchange}
+       for ratio in (0.01, 0.001) for exchange in ("allgather", "sharded", "hierarchical")},
 }
 OPTIMIZERS = {"sgd": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9}, "adamw": {"optimizer": "adamw", "lr": 0.001}}
 # suite -> (job keys, [(optimizer, seeds, methods)])
@@ -68,7 +78,14 @@ SUITES = {
         {"model": "resnet18", "dataset": "fashion_mnist", "epochs": 2, "batch_size": 32, "max_train_batches": 40},
         [("sgd", [0], ["dense", "topk 0.01"])],
     ),
+    # 4 workers as 2 nodes of 2 (ranks_per_node), so hierarchical runs both of its levels.
+    "fashion_mnist_exchange": (
+        {"model": "simple_cnn", "dataset": "fashion_mnist", "epochs": 5, "batch_size": 64, "workers": 4,
+         "cpus_per_worker": 0.5, "ranks_per_node": 2},
+        [("sgd", [0, 1, 2], [m for m in METHODS if m.endswith(("allgather", "sharded", "hierarchical"))])],
+    ),
 }
+DEFAULT_SUITES = ["mnist5k_cnn", "fashion_mnist_cnn", "fashion_mnist_resnet18"]  # the exchange suite runs on its own
 
 
 def jobs(suites: list) -> list:
@@ -87,7 +104,8 @@ def jobs(suites: list) -> list:
 
 
 def train_row(keys: dict, seed: int, data_dir: str, download: bool, storage: str, name: str) -> dict:
-    cfg = load_config(**keys, seed=seed, workers=2, cpus_per_worker=1.0, data_dir=data_dir, download=download,
+    keys = {"workers": 2, "cpus_per_worker": 1.0, **keys}
+    cfg = load_config(**keys, seed=seed, data_dir=data_dir, download=download,
                       checkpoint_dir=storage, name=name, keep_checkpoints=keys["epochs"])
     summary = run(cfg)
     return {
@@ -119,15 +137,22 @@ def aggregate(rows: list) -> list:
     for row in table:
         dense = next((d for d in table if (d["suite"], d["optimizer"], d["method"]) == (row["suite"], row["optimizer"], "dense")), None)
         row["gap_to_dense"] = row["accuracy_mean"] - dense["accuracy_mean"] if dense else None
+        # An exchange's row against the all-gather row of the same ratio (the exact sum of every worker's top-k).
+        base = row["method"].rsplit(" ", 1)[0] + " allgather"
+        exact = next((d for d in table if (d["suite"], d["optimizer"], d["method"]) == (row["suite"], row["optimizer"], base)), None)
+        row["gap_to_allgather"] = row["accuracy_mean"] - exact["accuracy_mean"] if exact and exact is not row else None
     return table
 
 
 def format_table(table: list) -> str:
-    lines = ["| suite | optimizer | method | seeds | test accuracy % | vs dense (points) | wire MB / worker | reduction |",
+    exchanges = any(r.get("gap_to_allgather") is not None for r in table)
+    header = "vs all-gather (points)" if exchanges else "vs dense (points)"
+    lines = [f"| suite | optimizer | method | seeds | test accuracy % | {header} | wire MB / worker | reduction |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in table:
         spread = f" ± {r['accuracy_std']:.2f}" if r["seeds"] > 1 else ""
-        gap = "" if r["method"] == "dense" else f"{r['gap_to_dense']:+.2f}"
+        gap = r.get("gap_to_allgather") if exchanges else r["gap_to_dense"]
+        gap = "" if gap is None else f"{gap:+.2f}"
         lines.append(f"| {r['suite']} | {r['optimizer']} | {r['method']} | {r['seeds']} | {r['accuracy_mean']:.2f}{spread} | "
                      f"{gap} | {r['wire_mb_per_worker']:.1f} | {r['reduction']:.0f}x |")
     return "\n".join(lines)
@@ -167,7 +192,7 @@ def plot(table: list, path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suites", nargs="+", default=list(SUITES), choices=list(SUITES))
+    parser.add_argument("--suites", nargs="+", default=DEFAULT_SUITES, choices=list(SUITES))
     parser.add_argument("--data-dir", default="~/.cache/raytopk/data")
     parser.add_argument("--download", action="store_true", help="let torchvision download Fashion-MNIST")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "accuracy.json"))
@@ -194,8 +219,11 @@ def main() -> None:
     print(format_table(table))
     plot(table, os.path.splitext(args.output)[0] + ".png")
     # The command that reproduces the rows (where the file goes does not change them).
-    command = COMMAND + ("" if args.suites == list(SUITES) else " --suites " + " ".join(args.suites))
-    write_json(args.output, {"command": command, "workers": 2, "table": table, "runs": rows})
+    command = COMMAND + ("" if args.suites == DEFAULT_SUITES else " --suites " + " ".join(args.suites))
+    if args.output != parser.get_default("output"):
+        command += f" --output {os.path.relpath(args.output)}"
+    workers = sorted({r["job"].get("workers", 2) for r in rows})
+    write_json(args.output, {"command": command, "workers": workers[0] if len(workers) == 1 else workers, "table": table, "runs": rows})
     os.remove(partial)
     print(f"wrote {args.output}")
 

@@ -5,7 +5,7 @@ sends and the alpha-beta time of one bucket; a step is the sum over DDP's
 buckets. The model: ResNet-50's gradient (25,557,032 fp32 entries) in DDP's
 default 25 MB buckets, top-k at ``--ratio`` (0.01) with fp32 values, nodes of 8
 workers (fewer than 8 workers share one node), :class:`raytopk.exchange.Link`'s
-defaults inside a node (100 Gbit/s, 5 us) and 25 us per message between nodes,
+defaults inside a node (100 Gbit/s, 5 us) and 50 us per message between nodes,
 at 10 and 100 Gbit/s between nodes. ``benchmarks/multinode.py`` checks the
 model against emulated nodes on this machine.
 

@@ -9,8 +9,8 @@ What is measured, for each layout (nodes x ranks per node: 2x2, 4x1, 4x2):
    slowest rank's), bytes each rank counted, and the bytes the namespaces'
    counters saw (every node's ``eth0`` and ``lo``), against
    :func:`raytopk.exchange.cost` with this network's figures.
-2. **Training steps.** DDP on ``Linear(1024, 1024)`` (1.05M parameters,
-   4.2 MB of gradient), batch 32 per rank, SGD: dense DDP, then the raytopk
+2. **Training steps.** DDP on ``Linear(2048, 2048)`` (4.2M parameters,
+   16.8 MB of gradient), batch 2 per rank, SGD: dense DDP, then the raytopk
    hook at ``--ratio`` with ``exchange="allgather"``, ``"sharded"``,
    ``"hierarchical"`` and the default ``"auto"``. Median step time.
 
@@ -18,10 +18,11 @@ Ranks learn their node layout as under torchrun or Ray Train, from
 ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``. Gloo talks TCP: between nodes over the
 shaped cards (``--rate``, 100 Mbit/s by default), inside a node over its
 loopback. Up to 8 ranks share this machine's CPU cores, so the link must stay
-the bottleneck: at 100 Mbit/s dense DDP's 4.2 MB ring allreduce takes about
-0.6 s a step and top-k's exchange tens of milliseconds, against a few
-milliseconds of compute per rank; the results record step times with which to
-check this.
+the bottleneck: at 100 Mbit/s dense DDP's 16.8 MB ring allreduce takes
+seconds a step and top-k's exchange about a hundred milliseconds, against a
+few milliseconds of compute per rank. Oversubscribed cores still make each
+message slow to answer, so the latency per message is measured (a 4-byte
+all-gather, per ring step) and the cost model uses it; the results record it.
 
 Reproduce (from the repository root, as root)::
 
@@ -56,7 +57,7 @@ def worker(args) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import raytopk
-    from netns import read_node_tx_bytes
+    from netns import read_node_tx_bytes, shape_node_card
     from raytopk.compression import select_topk
     from raytopk.exchange import Exchanger, Link
 
@@ -64,12 +65,40 @@ def worker(args) -> None:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     dist.init_process_group("gloo", init_method=f"tcp://{args.master}:{args.port}", rank=rank, world_size=world_size)
-    link = Link(inter_gbps=args.gbps, inter_latency_us=args.latency_us)
 
     def slowest(seconds: float) -> float:
         t = torch.tensor([seconds])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t)
+
+    # Latency per message on this machine, for the cost model: a 4-byte all-gather is W - 1 ring steps.
+    tiny, ring_steps = torch.zeros(1), []
+    for _ in range(25):
+        dist.barrier()
+        started = time.perf_counter()
+        dist.all_gather([torch.empty(1) for _ in range(world_size)], tiny)
+        ring_steps.append(slowest(time.perf_counter() - started) / max(world_size - 1, 1))
+    latency_us = 1e6 * statistics.median(ring_steps)
+    # Bandwidth inside a node (loopback TCP on shared cores, not 100 Gbit/s): an all-to-all of 8 MB on each node.
+    intra_gbps = Link().intra_gbps
+    local = int(os.environ["LOCAL_WORLD_SIZE"])
+    if local > 1:
+        on_node = Exchanger("hierarchical", dist.group.WORLD, Link(), 1.25).intra
+        chunk = torch.zeros(2 << 20)
+        passes = []
+        for _ in range(5):
+            dist.barrier()
+            started = time.perf_counter()
+            dist.all_to_all_single(torch.empty_like(chunk), chunk, group=on_node)
+            passes.append(slowest(time.perf_counter() - started))
+        intra_gbps = (local - 1) / local * chunk.numel() * 4 * 8 / statistics.median(passes) / 1e9
+    link = Link(inter_gbps=args.gbps, inter_latency_us=latency_us, intra_gbps=intra_gbps, intra_latency_us=latency_us)
+
+    def shape_card(rate) -> None:
+        """Local rank 0 shapes its node's card (or lifts the limit: ``None``); everyone waits for every node."""
+        if local_rank == 0:
+            shape_node_card(rate, args.burst)
+        dist.barrier()
 
     def counters():
         dist.barrier()
@@ -78,11 +107,12 @@ def worker(args) -> None:
         dist.all_reduce(t)
         return t
 
-    report = {"exchanges": {}, "steps": {}}
+    report = {"exchanges": {}, "steps": {}, "latency_us_per_message": latency_us, "intra_gbps": intra_gbps}
     # 1. exchanges alone
     k = math.ceil(args.ratio * args.numel)
     bucket = torch.randn(args.numel, generator=torch.Generator().manual_seed(rank))
-    for algorithm in EXCHANGES:
+    for algorithm, rate in [(a, r) for a in EXCHANGES for r in (None, args.rate)]:
+        shape_card(rate)  # unshaped first: what the exchange costs without the link (compute, latency)
         exchanger = None if algorithm == "dense" else Exchanger(algorithm, dist.group.WORLD, link, 1.25)
         times, sent = [], 0
         before = None
@@ -109,7 +139,11 @@ def worker(args) -> None:
         wire = counters() - before
         counted = torch.tensor([float(sent)])
         dist.all_reduce(counted)
+        if rate is None:
+            unshaped = statistics.median(times)
+            continue
         report["exchanges"][algorithm] = {
+            "median_unshaped_s": unshaped,
             "median_s": statistics.median(times),
             "counted_bytes_per_exchange": float(counted) / args.reps,
             "wire_bytes_between_nodes_per_exchange": float(wire[0]) / args.reps,
@@ -119,15 +153,15 @@ def worker(args) -> None:
     # 2. training steps
     for method in HOOK_METHODS:
         torch.manual_seed(0)
-        model = torch.nn.Linear(1024, 1024)
-        ddp = DDP(model)
+        model = torch.nn.Linear(2048, 2048)
+        ddp = DDP(model, gradient_as_bucket_view=True)  # as raytopk's training loop runs it
         state = None
         if method != "dense":
             state = raytopk.TopKState(ratio=args.ratio, start_iter=2, exchange=method, link=link)
             ddp.register_comm_hook(state, raytopk.topk_hook)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         g = torch.Generator().manual_seed(rank)
-        x, y = torch.randn(32, 1024, generator=g), torch.randn(32, 1024, generator=g)
+        x, y = torch.randn(2, 2048, generator=g), torch.randn(2, 2048, generator=g)
         times = []
         for step in range(args.warmup + 2 + args.steps):
             dist.barrier()
@@ -155,7 +189,7 @@ def run_layout(nodes: int, local: int, args) -> dict:
     from netns import NodeNetwork
 
     world_size = nodes * local
-    with NodeNetwork("mn", nodes, args.rate) as network, tempfile.TemporaryDirectory() as tmp:
+    with NodeNetwork("mn", nodes, args.rate, args.burst) as network, tempfile.TemporaryDirectory() as tmp:
         report_path = os.path.join(tmp, "report.json")
         procs = []
         for rank in range(world_size):
@@ -180,16 +214,24 @@ def run_layout(nodes: int, local: int, args) -> dict:
 
 def _shared_flags(args) -> list:
     return ["--numel", str(args.numel), "--ratio", str(args.ratio), "--reps", str(args.reps), "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--gbps", str(args.gbps), "--latency-us", str(args.latency_us)]
+            "--warmup", str(args.warmup), "--gbps", str(args.gbps), "--rate", args.rate, "--burst", args.burst]
 
 
-def modelled(nodes: int, local: int, args) -> dict:
+def modelled(nodes: int, local: int, args, report: dict) -> dict:
+    """The cost model with this network's figures, and the part of its time the card's bandwidth adds."""
     from raytopk.exchange import Layout, Link, cost
 
-    link = Link(inter_gbps=args.gbps, inter_latency_us=args.latency_us)
+    latency, intra = report["latency_us_per_message"], report["intra_gbps"]
+    shaped = Link(inter_gbps=args.gbps, inter_latency_us=latency, intra_gbps=intra, intra_latency_us=latency)
+    unlimited = Link(inter_gbps=1e9, inter_latency_us=latency, intra_gbps=intra, intra_latency_us=latency)
     k = math.ceil(args.ratio * args.numel)
     layout = Layout(nodes * local, local)
-    return {name: cost(name, layout, args.numel, k, link=link).__dict__ for name in EXCHANGES}
+    rows = {}
+    for name in EXCHANGES:
+        c = cost(name, layout, args.numel, k, link=shaped)
+        rows[name] = {"bytes_sent": c.bytes_sent, "seconds": c.seconds,
+                      "link_seconds": c.seconds - cost(name, layout, args.numel, k, link=unlimited).seconds}
+    return rows
 
 
 def plot(rows: list, path: str) -> None:
@@ -211,15 +253,14 @@ def plot(rows: list, path: str) -> None:
     markers = {"dense": "s", "allgather": "o", "sharded": "^", "hierarchical": "D"}
     for r in rows:
         for name in EXCHANGES:
-            left_value = 1000 * r["model"][name]["seconds"]
-            right.scatter(left_value, 1000 * r["exchanges"][name]["median_s"], marker=markers[name],
+            right.scatter(1000 * r["model"][name]["link_seconds"], 1000 * r["exchanges"][name]["link_adds_s"], marker=markers[name],
                           label=f"{name}" if r is rows[0] else None, color=f"C{EXCHANGES.index(name)}")
-    lims = [0.5, 2000]
+    lims = [5, 5000]
     right.plot(lims, lims, "k--", linewidth=0.8)
     right.set_xscale("log")
     right.set_yscale("log")
-    right.set_xlabel("modelled exchange time, ms")
-    right.set_ylabel("measured exchange time, ms")
+    right.set_xlabel("modelled: time the shaped card adds, ms")
+    right.set_ylabel("measured: shaped minus unshaped exchange, ms")
     right.set_title("Cost model against the emulation (every layout)")
     right.legend()
     fig.tight_layout()
@@ -233,10 +274,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=PORT, help=argparse.SUPPRESS)
     parser.add_argument("--report", help=argparse.SUPPRESS)
     parser.add_argument("--rate", default="100mbit", help="each node's card, for tc tbf (default 100mbit)")
+    parser.add_argument("--burst", default="32kb", help="tc tbf burst of each card")
     parser.add_argument("--gbps", type=float, default=0.1, help="the same rate in Gbit/s, for the cost model")
-    parser.add_argument("--latency-us", type=float, default=200.0,
-                        help="latency per message between nodes for the cost model (gloo over veth on this machine)")
-    parser.add_argument("--numel", type=int, default=1 << 20, help="entries of the synthetic bucket")
+    parser.add_argument("--layouts", nargs="+", default=[f"{n}x{l}" for n, l in LAYOUTS],
+                        help="nodes x ranks per node, e.g. 4x2 (default: 2x2 4x1 4x2)")
+    parser.add_argument("--numel", type=int, default=1 << 22, help="entries of the synthetic bucket")
     parser.add_argument("--ratio", type=float, default=0.01)
     parser.add_argument("--reps", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8)
@@ -254,19 +296,26 @@ def main() -> None:
     from raytopk.storage import write_json
 
     rows = []
-    for nodes, local in LAYOUTS:
+    for nodes, local in [tuple(int(part) for part in layout.split("x")) for layout in args.layouts]:
         started = time.time()
         report = run_layout(nodes, local, args)
-        report.update(layout=f"{nodes}x{local}", nodes=nodes, ranks_per_node=local, model=modelled(nodes, local, args))
+        report.update(layout=f"{nodes}x{local}", nodes=nodes, ranks_per_node=local,
+                      model=modelled(nodes, local, args, report))
         rows.append(report)
-        print(f"\n{nodes} nodes x {local} ranks ({time.time() - started:.0f} s)")
-        print("| exchange | measured ms | modelled ms | counted MB | wire MB (between nodes + inside) | modelled MB |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print(f"\n{nodes} nodes x {local} ranks ({time.time() - started:.0f} s; latency per message "
+              f"{report['latency_us_per_message']:.0f} us, inside a node {report['intra_gbps']:.1f} Gbit/s)")
+        print("| exchange | measured ms | unshaped ms | link adds ms | model: link adds ms | ratio | counted MB | wire MB | wire / modelled |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name in EXCHANGES:
             e, m = report["exchanges"][name], report["model"][name]
             wire = e["wire_bytes_between_nodes_per_exchange"] + e["wire_bytes_inside_nodes_per_exchange"]
-            print(f"| {name} | {1000 * e['median_s']:.1f} | {1000 * m['seconds']:.1f} | {e['counted_bytes_per_exchange'] / 1e6:.3f} | "
-                  f"{wire / 1e6:.3f} | {nodes * local * m['bytes_sent'] / 1e6:.3f} |")
+            model_bytes = nodes * local * m["bytes_sent"]
+            link_adds = e["median_s"] - e["median_unshaped_s"]
+            e["link_adds_s"], e["link_adds_over_model"] = link_adds, link_adds / m["link_seconds"]
+            e["wire_over_model_bytes"] = wire / model_bytes
+            print(f"| {name} | {1000 * e['median_s']:.1f} | {1000 * e['median_unshaped_s']:.1f} | {1000 * link_adds:.1f} | "
+                  f"{1000 * m['link_seconds']:.1f} | {e['link_adds_over_model']:.2f} | {e['counted_bytes_per_exchange'] / 1e6:.3f} | "
+                  f"{wire / 1e6:.3f} | {e['wire_over_model_bytes']:.3f} |")
         dense = report["steps"]["dense"]["median_step_s"]
         print("| training step | median ms | vs dense | exchange used |")
         print("|---|---:|---:|---|")
@@ -280,7 +329,7 @@ def main() -> None:
         "network": f"each node a network namespace; card: veth into a bridge, MTU 9000, tc tbf {args.rate}; inside a node: loopback",
         "bottleneck": "the shaped card; see each layout's step times (dense vs top-k) for the CPU's share",
         "numel": args.numel, "ratio": args.ratio, "reps": args.reps, "steps": args.steps,
-        "cost_model_link": {"inter_gbps": args.gbps, "inter_latency_us": args.latency_us},
+        "cost_model_link": {"inter_gbps": args.gbps, "inter_latency_us": "measured per layout (latency_us_per_message)"},
         "layouts": rows,
     })
     plot(rows, os.path.splitext(args.output)[0] + ".png")

@@ -62,7 +62,9 @@ class NodeNetwork:
 
     Each node namespace has a veth ``eth0`` (address ``10.77.0.<i+1>``) whose
     other end sits on a bridge in a switch namespace; ``tc ... tbf`` on
-    ``eth0`` holds what leaves the node to ``rate``. Ranks on one node talk
+    ``eth0`` holds what leaves the node to ``rate``, with a small ``burst`` (the
+    bytes it may send at once at full speed), so that even one exchange of a
+    few hundred kilobytes waits for the link. Ranks on one node talk
     over its loopback (a node's own address routes through ``lo``), which is
     fast and unshaped. MTU 9000 on the cards, as cloud networks commonly use.
     Every namespace is deleted on exit, even on failure; nothing outside them
@@ -71,8 +73,8 @@ class NodeNetwork:
 
     SUBNET = "10.77.0"
 
-    def __init__(self, name: str, nodes: int, rate: str):
-        self.prefix, self.nodes, self.rate = f"rtk-{name}-{os.getpid()}", nodes, rate
+    def __init__(self, name: str, nodes: int, rate: str, burst: str = "32kb"):
+        self.prefix, self.nodes, self.rate, self.burst = f"rtk-{name}-{os.getpid()}", nodes, rate, burst
         self.made = []
 
     def namespace(self, node: int) -> str:
@@ -105,8 +107,7 @@ class NodeNetwork:
                 self._ip(switch, "ip", "link", "set", f"p{i}", "master", "br0", "up")
                 self._ip(node, "ip", "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
                 self._ip(node, "ip", "link", "set", "eth0", "up")
-                self._ip(node, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", self.rate,
-                         "burst", "256kb", "latency", "50ms")
+                subprocess.run(self.exec_prefix(i) + _card_shaping(self.rate, self.burst), check=True)
         except BaseException:
             self.__exit__()
             raise
@@ -116,6 +117,18 @@ class NodeNetwork:
         for namespace in reversed(self.made):
             subprocess.run(["ip", "netns", "delete", namespace], check=False)
         self.made = []
+
+
+def _card_shaping(rate: str, burst: str) -> list:
+    return ["tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate, "burst", burst, "latency", "50ms"]
+
+
+def shape_node_card(rate, burst: str = "32kb") -> None:
+    """From inside a node namespace: hold its card to ``rate``, or lift the limit with ``None``."""
+    if rate is None:
+        subprocess.run(["tc", "qdisc", "del", "dev", "eth0", "root"], check=False, capture_output=True)
+    else:
+        subprocess.run(_card_shaping(rate, burst), check=True)
 
 
 def read_node_tx_bytes() -> dict:

@@ -51,8 +51,9 @@ class TrainConfig:
     # How the selected entries cross the network (see raytopk.exchange).
     exchange: str = "auto"  # auto | allgather | sharded | hierarchical
     capacity_factor: float = 1.25  # sharded: slots per destination, as a multiple of k / workers
-    link_gbps: float = 10.0  # auto's cost model: bandwidth between nodes ...
-    link_latency_us: float = 25.0  # ... and latency per message
+    link_gbps: float = 1.0  # auto's cost model: bandwidth between nodes ...
+    link_latency_us: float = 50.0  # ... and latency per message
+    ranks_per_node: int = 0  # the exchange's node layout; 0: as Ray Train places the workers
     # Precision and batching.
     amp: str = "none"  # torch.autocast: bf16 (CPU or GPU) or fp16 (GPU, with a GradScaler)
     accumulate: int = 1  # micro-batches per optimizer step (DDP no_sync between)
@@ -130,6 +131,7 @@ _RANGES = {
     "capacity_factor": (1, False, None),
     "link_gbps": (0, True, None),
     "link_latency_us": (0, False, None),
+    "ranks_per_node": (0, False, None),
     "workers": (1, False, None),
     "cpus_per_worker": (0, False, None),
     "save_every": (1, False, None),
@@ -215,7 +217,7 @@ def read_yaml_mapping(path: str) -> dict:
 # Keys that say where and how long a run goes, not what it trains: a rerun may change them and still resume.
 # How entries cross the network is among them: a residual is what was not used, whichever exchange ran
 # (and auto's choice changes with the worker count anyway).
-_NOT_IDENTITY = {"exchange", "capacity_factor", "link_gbps", "link_latency_us", "data_dir", "download", "epochs", "workers", "use_gpu", "cpus_per_worker", "backend", "address",
+_NOT_IDENTITY = {"exchange", "capacity_factor", "link_gbps", "link_latency_us", "ranks_per_node", "data_dir", "download", "epochs", "workers", "use_gpu", "cpus_per_worker", "backend", "address",
                  "name", "checkpoint_dir", "save_every", "keep_checkpoints", "max_failures", "tensorboard", "output"}
 
 

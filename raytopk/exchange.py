@@ -3,11 +3,11 @@
 Every exchange takes this rank's accumulated bucket ``acc`` (gradient plus
 residual) and its selected entries, and produces two things:
 
-* ``out``: the sum over ranks of what the exchange used, dense, the same on
-  every rank (the hook divides it by the world size);
+* ``out``: the sum over ranks of what the exchange used, times ``scale``,
+  dense, the same on every rank (the hook passes ``1 / W``: the mean);
 * ``acc`` rewritten as this rank's next residual: whatever was not used stays,
   so error feedback loses nothing. Summed over ranks,
-  ``sum(residuals) + out == sum(acc)``.
+  ``sum(residuals) + out / scale == sum(acc)``.
 
 Three algorithms, from simplest to most scalable:
 
@@ -65,14 +65,16 @@ _SENTINEL = -1  # an index slot that carries nothing (padding to a fixed size)
 class Link:
     """Alpha-beta figures of the network: latency per message and bandwidth, between nodes and inside one.
 
-    The defaults describe a common cloud setup: 10 Gbit/s and 25 us between
-    nodes, 100 Gbit/s and 5 us between ranks of one node. Only their ratios
-    matter to :func:`choose`; set them to your cluster's to make ``auto`` (and
-    :func:`cost`'s seconds) match it.
+    The defaults describe the slow network raytopk is for: 1 Gbit/s and 50 us
+    per message between nodes, as is common between cloud nodes, and 100 Gbit/s
+    and 5 us between ranks of one node. Set them to your cluster's to make
+    ``auto`` (and :func:`cost`'s seconds) match it: on a faster network,
+    latency weighs more and ``auto`` prefers fewer messages (all-gather) for
+    small buckets.
     """
 
-    inter_gbps: float = 10.0
-    inter_latency_us: float = 25.0
+    inter_gbps: float = 1.0
+    inter_latency_us: float = 50.0
     intra_gbps: float = 100.0
     intra_latency_us: float = 5.0
 
@@ -219,8 +221,11 @@ def choose(layout: Layout, numel: int, k: int, value_bytes: int = 4, link: Link 
 # -- the node layout -------------------------------------------------------------------
 
 
-def node_layout(group) -> Tuple[Layout, Optional[str]]:
+def node_layout(group, local_world_size: Optional[int] = None) -> Tuple[Layout, Optional[str]]:
     """This group's :class:`Layout`, from ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` (set by torchrun and Ray Train).
+
+    ``local_world_size`` overrides the environment: ranks ``0 .. L-1`` of the
+    group are one node, the next ``L`` the next, and so on.
 
     A collective (one tiny all-gather): every rank gets the same answer, and
     an uneven layout (nodes with different rank counts, or ranks not numbered
@@ -228,7 +233,10 @@ def node_layout(group) -> Tuple[Layout, Optional[str]]:
     unknown layout counts as one rank per node, and ``why_flat`` says why.
     """
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
-    local_rank, local_size = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if local_world_size is not None:
+        local_rank, local_size = rank % local_world_size, local_world_size
+    else:
+        local_rank, local_size = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     mine = torch.tensor([local_rank, local_size], dtype=torch.int64)
     if dist.get_backend(group) == "nccl":
         mine = mine.cuda()
@@ -241,14 +249,14 @@ def node_layout(group) -> Tuple[Layout, Optional[str]]:
     local = sizes.pop()
     if local < 1 or world_size % local or any(lr != r % local for r, (lr, _) in enumerate(pairs)):
         return Layout(world_size, 1), f"ranks are not numbered node by node with {local} per node"
-    del rank
     return Layout(world_size, local), None
 
 
 # -- the exchanges ---------------------------------------------------------------------
 # Each returns (future, bytes sent by this rank). The future's value is
-# (out, cleared): ``out`` holds the sum over ranks, ``cleared`` the positions
-# where this rank's contribution was fully used (momentum factor masking).
+# (out, cleared, touched): ``out`` holds the sum over ranks (times ``scale``),
+# ``cleared`` the positions where this rank's contribution was used (momentum
+# factor masking), ``touched`` every position the update may hold (repeats allowed).
 
 
 def _pack(indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -274,7 +282,7 @@ def _gather(payload: torch.Tensor, group, world_size: int):
 
 
 def allgather(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, value_dtype, group, out: torch.Tensor,
-              positions: Optional[Callable] = None):
+              positions: Optional[Callable] = None, scale: float = 1.0):
     """Every rank's ``k`` entries to every rank; ``out`` is their sum, exact.
 
     ``values`` may run past ``indices``: the extra values travel bare, at the
@@ -292,18 +300,29 @@ def allgather(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, va
         cleared = positions(indices)
         acc[cleared] = values - sent.to(values.dtype)
         out.zero_()
+        touched = []
         for peer in gathered:
             peer_values, peer_indices = _unpack(peer, k, index_dtype(numel), value_dtype)
-            out.index_add_(0, positions(peer_indices), peer_values.to(out.dtype))
-        return out, cleared
+            touched.append(positions(peer_indices))
+            out.index_add_(0, touched[-1], peer_values.to(out.dtype), alpha=scale)
+        return out, cleared, torch.cat(touched)
 
     return work.get_future().then(sum_peers), (world_size - 1) * payload.numel()
 
 
 def _route(indices: torch.Tensor, values: torch.Tensor, owners: int, capacity: int):
-    """Slots of the entries that fit their owner's ``capacity`` (largest magnitudes first): ``(chosen, slots)``."""
-    order = torch.sort(values.abs(), descending=True, stable=True).indices
-    owner = indices[order].long() % owners
+    """Slots of the entries that fit their owner's ``capacity`` (largest magnitudes first): ``(chosen, slots)``.
+
+    Usually every owner's entries fit (the capacity has headroom, and
+    interleaved ownership spreads indices evenly): one sort by owner places
+    them. Only when some owner overflows are its entries ranked by magnitude.
+    """
+    owner = indices.long() % owners
+    if int(torch.bincount(owner, minlength=owners).max()) <= capacity:
+        order = torch.arange(len(indices))
+    else:
+        order = torch.sort(values.abs(), descending=True, stable=True).indices
+        owner = owner[order]
     by_owner = torch.sort(owner, stable=True)
     order, owner = order[by_owner.indices], by_owner.values
     counts = torch.bincount(owner, minlength=owners)
@@ -320,7 +339,7 @@ def _owner_sums(indices: torch.Tensor, values: torch.Tensor, dtype):
 
 
 def sharded(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, value_dtype, group, out: torch.Tensor,
-            capacity: int, keep: int):
+            capacity: int, keep: int, scale: float = 1.0):
     """Entries to their index's owner (``i % W``), owners sum and keep ``keep`` each, then one all-gather.
 
     Algorithm, on each of ``W`` ranks:
@@ -371,12 +390,14 @@ def sharded(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, valu
         valid = all_indices != _SENTINEL
         update_positions = all_indices[valid].long()
         out.zero_()
-        out.index_add_(0, update_positions, all_values[valid].to(out.dtype))
-        used = torch.isin(sent_positions, update_positions)
+        out.index_add_(0, update_positions, all_values[valid].to(out.dtype), alpha=scale)
+        kept_anywhere = torch.zeros(out.numel(), dtype=torch.bool)
+        kept_anywhere[update_positions] = True
+        used = kept_anywhere[sent_positions]
         cleared = sent_positions[used]
         acc[cleared] = leftover[used]
         acc.index_add_(0, *owner_rounding)
-        return out, cleared
+        return out, cleared, update_positions
 
     sent_bytes = (world_size - 1) * (send.numel() // world_size + payload.numel())
     return work.get_future().then(apply_kept), sent_bytes
@@ -390,12 +411,12 @@ class Exchanger:
     ranks of its node, and the ranks with its local rank on every node.
     """
 
-    def __init__(self, exchange: str, group, link: Link, capacity_factor: float):
+    def __init__(self, exchange: str, group, link: Link, capacity_factor: float, local_world_size: Optional[int] = None):
         self.exchange, self.group, self.link, self.capacity_factor = exchange, group, link, capacity_factor
         self.world_size = dist.get_world_size(group)
         self.layout = Layout(self.world_size, 1)
         if exchange in ("auto", "hierarchical") and self.world_size > 1:
-            self.layout, why_flat = node_layout(group)
+            self.layout, why_flat = node_layout(group, local_world_size)
             if exchange == "hierarchical" and why_flat:
                 raise ValueError(f"exchange='hierarchical' needs the same number of ranks on every node, numbered node by node: {why_flat}")
         local, nodes = self.layout.local_world_size, self.layout.nodes
@@ -413,15 +434,15 @@ class Exchanger:
             return self.exchange
         return choose(self.layout, numel, k, value_bytes, self.link, self.capacity_factor)
 
-    def run(self, algorithm: str, acc: torch.Tensor, k: int, value_dtype, out: torch.Tensor):
+    def run(self, algorithm: str, acc: torch.Tensor, k: int, value_dtype, out: torch.Tensor, scale: float = 1.0):
         """Exchange ``acc``'s top-``k`` by ``algorithm`` (sharded or hierarchical): future of ``(out, cleared)``, bytes."""
         if algorithm == "sharded":
             values, indices = select_topk(acc, k)
             capacity, keep = sharded_counts(k, self.world_size, self.capacity_factor)
-            return sharded(acc, values, indices, value_dtype, self.group, out, capacity, keep)
-        return self._hierarchical(acc, k, value_dtype, out)
+            return sharded(acc, values, indices, value_dtype, self.group, out, capacity, keep, scale)
+        return self._hierarchical(acc, k, value_dtype, out, scale)
 
-    def _hierarchical(self, acc: torch.Tensor, k: int, value_dtype, out: torch.Tensor):
+    def _hierarchical(self, acc: torch.Tensor, k: int, value_dtype, out: torch.Tensor, scale: float):
         """Two levels: dense reduce-scatter on the node, sparse across nodes, sparse all-gather on the node.
 
         Algorithm, for local rank ``j`` of ``L`` on each of ``N`` nodes:
@@ -431,8 +452,9 @@ class Exchanger:
         2. Select ``ceil(k / L)`` entries of that sum and exchange them with the
            ``j``-th rank of every other node (all-gather or sharded, whichever
            the cost model says is faster for ``N`` ranks).
-        3. All-gather the shard's update on the node (its nonzero entries, in
-           ``acc``'s dtype so nothing is rounded again) and add every shard's.
+        3. All-gather the shard's update on the node (the positions step 2
+           touched and their sums, in ``acc``'s dtype so nothing is rounded
+           again) and put every shard's in place.
 
         Rank ``j`` becomes the only keeper of shard ``j``: its residual is zero
         outside the shard and, inside, the node's sum minus what step 2 used.
@@ -455,7 +477,8 @@ class Exchanger:
         shard_k = math.ceil(k / local)
         entry = torch.empty(0, dtype=value_dtype).element_size() + index_dtype(numel).itemsize
         inner, _, result_entries = _inner_choice(nodes, shard_k, entry, self.link, self.capacity_factor, local)
-        node_out, cleared = torch.zeros_like(node_sum), torch.empty(0, dtype=torch.long)
+        node_out = torch.zeros_like(node_sum)
+        cleared = touched = torch.empty(0, dtype=torch.long)
         if end > start:  # every rank of the stage across nodes has the same shard: all skip it or none
             values, indices = select_topk(node_sum, min(shard_k, end - start))
             if inner == "none":
@@ -465,18 +488,17 @@ class Exchanger:
             else:
                 capacity, keep = sharded_counts(shard_k, nodes, self.capacity_factor)
                 future, inner_sent = sharded(node_sum, values, indices, value_dtype, self.inter, node_out, capacity, keep)
-            _, cleared = future.wait()
+            _, cleared, touched = future.wait()
             sent += inner_sent
         acc.zero_()
         acc[start:end] = node_sum
         if local == 1:
-            out.copy_(node_out)
-            return _done(out, cleared), sent
-        hit = torch.nonzero(node_out).reshape(-1)
+            torch.mul(node_out, scale, out=out)
+            return _done(out, cleared, touched), sent
         result_indices = torch.full((result_entries,), _SENTINEL, dtype=index_dtype(numel + 1))
         result_values = torch.zeros(result_entries, dtype=acc.dtype)
-        result_indices[: len(hit)] = hit + start
-        result_values[: len(hit)] = node_out[hit]
+        result_indices[: len(touched)] = touched + start
+        result_values[: len(touched)] = node_out[touched]
         payload = _pack(result_indices, result_values)
         work, gathered = _gather(payload, self.intra, local)
 
@@ -485,8 +507,8 @@ class Exchanger:
             valid = all_indices != _SENTINEL
             positions = all_indices[valid].long()
             out.zero_()
-            out[positions] = all_values[valid]
-            return out, positions
+            out[positions] = all_values[valid] * scale  # a position touched twice carries the same sum twice
+            return out, positions, positions
 
         sent += (local - 1) * payload.numel()
         return work.get_future().then(put_together), sent
@@ -496,9 +518,9 @@ def _as_positions(indices: torch.Tensor) -> torch.Tensor:
     return indices.long()
 
 
-def _done(out: torch.Tensor, cleared: torch.Tensor) -> torch.futures.Future:
+def _done(out: torch.Tensor, cleared: torch.Tensor, touched: torch.Tensor) -> torch.futures.Future:
     future = torch.futures.Future()
-    future.set_result((out, cleared))
+    future.set_result((out, cleared, touched))
     return future
 
 
@@ -508,4 +530,4 @@ def _local_only(acc, values, indices, value_dtype, out):
     rounded = values.to(value_dtype).to(acc.dtype)
     out[positions] = rounded
     acc[positions] = values - rounded
-    return _done(out, positions), 0
+    return _done(out, positions, positions), 0

@@ -109,6 +109,8 @@ class TopKState:
         exchange: "auto", "allgather", "sharded" or "hierarchical".
         capacity_factor: slots per destination of the sharded exchange, as a multiple of ``k / W``; >= 1.
         link: network figures for ``exchange="auto"``; ``None`` is :class:`~raytopk.exchange.Link`'s defaults.
+        local_world_size: ranks per node, numbered node by node; ``None`` reads
+            ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` as torchrun and Ray Train set them.
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class TopKState:
         exchange: str = "auto",
         capacity_factor: float = 1.25,
         link: Optional[Link] = None,
+        local_world_size: Optional[int] = None,
     ):
         _check_number("ratio", ratio, 0.0, 1.0, "(0, 1]")
         _check_count("start_iter", start_iter)
@@ -150,6 +153,9 @@ class TopKState:
         if per_layer and exchange in ("sharded", "hierarchical"):
             raise ValueError(f"per_layer=True sends with exchange='allgather' (or 'auto'), got exchange={exchange!r}")
         _check_number("capacity_factor", capacity_factor, 1.0 - 1e-12, math.inf, "[1, inf)")
+        if local_world_size is not None and (isinstance(local_world_size, bool) or not isinstance(local_world_size, int)
+                                             or local_world_size < 1):
+            raise ValueError(f"local_world_size must be an integer >= 1 or None, got {local_world_size!r}")
         if link is not None and not isinstance(link, Link):
             raise ValueError(f"link must be a raytopk.exchange.Link, got {link!r}")
 
@@ -170,6 +176,7 @@ class TopKState:
         self.exchange = "allgather" if per_layer else exchange
         self.capacity_factor = float(capacity_factor)
         self.link = link or Link()
+        self.local_world_size = local_world_size
         self._exchanger: Optional[Exchanger] = None
         # Buckets exchanged by each algorithm (what auto chose), counted for logs and benchmarks.
         self.algorithms: Dict[str, int] = {}
@@ -423,10 +430,11 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
        by the cost model): the entries of largest ``|acc|`` (per parameter with
        ``per_layer``, small ones dense) cross the network as indices and
        values cast to ``value_dtype``. The exchange turns ``acc`` into what it
-       did not use, and sums what it used over every worker into the bucket.
-    6. When the exchange completes: if the sum is finite, ``acc`` becomes the
-       residual (and the velocity is cleared where used); the bucket is
-       divided by ``W``. If any rank sent inf or NaN (an fp16 overflow), the
+       did not use, and writes the mean over workers of what it used into the
+       bucket (each sparse entry scaled by ``1 / W`` as it is added).
+    6. When the exchange completes: if the mean is finite, ``acc`` becomes the
+       residual (and the velocity is cleared where used). If any rank sent inf
+       or NaN (an fp16 overflow), the
        residual and velocity stay as they were and the non-finite values pass
        on, so every rank's GradScaler skips.
 
@@ -472,26 +480,26 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         return future
 
     if state._exchanger is None:
-        state._exchanger = Exchanger(state.exchange, group, state.link, state.capacity_factor)
+        state._exchanger = Exchanger(state.exchange, group, state.link, state.capacity_factor, state.local_world_size)
     acc = memory.accumulate(buffer, state.momentum)
-    future, sent = _exchange(state, memory, acc, ks, value_dtype, buffer)
+    future, sent = _exchange(state, memory, acc, ks, value_dtype, buffer, 1.0 / world_size)
 
-    def keep_residual_and_average(fut: torch.futures.Future) -> torch.Tensor:
+    def keep_residual(fut: torch.futures.Future) -> torch.Tensor:
         decode_started = time.perf_counter()
-        out, cleared = fut.value()
+        out, cleared, _ = fut.value()
         if torch.isfinite(out).all():
             memory.commit(cleared)
-        out.div_(world_size)
         with state._stats_lock:
             state.stats["hook_s"] += time.perf_counter() - decode_started
         return out
 
     state._count(bucket, world_size, sent, time.perf_counter() - started)
-    return future.then(keep_residual_and_average)
+    return future.then(keep_residual)
 
 
-def _exchange(state: TopKState, memory: "_BucketMemory", acc: torch.Tensor, ks: List[int], value_dtype, out: torch.Tensor):
-    """Run the exchange for one bucket: the future of ``(out, cleared)`` and the bytes this rank sent.
+def _exchange(state: TopKState, memory: "_BucketMemory", acc: torch.Tensor, ks: List[int], value_dtype, out: torch.Tensor,
+              scale: float):
+    """Run the exchange for one bucket: the future of ``(out, cleared, touched)`` (``out``: the sum times ``scale``), bytes sent.
 
     All-gather takes every selection mode (per-layer, dense parameters, the
     saved groups of a resumed step) in one collective. Sharded and
@@ -506,23 +514,23 @@ def _exchange(state: TopKState, memory: "_BucketMemory", acc: torch.Tensor, ks: 
     _tally(state, picked)
     if state.per_layer or all(name == "allgather" for name in picked):
         values, indices = memory.select(acc, ks)
-        return allgather(acc, values, indices, value_dtype, exchanger.group, out, memory.positions)
+        return allgather(acc, values, indices, value_dtype, exchanger.group, out, memory.positions, scale)
     if memory.groups is None:
-        return exchanger.run(picked[0], acc, ks[0], value_dtype, out)
+        return exchanger.run(picked[0], acc, ks[0], value_dtype, out, scale)
     cleared, sent = [], 0
     for group, k, name in zip(memory.groups, ks, picked):
         part, part_out = acc[group], torch.zeros(len(group), dtype=out.dtype)
         if name == "allgather":
             values, indices = select_topk(part, k)
-            future, part_sent = allgather(part, values, indices, value_dtype, exchanger.group, part_out)
+            future, part_sent = allgather(part, values, indices, value_dtype, exchanger.group, part_out, scale=scale)
         else:
-            future, part_sent = exchanger.run(name, part, k, value_dtype, part_out)
-        _, part_cleared = future.wait()
+            future, part_sent = exchanger.run(name, part, k, value_dtype, part_out, scale)
+        _, part_cleared, _ = future.wait()
         acc[group], out[group] = part, part_out
         cleared.append(group[part_cleared])
         sent += part_sent
     done = torch.futures.Future()
-    done.set_result((out, torch.cat(cleared)))
+    done.set_result((out, torch.cat(cleared), None))
     return done, sent
 
 

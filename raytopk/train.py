@@ -159,6 +159,7 @@ def _hook_state(cfg: TrainConfig, model, optimizer, steps_per_epoch: int) -> Top
         per_layer=cfg.per_layer, dense_below=cfg.dense_below,
         exchange=cfg.exchange, capacity_factor=cfg.capacity_factor,
         link=Link(inter_gbps=cfg.link_gbps, inter_latency_us=cfg.link_latency_us),
+        local_world_size=cfg.ranks_per_node or None,
     )
     state.check_optimizer(optimizer)
     return state

@@ -50,7 +50,7 @@ def _run(algorithm, acc, k, local_world_size, capacity=None, keep=None, capacity
         _as_nodes(local_world_size)
         exchanger = Exchanger(algorithm, dist.group.WORLD, Link(), capacity_factor)
         future, sent = exchanger.run(algorithm, acc, k, torch.float32, out)
-    result, cleared = future.wait()
+    result, cleared, _ = future.wait()
     assert result is out
     return out, cleared, sent
 
@@ -170,14 +170,14 @@ def test_hook_conserves_the_gradient_with_each_exchange(exchange, world_size, lo
         assert 0 < stats["bytes_sent"] < stats["dense_bytes"]
 
 
-def _resume(rank, world_size, exchange, local_world_size):
+def _resume(rank, world_size, exchange, local_world_size, options):
     """Train 8 steps straight, and 4 + 4 with a checkpoint between (new DDP, new state): the weights must match."""
     _as_nodes(local_world_size)
 
     def train(first, steps, saved=None):
         model = _model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        state = TopKState(ratio=0.05, start_iter=2, module=model, exchange=exchange)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.0 if options.get("momentum") else 0.9)
+        state = TopKState(ratio=0.05, start_iter=2, module=model, exchange=exchange, **options)
         if saved:
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
@@ -198,9 +198,16 @@ def _resume(rank, world_size, exchange, local_world_size):
     return bool(torch.equal(straight, resumed)), set(state.algorithms)
 
 
-@pytest.mark.parametrize("exchange, world_size, local_world_size", [("allgather", 2, 1), ("sharded", 3, 1), ("hierarchical", 4, 2)])
-def test_resume_is_exact_with_each_exchange(exchange, world_size, local_world_size):
-    for equal, used in run_ranks(_resume, world_size, exchange, local_world_size):
+# DGC's momentum correction and sparsity warm-up, fp16 values: what each exchange must keep through a resume too.
+DGC_FP16 = {"momentum": 0.9, "warmup_ratio": 0.3, "warmup_steps": 4, "clip_norm": 5.0, "value_dtype": "fp16"}
+
+
+@pytest.mark.parametrize("exchange, world_size, local_world_size, options", [
+    ("allgather", 2, 1, {}), ("sharded", 3, 1, {}), ("hierarchical", 4, 2, {}),
+    ("sharded", 3, 1, DGC_FP16), ("hierarchical", 4, 2, DGC_FP16),
+])
+def test_resume_is_exact_with_each_exchange(exchange, world_size, local_world_size, options):
+    for equal, used in run_ranks(_resume, world_size, exchange, local_world_size, options):
         assert equal and used == {exchange}
 
 
@@ -259,4 +266,4 @@ def test_bad_link_figures_are_value_errors():
         Link(inter_gbps=-1)
     with pytest.raises(ValueError, match="bandwidths must be > 0"):
         Link(intra_gbps=0)
-    assert math.isclose(Link().seconds(2, 1.25e9, inter=True), 1.0 + 50e-6)
+    assert math.isclose(Link(inter_gbps=10, inter_latency_us=25).seconds(2, 1.25e9, inter=True), 1.0 + 50e-6)
