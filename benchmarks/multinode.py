@@ -234,7 +234,7 @@ def modelled(nodes: int, local: int, args, report: dict) -> dict:
     return rows
 
 
-def plot(rows: list, path: str) -> None:
+def plot(rows: list, path: str, rate: str, ratio: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,7 +248,7 @@ def plot(rows: list, path: str) -> None:
     left.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], [r["layout"] for r in rows])
     left.set_yscale("log")
     left.set_ylabel("median training step, ms (log)")
-    left.set_title("DDP step, Linear(1024, 1024), ratio 0.01")
+    left.set_title(f"DDP step, Linear(2048, 2048), ratio {ratio}, cards at {rate}")
     left.legend()
     markers = {"dense": "s", "allgather": "o", "sharded": "^", "hierarchical": "D"}
     for r in rows:
@@ -332,7 +332,7 @@ def main() -> None:
         "cost_model_link": {"inter_gbps": args.gbps, "inter_latency_us": "measured per layout (latency_us_per_message)"},
         "layouts": rows,
     })
-    plot(rows, os.path.splitext(args.output)[0] + ".png")
+    plot(rows, os.path.splitext(args.output)[0] + ".png", args.rate, args.ratio)
     print(f"\nwrote {args.output}")
 
 
