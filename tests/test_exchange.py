@@ -1,6 +1,5 @@
 """The exchanges of raytopk.exchange on real gloo groups of 2, 3 and 4 processes, and the cost model."""
 
-import copy
 import math
 import os
 
@@ -10,6 +9,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ranks import run_ranks
+from test_hook import _train
 from raytopk import TopKState, topk_hook
 from raytopk.compression import select_topk
 from raytopk.exchange import Exchanger, Layout, Link, allgather, choose, cost, sharded, sharded_counts
@@ -173,28 +173,9 @@ def test_hook_conserves_the_gradient_with_each_exchange(exchange, world_size, lo
 def _resume(rank, world_size, exchange, local_world_size, options):
     """Train 8 steps straight, and 4 + 4 with a checkpoint between (new DDP, new state): the weights must match."""
     _as_nodes(local_world_size)
-
-    def train(first, steps, saved=None):
-        model = _model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.0 if options.get("momentum") else 0.9)
-        state = TopKState(ratio=0.05, start_iter=2, module=model, exchange=exchange, **options)
-        if saved:
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optimizer"])
-            state.load_state_dict(saved["hook"])
-        ddp = DDP(model, bucket_cap_mb=0.005)
-        ddp.register_comm_hook(state, topk_hook)
-        checkpoint = None
-        for step in range(first, first + steps):
-            opt.zero_grad()
-            _loss(ddp, rank, step).backward()
-            opt.step()
-            if step == 3:
-                checkpoint = copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict(), "hook": state.state_dict()})
-        return _flat(p.detach() for p in model.parameters()), checkpoint, state
-
-    straight, checkpoint, _ = train(0, 8)
-    resumed, _, state = train(4, 4, checkpoint)
+    options = {"exchange": exchange, **options}
+    straight, checkpoint, _ = _train(rank, 8, 0, cap_mb=0.005, options=options)
+    resumed, _, state = _train(rank, 4, 4, cap_mb=0.005, saved=checkpoint, options=options)
     return bool(torch.equal(straight, resumed)), set(state.algorithms)
 
 
