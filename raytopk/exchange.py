@@ -21,7 +21,7 @@ Three algorithms, from simplest to most scalable:
    ``all_to_all_single`` with a fixed capacity per destination (so no round
    trip to agree on sizes, on gloo or NCCL); owners sum exactly, keep the top
    ``k / W`` of their shard and one equal-size ``all_gather`` gives everyone
-   the update. Each rank sends about ``(2 + capacity_factor - 1) * k * (W - 1) / W``
+   the update. Each rank sends about ``(1 + capacity_factor) * k * (W - 1) / W``
    entries: flat in ``W``. Entries beyond a destination's capacity, or that
    their owner did not keep, stay in the sender's residual.
 3. ``hierarchical`` (two levels, as in HiTopKComm/MSTopK): ranks on one node
