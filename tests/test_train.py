@@ -17,7 +17,7 @@ from raytopk.config import ConfigError, load_config
 from raytopk.data import DatasetError
 from raytopk.hook import redistribute
 from raytopk.models import build_model
-from raytopk.train import MODEL_FILE, rank_file, run
+from raytopk.train import MODEL_FILE, SNAPSHOT_FILE, rank_file, run
 
 ray = pytest.importorskip("ray")
 
@@ -215,6 +215,22 @@ def test_resume_at_another_worker_count_keeps_the_mean_residual(local_ray, tmp_p
     assert second["epochs"] == 2 and second["workers"] == 1
 
 
+def _recorded_checkpoint(storage) -> bool:
+    """Whether Ray Train has recorded a finished checkpoint of a run under ``storage`` (what a rerun resumes from).
+
+    Its files appear in storage one by one before the record does, so a kill
+    between the two leaves nothing to resume, rightly.
+    """
+    for snapshot in glob.glob(str(storage / "*" / SNAPSHOT_FILE)):
+        try:
+            with open(snapshot) as f:
+                if json.load(f).get("latest_checkpoint_result"):
+                    return True
+        except (OSError, ValueError):
+            continue  # being written
+    return False
+
+
 @pytest.mark.faults
 def test_killed_driver_rerun_resumes_and_restart_starts_over(straight, tmp_path):
     """SIGKILL the whole ``raytopk train`` (driver and the local Ray it started) mid-run; the same command resumes."""
@@ -223,7 +239,7 @@ def test_killed_driver_rerun_resumes_and_restart_starts_over(straight, tmp_path)
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 180
-        while not glob.glob(str(tmp_path / "*" / "checkpoint_*" / "meta.json")) and time.time() < deadline:
+        while not _recorded_checkpoint(tmp_path) and time.time() < deadline:
             time.sleep(0.2)
         assert driver.poll() is None, "the run finished before it could be killed"
     finally:
