@@ -47,15 +47,15 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from raytopk.compression import index_dtype, select_topk
+from raytopk.compression import index_dtype, pack, select_topk, unpack
 
 __all__ = ["EXCHANGES", "ALGORITHMS", "Link", "Layout", "Cost", "cost", "choose", "dense_allreduce_bytes",
-           "node_layout", "Exchanger", "allgather", "sharded"]
+           "node_layout", "Exchanger", "allgather", "sharded", "completed"]
 
 EXCHANGES = ("auto", "allgather", "sharded", "hierarchical")
 # What the cost model knows: the exchanges, and dense DDP in fp32 and fp16 for comparison.
 ALGORITHMS = ("dense", "dense_fp16", "allgather", "sharded", "hierarchical")
-_SENTINEL = -1  # an index slot that carries nothing (padding to a fixed size)
+_SENTINEL = -1  # an index slot that carries nothing (padding to a fixed size; fits int32 and int64 indices)
 
 
 # -- the cost model ------------------------------------------------------------------
@@ -259,20 +259,11 @@ def node_layout(group, local_world_size: Optional[int] = None) -> Tuple[Layout, 
 # factor masking), ``touched`` every position the update may hold (repeats allowed).
 
 
-def _pack(indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    return torch.cat([indices.view(torch.uint8), values.view(torch.uint8)])
-
-
-def _unpack(buffer: torch.Tensor, count: int, idx_dtype, value_dtype):
-    split = count * idx_dtype.itemsize
-    return buffer[split:].view(value_dtype), buffer[:split].view(idx_dtype)
-
-
-def _unpack_all(gathered: List[torch.Tensor], count: int, idx_dtype, value_dtype):
-    """Every peer's ``count`` packed indices and values, concatenated: ``(values, indices)``."""
+def _unpack_all(gathered: List[torch.Tensor], count: int, numel: int, value_dtype):
+    """Every peer's :func:`~raytopk.compression.pack`-ed ``count`` entries, concatenated: ``(values, indices)``."""
     rows = torch.stack(gathered)
-    split = count * idx_dtype.itemsize
-    return rows[:, split:].reshape(-1).view(value_dtype), rows[:, :split].reshape(-1).view(idx_dtype)
+    split = count * index_dtype(numel).itemsize
+    return rows[:, split:].reshape(-1).view(value_dtype), rows[:, :split].reshape(-1).view(index_dtype(numel))
 
 
 def _gather(payload: torch.Tensor, group, world_size: int):
@@ -292,17 +283,16 @@ def allgather(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, va
     world_size = dist.get_world_size(group)
     k, numel = len(indices), acc.numel()
     positions = positions or _as_positions
-    sent = values.to(value_dtype)
-    payload = _pack(indices, sent)
+    payload = pack(values, indices, value_dtype)
     work, gathered = _gather(payload, group, world_size)
 
     def sum_peers(fut: torch.futures.Future):
         cleared = positions(indices)
-        acc[cleared] = values - sent.to(values.dtype)
+        acc[cleared] = values - unpack(payload, k, numel, value_dtype)[0].to(values.dtype)
         out.zero_()
         touched = []
         for peer in gathered:
-            peer_values, peer_indices = _unpack(peer, k, index_dtype(numel), value_dtype)
+            peer_values, peer_indices = unpack(peer, k, numel, value_dtype)
             touched.append(positions(peer_indices))
             out.index_add_(0, touched[-1], peer_values.to(out.dtype), alpha=scale)
         return out, cleared, torch.cat(touched)
@@ -354,10 +344,10 @@ def sharded(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, valu
        into ``out`` (owners are disjoint, so no index arrives twice) and clears
        its residual only where it sent an entry that was kept.
 
-    Returns the future of ``(out, cleared)`` and the bytes this rank sent.
+    Returns the future of ``(out, cleared, touched)`` and the bytes this rank sent.
     """
-    world_size = dist.get_world_size(group)
-    idx_dtype = index_dtype(acc.numel() + 1)
+    world_size, numel = dist.get_world_size(group), acc.numel()
+    idx_dtype = index_dtype(numel)
     chosen, slots = _route(indices, values, world_size, capacity)
     send_indices = torch.full((world_size * capacity,), _SENTINEL, dtype=idx_dtype)
     send_values = torch.zeros(world_size * capacity, dtype=value_dtype)
@@ -382,11 +372,11 @@ def sharded(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, valu
     owner_rounding = (distinct[top], sums[top] - keep_values[:kept].to(acc.dtype))
     sent_positions = indices[chosen].long()
     leftover = values[chosen] - values[chosen].to(value_dtype).to(values.dtype)
-    payload = _pack(keep_indices, keep_values)
+    payload = pack(keep_values, keep_indices, value_dtype)
     work, gathered = _gather(payload, group, world_size)
 
     def apply_kept(fut: torch.futures.Future):
-        all_values, all_indices = _unpack_all(gathered, keep, idx_dtype, value_dtype)
+        all_values, all_indices = _unpack_all(gathered, keep, numel, value_dtype)
         valid = all_indices != _SENTINEL
         update_positions = all_indices[valid].long()
         out.zero_()
@@ -420,6 +410,7 @@ class Exchanger:
             if exchange == "hierarchical" and why_flat:
                 raise ValueError(f"exchange='hierarchical' needs the same number of ranks on every node, numbered node by node: {why_flat}")
         local, nodes = self.layout.local_world_size, self.layout.nodes
+        self._picked = {}  # (numel, k, value bytes) -> algorithm: auto's choice, made once per bucket shape
         self.intra = self.group if nodes == 1 else None
         self.inter = self.group if local == 1 else None
         if local > 1 and nodes > 1:
@@ -432,10 +423,16 @@ class Exchanger:
         """The algorithm for one group of ``numel`` entries with ``k`` selected (``auto`` decides here)."""
         if self.exchange != "auto":
             return self.exchange
-        return choose(self.layout, numel, k, value_bytes, self.link, self.capacity_factor)
+        key = (numel, k, value_bytes)
+        if key not in self._picked:
+            self._picked[key] = choose(self.layout, numel, k, value_bytes, self.link, self.capacity_factor)
+        return self._picked[key]
 
     def run(self, algorithm: str, acc: torch.Tensor, k: int, value_dtype, out: torch.Tensor, scale: float = 1.0):
-        """Exchange ``acc``'s top-``k`` by ``algorithm`` (sharded or hierarchical): future of ``(out, cleared)``, bytes."""
+        """Exchange ``acc``'s top-``k`` by ``algorithm``: the future of ``(out, cleared, touched)``, and the bytes sent."""
+        if algorithm == "allgather":
+            values, indices = select_topk(acc, k)
+            return allgather(acc, values, indices, value_dtype, self.group, out, scale=scale)
         if algorithm == "sharded":
             values, indices = select_topk(acc, k)
             capacity, keep = sharded_counts(k, self.world_size, self.capacity_factor)
@@ -494,16 +491,16 @@ class Exchanger:
         acc[start:end] = node_sum
         if local == 1:
             torch.mul(node_out, scale, out=out)
-            return _done(out, cleared, touched), sent
-        result_indices = torch.full((result_entries,), _SENTINEL, dtype=index_dtype(numel + 1))
+            return completed(out, cleared, touched), sent
+        result_indices = torch.full((result_entries,), _SENTINEL, dtype=index_dtype(numel))
         result_values = torch.zeros(result_entries, dtype=acc.dtype)
         result_indices[: len(touched)] = touched + start
         result_values[: len(touched)] = node_out[touched]
-        payload = _pack(result_indices, result_values)
+        payload = pack(result_values, result_indices, acc.dtype)
         work, gathered = _gather(payload, self.intra, local)
 
         def put_together(fut: torch.futures.Future):
-            all_values, all_indices = _unpack_all(gathered, result_entries, result_indices.dtype, acc.dtype)
+            all_values, all_indices = _unpack_all(gathered, result_entries, numel, acc.dtype)
             valid = all_indices != _SENTINEL
             positions = all_indices[valid].long()
             out.zero_()
@@ -518,7 +515,8 @@ def _as_positions(indices: torch.Tensor) -> torch.Tensor:
     return indices.long()
 
 
-def _done(out: torch.Tensor, cleared: torch.Tensor, touched: torch.Tensor) -> torch.futures.Future:
+def completed(out: torch.Tensor, cleared: torch.Tensor, touched) -> torch.futures.Future:
+    """An exchange's result that is already there (a stage that waited, or nothing to send), as a future."""
     future = torch.futures.Future()
     future.set_result((out, cleared, touched))
     return future
@@ -530,4 +528,4 @@ def _local_only(acc, values, indices, value_dtype, out):
     rounded = values.to(value_dtype).to(acc.dtype)
     out[positions] = rounded
     acc[positions] = values - rounded
-    return _done(out, positions, positions), 0
+    return completed(out, positions, positions), 0

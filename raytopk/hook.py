@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from raytopk.compression import VALUE_DTYPES, index_dtype, payload_bytes, select_topk
-from raytopk.exchange import EXCHANGES, Exchanger, Link, allgather, dense_allreduce_bytes
+from raytopk.exchange import EXCHANGES, Exchanger, Link, allgather, completed, dense_allreduce_bytes
 
 __all__ = ["TopKState", "topk_hook", "redistribute"]
 
@@ -434,9 +434,8 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
        bucket (each sparse entry scaled by ``1 / W`` as it is added).
     6. When the exchange completes: if the mean is finite, ``acc`` becomes the
        residual (and the velocity is cleared where used). If any rank sent inf
-       or NaN (an fp16 overflow), the
-       residual and velocity stay as they were and the non-finite values pass
-       on, so every rank's GradScaler skips.
+       or NaN (an fp16 overflow), the residual and velocity stay as they were
+       and the non-finite values pass on, so every rank's GradScaler skips.
 
     ``state.stats["bytes_sent"]`` counts what this worker's collectives put on
     the wire by each algorithm's standard cost (a ring all-gather sends
@@ -520,18 +519,12 @@ def _exchange(state: TopKState, memory: "_BucketMemory", acc: torch.Tensor, ks: 
     cleared, sent = [], 0
     for group, k, name in zip(memory.groups, ks, picked):
         part, part_out = acc[group], torch.zeros(len(group), dtype=out.dtype)
-        if name == "allgather":
-            values, indices = select_topk(part, k)
-            future, part_sent = allgather(part, values, indices, value_dtype, exchanger.group, part_out, scale=scale)
-        else:
-            future, part_sent = exchanger.run(name, part, k, value_dtype, part_out, scale)
+        future, part_sent = exchanger.run(name, part, k, value_dtype, part_out, scale)
         _, part_cleared, _ = future.wait()
         acc[group], out[group] = part, part_out
         cleared.append(group[part_cleared])
         sent += part_sent
-    done = torch.futures.Future()
-    done.set_result((out, torch.cat(cleared), None))
-    return done, sent
+    return completed(out, torch.cat(cleared), None), sent
 
 
 def _tally(state: TopKState, picked: List[str]) -> None:

@@ -115,8 +115,7 @@ def _bytes_as_modelled(rank, world_size, algorithm, local_world_size):
 @pytest.mark.parametrize("algorithm, world_size, local_world_size", [("allgather", 3, 1), ("sharded", 4, 1), ("hierarchical", 4, 2)])
 def test_counted_bytes_are_the_cost_models(algorithm, world_size, local_world_size):
     for sent, modelled in run_ranks(_bytes_as_modelled, world_size, algorithm, local_world_size):
-        # hierarchical sends the nonzero entries of its shard's update, the model their upper bound
-        assert sent == modelled if algorithm != "hierarchical" else 0 < sent <= modelled
+        assert sent == modelled
 
 
 # the hook with each exchange, under DDP ---------------------------------------------------
