@@ -18,7 +18,9 @@ _FLAG_HELP = {
     "dataset": "mnist5k | mnist | fashion_mnist | cifar10",
     "compress": "send only the top-k gradient entries (raytopk's hook)",
     "ratio": "fraction of entries sent per bucket, in (0, 1]",
-    "workers": "number of Ray Train workers",
+    "workers": "number of Ray Train workers (the most, with --min-workers)",
+    "min_workers": "elastic training: run with anywhere from this many to --workers workers, resizing as nodes come and go",
+    "resources_per_worker": "custom Ray resources each worker needs, as YAML: '{fake_gpu: 1}'",
     "exchange": "auto | allgather | sharded | hierarchical: how entries cross the network (auto: by cost model)",
     "address": "Ray cluster address (else RAY_ADDRESS, else a local Ray)",
     "checkpoint_dir": "storage path for runs and checkpoints",
@@ -34,8 +36,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_FLAG_HELP.get(f.name))
         else:
-            kind = {int: int, float: float, Optional[float]: float}.get(f.type, str)
+            kind = {int: int, float: float, Optional[float]: float, Optional[dict]: _yaml_value}.get(f.type, str)
             parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=_FLAG_HELP.get(f.name))
+
+
+def _yaml_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
 
 
 def _config(args) -> TrainConfig:
@@ -77,14 +85,12 @@ def _bench(args) -> int:
 
 def parse_sets(pairs) -> dict:
     """``--set key=value`` pairs as a dict; values are read as YAML (``2`` is an int, ``true`` a bool)."""
-    import yaml
-
     values = {}
     for pair in pairs or ():
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set: got {pair!r}; allowed: KEY=VALUE, e.g. --set epochs=2")
-        values[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        values[key.strip()] = _yaml_value(text) if text.strip() else None
     return values
 
 

@@ -58,9 +58,12 @@ class TrainConfig:
     amp: str = "none"  # torch.autocast: bf16 (CPU or GPU) or fp16 (GPU, with a GradScaler)
     accumulate: int = 1  # micro-batches per optimizer step (DDP no_sync between)
     # Where to run.
-    workers: int = 2
+    workers: int = 2  # per-worker batch_size and lr are for this many workers
+    min_workers: int = 0  # elastic: train with anywhere from this many to ``workers``; 0: always ``workers``
+    resize_interval_s: float = 60.0  # elastic: how often Ray Train looks for room to grow the group
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    resources_per_worker: Optional[dict] = None  # custom resources per worker, e.g. {fake_gpu: 1}
     backend: str = "auto"
     address: Optional[str] = None
     # Where to save.
@@ -101,6 +104,13 @@ def _check_combinations(cfg: "TrainConfig") -> None:
                           "allowed: at most max_train_batches")
     if cfg.per_layer and cfg.exchange in ("sharded", "hierarchical"):
         raise ConfigError(f"exchange: got {cfg.exchange!r} with per_layer: true; allowed with per_layer: auto, allgather")
+    if cfg.min_workers > cfg.workers:
+        raise ConfigError(f"min_workers: got {cfg.min_workers}, more than workers {cfg.workers}; "
+                          "allowed: 0 (always workers) or 1 to workers")
+    for name, amount in (cfg.resources_per_worker or {}).items():
+        if name in ("CPU", "GPU") or not isinstance(name, str) or not _type_ok(amount, float) or not 0 < amount < math.inf:
+            raise ConfigError(f"resources_per_worker: got {{{name!r}: {amount!r}}}; allowed: custom resource names (CPU and GPU "
+                              "come from cpus_per_worker and use_gpu) with numbers > 0")
     if cfg.amp == "fp16" and not cfg.use_gpu:
         raise ConfigError("amp: got 'fp16' without use_gpu; allowed on CPU: none, bf16")
 
@@ -133,6 +143,8 @@ _RANGES = {
     "link_latency_us": (0, False, None),
     "ranks_per_node": (0, False, None),
     "workers": (1, False, None),
+    "min_workers": (0, False, None),
+    "resize_interval_s": (0, True, None),
     "cpus_per_worker": (0, False, None),
     "save_every": (1, False, None),
     "keep_checkpoints": (1, False, None),
@@ -145,6 +157,8 @@ def _type_ok(value, kind) -> bool:
         return value is None or isinstance(value, str)
     if kind == Optional[float]:
         return value is None or _type_ok(value, float)
+    if kind == Optional[dict]:
+        return value is None or isinstance(value, dict)
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is int:
@@ -154,7 +168,8 @@ def _type_ok(value, kind) -> bool:
 
 def _describe(kind) -> str:
     names = {str: "a string", bool: "true or false", int: "an integer", float: "a number", dict: "a mapping"}
-    return names.get(kind, "a number or null" if kind == Optional[float] else "a string or null")
+    optional = {Optional[float]: "a number or null", Optional[dict]: "a mapping or null"}
+    return names.get(kind, optional.get(kind, "a string or null"))
 
 
 def check_fields(obj, choices: dict, ranges: dict) -> None:
@@ -217,7 +232,8 @@ def read_yaml_mapping(path: str) -> dict:
 # Keys that say where and how long a run goes, not what it trains: a rerun may change them and still resume.
 # How entries cross the network is among them: a residual is what was not used, whichever exchange ran
 # (and auto's choice changes with the worker count anyway).
-_NOT_IDENTITY = {"exchange", "capacity_factor", "link_gbps", "link_latency_us", "ranks_per_node", "data_dir", "download", "epochs", "workers", "use_gpu", "cpus_per_worker", "backend", "address",
+_NOT_IDENTITY = {"exchange", "capacity_factor", "link_gbps", "link_latency_us", "ranks_per_node", "data_dir", "download", "epochs",
+                 "workers", "min_workers", "resize_interval_s", "use_gpu", "cpus_per_worker", "resources_per_worker", "backend", "address",
                  "name", "checkpoint_dir", "save_every", "keep_checkpoints", "max_failures", "tensorboard", "output"}
 
 

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import secrets
 import tempfile
 import time
 
@@ -26,11 +27,13 @@ from raytopk.data import DATASETS, load_dataset
 from raytopk.exchange import Link, dense_allreduce_bytes
 from raytopk.hook import TopKState, redistribute, topk_hook
 from raytopk.models import build_model
-from raytopk.storage import exists, join, read_bytes, read_text, write_json
+from raytopk.storage import exists, is_uri, join, read_bytes, read_text, write_json
 
 __all__ = ["train_loop_per_worker", "build_trainer", "run"]
 
 MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
+STORAGE_PROBE = ".storage_probe"  # the driver writes a token here in a local run directory; every worker must read it back
+NOT_SHARED = "is not seen from the node of worker"  # in the error a worker raises when it cannot
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the run's finished checkpoints
 
 
@@ -44,6 +47,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    storage_token = config.pop("storage_token", None)
     cfg = TrainConfig(**config)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -57,21 +61,27 @@ def train_loop_per_worker(config: dict) -> None:
     test_loader = DataLoader(Subset(test_set, range(rank, len(test_set), world_size)), batch_size=256)
 
     model = build_model(cfg.model, spec.in_channels, spec.num_classes, spec.image_size).to(device)
-    optimizer = _optimizer(cfg, model)
+    # The per-worker batch is fixed, so the global batch follows the worker count, and the learning
+    # rate follows it linearly (Goyal et al.): ``lr`` is the rate for ``workers`` workers.
+    base_lr = cfg.lr * world_size / cfg.workers
+    optimizer = _optimizer(cfg, model, base_lr)
     schedule = _schedule(cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     # Micro-batches per epoch: whole optimizer steps of ``accumulate`` micro-batches each.
     micro_batches = min(len(train_loader), cfg.max_train_batches or len(train_loader)) // cfg.accumulate * cfg.accumulate
     state = _hook_state(cfg, model, optimizer, micro_batches // cfg.accumulate) if cfg.compress else None
-    start_epoch, steps_done = 0, 0
+    _check_storage_seen(cfg, storage_token, rank)
+    start_epoch, steps_done, history, resize = 0, 0, [], {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            start_epoch, steps_done = _restore(directory, rank, world_size, model, optimizer, scheduler, scaler, state, device)
-        # The schedule follows this run's epoch count, so a finished run rerun with more epochs continues on it.
+            start_epoch, steps_done, history, resize = _restore(directory, rank, world_size, model, optimizer, scheduler, scaler, state, device)
+        # The schedule follows this run's epoch count (a finished run rerun with more epochs continues on
+        # it) and this group's size (a checkpoint of another worker count saved another base rate).
+        scheduler.base_lrs = [base_lr] * len(optimizer.param_groups)
         for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * schedule(start_epoch)
+            group["initial_lr"], group["lr"] = base_lr, base_lr * schedule(start_epoch)
 
     # Gradients as views into DDP's buckets: no copy into the buckets and back each step.
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
@@ -124,9 +134,13 @@ def train_loop_per_worker(config: dict) -> None:
             "hook_s": sums[6] / world_size,
             "samples_per_s": world_size * batches * cfg.batch_size / seconds,
             "workers": world_size,
+            "lr": optimizer.param_groups[0]["lr"],
             # What auto chose (or the exchange set), this rank's buckets: e.g. "sharded" or "allgather+sharded".
             "exchange": "+".join(sorted(state.algorithms)) if state is not None and state.algorithms else "dense",
         }
+        if epoch == start_epoch:
+            metrics.update(resize)  # the first epoch after a resize says from what, and that the residuals' mean was kept
+        history.append(metrics)
         if writer is not None:
             for key, value in metrics.items():
                 if not isinstance(value, str):
@@ -134,7 +148,7 @@ def train_loop_per_worker(config: dict) -> None:
             writer.flush()
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
             with tempfile.TemporaryDirectory() as directory:
-                _save(directory, rank, world_size, epoch + 1, steps_done, metrics, cfg, model, optimizer, scheduler, scaler, state)
+                _save(directory, rank, world_size, epoch + 1, steps_done, history, cfg, model, optimizer, scheduler, scaler, state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
@@ -142,12 +156,39 @@ def train_loop_per_worker(config: dict) -> None:
         writer.close()
 
 
-def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def _check_storage_seen(cfg: TrainConfig, token, rank: int) -> None:
+    """Refuse a local ``checkpoint_dir`` that some worker's node does not see (one all-gather per start).
+
+    Ray Train writes each rank's checkpoint files from the rank's own node
+    and reads them back on any node, so every node must share the storage: a
+    URI (``s3://``, ``gs://``), or a local path on one file system all nodes
+    mount (NFS, or one machine, as with the local cluster's fake nodes).
+    Workers on more than one node say so once per start when it holds.
+    """
+    import ray
+
+    if token is None:  # a URI: the object store is the same from every node
+        return
+    probe = join(cfg.checkpoint_dir, cfg.name, STORAGE_PROBE)
+    seen = os.path.isfile(probe) and read_text(probe) == token
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (ray.get_runtime_context().get_node_id(), seen))
+    blind = [r for r, (_, ok) in enumerate(views) if not ok]
+    if blind:
+        raise RuntimeError(f"checkpoint_dir: {cfg.checkpoint_dir} {NOT_SHARED} rank {blind[0]}; allowed on a cluster of several "
+                           "nodes: a URI (s3://, gs://) or a path every node mounts (NFS)")
+    nodes = len({node_id for node_id, _ in views})
+    if rank == 0 and nodes > 1:
+        print(f"raytopk: checkpoint_dir {cfg.checkpoint_dir} is a local path that the workers' {nodes} nodes all see "
+              "(one shared file system), so they may save there", flush=True)
+
+
+def _optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     # With momentum correction the hook applies the momentum; SGD must not apply it again.
     momentum = 0.0 if cfg.momentum_correction else cfg.momentum
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=cfg.weight_decay)
 
 
 def _hook_state(cfg: TrainConfig, model, optimizer, steps_per_epoch: int) -> TopKState:
@@ -196,24 +237,28 @@ def _tensorboard(cfg: TrainConfig, rank: int):
     return SummaryWriter(log_dir=join(cfg.checkpoint_dir, cfg.name, "tensorboard"))
 
 
-def _save(directory, rank, world_size, epoch, steps, metrics, cfg, model, optimizer, scheduler, scaler, state) -> None:
+def _save(directory, rank, world_size, epoch, steps, history, cfg, model, optimizer, scheduler, scaler, state) -> None:
     """Write this rank's part of a checkpoint; Ray merges every rank's files into one directory."""
     torch.save({"hook": state.state_dict() if state else None, "rng": torch.get_rng_state()}, os.path.join(directory, rank_file(rank)))
     if rank == 0:
         torch.save(model.state_dict(), os.path.join(directory, MODEL_FILE))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
                    os.path.join(directory, OPTIMIZER_FILE))
-        meta = {"epoch": epoch, "steps": steps, "workers": world_size, "identity": run_identity(cfg), "metrics": metrics}
+        # Every epoch's metrics so far, checkpointed or not: the summary's history, whatever Ray keeps.
+        meta = {"epoch": epoch, "steps": steps, "workers": world_size, "identity": run_identity(cfg), "metrics": history[-1],
+                "history": history}
         with open(os.path.join(directory, META_FILE), "w") as f:
             json.dump(meta, f)
 
 
 def _restore(directory, rank, world_size, model, optimizer, scheduler, scaler, state, device) -> tuple:
-    """Load a checkpoint written by :func:`_save`; return the epoch and step to continue from.
+    """Load a checkpoint written by :func:`_save`; return ``(epoch, step, history, resize)`` to continue from.
 
     A checkpoint saved by another number of workers is redistributed: every
     worker starts from the mean of the saved residuals (see
     :func:`raytopk.hook.redistribute`) and from a saved rank's random state.
+    ``resize`` then says from how many workers, and how far the mean the
+    workers now hold is from the saved workers' mean (:func:`_mean_error`).
     """
     with open(os.path.join(directory, META_FILE)) as f:
         meta = json.load(f)
@@ -229,13 +274,36 @@ def _restore(directory, rank, world_size, model, optimizer, scheduler, scaler, s
         return torch.load(os.path.join(directory, rank_file(r)), map_location="cpu", weights_only=True)
 
     own = load_rank(rank % saved_workers)
+    resize = {}
+    if saved_workers != world_size:
+        resize = {"resized_from": saved_workers, "residual_mean_error": 0.0}
     if state is not None and own["hook"] is not None:
         if saved_workers == world_size:
             state.load_state_dict(own["hook"])
         else:
-            state.load_state_dict(redistribute([load_rank(r)["hook"] for r in range(saved_workers)], world_size))
+            hooks = [load_rank(r)["hook"] for r in range(saved_workers)]
+            state.load_state_dict(redistribute(hooks, world_size))
+            resize["residual_mean_error"] = _mean_error(state.state_dict(), hooks, world_size, device)
     torch.set_rng_state(own["rng"])
-    return meta["epoch"], meta["steps"]
+    return meta["epoch"], meta["steps"], meta.get("history", [meta["metrics"]]), resize
+
+
+def _mean_error(restored: dict, saved: list, world_size: int, device) -> float:
+    """The largest difference between the mean residual (and velocity) of this group and of the workers that saved them.
+
+    That mean is what the model has yet to receive, so a resize must keep it.
+    Both means are taken in float64 over every worker (one all-reduce), so
+    what remains is the float32 rounding of the saved mean, nothing more.
+    """
+    error = torch.zeros((), dtype=torch.float64)
+    for kind in ("residuals", "velocities"):
+        for name, tensor in restored.get(kind, {}).items():
+            ours = tensor.to(device, torch.float64)
+            dist.all_reduce(ours)
+            ours = ours.cpu()
+            theirs = torch.stack([sd[kind][name].to(torch.float64) for sd in saved]).mean(0)
+            error = torch.maximum(error, (ours / world_size - theirs).abs().max())
+    return error.item()
 
 
 def _progress_callback(epochs: int):
@@ -246,6 +314,9 @@ def _progress_callback(epochs: int):
 
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0]
+            if "resized_from" in m:
+                print(f"resized: {m['resized_from']} -> {m['workers']} workers from the last checkpoint; lr {m['lr']:.4g}; residuals "
+                      f"redistributed, their mean kept (largest difference {m['residual_mean_error']:.2g})", flush=True)
             print(
                 f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}  test acc {100 * m['test_accuracy']:.2f}%  "
                 f"wire {m['bytes_sent'] / 1e6:.2f} MB ({m['exchange']}, {m['workers']} workers)  reduction {m['reduction']:.1f}x",
@@ -256,16 +327,24 @@ def _progress_callback(epochs: int):
 
 
 def build_trainer(cfg: TrainConfig, callbacks=None):
-    """The TorchTrainer for ``cfg`` (paths resolved, a run name set); ``callbacks`` replace the epoch printer."""
+    """The TorchTrainer for ``cfg`` (paths resolved, a run name set); ``callbacks`` replace the epoch printer.
+
+    With ``min_workers`` the group is elastic (Ray Train's ``(min, max)``
+    form): it starts with as many workers as the cluster holds, restarts
+    from the latest checkpoint with fewer when a node is lost, and grows
+    again when nodes come back, looking every ``resize_interval_s``.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=dataclasses.asdict(cfg),
+        train_loop_config={**dataclasses.asdict(cfg), "storage_token": _write_storage_probe(cfg)},
         torch_config=TorchConfig(backend=None if cfg.backend == "auto" else cfg.backend, timeout_s=300),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=(cfg.min_workers, cfg.workers) if cfg.min_workers else cfg.workers, use_gpu=cfg.use_gpu,
+            resources_per_worker=worker_resources(cfg), elastic_resize_monitor_interval_s=cfg.resize_interval_s,
+        ),
         run_config=RunConfig(
             name=cfg.name,
             storage_path=cfg.checkpoint_dir,
@@ -274,6 +353,22 @@ def build_trainer(cfg: TrainConfig, callbacks=None):
             callbacks=[_progress_callback(cfg.epochs)] if callbacks is None else callbacks,
         ),
     )
+
+
+def worker_resources(cfg: TrainConfig) -> dict:
+    """What one worker asks Ray for: its CPUs, a GPU with ``use_gpu``, and any custom resources."""
+    return {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {}), **(cfg.resources_per_worker or {})}
+
+
+def _write_storage_probe(cfg: TrainConfig):
+    """For a local ``checkpoint_dir``: a fresh token in the run directory, for :func:`_check_storage_seen`; None for a URI."""
+    if is_uri(cfg.checkpoint_dir):
+        return None
+    token = secrets.token_hex(16)
+    os.makedirs(join(cfg.checkpoint_dir, cfg.name), exist_ok=True)
+    with open(join(cfg.checkpoint_dir, cfg.name, STORAGE_PROBE), "w") as f:
+        f.write(token)
+    return token
 
 
 def run(cfg: TrainConfig, restart: bool = False) -> dict:
@@ -285,6 +380,7 @@ def run(cfg: TrainConfig, restart: bool = False) -> dict:
     summary without training. ``restart`` starts a new run beside the old one.
     """
     import ray
+    from ray.train import TrainingFailedError
 
     cfg = resolved(cfg)
     name = cfg.name or default_run_name(cfg)
@@ -295,30 +391,37 @@ def run(cfg: TrainConfig, restart: bool = False) -> dict:
         if meta["epoch"] >= cfg.epochs:
             print(f"raytopk: {cfg.name} already finished {meta['epoch']} epochs; raise epochs to continue it, "
                   "or --restart to train it again", flush=True)
-            return _summary(cfg, meta["metrics"], path, wall_s=0.0, history=[])
+            return _summary(cfg, meta, path, wall_s=0.0)
         print(f"raytopk: resuming {cfg.name} after epoch {meta['epoch']} from {path}", flush=True)
     _check_local(cfg)
     if not ray.is_initialized():
         ray.init(address=cfg.address, log_to_driver=True)
     _say_if_waiting(cfg)
     started = time.time()
-    result = build_trainer(cfg).fit()
-    # Per-epoch metrics of the checkpoints Ray kept (every epoch when keep_checkpoints >= epochs).
-    history = sorted((metrics for _, metrics in result.best_checkpoints or []), key=lambda metrics: metrics["epoch"])
-    summary = _summary(cfg, result.metrics, result.checkpoint.path if result.checkpoint else None, time.time() - started, history)
+    try:
+        build_trainer(cfg).fit()
+    except TrainingFailedError as err:
+        shared = next((line for line in str(err).splitlines() if NOT_SHARED in line), None)
+        if shared:  # the same on every retry: say it once, as the user error it is
+            raise ConfigError(shared[shared.index("checkpoint_dir:"):]) from None
+        raise
+    path, meta = _recorded_checkpoint(join(cfg.checkpoint_dir, cfg.name))
+    summary = _summary(cfg, meta, path, time.time() - started)
     if cfg.output:
         write_json(cfg.output, summary)
     return summary
 
 
-def _summary(cfg: TrainConfig, m: dict, checkpoint, wall_s: float, history: list) -> dict:
+def _summary(cfg: TrainConfig, meta: dict, checkpoint, wall_s: float) -> dict:
+    """The run's summary from its last checkpoint's ``meta``: the final metrics and every epoch's."""
+    m = meta["metrics"]
     return {
         "name": cfg.name,
         "model": cfg.model,
         "dataset": cfg.dataset,
         "compress": cfg.compress,
         "ratio": cfg.ratio if cfg.compress else 1.0,
-        "workers": cfg.workers,
+        "workers": m.get("workers", cfg.workers),  # the last epoch's; history says each epoch's
         "epochs": m["epoch"],
         "test_accuracy": m["test_accuracy"],
         "loss": m["loss"],
@@ -331,7 +434,7 @@ def _summary(cfg: TrainConfig, m: dict, checkpoint, wall_s: float, history: list
         "wall_s": wall_s,
         "run_dir": join(cfg.checkpoint_dir, cfg.name),
         "checkpoint": checkpoint,
-        "history": history,
+        "history": meta.get("history", [m]),
     }
 
 
@@ -346,20 +449,13 @@ def latest_checkpoint(run_dir: str, cfg: TrainConfig):
     one must train the same job (:func:`~raytopk.config.run_identity`) and
     every file must load, checked here before any worker starts.
     """
-    snapshot = join(run_dir, SNAPSHOT_FILE)
-    if not exists(snapshot):
+    recorded = _recorded_checkpoint(run_dir)
+    if recorded is None:
         return None
+    path, meta = recorded
     try:
-        latest = json.loads(read_text(snapshot))["latest_checkpoint_result"]
-        if latest is None:
-            return None
-        path = join(run_dir, latest["checkpoint_dir_name"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"{snapshot}: unreadable ({err!r}); allowed: --restart, or another name") from None
-    try:
-        meta = json.loads(read_text(join(path, META_FILE)))
         names = sorted({MODEL_FILE, OPTIMIZER_FILE} | {rank_file(r) for r in range(meta["workers"])})
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (KeyError, TypeError) as err:
         raise ConfigError(f"checkpoint {path}: unreadable {META_FILE} ({err!r}); allowed: --restart, or another name") from None
     ours, saved = run_identity(cfg), meta.get("identity", {})
     for key in sorted(set(ours) | set(saved)):
@@ -375,6 +471,24 @@ def latest_checkpoint(run_dir: str, cfg: TrainConfig):
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ConfigError(f"checkpoint {join(path, name)}: cannot be loaded ({reason}); allowed: --restart, or another name") from None
     return path, meta
+
+
+def _recorded_checkpoint(run_dir: str):
+    """``(path, meta)`` of the latest checkpoint in the run's snapshot, or None; a ConfigError if either cannot be read."""
+    snapshot = join(run_dir, SNAPSHOT_FILE)
+    if not exists(snapshot):
+        return None
+    try:
+        latest = json.loads(read_text(snapshot))["latest_checkpoint_result"]
+        if latest is None:
+            return None
+        path = join(run_dir, latest["checkpoint_dir_name"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{snapshot}: unreadable ({err!r}); allowed: --restart, or another name") from None
+    try:
+        return path, json.loads(read_text(join(path, META_FILE)))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"checkpoint {path}: unreadable {META_FILE} ({err!r}); allowed: --restart, or another name") from None
 
 
 def _check_local(cfg: TrainConfig) -> None:
@@ -394,11 +508,14 @@ def _check_local(cfg: TrainConfig) -> None:
         have = ray.cluster_resources()
     else:  # what ray.init() will find on this machine
         have = {"CPU": float(len(os.sched_getaffinity(0))), "GPU": float(torch.cuda.device_count())}
+    key = "min_workers" if cfg.min_workers else "workers"
     short = _shortfall(cfg, have)
     if short:
-        key, need, got, each = short
-        raise ConfigError(f"workers: got {cfg.workers}, which need {need:g} {key} in all, but this local Ray has {got:g}; "
-                          f"allowed: at most {int(got // each)} workers at {each:g} {key} each")
+        resource, need, got, each = short
+        fits = int(got // each)
+        allowed = f"at most {fits} {key} at {each:g} {resource} each" if fits else f"a cluster whose nodes offer {resource} (--address)"
+        raise ConfigError(f"{key}: got {getattr(cfg, key)}, which need {need:g} {resource} in all, but this local Ray has {got:g}; "
+                          f"allowed: {allowed}")
 
 
 def _say_if_waiting(cfg: TrainConfig) -> None:
@@ -407,15 +524,18 @@ def _say_if_waiting(cfg: TrainConfig) -> None:
 
     short = _shortfall(cfg, ray.cluster_resources())
     if short:
-        key, need, got, _ = short
-        print(f"raytopk: waiting for nodes: {cfg.workers} workers need {need:g} {key} in all and this cluster has {got:g} now; "
-              "Ray Train asks again every 60 s (ray job stop, or Ctrl+C, ends the wait)", flush=True)
+        resource, need, got, _ = short
+        print(f"raytopk: waiting for nodes: {cfg.min_workers or cfg.workers} workers need {need:g} {resource} in all and this "
+              f"cluster has {got:g} now; an autoscaler adds nodes for them (ray job stop, or Ctrl+C, ends the wait)", flush=True)
 
 
 def _shortfall(cfg: TrainConfig, have: dict):
-    """``(resource, needed, available, per worker)`` for the first resource the workers need more of than ``have``, or None."""
-    for key, each in (("CPU", cfg.cpus_per_worker), ("GPU", 1 if cfg.use_gpu else 0)):
-        need, got = cfg.workers * each, have.get(key, 0)
+    """``(resource, needed, available, per worker)`` for the first resource the workers need more of than ``have``, or None.
+
+    An elastic run needs room for ``min_workers`` to start; a fixed one for ``workers``.
+    """
+    for resource, each in worker_resources(cfg).items():
+        need, got = (cfg.min_workers or cfg.workers) * each, have.get(resource, 0)
         if need > got + 1e-9:
-            return key, need, got, each
+            return resource, need, got, each
     return None

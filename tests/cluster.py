@@ -36,20 +36,102 @@ def free_ports(count: int) -> list:
     return ports
 
 
+# What a fake cluster's head needs (clusters/local.yaml): its nodes find the GCS on port 6379. So that a lost
+# node is noticed in seconds, not half a minute, the GCS checks each node every second and gives up after 3 misses;
+# and a worker group that cannot be placed (it counted a node that just died) gives up after 20 s and is re-planned.
+FAKE_GCS = "127.0.0.1:6379"
+FAKE_CLUSTER_ENV = {"RAY_FAKE_CLUSTER": "1", "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+                    "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "1000",
+                    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
+
+
+def one_gpu_nodes(cluster_yaml: str, directory: str, max_nodes: int) -> str:
+    """A copy of ``cluster_yaml`` (clusters/local.yaml) with only its one-"GPU" node type (one worker per node), at
+    most ``max_nodes`` of them, written into ``directory``; its path."""
+    import yaml
+
+    with open(cluster_yaml) as f:
+        config = yaml.safe_load(f)
+    config["available_node_types"] = {name: spec for name, spec in config["available_node_types"].items() if name != "gpu_4x"}
+    config["available_node_types"]["gpu_1x"]["max_workers"] = config["max_workers"] = max_nodes
+    path = os.path.join(directory, f"one_gpu_nodes_{max_nodes}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    return path
+
+
+def lose_node(address: str, env: dict, node_id: str) -> list:
+    """Lose a node of a fake cluster as a machine is lost: SIGKILL its raylet and every process under it at once.
+
+    The processes are stopped first, so none sees the others go and exits on its own terms. Returns their pids.
+    """
+    found = subprocess.run(["pgrep", "-f", f"raylet .*--node_id={node_id}"], capture_output=True, text=True).stdout.split()
+    if len(found) != 1:
+        raise RuntimeError(f"expected one raylet for node {node_id}, found {found}")
+
+    def tree(pid):
+        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        return [int(pid)] + [p for child in children for p in tree(child)]
+
+    pids = tree(found[0])
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return pids
+
+
 @contextlib.contextmanager
-def local_head(num_cpus: int = 2, timeout: float = 120):
+def joined_node(env: dict, *args, prefix=()):
+    """A node joined to the cluster at :data:`FAKE_GCS` by hand (``ray start --address``, ``args`` after it), as a user
+    adds a machine; ``prefix`` runs before it (e.g. a mount namespace). Stopped, with what it started, on exit."""
+    command = " ".join([RAY, "start", f"--address={FAKE_GCS}", "--disable-usage-stats", "--block", *args])
+    node = subprocess.Popen([*prefix, "sh", "-c", f"exec {command}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield node
+    finally:
+        _stop(node)
+
+
+def ray_list(address: str, env: dict, kind: str, *filters) -> list:
+    """``ray list KIND`` on the cluster as JSON (dead nodes and actors included unless filtered out)."""
+    command = [RAY, "list", kind, "--address", address, "--format", "json", "--limit", "1000", "--detail"]
+    for condition in filters:
+        command += ["--filter", condition]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return [] if done.stdout.startswith("No resource") else json.loads(done.stdout)
+
+
+@contextlib.contextmanager
+def fake_cluster(config: str, timeout: float = 120):
+    """A head of Ray's fake multinode provider with ``config`` (a cluster YAML): nodes come and go as real raylets.
+
+    Yields what :func:`local_head` yields; the GCS is at :data:`FAKE_GCS`. Only one runs at a time on a machine.
+    """
+    with local_head(num_cpus=0, timeout=timeout, gcs_port=6379, extra_env=FAKE_CLUSTER_ENV,
+                    extra_args=(f"--autoscaling-config={config}",)) as head:
+        yield head
+
+
+@contextlib.contextmanager
+def local_head(num_cpus: int = 2, timeout: float = 120, gcs_port=None, extra_env=None, extra_args=()):
     """Yield ``(address, env)``: the dashboard URL and the environment a client needs (token auth on)."""
     temp = tempfile.mkdtemp(prefix="rtk")  # short: Ray's socket paths live under it
     token_path = os.path.join(temp, "token")
     with open(token_path, "w") as f:
         f.write(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path, RAY_USAGE_STATS_ENABLED="0")
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path, RAY_USAGE_STATS_ENABLED="0", **(extra_env or {}))
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # as with the venv activated
     ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
+    if gcs_port is not None:
+        ports["--port"] = gcs_port
     command = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                "--include-dashboard=true", f"--num-cpus={num_cpus}", f"--temp-dir={temp}", "--disable-usage-stats",
-               *(f"{flag}={port}" for flag, port in ports.items())]
+               *(f"{flag}={port}" for flag, port in ports.items()), *extra_args]
     head = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{ports['--dashboard-port']}"
     try:

@@ -61,6 +61,16 @@ def test_compressed_run_reports_checkpoints_and_tensorboard(straight):
     assert glob.glob(os.path.join(straight["run_dir"], "tensorboard", "events.out.tfevents.*"))
 
 
+def test_elastic_run_records_every_epoch_with_its_workers(local_ray, tmp_path):
+    """Elastic (min_workers) on a local Ray that holds every worker: it trains with all of them, and the summary's
+    history keeps all three epochs although only the last checkpoint is kept."""
+    summary = run(_cfg(tmp_path, "elastic", epochs=3, max_train_batches=4, keep_checkpoints=1, min_workers=1))
+    assert [m["epoch"] for m in summary["history"]] == [1, 2, 3]
+    assert [m["workers"] for m in summary["history"]] == [2, 2, 2] and summary["workers"] == 2
+    assert len([p for p in glob.glob(os.path.join(summary["run_dir"], "checkpoint_*")) if os.path.isdir(p)]) == 1
+    assert summary["history"][-1]["bytes_sent"] == summary["bytes_sent"] > summary["history"][0]["bytes_sent"]
+
+
 def test_dense_run_matches_compressed_accuracy_closely(local_ray, tmp_path, straight):
     dense = run(_cfg(tmp_path, "dense", compress=False))
     assert dense["reduction"] == pytest.approx(1.0)
@@ -119,7 +129,7 @@ def _files(directory):
 def test_rerun_of_a_finished_run_returns_it_without_training(local_ray, straight):
     before = _files(straight["run_dir"])
     again = run(_cfg(os.path.dirname(straight["run_dir"]), "straight"))
-    assert again["history"] == [] and again["epochs"] == 2 and again["test_accuracy"] == straight["test_accuracy"]
+    assert again["history"] == straight["history"] and again["epochs"] == 2 and again["test_accuracy"] == straight["test_accuracy"]
     assert _files(straight["run_dir"]) == before
 
 
