@@ -41,9 +41,12 @@ from raytopk.config import ConfigError, load_config
         ({"min_workers": -1}, "min_workers: got -1; allowed: a number in [0, inf)"),
         ({"resize_interval_s": 0}, "resize_interval_s: got 0; allowed: a number in (0, inf)"),
         ({"resources_per_worker": "fake_gpu"}, "resources_per_worker: got 'fake_gpu'; allowed: a mapping or null"),
-        ({"resources_per_worker": {"GPU": 1}}, "resources_per_worker: got {'GPU': 1}; allowed: custom resource names (CPU and GPU"),
-        ({"resources_per_worker": {"fake_gpu": -1}}, "resources_per_worker: got {'fake_gpu': -1}; allowed: custom resource names"),
-        ({"resources_per_worker": {"fake_gpu": "one"}}, "resources_per_worker: got {'fake_gpu': 'one'}; allowed: custom resource names"),
+        ({"resources_per_worker": {"GPU": 1}}, "resources_per_worker: got {'GPU': 1}; allowed: custom resource names (CPU and GPU "
+         "come from cpus_per_worker and use_gpu) with numbers > 0"),
+        ({"resources_per_worker": {"fake_gpu": -1}}, "resources_per_worker: got {'fake_gpu': -1}; allowed: custom resource names (CPU and GPU "
+         "come from cpus_per_worker and use_gpu) with numbers > 0"),
+        ({"resources_per_worker": {"fake_gpu": "one"}}, "resources_per_worker: got {'fake_gpu': 'one'}; allowed: custom resource names (CPU and GPU "
+         "come from cpus_per_worker and use_gpu) with numbers > 0"),
         ({"compress": True, "per_layer": True, "exchange": "sharded"},
          "exchange: got 'sharded' with per_layer: true; allowed with per_layer: auto, allgather"),
         ({"capacity_factor": 0.9}, "capacity_factor: got 0.9; allowed: a number in [1, inf)"),
