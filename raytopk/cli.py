@@ -14,7 +14,7 @@ from raytopk.data import DatasetError
 
 # Flags whose names users know from the seed's train.py, and the rest of TrainConfig.
 _FLAG_HELP = {
-    "model": "simple_cnn | resnet18 | resnet50",
+    "model": "simple_cnn | resnet18 | resnet50 | vit",
     "dataset": "mnist5k | mnist | fashion_mnist | cifar10",
     "compress": "send only the top-k gradient entries (raytopk's hook)",
     "ratio": "fraction of entries sent per bucket, in (0, 1]",
@@ -41,9 +41,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _yaml_value(text: str):
+    """``text`` read as YAML (``2`` is an int, ``true`` a bool, ``{a: 1}`` a mapping); a ConfigError if it is not YAML."""
     import yaml
 
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"got {text!r}, which is not YAML ({str(err).splitlines()[0]})") from None
 
 
 def _config(args) -> TrainConfig:
@@ -90,7 +94,10 @@ def parse_sets(pairs) -> dict:
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set: got {pair!r}; allowed: KEY=VALUE, e.g. --set epochs=2")
-        values[key.strip()] = _yaml_value(text) if text.strip() else None
+        try:
+            values[key.strip()] = _yaml_value(text) if text.strip() else None
+        except ConfigError as err:
+            raise ConfigError(f"--set {key.strip()}: {err}") from None
     return values
 
 

@@ -402,7 +402,8 @@ def run(cfg: TrainConfig, restart: bool = False) -> dict:
         build_trainer(cfg).fit()
     except TrainingFailedError as err:
         shared = next((line for line in str(err).splitlines() if NOT_SHARED in line), None)
-        if shared:  # the same on every retry: say it once, as the user error it is
+        if shared:  # the same on every retry: say it once, as the user error it is, after Ray's logs of it
+            ray.shutdown()
             raise ConfigError(shared[shared.index("checkpoint_dir:"):]) from None
         raise
     path, meta = _recorded_checkpoint(join(cfg.checkpoint_dir, cfg.name))

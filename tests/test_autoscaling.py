@@ -179,7 +179,7 @@ def test_a_sweep_spreads_its_trials_over_the_nodes_the_autoscaler_brings_up(spar
     sweep.write_text(yaml.safe_dump({
         "base": str(ROOT / "jobs" / "local_cluster.yaml"),
         "train": {"epochs": 2, "workers": 1, "min_workers": 0, "max_train_batches": 10},
-        "search_space": {"ratio": {"grid": [0.01, 0.001]}}, "scheduler": "none", "max_concurrent_trials": 2,
+        "search_space": {"ratio": {"grid": [0.01, 0.001]}}, "scheduler": "none", "num_samples": 1, "max_concurrent_trials": 2,
         "storage_path": str(tmp_path / "runs"), "name": "spread",
     }))
     before = {actor["actor_id"] for actor in ray_list(*head, "actors", "class_name=RayTrainWorker")}

@@ -104,6 +104,7 @@ def test_every_shipped_job_is_valid():
         (["--epochs", "-1"], "epochs: got -1"),
         (["--workers", "64"], "workers: got 64, which need 64 CPU in all"),
         (["--workers", "64", "--min-workers", "8"], "min_workers: got 8, which need 8 CPU in all, but this local Ray has 2; allowed: at most 2"),
+        (["--set", "resources_per_worker={a: ["], "--set resources_per_worker: got '{a: [', which is not YAML"),
         (["--resources-per-worker", "{fake_gpu: 1}"],
          "workers: got 2, which need 2 fake_gpu in all, but this local Ray has 0; allowed: a cluster whose nodes offer fake_gpu"),
         (["--dataset", "mnist", "--data-dir", "/nonexistent/raytopk-data"], "MNIST not found or unreadable under /nonexistent/raytopk-data"),

@@ -263,3 +263,20 @@ def test_a_cluster_yaml_typo_is_caught_by_the_schema(tmp_path):
     raw["available_node_types"]["gpu_1x"]["min_worker"] = raw["available_node_types"]["gpu_1x"].pop("min_workers")
     with pytest.raises(Exception, match="min_worker"):
         validate_config(prepare_config(raw))
+
+
+def test_local_cluster_yaml_passes_rays_schema_and_mirrors_cluster_yaml():
+    """clusters/local.yaml: the cloud file's worker types with the same min and max, a custom resource for each GPU."""
+    from ray.autoscaler._private.util import validate_config
+
+    local = yaml.safe_load((ROOT / "clusters" / "local.yaml").read_text())
+    validate_config(local)  # prepare_config needs the fake provider's example file, which the wheel lacks
+    cloud = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    assert local["available_node_types"][local["head_node_type"]]["resources"] == {"CPU": 0}
+    for name, spec in cloud["available_node_types"].items():
+        if name == cloud["head_node_type"]:
+            continue
+        mirror = local["available_node_types"][name]
+        assert (mirror["min_workers"], mirror["max_workers"]) == (spec["min_workers"], spec["max_workers"]), name
+        assert mirror["resources"]["fake_gpu"] == spec["resources"]["GPU"], name
+    assert local["max_workers"] == cloud["max_workers"] and local["provider"]["type"] == "fake_multinode"
