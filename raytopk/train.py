@@ -526,8 +526,9 @@ def _say_if_waiting(cfg: TrainConfig) -> None:
     short = _shortfall(cfg, ray.cluster_resources())
     if short:
         resource, need, got, _ = short
-        print(f"raytopk: waiting for nodes: {cfg.min_workers or cfg.workers} workers need {need:g} {resource} in all and this "
-              f"cluster has {got:g} now; an autoscaler adds nodes for them (ray job stop, or Ctrl+C, ends the wait)", flush=True)
+        count = cfg.min_workers or cfg.workers
+        print(f"raytopk: waiting for nodes: {count} worker{'s' * (count != 1)} need{'s' * (count == 1)} {need:g} {resource} in all "
+              f"and this cluster has {got:g} now; an autoscaler adds nodes for them (ray job stop, or Ctrl+C, ends the wait)", flush=True)
 
 
 def _shortfall(cfg: TrainConfig, have: dict):
