@@ -274,9 +274,7 @@ def _restore(directory, rank, world_size, model, optimizer, scheduler, scaler, s
         return torch.load(os.path.join(directory, rank_file(r)), map_location="cpu", weights_only=True)
 
     own = load_rank(rank % saved_workers)
-    resize = {}
-    if saved_workers != world_size:
-        resize = {"resized_from": saved_workers, "residual_mean_error": 0.0}
+    resize = {"resized_from": saved_workers} if saved_workers != world_size else {}
     if state is not None and own["hook"] is not None:
         if saved_workers == world_size:
             state.load_state_dict(own["hook"])
@@ -315,8 +313,9 @@ def _progress_callback(epochs: int):
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0]
             if "resized_from" in m:
-                print(f"resized: {m['resized_from']} -> {m['workers']} workers from the last checkpoint; lr {m['lr']:.4g}; residuals "
-                      f"redistributed, their mean kept (largest difference {m['residual_mean_error']:.2g})", flush=True)
+                kept = (f"; residuals redistributed, their mean kept (largest difference {m['residual_mean_error']:.2g})"
+                        if "residual_mean_error" in m else "")
+                print(f"resized: {m['resized_from']} -> {m['workers']} workers from the last checkpoint; lr {m['lr']:.4g}{kept}", flush=True)
             print(
                 f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}  test acc {100 * m['test_accuracy']:.2f}%  "
                 f"wire {m['bytes_sent'] / 1e6:.2f} MB ({m['exchange']}, {m['workers']} workers)  reduction {m['reduction']:.1f}x",

@@ -223,6 +223,10 @@ def test_resume_at_another_worker_count_keeps_the_mean_residual(local_ray, tmp_p
     assert merged["stats"]["bytes_sent"] == saved[0]["stats"]["bytes_sent"] + saved[1]["stats"]["bytes_sent"]
     second = run(_cfg(tmp_path, "rescaled", workers=1))
     assert second["epochs"] == 2 and second["workers"] == 1
+    # What the resumed worker held, read back by the loop against the saved workers' mean (rank 0's own would be far off).
+    resumed = second["history"][1]
+    assert resumed["resized_from"] == 2 and resumed["residual_mean_error"] < 1e-6, resumed
+    assert [m["workers"] for m in second["history"]] == [2, 1]
 
 
 def _recorded_checkpoint(storage) -> bool:
