@@ -97,9 +97,16 @@ class TopKState:
         start_iter: number of dense allreduce iterations before compression.
         process_group: the group to communicate in; ``None`` means the default group.
         value_dtype: "fp32", "fp16" or "bf16".
-        module: the model the DDP wraps. Only needed by :meth:`state_dict` and
-            :meth:`load_state_dict`, which name residuals by parameter so they
-            survive bucket rebuilds and a different ``bucket_cap_mb``.
+        module: the model the DDP wraps, optional. With it, :meth:`state_dict`
+            names residuals by parameter name, so a checkpoint also loads into a
+            DDP with another ``bucket_cap_mb`` or a model with the same names.
+            Without it (as PowerSGD's state is written), residuals are named by
+            the order in which DDP first hands the parameters to the hook
+            (``param0``, ``param1``, ...): its first buckets hold them in
+            reverse registration order, whatever ``bucket_cap_mb``, so the same
+            model repeats it. A checkpoint whose residuals do not fit the model
+            (another shape, or parameters left over) is refused at the first
+            step; pass ``module`` to load across models that share names.
         warmup_ratio: the ratio of the first compressed step, in (0, 1]; ``None`` for no warm-up.
         warmup_steps: compressed steps over which the ratio decays to ``ratio``.
         momentum: momentum for momentum correction, in [0, 1); 0 turns it off.
@@ -180,8 +187,14 @@ class TopKState:
         self._exchanger: Optional[Exchanger] = None
         # Buckets exchanged by each algorithm (what auto chose), counted for logs and benchmarks.
         self.algorithms: Dict[str, int] = {}
-        # Parameter names, for checkpoints that outlive bucket layouts.
+        # Parameter names, for checkpoints that outlive bucket layouts; without a module,
+        # each parameter's place in the first step's bucket order names it, and a loaded
+        # checkpoint's entries wait here for the parameter of their name.
         self.module = module
+        self._order: Dict[torch.Tensor, int] = {}
+        self._unplaced: Dict[str, Dict[str, torch.Tensor]] = {kind: {} for kind in _KINDS}
+        self._unplaced_layout: List[Tuple[int, List[str]]] = []  # (place in the saved layout, names)
+        self._placed_layout: List[Tuple[int, Tuple[torch.Tensor, ...]]] = []
         # Error feedback: this worker's residual, one _BucketMemory per bucket index.
         self._buckets: Dict[int, _BucketMemory] = {}
         # Residuals and velocities per parameter waiting for their bucket's first
@@ -221,32 +234,75 @@ class TopKState:
     def state_dict(self) -> dict:
         """Everything a resumed run needs: settings, step count, stats, residuals (and velocities) by parameter name."""
         names = self._names()
-        layout = [m.params for _, m in sorted(self._buckets.items())] or self._saved_layout
+        if self._buckets:
+            layout = [[names[p] for p in m.params] for _, m in sorted(self._buckets.items())]
+        else:  # a loaded checkpoint's layout, its buckets placed or not yet
+            saved = [(i, [names[p] for p in params]) for i, params in self._placed_layout] + self._unplaced_layout
+            layout = [bucket_names for _, bucket_names in sorted(saved, key=lambda placed: placed[0])]
         return {
             **{key: getattr(self, key) for key in _SETTINGS},
             "iter": self.iter,
             "stats": dict(self.stats),
-            **{kind: {names[p]: t.detach().cpu().clone() for p, t in self._by_param(kind).items()} for kind in _KINDS},
-            "buckets": [[names[p] for p in params] for params in layout],
+            **{kind: {**{names[p]: t.detach().cpu().clone() for p, t in self._by_param(kind).items()},
+                      **{name: t.clone() for name, t in self._unplaced[kind].items()}} for kind in _KINDS},
+            "buckets": layout,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a :meth:`state_dict`; residuals reach their buckets on the next step."""
-        params = {name: p for p, name in self._names().items()}
-        saved_names = set(state_dict["residuals"]).union(*state_dict["buckets"])
-        unknown = sorted(saved_names - set(params))
-        if unknown:
-            raise ValueError(f"checkpoint has residuals for parameters this model does not have: {unknown[:5]}")
         self.iter = int(state_dict["iter"])
         self.stats.update(state_dict["stats"])
         self._buckets = {}
-        self._pending = {kind: {params[name]: t.clone() for name, t in state_dict.get(kind, {}).items()} for kind in _KINDS}
-        self._saved_layout = [tuple(params[name] for name in names) for names in state_dict["buckets"]]
+        self._pending = {kind: {} for kind in _KINDS}
+        self._saved_layout, self._placed_layout = [], []
+        self._unplaced = {kind: {name: t.clone() for name, t in state_dict.get(kind, {}).items()} for kind in _KINDS}
+        self._unplaced_layout = list(enumerate(state_dict["buckets"]))
+        if self.module is not None:
+            known = set(self._names().values())
+            unknown = sorted(set(state_dict["residuals"]).union(*state_dict["buckets"]) - known)
+            if unknown:
+                raise ValueError(f"checkpoint has residuals for parameters this model does not have: {unknown[:5]}")
+            self._place(self._names())
 
     def _names(self) -> Dict[torch.Tensor, str]:
-        if self.module is None:
-            raise ValueError("TopKState needs module=<the model DDP wraps> to save or load residuals")
-        return {p: name for name, p in self.module.named_parameters()}
+        """Each parameter's name in checkpoints: by ``module``, else by its place in the first step's bucket order."""
+        if self.module is not None:
+            return {p: name for name, p in self.module.named_parameters()}
+        return {p: f"param{i}" for p, i in self._order.items()}
+
+    def _meet(self, params) -> None:
+        """Without a module: number the parameters DDP hands the hook, in order, the first time each comes."""
+        new = [p for p in params if p not in self._order]
+        for p in new:
+            self._order[p] = len(self._order)
+        if new and any(self._unplaced.values()):
+            self._place({p: f"param{self._order[p]}" for p in new})
+
+    def _place(self, names: Dict[torch.Tensor, str]) -> None:
+        """Move loaded residuals (and velocities, and saved bucket groups) to the parameters of their names."""
+        for kind in _KINDS:
+            for p, name in names.items():
+                saved = self._unplaced[kind].pop(name, None)
+                if saved is None:
+                    continue
+                if saved.shape != p.shape:
+                    raise ValueError(f"checkpoint residual {name} has shape {tuple(saved.shape)}, but this model's parameter "
+                                     f"{name} has {tuple(p.shape)}; load it into the model and DDP settings it was saved "
+                                     "with, or give TopKState module= to name residuals by parameter name")
+                self._pending[kind][p] = saved
+        params = {name: p for p, name in self._names().items()}
+        ready = [(i, names) for i, names in self._unplaced_layout if all(name in params for name in names)]
+        self._placed_layout = sorted(self._placed_layout + [(i, tuple(params[name] for name in names)) for i, names in ready],
+                                     key=lambda placed: placed[0])
+        self._saved_layout = [params_of_bucket for _, params_of_bucket in self._placed_layout]
+        self._unplaced_layout = [(i, names) for i, names in self._unplaced_layout if (i, names) not in ready]
+
+    def _check_placed(self) -> None:
+        """After a whole step has met every parameter: a loaded checkpoint must have found all of its own."""
+        left = sorted(name for kind in _KINDS for name in self._unplaced[kind])
+        if left:
+            raise ValueError(f"checkpoint has residuals for parameters this model does not have: {left[:5]}; load it into the "
+                             "model and DDP settings it was saved with, or give TopKState module= to name residuals by parameter name")
 
     def _by_param(self, kind: str) -> Dict[torch.Tensor, torch.Tensor]:
         """Every residual (``kind="residuals"``) or velocity, placed in a bucket or pending, one tensor per parameter."""
@@ -269,7 +325,7 @@ class TopKState:
             # DDP changed its bucket layout: take every residual apart by parameter.
             self._pending = {kind: self._by_param(kind) for kind in _KINDS}
             self._buckets = {}
-            self._saved_layout = []
+            self._saved_layout, self._placed_layout = [], []
         memory = _BucketMemory(params, bucket.buffer(), self)
         self._buckets[bucket.index()] = memory
         return memory
@@ -284,6 +340,7 @@ class TopKState:
             if bucket.is_last():
                 self.iter += 1
                 self.stats["steps"] += 1
+                self._check_placed()
 
 
 def redistribute(state_dicts: List[dict], world_size: int) -> dict:
@@ -447,6 +504,8 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     world_size = dist.get_world_size(group)
     buffer = bucket.buffer()
     n, dense_bytes = buffer.numel(), buffer.numel() * buffer.element_size()
+    if state.module is None:
+        state._meet(bucket.parameters())
 
     if state.iter < state.start_iter:
         future = _dense_allreduce(buffer, group, world_size)

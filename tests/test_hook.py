@@ -227,7 +227,7 @@ def _train(rank, steps, first_step, cap_mb, saved=None, options=None):
     options = options or {}
     model = _model(hidden=64, depth=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.0 if options.get("momentum") else 0.9)
-    state = TopKState(ratio=0.01, start_iter=2, module=model, **options)
+    state = TopKState(**{"ratio": 0.01, "start_iter": 2, "module": model, **options})
     if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
@@ -253,7 +253,7 @@ def _resume(rank, world_size, resume_cap_mb, options=None):
     straight, checkpoint, straight_state = _train(rank, 8, 0, cap_mb=0.01, options=options)
     # A new model, optimizer, DDP and state, loaded from the step-3 checkpoint.
     model = _model(hidden=64, depth=4)
-    state = TopKState(ratio=0.01, start_iter=2, module=model, **(options or {}))
+    state = TopKState(**{"ratio": 0.01, "start_iter": 2, "module": model, **(options or {})})
     state.load_state_dict(checkpoint["hook"])
     restored = state.state_dict()
     for kind in ("residuals", "velocities"):
@@ -430,6 +430,34 @@ def test_bad_settings_are_value_errors(kwargs):
         TopKState(ratio=0.01, **kwargs)
 
 
-def test_state_dict_needs_the_module():
-    with pytest.raises(ValueError, match="module="):
-        TopKState(ratio=0.01).state_dict()
+def test_resume_without_module_continues_exactly():
+    """``TopKState`` without ``module=``, as PowerSGD's state is written: residuals are named by the order DDP
+    first hands parameters to the hook, saved mid-run and loaded into a new model, DDP and state."""
+    for equal, diff in run_ranks(_resume, 2, 0.01, {"module": None}):
+        assert equal, f"resumed weights differ by up to {diff}"
+
+
+def test_resume_without_module_under_another_bucket_cap_restores_every_residual():
+    # DDP's first buckets hold the parameters in reverse registration order whatever bucket_cap_mb, so the names hold.
+    for equal, diff in run_ranks(_resume, 2, 0.2, {"module": None}):
+        assert diff < 1e-2
+
+
+def _load_into_another_model(rank, world_size):
+    _, checkpoint, _ = _train(rank, 4, 0, cap_mb=0.01, options={"module": None})
+    assert set(checkpoint["hook"]["residuals"]) == {f"param{i}" for i in range(len(checkpoint["model"]))}
+    model = _model(hidden=48, depth=4)
+    state = TopKState(ratio=0.01, start_iter=2)
+    state.load_state_dict(checkpoint["hook"])
+    ddp = DDP(model, bucket_cap_mb=0.01)
+    ddp.register_comm_hook(state, topk_hook)
+    try:
+        _loss(ddp, rank, 4).backward()
+    except Exception as err:  # raised in the hook, surfaced by backward()
+        return str(err)
+    return "trained"
+
+
+def test_a_module_less_checkpoint_of_another_model_is_refused_at_the_first_step():
+    for message in run_ranks(_load_into_another_model, 2):
+        assert "checkpoint residual param0 has shape" in message and "give TopKState module=" in message, message
