@@ -1,0 +1,87 @@
+"""PyTorch Lightning: :class:`TopKCompression`, a Callback that puts raytopk's hook on Lightning's DDP model.
+
+    trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, callbacks=[TopKCompression(ratio=0.01)])
+
+Why a callback: Lightning's own ``DDPStrategy(ddp_comm_state=..., ddp_comm_hook=...)``
+registers a hook only when the root device is CUDA; on CPU (gloo) it trains densely
+without a word. The callback registers the hook on any device, once the strategy has
+wrapped the model, and carries every rank's residual through Lightning's checkpoints:
+they are written by rank 0 alone, so each save gathers all ranks' hook states into the
+checkpoint dict (``checkpoint["raytopk"]``, a few times the gradient's size, which is
+what a resumed run needs), and each rank takes its own back on load; a run resumed on
+another number of devices starts every rank from the mean residual, as
+:func:`raytopk.hook.redistribute` does for Ray Train. Bytes on the wire and the reduction
+go to Lightning's logger each epoch (``raytopk/bytes_sent``, ``raytopk/reduction``).
+
+Works with ``import lightning as L`` and, where that is what is installed, ``pytorch_lightning``.
+"""
+
+import warnings
+
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from raytopk.hook import TopKState, redistribute, topk_hook
+
+try:
+    from lightning.pytorch import Callback
+except ImportError:  # the older package name
+    from pytorch_lightning import Callback
+
+__all__ = ["TopKCompression"]
+
+CHECKPOINT_KEY = "raytopk"
+
+
+class TopKCompression(Callback):
+    """Top-k compression of DDP's gradient exchange for a Lightning ``Trainer`` (``strategy="ddp"``).
+
+    Args:
+        ratio: fraction of each DDP bucket's entries sent, in (0, 1].
+        **options: any other :class:`~raytopk.TopKState` option (``start_iter``,
+            ``value_dtype``, ``exchange``, Deep Gradient Compression's, ...).
+    """
+
+    def __init__(self, ratio: float = 0.01, **options):
+        TopKState(ratio, **options)  # bad options fail here, when the Trainer is built
+        self.ratio, self.options = ratio, options
+        self.state = None  # this rank's TopKState, once training starts
+        self._loaded = None  # every rank's saved state, from a checkpoint, until the hook is registered
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        model = trainer.strategy.model
+        if not isinstance(model, DDP):
+            warnings.warn(f"TopKCompression: the strategy's model is a {type(model).__name__}, not DistributedDataParallel "
+                          "(one process, or another strategy); gradients are not compressed")
+            return
+        self.state = TopKState(self.ratio, module=pl_module, **self.options)
+        model.register_comm_hook(self.state, topk_hook)
+        if self._loaded is not None:
+            self._restore(trainer)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """Gather every rank's hook state into the checkpoint (a collective: Lightning calls it on every rank)."""
+        if self.state is None:
+            return
+        states = [None] * trainer.world_size
+        dist.all_gather_object(states, self.state.state_dict())
+        checkpoint[CHECKPOINT_KEY] = states
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._loaded = checkpoint.get(CHECKPOINT_KEY)
+        if self._loaded is not None and self.state is not None:
+            self._restore(trainer)
+
+    def _restore(self, trainer) -> None:
+        saved, self._loaded = self._loaded, None
+        if len(saved) == trainer.world_size:
+            self.state.load_state_dict(saved[trainer.global_rank])
+        else:
+            self.state.load_state_dict(redistribute(saved, trainer.world_size))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.state is None:
+            return
+        sent, dense = float(self.state.stats["bytes_sent"]), float(self.state.stats["dense_bytes"])
+        pl_module.log_dict({"raytopk/bytes_sent": sent, "raytopk/dense_bytes": dense}, sync_dist=True, reduce_fx="sum")
+        pl_module.log("raytopk/reduction", dense / sent if sent else 1.0, sync_dist=True)
