@@ -66,7 +66,7 @@ def main() -> None:
         elastic = _train(head, storage, "elastic")
         _read_until(elastic, f"epoch 3/{EPOCHS}", "3 workers")
         workers = ray_list(*head, "actors", "class_name=RayTrainWorker", "state=ALIVE")
-        lose_node(*head, workers[-1]["node_id"])
+        lose_node(workers[-1]["node_id"])
         lost_after_s = time.time() - started
         _read_until(elastic, "2 workers")
         with joined_node(head[1], "--num-cpus=1", "--resources='{\"fake_gpu\": 1}'"):

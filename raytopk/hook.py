@@ -192,18 +192,18 @@ class TopKState:
         # checkpoint's entries wait here for the parameter of their name.
         self.module = module
         self._order: Dict[torch.Tensor, int] = {}
+        self._met_all = False  # this process's first step is done: every parameter has been handed over
         self._unplaced: Dict[str, Dict[str, torch.Tensor]] = {kind: {} for kind in _KINDS}
         self._unplaced_layout: List[Tuple[int, List[str]]] = []  # (place in the saved layout, names)
-        self._placed_layout: List[Tuple[int, Tuple[torch.Tensor, ...]]] = []
         # Error feedback: this worker's residual, one _BucketMemory per bucket index.
         self._buckets: Dict[int, _BucketMemory] = {}
         # Residuals and velocities per parameter waiting for their bucket's first
         # step (after load_state_dict, or after DDP changed its bucket layout).
         self._pending: Dict[str, Dict[torch.Tensor, torch.Tensor]] = {kind: {} for kind in _KINDS}
-        # The bucket layout a loaded checkpoint was selecting over: a resumed
-        # DDP starts with other buckets, and selecting over the saved ones
-        # until it rebuilds keeps the run identical to the uninterrupted one.
-        self._saved_layout: List[Tuple[torch.Tensor, ...]] = []
+        # The bucket layout a loaded checkpoint was selecting over, (place, parameters) in
+        # saved order: a resumed DDP starts with other buckets, and selecting over the saved
+        # ones until it rebuilds keeps the run identical to the uninterrupted one.
+        self._placed_layout: List[Tuple[int, Tuple[torch.Tensor, ...]]] = []
         # Step counter, advanced after the last bucket of each step.
         self.iter = 0
         # Cumulative counters, read by training loops and benchmarks.
@@ -254,15 +254,12 @@ class TopKState:
         self.stats.update(state_dict["stats"])
         self._buckets = {}
         self._pending = {kind: {} for kind in _KINDS}
-        self._saved_layout, self._placed_layout = [], []
+        self._placed_layout = []
         self._unplaced = {kind: {name: t.clone() for name, t in state_dict.get(kind, {}).items()} for kind in _KINDS}
         self._unplaced_layout = list(enumerate(state_dict["buckets"]))
-        if self.module is not None:
-            known = set(self._names().values())
-            unknown = sorted(set(state_dict["residuals"]).union(*state_dict["buckets"]) - known)
-            if unknown:
-                raise ValueError(f"checkpoint has residuals for parameters this model does not have: {unknown[:5]}")
-            self._place(self._names())
+        self._place(self._names())  # every name with a module; without, those a first step has already met
+        if self.module is not None or self._met_all:
+            self._check_placed()
 
     def _names(self) -> Dict[torch.Tensor, str]:
         """Each parameter's name in checkpoints: by ``module``, else by its place in the first step's bucket order."""
@@ -287,22 +284,28 @@ class TopKState:
                     continue
                 if saved.shape != p.shape:
                     raise ValueError(f"checkpoint residual {name} has shape {tuple(saved.shape)}, but this model's parameter "
-                                     f"{name} has {tuple(p.shape)}; load it into the model and DDP settings it was saved "
-                                     "with, or give TopKState module= to name residuals by parameter name")
+                                     f"{name} has {tuple(p.shape)}{self._load_hint()}")
                 self._pending[kind][p] = saved
         params = {name: p for p, name in self._names().items()}
         ready = [(i, names) for i, names in self._unplaced_layout if all(name in params for name in names)]
         self._placed_layout = sorted(self._placed_layout + [(i, tuple(params[name] for name in names)) for i, names in ready],
                                      key=lambda placed: placed[0])
-        self._saved_layout = [params_of_bucket for _, params_of_bucket in self._placed_layout]
         self._unplaced_layout = [(i, names) for i, names in self._unplaced_layout if (i, names) not in ready]
 
+    @property
+    def _saved_layout(self) -> List[Tuple[torch.Tensor, ...]]:
+        return [params for _, params in self._placed_layout]
+
     def _check_placed(self) -> None:
-        """After a whole step has met every parameter: a loaded checkpoint must have found all of its own."""
+        """Once every parameter is known: a loaded checkpoint must have found all of its own."""
         left = sorted(name for kind in _KINDS for name in self._unplaced[kind])
         if left:
-            raise ValueError(f"checkpoint has residuals for parameters this model does not have: {left[:5]}; load it into the "
-                             "model and DDP settings it was saved with, or give TopKState module= to name residuals by parameter name")
+            raise ValueError(f"checkpoint has residuals for parameters this model does not have: {left[:5]}{self._load_hint()}")
+
+    def _load_hint(self) -> str:
+        if self.module is not None:
+            return ""
+        return "; load it into the model it was saved from, or give TopKState module= to name residuals by parameter name"
 
     def _by_param(self, kind: str) -> Dict[torch.Tensor, torch.Tensor]:
         """Every residual (``kind="residuals"``) or velocity, placed in a bucket or pending, one tensor per parameter."""
@@ -325,7 +328,7 @@ class TopKState:
             # DDP changed its bucket layout: take every residual apart by parameter.
             self._pending = {kind: self._by_param(kind) for kind in _KINDS}
             self._buckets = {}
-            self._saved_layout, self._placed_layout = [], []
+            self._placed_layout = []
         memory = _BucketMemory(params, bucket.buffer(), self)
         self._buckets[bucket.index()] = memory
         return memory
@@ -340,7 +343,9 @@ class TopKState:
             if bucket.is_last():
                 self.iter += 1
                 self.stats["steps"] += 1
-                self._check_placed()
+                if not self._met_all:  # the end of this process's first step
+                    self._met_all = True
+                    self._check_placed()
 
 
 def redistribute(state_dicts: List[dict], world_size: int) -> dict:
@@ -504,7 +509,7 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     world_size = dist.get_world_size(group)
     buffer = bucket.buffer()
     n, dense_bytes = buffer.numel(), buffer.numel() * buffer.element_size()
-    if state.module is None:
+    if state.module is None and not state._met_all:
         state._meet(bucket.parameters())
 
     if state.iter < state.start_iter:

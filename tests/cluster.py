@@ -60,7 +60,7 @@ def one_gpu_nodes(cluster_yaml: str, directory: str, max_nodes: int) -> str:
     return path
 
 
-def lose_node(address: str, env: dict, node_id: str) -> list:
+def lose_node(node_id: str) -> list:
     """Lose a node of a fake cluster as a machine is lost: SIGKILL its raylet and every process under it at once.
 
     The processes are stopped first, so none sees the others go and exits on its own terms. Returns their pids.

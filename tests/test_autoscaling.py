@@ -31,7 +31,7 @@ def _lose_node_of_a_worker(head) -> str:
     """Lose the node of a live training worker (:func:`cluster.lose_node`); return its id."""
     workers = ray_list(*head, "actors", "class_name=RayTrainWorker", "state=ALIVE")
     assert workers, "no live training worker"
-    lose_node(*head, workers[-1]["node_id"])
+    lose_node(workers[-1]["node_id"])
     return workers[-1]["node_id"]
 
 
