@@ -60,25 +60,37 @@ def one_gpu_nodes(cluster_yaml: str, directory: str, max_nodes: int) -> str:
     return path
 
 
-def lose_node(node_id: str) -> list:
-    """Lose a node of a fake cluster as a machine is lost: SIGKILL its raylet and every process under it at once.
+def kill_tree(pid: int) -> list:
+    """SIGKILL a process and every process under it at once; return their pids.
 
-    The processes are stopped first, so none sees the others go and exits on its own terms. Returns their pids.
+    Each is stopped before its children are listed, so none starts another or sees
+    the others go and exits on its own terms. Ray's workers lead process groups of
+    their own, so killing the group of the process that started Ray misses them.
     """
+    stopped = []
+
+    def stop(pid):
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            return
+        stopped.append(pid)
+        for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
+            stop(int(child))
+
+    stop(pid)
+    for pid in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return stopped
+
+
+def lose_node(node_id: str) -> list:
+    """Lose a node of a fake cluster as a machine is lost: :func:`kill_tree` its raylet. Returns the pids."""
     found = subprocess.run(["pgrep", "-f", f"raylet .*--node_id={node_id}"], capture_output=True, text=True).stdout.split()
     if len(found) != 1:
         raise RuntimeError(f"expected one raylet for node {node_id}, found {found}")
-
-    def tree(pid):
-        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-        return [int(pid)] + [p for child in children for p in tree(child)]
-
-    pids = tree(found[0])
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    return pids
+    return kill_tree(int(found[0]))
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from cluster import kill_tree
 from raytopk.config import ConfigError, load_config
 from raytopk.data import DatasetError
 from raytopk.hook import redistribute
@@ -257,7 +258,7 @@ def test_killed_driver_rerun_resumes_and_restart_starts_over(straight, tmp_path)
             time.sleep(0.2)
         assert driver.poll() is None, "the run finished before it could be killed"
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the group this test started: the driver and its Ray processes
+        kill_tree(driver.pid)  # the driver and every Ray process it started (the workers lead groups of their own)
         driver.wait()
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
