@@ -35,8 +35,6 @@ _FAST_PATH_MAX_FRACTION = 0.05
 # through (128K entries: the chunk and its two scratch arrays stay in L2).
 _SAMPLE_SIZE, _SAMPLE_RUN = 1 << 15, 8
 _CHUNK_NUMEL = 1 << 17
-# A private generator: sampling must not shift the training's random streams.
-_SAMPLER = np.random.default_rng(0)
 
 # Each value dtype of the fast path, and the integer type its bits are compared as.
 _BITS_DTYPE = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -96,7 +94,12 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int):
     # touched instead of one page per sampled entry.
     strata = _SAMPLE_SIZE // _SAMPLE_RUN
     stride = n // strata
-    starts = _SAMPLER.integers(0, stride - _SAMPLE_RUN + 1, strata) + np.arange(0, strata * stride, stride)
+    # A generator of its own, seeded by the shape: the training's random streams do not move, and the
+    # selection is a function of ``x`` and ``k`` alone. Among entries tied at the k-th magnitude, which
+    # are kept depends on the threshold; a sample that followed earlier calls would make a resumed
+    # process keep other ties than the uninterrupted one did.
+    sampler = np.random.default_rng((n, k))
+    starts = sampler.integers(0, stride - _SAMPLE_RUN + 1, strata) + np.arange(0, strata * stride, stride)
     positions = (starts[:, None] + np.arange(_SAMPLE_RUN)).ravel()
     sample = bits[positions] & magnitude
     expected = _SAMPLE_SIZE * k / n

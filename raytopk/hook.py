@@ -22,7 +22,7 @@ import torch.distributed as dist
 from raytopk.compression import VALUE_DTYPES, index_dtype, payload_bytes, select_topk
 from raytopk.exchange import EXCHANGES, Exchanger, Link, allgather, completed, dense_allreduce_bytes
 
-__all__ = ["TopKState", "topk_hook", "redistribute"]
+__all__ = ["TopKState", "topk_hook", "redistribute", "gather_state_dicts", "load_rank_state"]
 
 
 class TopKState:
@@ -365,6 +365,43 @@ def redistribute(state_dicts: List[dict], world_size: int) -> dict:
     merged["stats"] = {key: sum(sd["stats"][key] for sd in state_dicts) / world_size for key in first["stats"]}
     merged["stats"]["steps"] = first["stats"]["steps"]
     return merged
+
+
+def gather_state_dicts(state: TopKState, group: Optional[dist.ProcessGroup] = None) -> List[dict]:
+    """Every rank's :meth:`TopKState.state_dict`, in rank order, on every rank (a collective).
+
+    For frameworks whose checkpoints one process writes (Lightning, Accelerate):
+    a rank's residual is the gradient it has yet to send, so a resume that gave
+    every rank rank 0's would send rank 0's residual ``W`` times and lose the others.
+    """
+    states = [None] * dist.get_world_size(group)
+    dist.all_gather_object(states, state.state_dict(), group=group)
+    return states
+
+
+def load_rank_state(state: TopKState, saved: List[dict], group: Optional[dist.ProcessGroup] = None) -> dict:
+    """Load this rank's own state from every rank's saved ones; from another worker count, their mean.
+
+    Returns ``{}``, or after a change of worker count ``{"resized_from": W,
+    "residual_mean_error": e}``: ``e`` is the largest difference between the mean
+    residual (and velocity) the ranks now hold and the saved ranks' mean, taken in
+    float64 over every rank (one all-reduce per tensor, so every rank must call this).
+    What remains is the float32 rounding of the saved mean; more would be a bug.
+    """
+    world_size = dist.get_world_size(group)
+    if len(saved) == world_size:
+        state.load_state_dict(saved[dist.get_rank(group)])
+        return {}
+    state.load_state_dict(redistribute(saved, world_size))
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    restored, error = state.state_dict(), torch.zeros((), dtype=torch.float64)
+    for kind in _KINDS:
+        for name, tensor in restored.get(kind, {}).items():
+            ours = tensor.to(device, torch.float64)
+            dist.all_reduce(ours, group=group)
+            theirs = torch.stack([sd[kind][name].to(torch.float64) for sd in saved]).mean(0)
+            error = torch.maximum(error, (ours.cpu() / world_size - theirs).abs().max())
+    return {"resized_from": len(saved), "residual_mean_error": error.item()}
 
 
 # What a checkpoint holds per parameter, and the settings it records.

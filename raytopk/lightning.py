@@ -18,10 +18,9 @@ Works with ``import lightning as L`` and, where that is what is installed, ``pyt
 
 import warnings
 
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from raytopk.hook import TopKState, redistribute, topk_hook
+from raytopk.hook import TopKState, gather_state_dicts, load_rank_state, topk_hook
 
 try:
     from lightning.pytorch import Callback
@@ -57,27 +56,22 @@ class TopKCompression(Callback):
         self.state = TopKState(self.ratio, module=pl_module, **self.options)
         model.register_comm_hook(self.state, topk_hook)
         if self._loaded is not None:
-            self._restore(trainer)
+            self._restore()
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         """Gather every rank's hook state into the checkpoint (a collective: Lightning calls it on every rank)."""
         if self.state is None:
             return
-        states = [None] * trainer.world_size
-        dist.all_gather_object(states, self.state.state_dict())
-        checkpoint[CHECKPOINT_KEY] = states
+        checkpoint[CHECKPOINT_KEY] = gather_state_dicts(self.state)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self._loaded = checkpoint.get(CHECKPOINT_KEY)
         if self._loaded is not None and self.state is not None:
-            self._restore(trainer)
+            self._restore()
 
-    def _restore(self, trainer) -> None:
+    def _restore(self) -> None:
         saved, self._loaded = self._loaded, None
-        if len(saved) == trainer.world_size:
-            self.state.load_state_dict(saved[trainer.global_rank])
-        else:
-            self.state.load_state_dict(redistribute(saved, trainer.world_size))
+        load_rank_state(self.state, saved)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.state is None:

@@ -19,14 +19,14 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from raytopk.config import ConfigError, TrainConfig, default_run_name, resolved, run_identity
 from raytopk.data import DATASETS, load_dataset
 from raytopk.exchange import Link, dense_allreduce_bytes
-from raytopk.hook import TopKState, redistribute, topk_hook
+from raytopk.hook import TopKState
 from raytopk.models import build_model
+from raytopk.ray import load_state, prepare_model, rank_file, save_state
 from raytopk.storage import exists, is_uri, join, read_bytes, read_text, write_json
 
 __all__ = ["train_loop_per_worker", "build_trainer", "run"]
@@ -35,11 +35,6 @@ MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
 STORAGE_PROBE = ".storage_probe"  # the driver writes a token here in a local run directory; every worker must read it back
 NOT_SHARED = "is not seen from the node of worker"  # in the error a worker raises when it cannot
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the run's finished checkpoints
-
-
-def rank_file(rank: int) -> str:
-    """The checkpoint file holding one rank's hook state (residuals) and random state."""
-    return f"rank{rank}.pt"
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -72,21 +67,19 @@ def train_loop_per_worker(config: dict) -> None:
     micro_batches = min(len(train_loader), cfg.max_train_batches or len(train_loader)) // cfg.accumulate * cfg.accumulate
     state = _hook_state(cfg, model, optimizer, micro_batches // cfg.accumulate) if cfg.compress else None
     _check_storage_seen(cfg, storage_token, rank)
+    # A DDP model even for one worker, with the hook when compressing (what users' own Ray loops call too).
+    ddp = prepare_model(model, ratio=None, state=state)
     start_epoch, steps_done, history, resize = 0, 0, [], {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            start_epoch, steps_done, history, resize = _restore(directory, rank, world_size, model, optimizer, scheduler, scaler, state, device)
+            start_epoch, steps_done, history, resize = _restore(directory, ddp, optimizer, scheduler, scaler, device)
         # The schedule follows this run's epoch count (a finished run rerun with more epochs continues on
         # it) and this group's size (a checkpoint of another worker count saved another base rate).
         scheduler.base_lrs = [base_lr] * len(optimizer.param_groups)
         for group in optimizer.param_groups:
             group["initial_lr"], group["lr"] = base_lr, base_lr * schedule(start_epoch)
 
-    # Gradients as views into DDP's buckets: no copy into the buckets and back each step.
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-    if state is not None:
-        ddp.register_comm_hook(state, topk_hook)
     # What DDP's ring allreduce sends per worker and step: the baseline every byte count is compared with.
     step_dense_bytes = dense_allreduce_bytes(sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad), world_size)
     writer = _tensorboard(cfg, rank)
@@ -148,7 +141,7 @@ def train_loop_per_worker(config: dict) -> None:
             writer.flush()
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
             with tempfile.TemporaryDirectory() as directory:
-                _save(directory, rank, world_size, epoch + 1, steps_done, history, cfg, model, optimizer, scheduler, scaler, state)
+                _save(directory, rank, world_size, epoch + 1, steps_done, history, cfg, ddp, optimizer, scheduler, scaler)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
@@ -237,11 +230,11 @@ def _tensorboard(cfg: TrainConfig, rank: int):
     return SummaryWriter(log_dir=join(cfg.checkpoint_dir, cfg.name, "tensorboard"))
 
 
-def _save(directory, rank, world_size, epoch, steps, history, cfg, model, optimizer, scheduler, scaler, state) -> None:
+def _save(directory, rank, world_size, epoch, steps, history, cfg, ddp, optimizer, scheduler, scaler) -> None:
     """Write this rank's part of a checkpoint; Ray merges every rank's files into one directory."""
-    torch.save({"hook": state.state_dict() if state else None, "rng": torch.get_rng_state()}, os.path.join(directory, rank_file(rank)))
+    save_state(ddp, directory, rng=torch.get_rng_state())  # this rank's residuals and random state
     if rank == 0:
-        torch.save(model.state_dict(), os.path.join(directory, MODEL_FILE))
+        torch.save(ddp.module.state_dict(), os.path.join(directory, MODEL_FILE))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
                    os.path.join(directory, OPTIMIZER_FILE))
         # Every epoch's metrics so far, checkpointed or not: the summary's history, whatever Ray keeps.
@@ -251,57 +244,25 @@ def _save(directory, rank, world_size, epoch, steps, history, cfg, model, optimi
             json.dump(meta, f)
 
 
-def _restore(directory, rank, world_size, model, optimizer, scheduler, scaler, state, device) -> tuple:
+def _restore(directory, ddp, optimizer, scheduler, scaler, device) -> tuple:
     """Load a checkpoint written by :func:`_save`; return ``(epoch, step, history, resize)`` to continue from.
 
-    A checkpoint saved by another number of workers is redistributed: every
-    worker starts from the mean of the saved residuals (see
-    :func:`raytopk.hook.redistribute`) and from a saved rank's random state.
-    ``resize`` then says from how many workers, and how far the mean the
-    workers now hold is from the saved workers' mean (:func:`_mean_error`).
+    A checkpoint saved by another number of workers is redistributed by
+    :func:`raytopk.ray.load_state`: every worker starts from the mean of the saved
+    residuals and from a saved rank's random state, and ``resize`` says from how
+    many workers, and how far the mean the workers now hold is from the saved one.
     """
     with open(os.path.join(directory, META_FILE)) as f:
         meta = json.load(f)
-    model.load_state_dict(torch.load(os.path.join(directory, MODEL_FILE), map_location=device, weights_only=True))
+    ddp.module.load_state_dict(torch.load(os.path.join(directory, MODEL_FILE), map_location=device, weights_only=True))
     saved = torch.load(os.path.join(directory, OPTIMIZER_FILE), map_location=device, weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
-    saved_workers = meta["workers"]
-
-    def load_rank(r):
-        return torch.load(os.path.join(directory, rank_file(r)), map_location="cpu", weights_only=True)
-
-    own = load_rank(rank % saved_workers)
-    resize = {"resized_from": saved_workers} if saved_workers != world_size else {}
-    if state is not None and own["hook"] is not None:
-        if saved_workers == world_size:
-            state.load_state_dict(own["hook"])
-        else:
-            hooks = [load_rank(r)["hook"] for r in range(saved_workers)]
-            state.load_state_dict(redistribute(hooks, world_size))
-            resize["residual_mean_error"] = _mean_error(state.state_dict(), hooks, world_size, device)
-    torch.set_rng_state(own["rng"])
+    resize = load_state(ddp, directory)
+    torch.set_rng_state(resize.pop("rng"))
     return meta["epoch"], meta["steps"], meta.get("history", [meta["metrics"]]), resize
-
-
-def _mean_error(restored: dict, saved: list, world_size: int, device) -> float:
-    """The largest difference between the mean residual (and velocity) of this group and of the workers that saved them.
-
-    That mean is what the model has yet to receive, so a resize must keep it.
-    Both means are taken in float64 over every worker (one all-reduce), so
-    what remains is the float32 rounding of the saved mean, nothing more.
-    """
-    error = torch.zeros((), dtype=torch.float64)
-    for kind in ("residuals", "velocities"):
-        for name, tensor in restored.get(kind, {}).items():
-            ours = tensor.to(device, torch.float64)
-            dist.all_reduce(ours)
-            ours = ours.cpu()
-            theirs = torch.stack([sd[kind][name].to(torch.float64) for sd in saved]).mean(0)
-            error = torch.maximum(error, (ours / world_size - theirs).abs().max())
-    return error.item()
 
 
 def _progress_callback(epochs: int):

@@ -61,6 +61,15 @@ def test_ties_give_k_distinct_entries():
     assert len(set(indices.tolist())) == 1000
 
 
+def test_same_ties_kept_whatever_ran_before():
+    """Many entries tie at the k-th magnitude; the ones kept must not depend on earlier calls (a resumed process)."""
+    x = torch.randint(0, 1000, (1 << 20,), generator=torch.Generator().manual_seed(0)).float() / 1000
+    first = select_topk(x, 1 << 13)[1]
+    for seed in range(8):
+        select_topk(torch.randn(1 << 20, generator=torch.Generator().manual_seed(seed)), 1 << 13)
+        assert torch.equal(select_topk(x, 1 << 13)[1], first)
+
+
 def test_nan_and_inf_are_selected_like_torch_topk():
     x = torch.randn(1_000_000)
     x[123] = float("nan")

@@ -18,7 +18,8 @@ from raytopk.config import ConfigError, load_config
 from raytopk.data import DatasetError
 from raytopk.hook import redistribute
 from raytopk.models import build_model
-from raytopk.train import MODEL_FILE, SNAPSHOT_FILE, rank_file, run
+from raytopk.ray import rank_file
+from raytopk.train import MODEL_FILE, SNAPSHOT_FILE, run
 
 ray = pytest.importorskip("ray")
 

@@ -1,0 +1,112 @@
+"""Ray Train: :func:`prepare_model` for hand-written training loops, and each rank's hook state in a checkpoint.
+
+Swap Ray's ``ray.train.torch.prepare_model`` for this one::
+
+    model = raytopk.ray.prepare_model(model, ratio=0.01)
+    ...
+    with tempfile.TemporaryDirectory() as directory:
+        raytopk.ray.save_state(model, directory)  # every rank: its own residual, rank{r}.pt
+        if ray.train.get_context().get_world_rank() == 0:
+            torch.save(model.module.state_dict(), os.path.join(directory, "model.pt"))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    ...
+    if checkpoint := ray.train.get_checkpoint():
+        with checkpoint.as_directory() as directory:
+            raytopk.ray.load_state(model, directory)
+
+Why a ``prepare_model`` of its own: Ray's returns the bare model for one worker, where
+a hook has nothing to register on; this one always returns a DDP model with the hook,
+so one worker runs the same code as many. Why per-rank files: every Ray Train worker
+reports a checkpoint directory and Ray merges them, so each rank writes its own residual
+beside the model and no gather is needed; a group of another size (an elastic resize)
+starts every rank from the saved ranks' mean residual
+(:func:`raytopk.hook.load_rank_state`). ``raytopk train`` runs on these same helpers.
+"""
+
+import os
+import re
+import weakref
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from raytopk.hook import TopKState, load_rank_state, topk_hook
+
+__all__ = ["prepare_model", "hook_state", "save_state", "load_state", "rank_file"]
+
+_STATES = weakref.WeakKeyDictionary()  # DDP model -> its TopKState, for save_state / load_state / hook_state
+
+
+def rank_file(rank: int) -> str:
+    """The checkpoint file holding one rank's hook state (its residuals) and what else :func:`save_state` was given."""
+    return f"rank{rank}.pt"
+
+
+def prepare_model(model: torch.nn.Module, ratio: Optional[float] = 0.01, *, state: Optional[TopKState] = None,
+                  **options) -> DDP:
+    """Move ``model`` to this worker's device and wrap it in DDP with raytopk's hook, whatever the worker count.
+
+    Args:
+        model: the module to train, as given to ``ray.train.torch.prepare_model``.
+        ratio: fraction of each DDP bucket's entries sent; ``None`` for plain DDP
+            (a dense baseline that saves and loads the same checkpoints).
+        state: a :class:`~raytopk.TopKState` built by hand, instead of ``ratio`` and ``options``.
+        **options: any other ``TopKState`` option (``start_iter``, ``value_dtype``, ``exchange``, ...).
+    """
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    model = model.to(device)
+    if state is None and ratio is not None:
+        state = TopKState(ratio, module=model, **options)
+    elif options:
+        raise ValueError(f"prepare_model: options {sorted(options)} need ratio= and no state=")
+    # Gradients as views into DDP's buckets: no copy into the buckets and back each step.
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    if state is not None:
+        ddp.register_comm_hook(state, topk_hook)
+        _STATES[ddp] = state
+    return ddp
+
+
+def hook_state(model: DDP) -> Optional[TopKState]:
+    """The :class:`~raytopk.TopKState` :func:`prepare_model` registered on ``model`` (its ``stats``: bytes, steps), or None."""
+    return _STATES.get(model)
+
+
+def save_state(model: DDP, directory: str, **extra) -> None:
+    """Write this rank's hook state, and ``extra`` (anything ``torch.save`` takes), to ``directory``/``rank{r}.pt``.
+
+    Every rank calls it on its own copy of the checkpoint directory; Ray Train merges them.
+    """
+    state = hook_state(model)
+    torch.save({"hook": state.state_dict() if state is not None else None, **extra},
+               os.path.join(directory, rank_file(dist.get_rank())))
+
+
+def load_state(model: DDP, directory: str, map_location="cpu") -> dict:
+    """Load what :func:`save_state` wrote for this rank; return its ``extra``.
+
+    From a checkpoint of another worker count, the hook state is the saved
+    ranks' mean and ``extra`` is saved rank ``rank % saved_count``'s; the returned
+    dict then also holds ``resized_from`` and ``residual_mean_error`` (see
+    :func:`raytopk.hook.load_rank_state`). Every rank must call it.
+    """
+    world_size = dist.get_world_size()
+    saved_count = sum(1 for name in os.listdir(directory) if re.fullmatch(r"rank\d+\.pt", name))
+    if saved_count == 0:
+        raise FileNotFoundError(f"{directory} holds no {rank_file(0)}: not a checkpoint raytopk.ray.save_state wrote")
+
+    def load(rank):
+        return torch.load(os.path.join(directory, rank_file(rank)), map_location=map_location, weights_only=True)
+
+    extra = load(dist.get_rank() % saved_count)
+    hook, state = extra.pop("hook"), hook_state(model)
+    if state is None or hook is None:
+        return {**extra, **({"resized_from": saved_count} if saved_count != world_size else {})}
+    if saved_count == world_size:
+        state.load_state_dict(hook)
+        return extra
+    return {**extra, **load_rank_state(state, [load(r)["hook"] for r in range(saved_count)])}
