@@ -1,11 +1,12 @@
 # make demo: the embedded default job, dense vs top-k 1%, on a local Ray.
-# make test: the test suite; make test-faults: the long fault and recovery tests.
+# make test: the test suite; make test-integrations: the examples and framework integrations, run for real;
+# make test-faults: the long fault and recovery tests.
 # Each creates .venv and installs the project first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-faults
+.PHONY: demo test test-integrations test-faults
 
 $(BIN)/raytopk: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +18,10 @@ demo: $(BIN)/raytopk
 	$(BIN)/raytopk bench --config jobs/mnist5k_topk.yaml --checkpoint-dir runs --output runs/demo.json --restart
 
 test: $(BIN)/raytopk
-	$(BIN)/python -m pytest -q -m "not faults"
+	$(BIN)/python -m pytest -q -m "not faults and not integrations"
+
+test-integrations: $(BIN)/raytopk
+	$(BIN)/python -m pytest -q -m integrations
 
 test-faults: $(BIN)/raytopk
 	$(BIN)/python -m pytest -q -m faults

@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import accelerate  # noqa: F401  (the optional extra raytopk[accelerate]; the test extra installs it, CI runs this for real)
 import pytest
 import safetensors.torch
 import torch
 
-pytest.importorskip("accelerate")  # the optional extra raytopk[accelerate]; the test extra installs it
+
+pytestmark = pytest.mark.integrations
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")

@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.integrations
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")

@@ -5,10 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning  # noqa: F401  (the optional extra raytopk[lightning]; the test extra installs it, and pytorch-lightning)
 import pytest
 import torch
 
-pytest.importorskip("lightning")  # the optional extra raytopk[lightning]; the test extra installs it
+
+pytestmark = pytest.mark.integrations
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,3 +41,43 @@ def test_lightning_callback_compresses_on_cpu_and_resumes_every_rank_exactly(tmp
             assert torch.equal(residual, b["raytopk"][rank]["residuals"][name]), (rank, name)
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
+
+
+PYTORCH_LIGHTNING_SCRIPT = '''
+import json, sys
+sys.modules["lightning"] = None  # a machine with only the older package: "import lightning" fails
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from raytopk.lightning import TopKCompression
+
+class Regression(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(64, 1)
+    def training_step(self, batch, _):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+pl.seed_everything(0)
+data = TensorDataset(torch.randn(256, 64), torch.randn(256, 1))
+compression = TopKCompression(ratio=0.1)
+trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=[compression])
+trainer.fit(Regression(), DataLoader(data, batch_size=16))
+if trainer.global_rank == 0:
+    print(json.dumps({"optimizer_steps": trainer.global_step, "hook_steps": compression.state.stats["steps"],
+                      "base": type(compression).__mro__[1].__module__}), flush=True)
+'''
+
+
+def test_callback_works_where_only_pytorch_lightning_is_installed(tmp_path):
+    script = tmp_path / "pl_only.py"
+    script.write_text(PYTORCH_LIGHTNING_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    summary = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    assert summary["base"].startswith("pytorch_lightning")  # the callback subclasses the package the user has
+    assert summary["hook_steps"] == summary["optimizer_steps"] == 8  # 128 samples per rank, batches of 16
