@@ -9,6 +9,7 @@ import sys
 from dataclasses import fields
 from typing import Optional
 
+from raytopk import __version__
 from raytopk.config import ConfigError, TrainConfig, load_config
 from raytopk.data import DatasetError
 
@@ -70,10 +71,13 @@ def _bench(args) -> int:
     """The same job dense and with top-k, side by side."""
     import dataclasses
 
+    from raytopk.preflight import check_file
     from raytopk.storage import write_json
     from raytopk.train import run
 
     cfg = _config(args)
+    if cfg.output:
+        check_file("output", cfg.output)  # before either run trains
     # The dense row drops the compression-only settings (DGC's); SGD keeps its momentum there.
     dense = dataclasses.replace(cfg, compress=False, output=None, warmup_ratio=None, warmup_epochs=0, momentum_correction=False,
                                 clip_norm=None, per_layer=False)
@@ -127,6 +131,7 @@ def _tune(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="raytopk", description="Top-k compressed data-parallel training on Ray.")
+    parser.add_argument("--version", action="version", version=f"raytopk {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, fn, text in (("train", _train, "train one job"), ("bench", _bench, "train a job dense and with top-k, side by side")):
         sub = commands.add_parser(name, help=text, description=text)

@@ -8,10 +8,11 @@ with a one-line message naming the key, the bad value and what is allowed.
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Optional
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "check_fields", "from_mapping", "run_identity", "default_run_name"]
+__all__ = ["ConfigError", "TrainConfig", "load_config", "check_fields", "check_name", "from_mapping", "run_identity", "default_run_name"]
 
 
 class ConfigError(ValueError):
@@ -83,7 +84,43 @@ class TrainConfig:
         for key, known in (("model", MODELS), ("dataset", DATASETS)):
             if getattr(self, key) not in known:
                 raise ConfigError(f"{key}: got {getattr(self, key)!r}; allowed: {', '.join(sorted(known))}")
+        check_name("name", self.name)
         _check_combinations(self)
+        _check_sizes(self, DATASETS[self.dataset].train_size)
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+def check_name(key: str, value: Optional[str]) -> None:
+    """A run or sweep name becomes a directory under shared storage: no separators, no ``..``, no leading dot."""
+    if value is not None and (not _NAME.fullmatch(value) or ".." in value):
+        raise ConfigError(f"{key}: got {value!r}; allowed: up to 200 letters, digits, '.', '_' and '-', "
+                          "starting with a letter or digit, without '..'")
+
+
+def _check_sizes(cfg: "TrainConfig", train_size: int) -> None:
+    """Sizes that would train nothing, against the dataset's training split.
+
+    Each of ``W`` workers gets ``ceil(n / W)`` images (``DistributedSampler`` pads the
+    shards to one size) and drops the last partial batch; an elastic run's shard is
+    smallest at ``workers``, so that is the count checked. A ``max_train_batches``
+    above an epoch's batches is allowed: it is a cap, and the same job file may run
+    on more workers, whose shards are smaller.
+    """
+    what = f"{cfg.dataset} has {train_size} training images"
+    if cfg.workers > train_size:
+        raise ConfigError(f"workers: got {cfg.workers}, but {what}; allowed: at most {train_size}")
+    shard = -(-train_size // cfg.workers)
+    if cfg.batch_size > shard:
+        raise ConfigError(f"batch_size: got {cfg.batch_size}, more than a worker's share ({what}, {shard} per worker "
+                          f"with {cfg.workers} workers), so no worker would train a step; allowed: at most {shard}")
+    batches = shard // cfg.batch_size
+    if cfg.accumulate > batches:
+        raise ConfigError(f"accumulate: got {cfg.accumulate}, more than the {batches} batches an epoch holds per worker "
+                          f"({shard} images, batch_size {cfg.batch_size}), so no step would be taken; allowed: at most {batches}")
+    if cfg.save_every > cfg.epochs:
+        raise ConfigError(f"save_every: got {cfg.save_every}, more than epochs {cfg.epochs}; allowed: 1 to {cfg.epochs}")
 
 
 def _check_combinations(cfg: "TrainConfig") -> None:

@@ -38,6 +38,7 @@ class DatasetSpec:
     in_channels: int
     image_size: int
     num_classes: int
+    train_size: int  # images in the training split: what the workers' shards divide
     load: Callable[[str, bool], Tuple[Dataset, Dataset]]
 
 
@@ -141,13 +142,13 @@ def _cifar10_class():
 
 
 DATASETS = {
-    "mnist5k": DatasetSpec(1, 28, 10, _mnist5k),
-    "mnist": DatasetSpec(1, 28, 10, _torchvision(_torchvision_class("MNIST"), (0.1307,), (0.3081,))),
+    "mnist5k": DatasetSpec(1, 28, 10, 4000, _mnist5k),
+    "mnist": DatasetSpec(1, 28, 10, 60000, _torchvision(_torchvision_class("MNIST"), (0.1307,), (0.3081,))),
     "fashion_mnist": DatasetSpec(
-        1, 28, 10, _torchvision(_torchvision_class("FashionMNIST"), (0.2860,), (0.3530,), mirror=_debian_fashion_mnist)
+        1, 28, 10, 60000, _torchvision(_torchvision_class("FashionMNIST"), (0.2860,), (0.3530,), mirror=_debian_fashion_mnist)
     ),
     "cifar10": DatasetSpec(
-        3, 32, 10, _torchvision(_cifar10_class, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), train_transform=_augmented)
+        3, 32, 10, 50000, _torchvision(_cifar10_class, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), train_transform=_augmented)
     ),
 }
 

@@ -26,6 +26,7 @@ from raytopk.data import DATASETS, load_dataset
 from raytopk.exchange import Link, dense_allreduce_bytes
 from raytopk.hook import TopKState
 from raytopk.models import build_model
+from raytopk.preflight import check_paths
 from raytopk.ray import load_state, prepare_model, rank_file, save_state
 from raytopk.storage import exists, is_uri, join, read_bytes, read_text, write_json
 
@@ -343,6 +344,7 @@ def run(cfg: TrainConfig, restart: bool = False) -> dict:
     from ray.train import TrainingFailedError
 
     cfg = resolved(cfg)
+    check_paths(cfg)
     name = cfg.name or default_run_name(cfg)
     cfg = dataclasses.replace(cfg, name=f"{name}-restart-{time.strftime('%Y%m%d-%H%M%S')}" if restart else name)
     previous = latest_checkpoint(join(cfg.checkpoint_dir, cfg.name), cfg)
@@ -351,7 +353,7 @@ def run(cfg: TrainConfig, restart: bool = False) -> dict:
         if meta["epoch"] >= cfg.epochs:
             print(f"raytopk: {cfg.name} already finished {meta['epoch']} epochs; raise epochs to continue it, "
                   "or --restart to train it again", flush=True)
-            return _summary(cfg, meta, path, wall_s=0.0)
+            return _finish(cfg, _summary(cfg, meta, path, wall_s=0.0))
         print(f"raytopk: resuming {cfg.name} after epoch {meta['epoch']} from {path}", flush=True)
     _check_local(cfg)
     if not ray.is_initialized():
@@ -367,7 +369,11 @@ def run(cfg: TrainConfig, restart: bool = False) -> dict:
             raise ConfigError(shared[shared.index("checkpoint_dir:"):]) from None
         raise
     path, meta = _recorded_checkpoint(join(cfg.checkpoint_dir, cfg.name))
-    summary = _summary(cfg, meta, path, time.time() - started)
+    return _finish(cfg, _summary(cfg, meta, path, time.time() - started))
+
+
+def _finish(cfg: TrainConfig, summary: dict) -> dict:
+    """Write the summary to ``--output`` (whole or not at all) on every path that returns one."""
     if cfg.output:
         write_json(cfg.output, summary)
     return summary

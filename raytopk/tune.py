@@ -31,7 +31,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
-from raytopk.config import ConfigError, TrainConfig, check_fields, from_mapping, read_yaml_mapping, resolved
+from raytopk.config import ConfigError, TrainConfig, check_fields, check_name, from_mapping, read_yaml_mapping, resolved
+from raytopk.preflight import check_directory
 from raytopk.storage import exists, join, read_text, resolve, write_json
 from raytopk.sweep_results import trial_config, trial_rows, write_results
 
@@ -77,6 +78,7 @@ class SweepConfig:
 
     def __post_init__(self):
         check_fields(self, _CHOICES, _RANGES)
+        check_name("name", self.name)
         if self.mode != _MODES[self.metric]:
             raise ConfigError(f"mode: got {self.mode!r} for metric {self.metric}; allowed: {_MODES[self.metric]}")
         if self.select == "budget" and self.max_mb_per_worker is None:
@@ -247,6 +249,7 @@ def run_sweep(sweep: SweepConfig, cfg: TrainConfig, resume: bool = False, addres
     from ray import tune
 
 
+    check_directory("storage_path", sweep.storage_path)
     directory = sweep_dir(sweep)
     saved_path = join(directory, SWEEP_FILE)
     if resume:

@@ -2,10 +2,14 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import raytopk
 from raytopk.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
@@ -102,12 +106,19 @@ def test_every_shipped_job_is_valid():
         (["--optimizer", "adam"], "optimizer: got 'adam'; allowed: sgd, adamw"),
         (["--backend", "mpi"], "backend: got 'mpi'; allowed: auto, gloo, nccl"),
         (["--epochs", "-1"], "epochs: got -1"),
-        (["--workers", "64"], "workers: got 64, which need 64 CPU in all"),
-        (["--workers", "64", "--min-workers", "8"], "min_workers: got 8, which need 8 CPU in all, but this local Ray has 2; allowed: at most 2"),
+        (["--workers", "64", "--batch-size", "8"], "workers: got 64, which need 64 CPU in all"),
+        (["--workers", "64", "--min-workers", "8", "--batch-size", "8"], "min_workers: got 8, which need 8 CPU in all, but this local Ray has 2; allowed: at most 2"),
         (["--set", "resources_per_worker={a: ["], "--set resources_per_worker: got '{a: [', which is not YAML"),
         (["--resources-per-worker", "{fake_gpu: 1}"],
          "workers: got 2, which need 2 fake_gpu in all, but this local Ray has 0; allowed: a cluster whose nodes offer fake_gpu"),
         (["--dataset", "mnist", "--data-dir", "/nonexistent/raytopk-data"], "MNIST not found or unreadable under /nonexistent/raytopk-data"),
+        (["--name", "../other-job"], "name: got '../other-job'; allowed: up to 200 letters, digits"),
+        (["--name", ".hidden"], "name: got '.hidden'; allowed:"),
+        (["--name", "a/b"], "name: got 'a/b'; allowed:"),
+        (["--batch-size", "2001"], "batch_size: got 2001, more than a worker's share (mnist5k has 4000 training images, 2000 per worker"),
+        (["--batch-size", "1000", "--accumulate", "3"], "accumulate: got 3, more than the 2 batches an epoch holds per worker"),
+        (["--save-every", "4", "--epochs", "3"], "save_every: got 4, more than epochs 3; allowed: 1 to 3"),
+        (["--workers", "4001", "--batch-size", "1"], "workers: got 4001, but mnist5k has 4000 training images"),
     ],
 )
 def test_cli_user_errors_are_one_line_exit_2(args, fragment, tmp_path):
@@ -120,3 +131,31 @@ def test_cli_user_errors_are_one_line_exit_2(args, fragment, tmp_path):
     assert fragment in done.stderr
     assert "Traceback" not in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_paths_are_checked_before_ray_starts_and_nothing_is_left(tmp_path):
+    """Each path a user gives, wrong in its own way: one line, exit 2, and nothing written, before Ray starts."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    runs = tmp_path / "runs"
+    cases = [
+        (["--checkpoint-dir", str(a_file)], f"checkpoint_dir: got '{a_file}', which is a file; allowed: a directory"),
+        (["--checkpoint-dir", str(a_file / "runs")], f"'{a_file}' is a file; allowed: a path under a directory"),
+        (["--checkpoint-dir", "nosuch://bucket/runs"], "checkpoint_dir: got 'nosuch://bucket/runs' (Unrecognized filesystem"),
+        (["--checkpoint-dir", "/proc/raytopk-runs"], "but this user cannot create anything in /proc"),
+        (["--checkpoint-dir", str(runs), "--output", str(tmp_path)], f"output: got '{tmp_path}', which is a directory; allowed: a file path"),
+        (["--checkpoint-dir", str(runs), "--output", str(a_file / "s.json")], f"output: got '{a_file / 's.json'}', but '{a_file}' is a file"),
+        (["--checkpoint-dir", str(runs), "--dataset", "mnist", "--data-dir", str(a_file)], f"data_dir: got '{a_file}', which is a file"),
+    ]
+    for args, fragment in cases:
+        done = subprocess.run([sys.executable, "-m", "raytopk", "train", *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and fragment in done.stderr, (args, done.stderr)
+    sweep = subprocess.run([sys.executable, "-m", "raytopk", "tune", str(ROOT / "tune_configs" / "mnist5k_ratio_lr.yaml"),
+                            "--set", f"storage_path={a_file}"], capture_output=True, text=True, timeout=120)
+    assert sweep.returncode == 2 and f"storage_path: got '{a_file}', which is a file" in sweep.stderr, sweep.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"] and a_file.read_text() == ""
+
+
+def test_version():
+    done = subprocess.run([sys.executable, "-m", "raytopk", "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == f"raytopk {raytopk.__version__}"

@@ -1,0 +1,112 @@
+"""Paths a run will write or read, checked by the driver before Ray starts.
+
+The config's values are checked where they are parsed (:mod:`raytopk.config`);
+paths can only be checked where they will be used, so ``raytopk train``, ``bench``
+and ``tune`` call :func:`check_paths` on the machine that starts the run.
+Each failure is one :class:`~raytopk.config.ConfigError` line naming the key, the
+path and what is allowed. Whether a place can be written is tried, not
+inferred from permission bits (root passes those, and a read-only or virtual
+filesystem does not show in them): an empty directory made and removed at once.
+"""
+
+import os
+import tempfile
+from typing import Optional
+
+from raytopk.config import ConfigError
+from raytopk.storage import is_uri, resolve
+
+__all__ = ["check_paths", "check_directory", "check_file"]
+
+_TORCHVISION_DATASETS = ("mnist", "fashion_mnist", "cifar10")  # the ones that read (or download into) data_dir
+
+
+def check_paths(cfg) -> None:
+    """The storage directory, the ``--output`` file and the data directory of a :class:`~raytopk.config.TrainConfig`."""
+    check_directory("checkpoint_dir", cfg.checkpoint_dir)
+    if cfg.output:
+        check_file("output", cfg.output)
+    if cfg.dataset in _TORCHVISION_DATASETS:
+        check_directory("data_dir", cfg.data_dir, written=cfg.download)
+
+
+def check_directory(key: str, path: str, written: bool = True) -> None:
+    """``path`` is a directory, or (when ``written``) one can be created there; a URI's filesystem must be known."""
+    if is_uri(path):
+        _check_uri(key, path, want_directory=True)
+        return
+    full = resolve(path)
+    if os.path.exists(full):
+        if not os.path.isdir(full):
+            raise ConfigError(f"{key}: got {path!r}, which is a file; allowed: a directory, or a path where one can be created")
+        if written and not _can_write_in(full):
+            raise ConfigError(f"{key}: got {path!r}, a directory this user cannot write in; allowed: a writable directory")
+    elif written:
+        _check_creatable(key, path, full)
+
+
+def check_file(key: str, path: str) -> None:
+    """``path`` can be written as a file: not a directory, and its directory exists writable or can be created."""
+    if is_uri(path):
+        _check_uri(key, path, want_directory=False)
+        return
+    full = resolve(path)
+    if os.path.isdir(full):
+        raise ConfigError(f"{key}: got {path!r}, which is a directory; allowed: a file path")
+    if os.path.exists(full) and not os.access(full, os.W_OK):
+        raise ConfigError(f"{key}: got {path!r}, a file this user cannot write; allowed: a writable file path")
+    parent = os.path.dirname(full)
+    if os.path.isdir(parent):
+        if not _can_write_in(parent):
+            raise ConfigError(f"{key}: got {path!r}, in a directory this user cannot write in; allowed: a writable directory")
+    else:
+        _check_creatable(key, path, parent)
+
+
+def _check_creatable(key: str, path: str, full: str) -> None:
+    """The nearest existing ancestor of ``full`` is a directory this user may create entries in."""
+    ancestor = _nearest_existing(full)
+    if ancestor is None or not os.path.isdir(ancestor):
+        raise ConfigError(f"{key}: got {path!r}, but {ancestor or full!r} is a file; allowed: a path under a directory")
+    if not _can_write_in(ancestor):
+        raise ConfigError(f"{key}: got {path!r}, but this user cannot create anything in {ancestor}; allowed: a writable place")
+
+
+def _can_write_in(directory: str) -> bool:
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=directory, prefix=".raytopk-preflight-"))
+    except OSError:
+        return False
+    return True
+
+
+def _nearest_existing(full: str) -> Optional[str]:
+    while not os.path.exists(full):
+        parent = os.path.dirname(full)
+        if parent == full:
+            return None
+        full = parent
+    return full
+
+
+def _check_uri(key: str, uri: str, want_directory: bool) -> None:
+    """The URI's filesystem is one pyarrow knows; a ``file://`` one is also checked for its kind.
+
+    A remote store (``s3://``, ``gs://``) is not contacted: a pre-flight check must
+    not hang on a network timeout, and Ray reports a denied bucket itself.
+    """
+    import pyarrow
+    import pyarrow.fs
+
+    try:
+        fs, inner = pyarrow.fs.FileSystem.from_uri(uri)
+    except (pyarrow.ArrowException, ValueError) as err:
+        raise ConfigError(f"{key}: got {uri!r} ({str(err).splitlines()[0]}); allowed: a local path, or a URI pyarrow "
+                          "can open (s3://, gs://, file://, ...)") from None
+    if not isinstance(fs, pyarrow.fs.LocalFileSystem):
+        return
+    kind = fs.get_file_info(inner).type
+    if want_directory and kind == pyarrow.fs.FileType.File:
+        raise ConfigError(f"{key}: got {uri!r}, which is a file; allowed: a directory")
+    if not want_directory and kind == pyarrow.fs.FileType.Directory:
+        raise ConfigError(f"{key}: got {uri!r}, which is a directory; allowed: a file path")
