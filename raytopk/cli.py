@@ -5,6 +5,7 @@ and exit 2; nothing is written.
 """
 
 import argparse
+import shlex
 import sys
 from dataclasses import fields
 from typing import Optional
@@ -12,6 +13,7 @@ from typing import Optional
 from raytopk import __version__
 from raytopk.config import ConfigError, TrainConfig, load_config
 from raytopk.data import DatasetError
+from raytopk.train import RunInterrupted
 
 # Flags whose names users know from the seed's train.py, and the rest of TrainConfig.
 _FLAG_HELP = {
@@ -152,6 +154,20 @@ def main(argv=None) -> int:
     except (ConfigError, DatasetError) as err:
         print(f"raytopk: error: {err}", file=sys.stderr)
         return 2
+    except RunInterrupted as stop:
+        print(f"raytopk: interrupted; {_resume_line(stop, sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+        return 130
+
+
+def _resume_line(stop, argv) -> str:
+    """Where an interrupted run stands, and the command that resumes it (the same one; a --restart run by its name)."""
+    if "--restart" in argv:
+        argv = [a for a in argv if a != "--restart"] + (["--name", stop.name] if argv[0] == "train" else [])
+    command = shlex.join(["raytopk", *argv])
+    if stop.recorded is None:
+        return f"{stop.name} had no complete checkpoint yet; start it again with: {command}"
+    path, meta = stop.recorded
+    return f"last complete checkpoint: {path} (epoch {meta['epoch']}); resume with: {command}"
 
 
 if __name__ == "__main__":

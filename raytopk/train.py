@@ -30,7 +30,7 @@ from raytopk.preflight import check_paths
 from raytopk.ray import load_state, prepare_model, rank_file, save_state
 from raytopk.storage import exists, is_uri, join, read_bytes, read_text, write_json
 
-__all__ = ["train_loop_per_worker", "build_trainer", "run"]
+__all__ = ["train_loop_per_worker", "build_trainer", "run", "RunInterrupted"]
 
 MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
 STORAGE_PROBE = ".storage_probe"  # the driver writes a token here in a local run directory; every worker must read it back
@@ -356,12 +356,17 @@ def run(cfg: TrainConfig, restart: bool = False) -> dict:
             return _finish(cfg, _summary(cfg, meta, path, wall_s=0.0))
         print(f"raytopk: resuming {cfg.name} after epoch {meta['epoch']} from {path}", flush=True)
     _check_local(cfg)
-    if not ray.is_initialized():
-        ray.init(address=cfg.address, log_to_driver=True)
-    _say_if_waiting(cfg)
     started = time.time()
     try:
+        if not ray.is_initialized():
+            ray.init(address=cfg.address, log_to_driver=True)
+        _say_if_waiting(cfg)
         build_trainer(cfg).fit()
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl+C: before the run, Python's KeyboardInterrupt; during it, Ray Train's own handler
+        # aborts the run and Ray's ray.get raises SystemExit. Either way the run stopped here.
+        ray.shutdown()  # the local Ray this command started goes with it; a cluster stays
+        raise RunInterrupted(cfg.name, _recorded_checkpoint(join(cfg.checkpoint_dir, cfg.name))) from None
     except TrainingFailedError as err:
         shared = next((line for line in str(err).splitlines() if NOT_SHARED in line), None)
         if shared:  # the same on every retry: say it once, as the user error it is, after Ray's logs of it
@@ -370,6 +375,14 @@ def run(cfg: TrainConfig, restart: bool = False) -> dict:
         raise
     path, meta = _recorded_checkpoint(join(cfg.checkpoint_dir, cfg.name))
     return _finish(cfg, _summary(cfg, meta, path, time.time() - started))
+
+
+class RunInterrupted(Exception):
+    """Ctrl+C stopped run ``name``; ``recorded`` is ``(path, meta)`` of its last complete checkpoint, or None."""
+
+    def __init__(self, name: str, recorded):
+        super().__init__(name)
+        self.name, self.recorded = name, recorded
 
 
 def _finish(cfg: TrainConfig, summary: dict) -> dict:

@@ -3,6 +3,8 @@
 import glob
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -275,3 +277,39 @@ def test_killed_driver_rerun_resumes_and_restart_starts_over(straight, tmp_path)
     fresh = subprocess.run(command + ["--epochs", "1", "--restart"], capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert len(glob.glob(str(tmp_path / "simple_cnn-mnist5k-topk0.01-*"))) == 2, "--restart did not start a new run beside the old"
+
+
+def _tree(pid) -> set:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return {int(pid)} | {p for child in children for p in _tree(child)}
+
+
+@pytest.mark.faults
+def test_ctrl_c_exits_130_names_the_checkpoint_and_the_command_and_leaves_no_ray(tmp_path):
+    command = [sys.executable, "-m", "raytopk", "train", "--dataset", "mnist5k", "--epochs", "40", "--batch-size", "32",
+               "--workers", "2", "--compress", "--checkpoint-dir", str(tmp_path)]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    started = set()
+    try:
+        deadline = time.time() + 180
+        while not _recorded_checkpoint(tmp_path) and time.time() < deadline:
+            time.sleep(0.2)
+        started = _tree(driver.pid)  # the driver and the local Ray it started
+        driver.send_signal(signal.SIGINT)  # what Ctrl+C sends
+        _, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:  # it did not stop: end what this test started
+            kill_tree(driver.pid)
+    assert driver.returncode == 130, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    match = re.fullmatch(r"raytopk: interrupted; last complete checkpoint: (\S+) \(epoch (\d+)\); resume with: raytopk (.+)", line)
+    assert match, line
+    assert os.path.isdir(match[1]) and shlex.split(match[3]) == command[3:]
+    deadline = time.time() + 30
+    while (left := [p for p in started if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not left, f"left running: {left}"
+    epoch = int(match[2])
+    resumed = subprocess.run([sys.executable, "-m", "raytopk", *shlex.split(match[3]), "--epochs", str(epoch + 1)],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and f"after epoch {epoch} from {match[1]}" in resumed.stdout, resumed.stdout[-2000:]
