@@ -50,7 +50,9 @@ def _yaml_value(text: str):
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"got {text!r}, which is not YAML ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"got {text[:40]!r}, which is not YAML ({str(err).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"got {text[:40]!r}..., nested too deeply to read") from None
 
 
 def _config(args) -> TrainConfig:

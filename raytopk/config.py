@@ -254,11 +254,16 @@ def read_yaml_mapping(path: str) -> dict:
 
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        try:
-            values = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        values = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); allowed: a YAML file in UTF-8") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read; allowed: a mapping of job keys to values") from None
     if values is None:
         return {}
     if not isinstance(values, dict):

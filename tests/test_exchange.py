@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ranks import run_ranks
@@ -247,3 +249,42 @@ def test_bad_link_figures_are_value_errors():
     with pytest.raises(ValueError, match="bandwidths must be > 0"):
         Link(intra_gbps=0)
     assert math.isclose(Link(inter_gbps=10, inter_latency_us=25).seconds(2, 1.25e9, inter=True), 1.0 + 50e-6)
+
+
+def _generated_invariant(rank, world_size, algorithm, local_world_size, cases, value_dtype):
+    """Hypothesis's cases on one group: what every rank got plus every residual is everything accumulated, exactly."""
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[value_dtype]
+    _as_nodes(local_world_size)
+    exchanger = Exchanger(algorithm, dist.group.WORLD, Link(), 1.0)
+    sent_bytes = []
+    for seed, (numel, k) in enumerate(cases):
+        # Integers within +-60: exact in every value dtype, and so is a node's sum of two.
+        g = torch.Generator().manual_seed(seed * 100 + rank)
+        acc = torch.randint(-60, 61, (numel,), generator=g).float()
+        total = _gather_all(acc).sum(0)
+        out = torch.zeros_like(acc)
+        future, sent = exchanger.run(algorithm, acc, k, dtype, out)
+        future.wait()
+        assert torch.equal(_gather_all(out), out.expand(world_size, -1)), "ranks got different updates"
+        assert torch.equal(_gather_all(acc).sum(0) + out, total), f"lost mass at numel {numel}, k {k}"
+        sent_bytes.append(sent)
+    return sent_bytes
+
+
+@st.composite
+def _exchange_cases(draw):
+    world_size, local_world_size = draw(st.sampled_from(LAYOUTS))
+    algorithm = draw(st.sampled_from(["allgather", "sharded"] + (["hierarchical"] if local_world_size > 1 else [])))
+    cases = draw(st.lists(st.integers(1, 5000).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, n))), min_size=1, max_size=6))
+    return world_size, local_world_size, algorithm, cases, draw(st.sampled_from(["fp32", "fp16", "bf16"]))
+
+
+@settings(max_examples=8, deadline=None, database=None)
+@given(_exchange_cases())
+def test_generated_exchanges_lose_nothing_and_count_what_they_send(case):
+    world_size, local_world_size, algorithm, cases, value_dtype = case
+    sent = run_ranks(_generated_invariant, world_size, algorithm, local_world_size, cases, value_dtype)
+    assert all(isinstance(b, (int, float)) and b >= 0 for rank in sent for b in rank)
+    if algorithm == "allgather":  # every rank sends its k entries (index and value) to each of the others
+        item = torch.finfo({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[value_dtype]).bits // 8 + 4
+        assert [b for b in sent[0]] == [(world_size - 1) * k * item for _, k in cases], (sent[0], cases)
