@@ -18,7 +18,8 @@ from raytopk.cli import parse_sets
 from raytopk.config import ConfigError, TrainConfig, load_config
 
 KEYS = [f.name for f in dataclasses.fields(TrainConfig)]
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+# Derandomized: every CI run tries the same inputs, so a failure there reproduces exactly here.
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None, derandomize=True)
 
 # Anything YAML can hold: numbers of every kind (NaN, inf, huge), text, unicode, nesting.
 scalars = st.one_of(
