@@ -20,6 +20,7 @@ sample misleads and fewer than ``k`` entries pass, it falls back to a full
 ``torch.topk``: the result is always the exact top-k, only the time changes.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -89,19 +90,7 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int):
     n = x.numel()
     bits = x.detach().view(_BITS_DTYPE[x.dtype]).numpy()
     magnitude = np.iinfo(bits.dtype).max  # every bit but the sign
-    # A run of _SAMPLE_RUN entries at a random place in each of _SAMPLE_SIZE / _SAMPLE_RUN
-    # equal strata: stratified like the gradient's layout, and a few thousand memory pages
-    # touched instead of one page per sampled entry.
-    strata = _SAMPLE_SIZE // _SAMPLE_RUN
-    stride = n // strata
-    # A generator of its own, seeded by the shape: the training's random streams do not move, and the
-    # selection is a function of ``x`` and ``k`` alone. Among entries tied at the k-th magnitude, which
-    # are kept depends on the threshold; a sample that followed earlier calls would make a resumed
-    # process keep other ties than the uninterrupted one did.
-    sampler = np.random.default_rng((n, k))
-    starts = sampler.integers(0, stride - _SAMPLE_RUN + 1, strata) + np.arange(0, strata * stride, stride)
-    positions = (starts[:, None] + np.arange(_SAMPLE_RUN)).ravel()
-    sample = bits[positions] & magnitude
+    sample = bits[_sample_positions(n, k)] & magnitude
     expected = _SAMPLE_SIZE * k / n
     rank = min(_SAMPLE_SIZE, int(1.05 * expected + 4.0 * math.sqrt(expected)) + 1)
     threshold = np.partition(sample, _SAMPLE_SIZE - rank)[_SAMPLE_SIZE - rank]
@@ -125,6 +114,27 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int):
     keep = np.argpartition(passed_bits & magnitude, passed.size - k)[passed.size - k :]
     values = torch.from_numpy(passed_bits[keep]).view(x.dtype)
     return values, torch.from_numpy(passed[keep]).to(index_dtype(n))
+
+
+@functools.lru_cache(maxsize=32)
+def _sample_positions(n: int, k: int) -> np.ndarray:
+    """Where :func:`_topk_above_sampled_threshold` samples a tensor of ``n`` entries: the same for every call with ``(n, k)``.
+
+    A run of _SAMPLE_RUN entries at a random place in each of _SAMPLE_SIZE / _SAMPLE_RUN
+    equal strata: stratified like the gradient's layout, and a few thousand memory pages
+    touched instead of one page per sampled entry. Drawn from a generator seeded by
+    ``(n, k)``, so the training's random streams do not move and the selection is a
+    function of the tensor alone: among entries tied at the k-th magnitude, which are
+    kept depends on the threshold, and a sample that followed earlier calls would make
+    a resumed process keep other ties than the uninterrupted one did. A bucket's shape
+    repeats every step, so each is drawn once.
+    """
+    strata = _SAMPLE_SIZE // _SAMPLE_RUN
+    stride = n // strata
+    starts = np.random.default_rng((n, k)).integers(0, stride - _SAMPLE_RUN + 1, strata) + np.arange(0, strata * stride, stride)
+    positions = (starts[:, None] + np.arange(_SAMPLE_RUN)).ravel()
+    positions.flags.writeable = False  # shared by every call
+    return positions
 
 
 def payload_bytes(k: int, numel: int, value_dtype: torch.dtype, dense: int = 0) -> int:

@@ -40,6 +40,7 @@ class DatasetSpec:
     num_classes: int
     train_size: int  # images in the training split: what the workers' shards divide
     load: Callable[[str, bool], Tuple[Dataset, Dataset]]
+    reads_data_dir: bool = True  # False for the embedded mnist5k: data_dir is never read or written
 
 
 def _normalize(mean, std):
@@ -142,7 +143,7 @@ def _cifar10_class():
 
 
 DATASETS = {
-    "mnist5k": DatasetSpec(1, 28, 10, 4000, _mnist5k),
+    "mnist5k": DatasetSpec(1, 28, 10, 4000, _mnist5k, reads_data_dir=False),
     "mnist": DatasetSpec(1, 28, 10, 60000, _torchvision(_torchvision_class("MNIST"), (0.1307,), (0.3081,))),
     "fashion_mnist": DatasetSpec(
         1, 28, 10, 60000, _torchvision(_torchvision_class("FashionMNIST"), (0.2860,), (0.3530,), mirror=_debian_fashion_mnist)

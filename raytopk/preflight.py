@@ -1,8 +1,9 @@
 """Paths a run will write or read, checked by the driver before Ray starts.
 
 The config's values are checked where they are parsed (:mod:`raytopk.config`);
-paths can only be checked where they will be used, so ``raytopk train``, ``bench``
-and ``tune`` call :func:`check_paths` on the machine that starts the run.
+paths can only be checked where they will be used, so ``raytopk train`` and ``bench``
+call :func:`check_paths`, and ``tune`` :func:`check_directory` on its storage path,
+on the machine that starts the run.
 Each failure is one :class:`~raytopk.config.ConfigError` line naming the key, the
 path and what is allowed. Whether a place can be written is tried, not
 inferred from permission bits (root passes those, and a read-only or virtual
@@ -14,19 +15,17 @@ import tempfile
 from typing import Optional
 
 from raytopk.config import ConfigError
+from raytopk.data import DATASETS
 from raytopk.storage import is_uri, resolve
 
 __all__ = ["check_paths", "check_directory", "check_file"]
-
-_TORCHVISION_DATASETS = ("mnist", "fashion_mnist", "cifar10")  # the ones that read (or download into) data_dir
-
 
 def check_paths(cfg) -> None:
     """The storage directory, the ``--output`` file and the data directory of a :class:`~raytopk.config.TrainConfig`."""
     check_directory("checkpoint_dir", cfg.checkpoint_dir)
     if cfg.output:
         check_file("output", cfg.output)
-    if cfg.dataset in _TORCHVISION_DATASETS:
+    if DATASETS[cfg.dataset].reads_data_dir:
         check_directory("data_dir", cfg.data_dir, written=cfg.download)
 
 

@@ -1,29 +1,18 @@
 """raytopk.accelerate.attach on a real Accelerate run: 2 gloo processes (torchrun), 2 micro-batches per step."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import accelerate  # noqa: F401  (the optional extra raytopk[accelerate]; the test extra installs it, CI runs this for real)
 import pytest
 import safetensors.torch
 import torch
 
+from scripts import example
 
 pytestmark = pytest.mark.integrations
-
-ROOT = Path(__file__).resolve().parent.parent
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 
 def _run(*args) -> dict:
     """``torchrun ... examples/accelerate_mnist.py ARGS`` as the README runs it: rank 0's summary line."""
-    done = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", str(ROOT / "examples" / "accelerate_mnist.py"), *args],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    return example("accelerate_mnist.py", *args, torchrun=True)[-1]
 
 
 def test_accelerate_attach_compresses_once_per_step_and_save_state_resumes_every_rank_exactly(tmp_path):

@@ -1,26 +1,18 @@
-"""The examples run as the README says, on real processes: ``torchrun`` with gloo, no Ray."""
+"""The examples run as the README says, on real processes: torchrun with gloo (no Ray), and a hand-written Ray Train loop."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.integrations
+from scripts import example
 
-ROOT = Path(__file__).resolve().parent.parent
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+pytestmark = pytest.mark.integrations
 
 
 def _torchrun(*args) -> list:
     """``torchrun --standalone --nproc_per_node 2 examples/torchrun_ddp.py ARGS``: rank 0's JSON line per epoch."""
-    done = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", str(ROOT / "examples" / "torchrun_ddp.py"), *args],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return example("torchrun_ddp.py", *args, torchrun=True)
 
 
 def test_torchrun_example_trains_sparse_and_resumes_exactly(tmp_path):
@@ -44,10 +36,7 @@ def test_torchrun_example_trains_sparse_and_resumes_exactly(tmp_path):
 
 def _ray_loop(storage, *args) -> dict:
     """``python examples/ray_train_loop.py ARGS`` on a local Ray: the last epoch's metrics."""
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "ray_train_loop.py"), "--storage-path", str(storage), *args],
-                          capture_output=True, text=True, timeout=400, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    return example("ray_train_loop.py", "--storage-path", storage, *args, timeout=400)[-1]
 
 
 def _latest_checkpoint(run_dir) -> Path:

@@ -1,26 +1,19 @@
 """raytopk.lightning.TopKCompression on a real Lightning Trainer: strategy="ddp", accelerator="cpu", devices=2 (gloo)."""
 
-import json
-import subprocess
 import sys
-from pathlib import Path
 
 import lightning  # noqa: F401  (the optional extra raytopk[lightning]; the test extra installs it, and pytorch-lightning)
 import pytest
 import torch
 
+from scripts import example, json_lines
 
 pytestmark = pytest.mark.integrations
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(*args) -> dict:
     """``examples/lightning_mnist.py ARGS`` as the README runs it: rank 0's summary line."""
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "lightning_mnist.py"), *args],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    return example("lightning_mnist.py", *args)[-1]
 
 
 def test_lightning_callback_compresses_on_cpu_and_resumes_every_rank_exactly(tmp_path):
@@ -76,8 +69,6 @@ if trainer.global_rank == 0:
 def test_callback_works_where_only_pytorch_lightning_is_installed(tmp_path):
     script = tmp_path / "pl_only.py"
     script.write_text(PYTORCH_LIGHTNING_SCRIPT)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    summary = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    summary = json_lines(sys.executable, script, cwd=tmp_path)[-1]
     assert summary["base"].startswith("pytorch_lightning")  # the callback subclasses the package the user has
     assert summary["hook_steps"] == summary["optimizer_steps"] == 8  # 128 samples per rank, batches of 16
