@@ -7,6 +7,8 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ranks import run_ranks
@@ -217,6 +219,69 @@ def _mass_conservation(rank, world_size):
 def test_error_feedback_conserves_mass_across_buckets():
     buckets = run_ranks(_mass_conservation, 2)
     assert buckets[0] >= 3, f"expected several buckets, got {buckets[0]}"
+
+
+def _generated_training(rank, world_size, hidden, depth, cap_mb, options):
+    """Hypothesis's case through DDP: mass is conserved, and all-gather's bytes are counted exactly, bucket by bucket."""
+    model = _model(seed=hidden, hidden=hidden, depth=depth)
+    local = copy.deepcopy(model)
+    ddp = DDP(model, bucket_cap_mb=cap_mb)
+    sizes = []
+    state = TopKState(module=model, **options)
+    ddp.register_comm_hook(state, _recording_hook(sizes))
+    n = sum(p.numel() for p in model.parameters())
+    applied, mean_grads = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    for step in range(5):
+        local.zero_grad()
+        _loss(local, rank, step).backward()
+        grad = _flat_grad(local)
+        dist.all_reduce(grad)
+        mean_grads += grad.double() / world_size
+        ddp.zero_grad()
+        _loss(ddp, rank, step).backward()
+        applied += _flat_grad(model).double()
+    residual = _residual_sum(state, model)
+    dist.all_reduce(residual)
+    tolerance = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1e-2}[options["value_dtype"]]
+    torch.testing.assert_close(applied + residual.double() / world_size, mean_grads, rtol=tolerance, atol=tolerance)
+    return sizes, state.stats, dict(state.algorithms)
+
+
+@st.composite
+def _training_cases(draw):
+    world_size = draw(st.integers(2, 4))
+    options = {
+        "ratio": draw(st.sampled_from([0.001, 0.01, 0.05, 0.3, 0.9, 1.0])),
+        "start_iter": draw(st.integers(0, 3)),
+        "value_dtype": draw(st.sampled_from(["fp32", "fp16", "bf16"])),
+        "per_layer": draw(st.booleans()),
+        "dense_below": draw(st.sampled_from([0, 100, 1024])),
+    }
+    options["exchange"] = draw(st.sampled_from(["allgather", "auto"] + ([] if options["per_layer"] else ["sharded"])))
+    if draw(st.booleans()):
+        options.update(warmup_ratio=draw(st.sampled_from([0.25, 1.0])), warmup_steps=draw(st.integers(1, 3)))
+    return world_size, draw(st.sampled_from([16, 40, 64])), draw(st.integers(0, 3)), draw(st.sampled_from([0.001, 0.01, 25])), options
+
+
+@settings(max_examples=10, deadline=None, database=None, derandomize=True)
+@given(_training_cases())
+def test_generated_training_conserves_mass_and_counts_allgather_bytes(case):
+    """Random models, bucket caps, world sizes 2-4, ratios (to 1.0, where the bucket goes dense), value dtypes, warm-ups
+    and DGC's per-layer selection, through real DDP: what was applied plus every residual is the sum of the mean
+    gradients, and a plain all-gather run counts, per bucket, W - 1 payloads of k indices and values."""
+    world_size, hidden, depth, cap_mb, options = case
+    sizes, stats, algorithms = run_ranks(_generated_training, world_size, hidden, depth, cap_mb, options)[0]
+    assert stats["steps"] == 5 and stats["bytes_sent"] <= stats["dense_bytes"] or options["per_layer"], stats
+    if options["exchange"] == "allgather" and not options["per_layer"]:
+        item = {"fp32": 4, "fp16": 2, "bf16": 2}[options["value_dtype"]] + 4
+        expected = 0
+        for step, numel in sizes:
+            ring = int(2 * (world_size - 1) / world_size * numel * 4)
+            ratio = _reference_ratio(step, **options)
+            sparse = (world_size - 1) * math.ceil(ratio * numel) * item
+            expected += ring if step < options["start_iter"] or math.ceil(ratio * numel) * item >= numel * 4 else sparse
+        assert stats["bytes_sent"] == expected, (stats, sizes)
+        assert set(algorithms) <= {"allgather"}
 
 
 # exact resume through state_dict ------------------------------------------------------
