@@ -26,22 +26,23 @@ def test_same_set_as_torch_topk(numel, fraction):
 
 
 @pytest.mark.parametrize(
-    "make",
+    "make, k",
     [
-        lambda n, g: torch.randn(n, generator=g) ** 7,  # heavy tails
-        lambda n, g: torch.where(torch.rand(n, generator=g) < 0.995, 0.0, torch.randn(n, generator=g)),  # mostly zero
-        lambda n, g: torch.linspace(-1, 1, n),  # sorted: neighbours share magnitudes
-        lambda n, g: torch.cat([torch.zeros(n - 50), 1e6 * torch.randn(50, generator=g)]),  # few spikes at the end
+        (lambda n, g: torch.randn(n, generator=g) ** 7, 10_000),  # heavy tails
+        (lambda n, g: torch.where(torch.rand(n, generator=g) < 0.995, 0.0, torch.randn(n, generator=g)), 2_000),  # ~5,000 nonzero
+        (lambda n, g: torch.linspace(-1, 1, n), 10_000),  # sorted: neighbours share magnitudes
+        (lambda n, g: torch.cat([torch.zeros(n - 50), 1e6 * torch.randn(50, generator=g)]), 20),  # few spikes at the end
+        (lambda n, g: -torch.rand(n, generator=g), 10_000),  # all negative: the largest magnitudes are the smallest values
     ],
 )
-def test_fast_path_exact_on_hard_distributions(make):
-    n, k = 1_000_000, 10_000
+def test_fast_path_exact_on_hard_distributions(make, k):
+    """k is below the count of nonzero entries, so only the true top-k magnitudes pass (not any k, nor the top-k values)."""
+    n = 1_000_000
     x = make(n, torch.Generator().manual_seed(1))
+    assert int((x != 0).sum()) > k
     values, indices = select_topk(x, k)
-    chosen = x[indices.long()].abs()
-    kth = torch.topk(x.abs(), k).values.min()
-    assert len(set(indices.tolist())) == k
-    assert bool((chosen >= kth).all()), "an entry below the k-th magnitude was selected"
+    assert len(set(indices.tolist())) == k and torch.equal(values, x[indices.long()])
+    assert torch.equal(values.abs().sort().values, torch.topk(x.abs(), k).values.sort().values)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -56,9 +57,13 @@ def test_exact_for_every_dtype_and_odd_sizes(dtype, numel):
 
 
 def test_ties_give_k_distinct_entries():
+    """600 entries stand above a million tied ones: all 600 are kept, and 400 distinct tied ones fill k = 1000."""
     x = torch.ones(1_000_000)
-    _, indices = select_topk(x, 1000)
+    above = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:600]
+    x[above] = -2.0
+    values, indices = select_topk(x, 1000)
     assert len(set(indices.tolist())) == 1000
+    assert set(above.tolist()) <= set(indices.tolist()) and int((values == 1.0).sum()) == 400
 
 
 def test_same_ties_kept_whatever_ran_before():
