@@ -51,12 +51,13 @@ def _recording_hook(sizes):
     return hook
 
 
-# ratio 1.0 is plain DDP ---------------------------------------------------------------
+# a ratio whose payload outweighs the bucket is plain DDP ---------------------------------------------------------------
 
 
-def _ratio_one_vs_ddp(rank, world_size):
+def _dense_ratio_vs_ddp(rank, world_size, ratio, value_dtype):
     plain, hooked = DDP(_model()), DDP(_model())
-    hooked.register_comm_hook(TopKState(ratio=1.0, start_iter=0, module=hooked.module), topk_hook)
+    state = TopKState(ratio=ratio, start_iter=0, value_dtype=value_dtype, module=hooked.module)
+    hooked.register_comm_hook(state, topk_hook)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (plain, hooked)]
     for step in range(4):
         for model, opt in zip((plain, hooked), opts):
@@ -65,11 +66,56 @@ def _ratio_one_vs_ddp(rank, world_size):
         torch.testing.assert_close(_flat_grad(hooked), _flat_grad(plain), rtol=1e-6, atol=1e-7)
         for opt in opts:
             opt.step()
+    return state.stats
+
+
+@pytest.mark.parametrize("ratio, value_dtype", [(1.0, "fp32"), (0.7, "fp16")])
+def test_a_ratio_whose_payload_outweighs_the_bucket_is_plain_ddp_on_the_wire(ratio, value_dtype):
+    """At ratio 1.0, or 0.7 with fp16 values (6 bytes an entry against 4), indices and values would cost more than the
+    bucket: the hook allreduces it densely, as DDP does, and counts exactly DDP's bytes."""
+    for stats in run_ranks(_dense_ratio_vs_ddp, 2, ratio, value_dtype):
+        assert stats["steps"] == 4 and stats["bytes_sent"] == stats["dense_bytes"] > 0, stats
+
+
+def _memory_of(state, model):
+    """Residuals and velocities, flat in parameter order (zeros before the first step)."""
+    saved = state.state_dict()
+    return {kind: torch.cat([saved[kind].get(name, torch.zeros_like(p)).reshape(-1) for name, p in model.named_parameters()])
+            for kind in ("residuals", "velocities")}
+
+
+def _dense_fallback_memory(rank, world_size):
+    """Momentum correction at ratio 0.01, then the same state at ratio 1.0 (the dense fallback), with a non-finite step
+    on rank 0 in each mode: a non-finite step keeps the residual and the velocity; a finite dense step sends
+    gradient + residual + momentum * velocity and empties both."""
+    model = _model()
+    local = copy.deepcopy(model)  # this rank's own gradient; no optimizer steps, so the weights stay equal
+    ddp = DDP(model)
+    state = TopKState(ratio=0.01, start_iter=0, momentum=0.9, module=model)
+    ddp.register_comm_hook(state, topk_hook)
+    for step, ratio, poisoned in [(0, 0.01, False), (1, 0.01, True), (2, 1.0, True), (3, 1.0, False)]:
+        state.ratio = ratio
+        before = _memory_of(state, model)
+        ddp.zero_grad()
+        loss = _loss(ddp, rank, step)
+        (loss * float("inf") if poisoned and rank == 0 else loss).backward()
+        after = _memory_of(state, model)
+        if poisoned:
+            assert not bool(torch.isfinite(_flat_grad(model)).all())
+            assert all(torch.equal(before[kind], after[kind]) for kind in before), f"step {step} changed the memory"
+        elif step == 0:
+            assert bool(after["residuals"].abs().sum() > 0) and bool(after["velocities"].abs().sum() > 0)
+    local.zero_grad()
+    _loss(local, rank, 3).backward()
+    sent = _flat_grad(local) + before["residuals"] + 0.9 * before["velocities"]  # u = m u + g, then u + residual
+    dist.all_reduce(sent)
+    torch.testing.assert_close(_flat_grad(model), sent / world_size, rtol=1e-5, atol=1e-6)
+    assert not bool(after["residuals"].any()) and not bool(after["velocities"].any()), "the dense step left memory behind"
     return True
 
 
-def test_ratio_one_equals_plain_ddp():
-    assert run_ranks(_ratio_one_vs_ddp, 2) == [True, True]
+def test_the_dense_fallback_empties_the_memory_and_a_non_finite_step_keeps_it():
+    assert run_ranks(_dense_fallback_memory, 2) == [True, True]
 
 
 # the applied gradient is the mean of each rank's top-k of (gradient + residual) -------
