@@ -266,10 +266,20 @@ def _unpack_all(gathered: List[torch.Tensor], count: int, numel: int, value_dtyp
     return rows[:, split:].reshape(-1).view(value_dtype), rows[:, :split].reshape(-1).view(index_dtype(numel))
 
 
-def _gather(payload: torch.Tensor, group, world_size: int):
-    """Start an all-gather of equal-size ``payload`` buffers; return the work and the list it fills."""
+def _gather(payload: torch.Tensor, group, world_size: int, finish: Callable) -> torch.futures.Future:
+    """Start an all-gather of equal-size ``payload`` buffers; the future of ``finish(gathered)``, every rank's buffer.
+
+    When the collective fails (a peer died mid-exchange), the future carries
+    gloo's error, and ``finish`` never reads the unfilled buffers.
+    """
     gathered = [torch.empty_like(payload) for _ in range(world_size)]
-    return dist.all_gather(gathered, payload, group=group, async_op=True), gathered
+    work = dist.all_gather(gathered, payload, group=group, async_op=True)
+
+    def gathered_then_finish(fut: torch.futures.Future):
+        fut.value()  # raises the collective's error, if any
+        return finish(gathered)
+
+    return work.get_future().then(gathered_then_finish)
 
 
 def allgather(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, value_dtype, group, out: torch.Tensor,
@@ -284,9 +294,8 @@ def allgather(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, va
     k, numel = len(indices), acc.numel()
     positions = positions or _as_positions
     payload = pack(values, indices, value_dtype)
-    work, gathered = _gather(payload, group, world_size)
 
-    def sum_peers(fut: torch.futures.Future):
+    def sum_peers(gathered):
         cleared = positions(indices)
         acc[cleared] = values - unpack(payload, k, numel, value_dtype)[0].to(values.dtype)
         out.zero_()
@@ -297,7 +306,7 @@ def allgather(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, va
             out.index_add_(0, touched[-1], peer_values.to(out.dtype), alpha=scale)
         return out, cleared, torch.cat(touched)
 
-    return work.get_future().then(sum_peers), (world_size - 1) * payload.numel()
+    return _gather(payload, group, world_size, sum_peers), (world_size - 1) * payload.numel()
 
 
 def _route(indices: torch.Tensor, values: torch.Tensor, owners: int, capacity: int):
@@ -373,9 +382,8 @@ def sharded(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, valu
     sent_positions = indices[chosen].long()
     leftover = values[chosen] - values[chosen].to(value_dtype).to(values.dtype)
     payload = pack(keep_values, keep_indices, value_dtype)
-    work, gathered = _gather(payload, group, world_size)
 
-    def apply_kept(fut: torch.futures.Future):
+    def apply_kept(gathered):
         all_values, all_indices = _unpack_all(gathered, keep, numel, value_dtype)
         valid = all_indices != _SENTINEL
         update_positions = all_indices[valid].long()
@@ -390,7 +398,7 @@ def sharded(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, valu
         return out, cleared, update_positions
 
     sent_bytes = (world_size - 1) * (send.numel() // world_size + payload.numel())
-    return work.get_future().then(apply_kept), sent_bytes
+    return _gather(payload, group, world_size, apply_kept), sent_bytes
 
 
 class Exchanger:
@@ -497,9 +505,8 @@ class Exchanger:
         result_indices[: len(touched)] = touched + start
         result_values[: len(touched)] = node_out[touched]
         payload = pack(result_values, result_indices, acc.dtype)
-        work, gathered = _gather(payload, self.intra, local)
 
-        def put_together(fut: torch.futures.Future):
+        def put_together(gathered):
             all_values, all_indices = _unpack_all(gathered, result_entries, numel, acc.dtype)
             valid = all_indices != _SENTINEL
             positions = all_indices[valid].long()
@@ -508,7 +515,7 @@ class Exchanger:
             return out, positions, positions
 
         sent += (local - 1) * payload.numel()
-        return work.get_future().then(put_together), sent
+        return _gather(payload, self.intra, local, put_together), sent
 
 
 def _as_positions(indices: torch.Tensor) -> torch.Tensor:

@@ -21,11 +21,12 @@ def _entry(rank, world_size, store_path, fn, args, results):
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size, *args, timeout=240):
+def run_ranks(fn, world_size, *args, timeout=240, dying=()):
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` new processes.
 
-    Returns the per-rank return values (a list indexed by rank); re-raises the
-    first rank's failure with its traceback. ``fn`` must be importable (module level).
+    Returns the per-rank return values (a list indexed by rank; None for the
+    ranks in ``dying``, which end their process without returning); re-raises
+    the first rank's failure with its traceback. ``fn`` must be importable (module level).
     """
     ctx = mp.get_context("forkserver")  # a fresh process per rank, forked from a server that imported torch once
     ctx.set_forkserver_preload(["torch", "torch.distributed", "raytopk"])
@@ -38,7 +39,7 @@ def run_ranks(fn, world_size, *args, timeout=240):
         for p in procs:
             p.start()
         try:
-            out = [results.get(timeout=timeout) for _ in procs]
+            out = [results.get(timeout=timeout) for _ in range(world_size - len(dying))]
         finally:
             for p in procs:
                 p.join(timeout=30)
@@ -48,4 +49,5 @@ def run_ranks(fn, world_size, *args, timeout=240):
     errors = [(rank, tb) for rank, _, tb in out if tb]
     if errors:
         raise AssertionError(f"rank {errors[0][0]} failed:\n{errors[0][1]}")
-    return [value for _, value, _ in sorted(out, key=lambda item: item[0])]
+    returned = {rank: value for rank, value, _ in out}
+    return [returned.get(rank) for rank in range(world_size)]

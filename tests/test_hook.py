@@ -2,6 +2,8 @@
 
 import copy
 import math
+import os
+import re
 import time
 
 import pytest
@@ -499,13 +501,21 @@ def test_non_finite_step_is_skipped_on_every_rank_and_spares_the_residual():
 # a peer that dies -------------------------------------------------------------------------
 
 
-def _peer_leaves(rank, world_size):
-    """Rank 1 trains one step and leaves (its process ends); rank 0's next hook call must fail, not wait."""
-    model = DDP(_model())
-    model.register_comm_hook(TopKState(ratio=0.1, start_iter=0, module=model.module), topk_hook)
+def _peer_dies_inside_the_exchange(rank, world_size):
+    """Rank 1 posts its first bucket's exchange of step 1 and ends its process there (``os._exit``, as a killed
+    worker ends); rank 0, inside the same step's exchanges, must get an error, not wait."""
+    model = DDP(_model(hidden=64, depth=4), bucket_cap_mb=0.01)
+    state = TopKState(ratio=0.1, start_iter=0, module=model.module)
+
+    def hook(state, bucket):
+        step = state.iter
+        future = topk_hook(state, bucket)
+        if rank == 1 and step == 1 and bucket.index() == 0:
+            os._exit(0)  # no clean-up, no goodbye to the peers
+        return future
+
+    model.register_comm_hook(state, hook)
     _loss(model, rank, 0).backward()
-    if rank == 1:
-        return None
     started = time.monotonic()
     try:
         _loss(model, rank, 1).backward()
@@ -515,8 +525,8 @@ def _peer_leaves(rank, world_size):
 
 
 def test_a_peer_that_dies_inside_the_hook_is_an_error_on_the_others_not_a_hang():
-    message, seconds = run_ranks(_peer_leaves, 2, timeout=120)[0]
-    assert message != "no error" and seconds < 60, (message, seconds)
+    message, seconds = run_ranks(_peer_dies_inside_the_exchange, 2, timeout=120, dying=(1,))[0]
+    assert re.search("Connection (closed|reset) by peer", message) and seconds < 10, (message, seconds)
 
 
 # settings are checked ------------------------------------------------------------------
