@@ -1,5 +1,6 @@
 """The Ray Train service end to end on a real local Ray: metrics, checkpoints, TensorBoard, resume, a killed worker."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -16,12 +17,11 @@ import pytest
 import torch
 
 from cluster import kill_tree
-from raytopk.config import ConfigError, load_config
+from raytopk.config import ConfigError, TrainConfig, load_config
 from raytopk.data import DatasetError
-from raytopk.hook import redistribute
 from raytopk.models import build_model
-from raytopk.ray import rank_file
-from raytopk.train import MODEL_FILE, SNAPSHOT_FILE, run
+from raytopk.ray import prepare_model, rank_file
+from raytopk.train import MODEL_FILE, SNAPSHOT_FILE, _hook_state, _optimizer, _restore, run
 
 ray = pytest.importorskip("ray")
 
@@ -220,16 +220,55 @@ def test_a_missing_dataset_is_refused_before_any_worker_starts(local_ray, tmp_pa
 
 
 @pytest.mark.faults
-def test_resume_at_another_worker_count_keeps_the_mean_residual(local_ray, tmp_path):
-    first = run(_cfg(tmp_path, "rescaled", epochs=1))
+def _restore_and_keep_the_hook_state(config):
+    """A Ray Train loop that builds a worker as raytopk train does, restores a checkpoint through the loop's own
+    ``_restore`` and writes the hook state it got to ``out/rank{r}.pt``."""
+    import ray.train
+
+    cfg = TrainConfig(**config["job"])
+    model = build_model(cfg.model, 1, 10, 28)
+    optimizer = _optimizer(cfg, model, cfg.lr)
+    state = _hook_state(cfg, model, optimizer, steps_per_epoch=1)
+    ddp = prepare_model(model, ratio=None, state=state)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    _restore(config["checkpoint"], ddp, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"))
+    torch.save(state.state_dict(), os.path.join(config["out"], f"rank{ray.train.get_context().get_world_rank()}.pt"))
+
+
+def _restored_at(workers, job, checkpoint, storage) -> list:
+    from ray import cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    out = storage / f"restored{workers}"
+    out.mkdir()
+    TorchTrainer(_restore_and_keep_the_hook_state, train_loop_config={"job": job, "checkpoint": checkpoint, "out": str(out)},
+                 scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
+                 run_config=RunConfig(storage_path=str(storage), name=f"restore{workers}")).fit()
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(workers)]
+
+
+def test_resume_at_another_worker_count_gives_every_worker_the_saved_mean(local_ray, tmp_path):
+    """A real 2-worker checkpoint (momentum correction: residuals and velocities), restored by the loop's own code at 1
+    and at 3 workers: each worker holds the saved workers' mean residual and velocity, and the byte counters sum to
+    the saved sum. (Rank 0's own residual, or a sum, would be far off.) Then the loop resumes it for real at 1 worker."""
+    first = run(_cfg(tmp_path, "rescaled", epochs=1, momentum_correction=True))
     saved = [torch.load(os.path.join(first["checkpoint"], rank_file(r)), weights_only=True)["hook"] for r in range(2)]
-    merged = redistribute(saved, 1)
-    for name, residual in saved[0]["residuals"].items():
-        torch.testing.assert_close(merged["residuals"][name], (residual + saved[1]["residuals"][name]) / 2, rtol=0, atol=0)
-    assert merged["stats"]["bytes_sent"] == saved[0]["stats"]["bytes_sent"] + saved[1]["stats"]["bytes_sent"]
-    second = run(_cfg(tmp_path, "rescaled", workers=1))
+    job = {key: value for key, value in dataclasses.asdict(_cfg(tmp_path, "rescaled", epochs=1, momentum_correction=True)).items()}
+    for workers in (1, 3):
+        restored = _restored_at(workers, job, first["checkpoint"], tmp_path)
+        for kind in ("residuals", "velocities"):
+            assert saved[0][kind].keys() and all(r[kind].keys() == saved[0][kind].keys() for r in restored)
+            for name, tensor in saved[0][kind].items():
+                mean = (tensor + saved[1][kind][name]) / 2
+                assert bool(mean.any()), f"nothing saved in {kind} {name}"
+                for rank in restored:
+                    torch.testing.assert_close(rank[kind][name], mean, rtol=0, atol=1e-7)
+        for counter in ("bytes_sent", "dense_bytes"):
+            assert sum(rank["stats"][counter] for rank in restored) == pytest.approx(sum(sd["stats"][counter] for sd in saved), rel=1e-9)
+    second = run(_cfg(tmp_path, "rescaled", workers=1, momentum_correction=True))
     assert second["epochs"] == 2 and second["workers"] == 1
-    # What the resumed worker held, read back by the loop against the saved workers' mean (rank 0's own would be far off).
     resumed = second["history"][1]
     assert resumed["resized_from"] == 2 and resumed["residual_mean_error"] < 1e-6, resumed
     assert [m["workers"] for m in second["history"]] == [2, 1]
