@@ -116,10 +116,19 @@ def test_accumulation_runs_the_hook_once_per_step_under_bf16_autocast_with_every
     # The DGC keys travel through the job config into the hook and the optimizer (check_optimizer runs on each worker);
     # their arithmetic is tested against a reference in test_hook.py.
     summary = run(_cfg(tmp_path, "accumulate", model="vit", epochs=1, max_train_batches=6, accumulate=3, amp="bf16", start_iter=100,
-                       warmup_ratio=0.25, warmup_epochs=1, momentum_correction=True, clip_norm=5.0, per_layer=True, dense_below=256))
+                       warmup_ratio=0.25, warmup_epochs=1, momentum_correction=True, momentum=0.7, clip_norm=5.0, per_layer=True,
+                       dense_below=256, ratio=0.02, value_dtype="bf16", exchange="allgather"))
     model_bytes = 4 * sum(p.numel() for p in build_model("vit").parameters())
     assert summary["bytes_sent"] == summary["dense_bytes"] == 2 * 2 * model_bytes  # 6 / 3 steps, 2 workers
     assert 0 < summary["loss"] < 10
+    # What each worker's hook ran with, as its checkpoint records it: every key from the job, warm-up epochs as steps.
+    for rank in range(2):
+        hook = torch.load(os.path.join(summary["checkpoint"], rank_file(rank)), weights_only=True)["hook"]
+        assert {key: hook[key] for key in ("ratio", "start_iter", "value_dtype", "warmup_ratio", "warmup_steps", "momentum",
+                                           "clip_norm", "per_layer", "dense_below", "exchange")} == {
+            "ratio": 0.02, "start_iter": 100, "value_dtype": "bf16", "warmup_ratio": 0.25, "warmup_steps": 2, "momentum": 0.7,
+            "clip_norm": 5.0, "per_layer": True, "dense_below": 256, "exchange": "allgather"}
+        assert hook["iter"] == 2  # one hook call per optimizer step
 
 
 # reruns, and checkpoints that must not be resumed ------------------------------------------
