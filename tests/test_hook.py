@@ -211,6 +211,41 @@ def test_applied_gradient_matches_independent_reference(world_size, ratio, value
     assert run_ranks(_against_reference, world_size, ratio, value_dtype, start_iter, options) == [True] * world_size
 
 
+def _on_a_subgroup(rank, world_size, members):
+    """DDP and the hook on a subgroup of the ranks (not starting at 0), against the reference over that subgroup."""
+    group = dist.new_group(members)  # every rank takes part in making it
+    if rank not in members:
+        return None
+    model = _model(hidden=24)
+    local = copy.deepcopy(model)
+    ddp = DDP(model, process_group=group)
+    ddp.register_comm_hook(TopKState(ratio=0.05, start_iter=0, process_group=group), topk_hook)
+    n = sum(p.numel() for p in model.parameters())
+    residuals = torch.zeros(len(members), n)
+    for step in range(4):
+        local.zero_grad()
+        _loss(local, rank, step).backward()
+        grads = [torch.empty(n) for _ in members]
+        dist.all_gather(grads, _flat_grad(local), group=group)
+        expected = torch.zeros(n)
+        for i, grad in enumerate(grads):
+            acc = grad + residuals[i]
+            chosen = torch.topk(acc.abs(), math.ceil(0.05 * n)).indices
+            expected[chosen] += acc[chosen]
+            residuals[i] = acc
+            residuals[i][chosen] = 0
+        ddp.zero_grad()
+        _loss(ddp, rank, step).backward()
+        torch.testing.assert_close(_flat_grad(model), expected / len(members), rtol=1e-5, atol=1e-6)
+    return True
+
+
+def test_the_hook_exchanges_within_its_process_group():
+    """Three ranks; DDP and the hook on ranks 0 and 2 only. A hook that used the default group would wait for rank 1,
+    and one that divided by the default group's size would apply two thirds of the mean."""
+    assert run_ranks(_on_a_subgroup, 3, [0, 2], timeout=120) == [True, None, True]
+
+
 def test_warmup_ratio_decays_exponentially_to_the_target():
     state = TopKState(ratio=0.001, start_iter=2, warmup_ratio=0.25, warmup_steps=4)
     ratios = []
