@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from raytopk.compression import VALUE_DTYPES, pack, payload_bytes, select_topk, unpack
+from raytopk.compression import VALUE_DTYPES, index_dtype, pack, payload_bytes, select_topk, unpack
 
 
 def _topk_set(x, k):
@@ -118,3 +118,17 @@ def test_pack_unpack_round_trip(name, k):
     got_values, got_indices = unpack(buffer, k, x.numel(), dtype)
     assert torch.equal(got_indices, indices)
     assert torch.equal(got_values, values.to(dtype))
+
+
+def test_past_two_to_the_31_entries_indices_are_int64_on_the_wire():
+    """A bucket of 2**31 entries or more: indices take 8 bytes; pack and unpack carry positions above int32's range."""
+    numel = 2**31 + 5
+    assert index_dtype(2**31 - 1) == torch.int32 and index_dtype(numel) == torch.int64
+    assert payload_bytes(10, numel, torch.float16) == 10 * (8 + 2) and payload_bytes(10, 2**31 - 1, torch.float16) == 10 * (4 + 2)
+    indices = torch.tensor([0, 2**31 - 1, 2**31, numel - 1], dtype=torch.int64)
+    values = torch.tensor([1.5, -2.0, 3.25, -4.5])
+    buffer = pack(values, indices, torch.bfloat16)
+    assert buffer.numel() == payload_bytes(4, numel, torch.bfloat16)
+    got_values, got_indices = unpack(buffer, 4, numel, torch.bfloat16)
+    assert got_indices.dtype == torch.int64 and torch.equal(got_indices, indices) and torch.equal(got_values.float(), values)
+

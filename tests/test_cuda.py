@@ -50,6 +50,6 @@ def test_hook_on_nccl_applies_topk_and_keeps_the_rest(nccl_group, value_dtype):
     residual = torch.cat([state.state_dict()["residuals"][name].flatten().cuda() for name, _ in model.named_parameters()])
     whole = torch.cat([g.flatten() for g in full])
     assert 0 < int((applied != 0).sum()) <= 0.02 * whole.numel() + 16
-    tolerance = 1e-2 if value_dtype != "fp32" else 1e-5
-    assert torch.allclose(applied + residual, whole, atol=tolerance)
+    # The residual keeps what fp16 or bf16 rounded off the sent values, so nothing but fp32 rounding is lost.
+    torch.testing.assert_close(applied + residual, whole, rtol=1e-6, atol=1e-7)
     assert state.stats["bytes_sent"] < state.stats["dense_bytes"]

@@ -617,3 +617,13 @@ def _load_into_another_model(rank, world_size):
 def test_a_module_less_checkpoint_of_another_model_is_refused_at_the_first_step():
     for message in run_ranks(_load_into_another_model, 2):
         assert "checkpoint residual param0 has shape" in message and "give TopKState module=" in message, message
+
+
+def test_a_checkpoint_naming_parameters_the_model_lacks_is_refused_at_load():
+    model = _model()
+    saved = TopKState(ratio=0.01, module=model).state_dict()
+    saved["residuals"] = {"0.weight": torch.zeros(32, 16), "encoder.gone.weight": torch.zeros(3)}
+    saved["buckets"] = [["0.weight", "encoder.gone.weight"]]
+    with pytest.raises(ValueError, match=r"residuals for parameters this model does not have: \['encoder.gone.weight'\]"):
+        TopKState(ratio=0.01, module=_model()).load_state_dict(saved)
+

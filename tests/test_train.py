@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+import ray
 import torch
 
 from cluster import kill_tree
@@ -23,7 +24,6 @@ from raytopk.models import build_model
 from raytopk.ray import prepare_model, rank_file
 from raytopk.train import MODEL_FILE, SNAPSHOT_FILE, _hook_state, _optimizer, _restore, run
 
-ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,9 @@ def straight(local_ray, tmp_path_factory):
 
 def test_compressed_run_reports_checkpoints_and_tensorboard(straight):
     assert straight["epochs"] == 2 and straight["test_accuracy"] > 0.8
-    assert straight["reduction"] > 10 and straight["bytes_sent"] < straight["dense_bytes"]
+    # 124 steps, 2 of them dense: at most 50x (4 bytes an entry of DDP's ring against 1% of 8), about 28x with the
+    # dense steps; int64 indices (12 bytes) would give under 20x, a dense exchange 1x.
+    assert 25 < straight["reduction"] < 50 and straight["bytes_sent"] * straight["reduction"] == pytest.approx(straight["dense_bytes"])
     assert os.path.isfile(os.path.join(os.path.dirname(straight["run_dir"]), "summary.json"))
     files = set(os.listdir(straight["checkpoint"]))
     assert {MODEL_FILE, "optimizer.pt", "meta.json", rank_file(0), rank_file(1)} <= files
@@ -95,6 +97,10 @@ def test_resumed_run_matches_the_uninterrupted_one(local_ray, tmp_path, straight
 def test_killed_worker_restarts_from_checkpoint_and_finishes_the_same(local_ray, tmp_path, straight):
     from ray.util.state import list_actors
 
+    def train_workers():
+        return {actor.actor_id: actor for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000)}
+
+    before = train_workers()
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(run(_cfg(tmp_path, "killed"))))
     thread.start()
@@ -107,6 +113,9 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes_the_same(local_ray,
     os.kill(workers[0].pid, signal.SIGKILL)
     thread.join(timeout=300)
     assert outcome.get("epochs") == 2, "the run did not finish after the worker died"
+    # Ray Train started a second group of 2 workers after the first lost one: a restart, not a run that outlived the kill.
+    started = {actor_id: actor for actor_id, actor in train_workers().items() if actor_id not in before}
+    assert len(started) == 4 and all(actor.state == "DEAD" for actor in started.values()), started
     for key, value in _weights(straight["checkpoint"]).items():
         assert torch.equal(_weights(outcome["checkpoint"])[key], value), key
 

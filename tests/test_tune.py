@@ -134,7 +134,8 @@ def test_sweep_writes_table_best_job_and_plot_and_the_best_job_trains(tmp_path):
     assert len(rows) == 2 and {row["params"]["ratio"] for row in rows} == {0.01, 0.001}
     assert all(row["status"] in ("done", "stopped at epoch 1") for row in rows)
     best = next(row for row in rows if row["trial"] == results["best"])
-    assert best["status"] == "done" and best["epochs"] == 2 and 0.1 < best["test_accuracy"] <= 1
+    # 40 steps of SimpleCNN reach 60-80% here; a model the sweep never updated stays near 10%.
+    assert best["status"] == "done" and best["epochs"] == 2 and 0.5 < best["test_accuracy"] <= 1
     assert 0 < best["bytes_sent"] < best["epochs"] * 2 * 20 * 4 * 421642  # below dense: 2 workers x 20 steps x fp32 params
     table = (directory / TABLE_FILE).read_text()
     assert table in done.stdout and f"*  {best['trial']}" in table
