@@ -33,6 +33,7 @@ Results go to ``benchmarks/results/wire.json``.
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -148,6 +149,7 @@ def run_in_namespace(args) -> None:
         args.output,
         {
             "command": " ".join([COMMAND] + sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d"),
             "torch": torch.__version__,
             "model": MODEL,
             "parameters": params,

@@ -65,7 +65,7 @@ def _config(args) -> TrainConfig:
 def _train(args) -> int:
     from raytopk.train import run
 
-    summary = run(_config(args), restart=args.restart)
+    summary = run(_config(args), restart=args.restart, command=args.command)
     print(f"test accuracy {100 * summary['test_accuracy']:.2f}%  wire {summary['wire_mb_per_worker']:.2f} MB/worker ({summary['exchange']})  "
           f"reduction {summary['reduction']:.1f}x  wall {summary['wall_s']:.0f} s")
     return 0
@@ -85,7 +85,7 @@ def _bench(args) -> int:
     # The dense row drops the compression-only settings (DGC's); SGD keeps its momentum there.
     dense = dataclasses.replace(cfg, compress=False, output=None, warmup_ratio=None, warmup_epochs=0, momentum_correction=False,
                                 clip_norm=None, per_layer=False)
-    rows = [run(job, restart=args.restart) for job in (dense, dataclasses.replace(cfg, compress=True, output=None))]
+    rows = [run(job, restart=args.restart, command=args.command) for job in (dense, dataclasses.replace(cfg, compress=True, output=None))]
     print(f"\n{'method':<14}{'test acc':>10}{'wire MB/worker':>16}{'reduction':>11}{'wall s':>8}")
     for row in rows:
         method = f"top-k {row['ratio']:g}" if row["compress"] else "dense"
@@ -117,7 +117,7 @@ def _tune(args) -> int:
 
     sweep, cfg = load_sweep(args.file, parse_sets(args.set))
     try:
-        rows, best = run_sweep(sweep, cfg, resume=args.resume, address=args.address)
+        rows, best = run_sweep(sweep, cfg, resume=args.resume, address=args.address, command=args.command)
     except SweepInterrupted as stop:
         print(f"raytopk: {stop}", file=sys.stderr)
         return 130
@@ -151,6 +151,7 @@ def main(argv=None) -> int:
     sub.add_argument("--address", help=_FLAG_HELP["address"])
     sub.set_defaults(func=_tune)
     args = parser.parse_args(argv)
+    args.command = shlex.join(["raytopk", *(sys.argv[1:] if argv is None else argv)])  # recorded in what it writes
     try:
         return args.func(args)
     except (ConfigError, DatasetError) as err:

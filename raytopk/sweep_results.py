@@ -16,6 +16,7 @@ Files, under the sweep's directory: ``trials.json`` (every trial),
 
 import dataclasses
 import os
+from typing import Optional
 
 from raytopk.config import TrainConfig
 from raytopk.storage import join, replacing, write_json
@@ -146,15 +147,18 @@ def _plot(rows: list, best, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def write_results(directory: str, rows: list, sweep, cfg: TrainConfig):
+def write_results(directory: str, rows: list, sweep, cfg: TrainConfig, command: Optional[str] = None):
     """Write every result file under ``directory``; return the chosen row (None when none qualifies)."""
+    import time
+
     import yaml
 
     best = pick_best(rows, sweep)
     selection = {"select": sweep.select, "metric": sweep.metric, "mode": sweep.mode,
                  "max_mb_per_worker": sweep.max_mb_per_worker, "within_points": sweep.within_points}
+    provenance = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **({"command": command} if command else {})}
     write_json(join(directory, TRIALS_FILE),
-                          {"sweep": sweep.name, **selection, "best": best["trial"] if best else None, "trials": rows})
+               {"sweep": sweep.name, **provenance, **selection, "best": best["trial"] if best else None, "trials": rows})
     with replacing(join(directory, TABLE_FILE)) as temporary, open(temporary, "w") as f:
         f.write(format_table(rows, best) + "\n")
     if best is not None:

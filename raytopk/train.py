@@ -16,6 +16,7 @@ import os
 import secrets
 import tempfile
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -332,13 +333,14 @@ def _write_storage_probe(cfg: TrainConfig):
     return token
 
 
-def run(cfg: TrainConfig, restart: bool = False) -> dict:
+def run(cfg: TrainConfig, restart: bool = False, command: Optional[str] = None) -> dict:
     """Train ``cfg`` on Ray (``cfg.address``, else ``RAY_ADDRESS``, else a local Ray); return the summary.
 
     The run is named ``cfg.name``, else after what it trains
     (:func:`~raytopk.config.default_run_name`), so running the same job again
     resumes it from its latest checkpoint, and a finished one returns its
     summary without training. ``restart`` starts a new run beside the old one.
+    ``command``, the command line that asked for the run, is recorded in the summary.
     """
     import ray
     from ray.train import TrainingFailedError
@@ -353,7 +355,7 @@ def run(cfg: TrainConfig, restart: bool = False) -> dict:
         if meta["epoch"] >= cfg.epochs:
             print(f"raytopk: {cfg.name} already finished {meta['epoch']} epochs; raise epochs to continue it, "
                   "or --restart to train it again", flush=True)
-            return _finish(cfg, _summary(cfg, meta, path, wall_s=0.0))
+            return _finish(cfg, _summary(cfg, meta, path, wall_s=0.0, command=command))
         print(f"raytopk: resuming {cfg.name} after epoch {meta['epoch']} from {path}", flush=True)
     _check_local(cfg)
     started = time.time()
@@ -374,7 +376,7 @@ def run(cfg: TrainConfig, restart: bool = False) -> dict:
             raise ConfigError(shared[shared.index("checkpoint_dir:"):]) from None
         raise
     path, meta = _recorded_checkpoint(join(cfg.checkpoint_dir, cfg.name))
-    return _finish(cfg, _summary(cfg, meta, path, time.time() - started))
+    return _finish(cfg, _summary(cfg, meta, path, time.time() - started, command))
 
 
 class RunInterrupted(Exception):
@@ -392,11 +394,13 @@ def _finish(cfg: TrainConfig, summary: dict) -> dict:
     return summary
 
 
-def _summary(cfg: TrainConfig, meta: dict, checkpoint, wall_s: float) -> dict:
+def _summary(cfg: TrainConfig, meta: dict, checkpoint, wall_s: float, command: Optional[str]) -> dict:
     """The run's summary from its last checkpoint's ``meta``: the final metrics and every epoch's."""
     m = meta["metrics"]
     return {
         "name": cfg.name,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **({"command": command} if command else {}),
         "model": cfg.model,
         "dataset": cfg.dataset,
         "compress": cfg.compress,

@@ -243,8 +243,12 @@ def _saved_form(sweep: SweepConfig, cfg: TrainConfig) -> dict:
     return json.loads(json.dumps({"sweep": dataclasses.asdict(sweep), "base_job": dataclasses.asdict(cfg)}))
 
 
-def run_sweep(sweep: SweepConfig, cfg: TrainConfig, resume: bool = False, address: Optional[str] = None):
-    """Run (or with ``resume`` continue) the sweep on Ray; return ``(rows, best)`` as in :mod:`raytopk.sweep_results`."""
+def run_sweep(sweep: SweepConfig, cfg: TrainConfig, resume: bool = False, address: Optional[str] = None,
+              command: Optional[str] = None):
+    """Run (or with ``resume`` continue) the sweep on Ray; return ``(rows, best)`` as in :mod:`raytopk.sweep_results`.
+
+    ``command``, the command line that asked for the sweep, is recorded in ``trials.json``.
+    """
     import ray
     from ray import tune
 
@@ -290,5 +294,5 @@ def run_sweep(sweep: SweepConfig, cfg: TrainConfig, resume: bool = False, addres
         raise SweepInterrupted(f"sweep {sweep.name!r} interrupted with {finished} of {_trial_count(sweep)} trials finished; "
                                f"its state is saved in {directory}; continue it with --resume")
     rows = trial_rows(grid, cfg)
-    best = write_results(directory, rows, sweep, cfg)
+    best = write_results(directory, rows, sweep, cfg, command)
     return rows, best
