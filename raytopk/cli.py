@@ -12,14 +12,16 @@ from typing import Optional
 
 from raytopk import __version__
 from raytopk.config import ConfigError, TrainConfig, load_config
-from raytopk.data import DatasetError
+from raytopk.data import DATASETS, DatasetError
+from raytopk.models import MODELS
 from raytopk.train import RunInterrupted
 
 # Flags whose names users know from the seed's train.py, and the rest of TrainConfig.
 _FLAG_HELP = {
-    "model": "simple_cnn | resnet18 | resnet50 | vit",
-    "dataset": "mnist5k | mnist | fashion_mnist | cifar10",
+    "model": " | ".join(MODELS),
+    "dataset": " | ".join(DATASETS),
     "compress": "send only the top-k gradient entries (raytopk's hook)",
+    "method": "topk | dense | fp16: what the workers exchange (fp16: PyTorch's fp16_compress_hook, for comparison); sets --compress",
     "ratio": "fraction of entries sent per bucket, in (0, 1]",
     "workers": "number of Ray Train workers (the most, with --min-workers)",
     "min_workers": "elastic training: run with anywhere from this many to --workers workers, resizing as nodes come and go",
@@ -83,9 +85,9 @@ def _bench(args) -> int:
     if cfg.output:
         check_file("output", cfg.output)  # before either run trains
     # The dense row drops the compression-only settings (DGC's); SGD keeps its momentum there.
-    dense = dataclasses.replace(cfg, compress=False, output=None, warmup_ratio=None, warmup_epochs=0, momentum_correction=False,
+    dense = dataclasses.replace(cfg, compress=False, method=None, output=None, warmup_ratio=None, warmup_epochs=0, momentum_correction=False,
                                 clip_norm=None, per_layer=False)
-    rows = [run(job, restart=args.restart, command=args.command) for job in (dense, dataclasses.replace(cfg, compress=True, output=None))]
+    rows = [run(job, restart=args.restart, command=args.command) for job in (dense, dataclasses.replace(cfg, compress=True, method=None, output=None))]
     print(f"\n{'method':<14}{'test acc':>10}{'wire MB/worker':>16}{'reduction':>11}{'wall s':>8}")
     for row in rows:
         method = f"top-k {row['ratio']:g}" if row["compress"] else "dense"

@@ -39,6 +39,7 @@ class TrainConfig:
     seed: int = 0
     # How to compress.
     compress: bool = False
+    method: Optional[str] = None  # topk | dense | fp16 (PyTorch's fp16_compress_hook); sets compress; unset: compress decides
     ratio: float = 0.01
     start_iter: int = 2
     value_dtype: str = "fp32"
@@ -85,6 +86,8 @@ class TrainConfig:
             if getattr(self, key) not in known:
                 raise ConfigError(f"{key}: got {getattr(self, key)!r}; allowed: {', '.join(sorted(known))}")
         check_name("name", self.name)
+        if self.method is not None:  # the comparison methods by name: top-k is compress, the others are not
+            self.compress = self.method == "topk"
         _check_combinations(self)
         _check_sizes(self, DATASETS[self.dataset].train_size)
 
@@ -159,6 +162,7 @@ _CHOICES = {
     "backend": ("auto", "gloo", "nccl"),
     "amp": ("none", "bf16", "fp16"),
     "exchange": ("auto", "allgather", "sharded", "hierarchical"),
+    "method": ("topk", "dense", "fp16"),
 }
 # key -> (lowest allowed, whether the lowest is excluded, highest or None)
 _RANGES = {
@@ -215,7 +219,7 @@ def check_fields(obj, choices: dict, ranges: dict) -> None:
         value = getattr(obj, f.name)
         if not _type_ok(value, f.type):
             raise ConfigError(f"{f.name}: got {value!r}; allowed: {_describe(f.type)}")
-        if f.name in choices and value not in choices[f.name]:
+        if f.name in choices and value is not None and value not in choices[f.name]:
             raise ConfigError(f"{f.name}: got {value!r}; allowed: {', '.join(choices[f.name])}")
         if f.name in ranges and value is not None:
             low, open_low, high = ranges[f.name]
@@ -281,7 +285,10 @@ _NOT_IDENTITY = {"exchange", "capacity_factor", "link_gbps", "link_latency_us", 
 
 def run_identity(cfg: TrainConfig) -> dict:
     """What a run trains: every key a checkpoint must agree with before a rerun resumes from it."""
-    return {key: value for key, value in dataclasses.asdict(cfg).items() if key not in _NOT_IDENTITY}
+    identity = {key: value for key, value in dataclasses.asdict(cfg).items() if key not in _NOT_IDENTITY}
+    if identity.pop("method") == "fp16":  # topk and dense are what compress already records
+        identity["method"] = "fp16"
+    return identity
 
 
 def default_run_name(cfg: TrainConfig) -> str:
@@ -290,7 +297,7 @@ def default_run_name(cfg: TrainConfig) -> str:
     import json
 
     digest = hashlib.sha1(json.dumps(run_identity(cfg), sort_keys=True).encode()).hexdigest()[:8]
-    kind = f"topk{cfg.ratio:g}" if cfg.compress else "dense"
+    kind = f"topk{cfg.ratio:g}" if cfg.compress else "fp16" if cfg.method == "fp16" else "dense"
     return f"{cfg.model}-{cfg.dataset}-{kind}-{digest}"
 
 

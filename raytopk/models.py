@@ -1,4 +1,4 @@
-"""Models by name: a small CNN, torchvision's ResNets adapted to small images, and a small ViT.
+"""Models by name: a small CNN, CIFAR's ResNet-20, torchvision's ResNets adapted to small images, and a small ViT.
 
 ``build_model(name, in_channels, num_classes, image_size)`` is the one entry
 point; an unknown name is a one-line error that lists the known ones.
@@ -53,6 +53,55 @@ def _resnet50(in_channels, num_classes, image_size):
     return _small_image_resnet(resnet50, in_channels, num_classes)
 
 
+class _BasicBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm; the shortcut subsamples and pads channels with zeros (no weights)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.stride, self.pad = stride, planes - in_planes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
+        if self.pad:
+            shortcut = nn.functional.pad(shortcut, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return torch.relu(out + shortcut)
+
+
+class ResNet20(nn.Module):
+    """CIFAR's ResNet-20 (He et al., 2016, section 4.2): the residual network of DGC's and many compression papers' CIFAR runs.
+
+    A 3x3 convolution to 16 channels, then three stages of three basic blocks
+    at 16, 32 and 64 channels (the second and third halve the resolution),
+    global average pooling and one linear layer: 20 weighted layers, about
+    0.27M parameters. Shortcuts that change shape subsample and pad with zero
+    channels (the paper's option A), so every parameter is in a convolution,
+    a batch norm or the classifier.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, blocks: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        stages, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(blocks):
+                stages.append(_BasicBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)))
+
+
 class SmallViT(nn.Module):
     """A Vision Transformer for small images: 4x4 patches, 4 pre-norm encoder layers of width 64.
 
@@ -83,7 +132,7 @@ class SmallViT(nn.Module):
         return self.head(self.norm(self.encoder(tokens)[:, 0]))
 
 
-MODELS = {"simple_cnn": SimpleCNN, "resnet18": _resnet18, "resnet50": _resnet50, "vit": SmallViT}
+MODELS = {"simple_cnn": SimpleCNN, "resnet20": ResNet20, "resnet18": _resnet18, "resnet50": _resnet50, "vit": SmallViT}
 
 
 def build_model(name: str, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> nn.Module:

@@ -71,6 +71,10 @@ def train_loop_per_worker(config: dict) -> None:
     _check_storage_seen(cfg, storage_token, rank)
     # A DDP model even for one worker, with the hook when compressing (what users' own Ray loops call too).
     ddp = prepare_model(model, ratio=None, state=state)
+    if cfg.method == "fp16":  # the comparison PyTorch ships: every bucket allreduced as fp16
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
+
+        ddp.register_comm_hook(None, fp16_compress_hook)
     start_epoch, steps_done, history, resize = 0, 0, [], {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -115,9 +119,10 @@ def train_loop_per_worker(config: dict) -> None:
         # batches, and DDP's forward could start a collective the others never join.
         correct, total = _evaluate(model, test_loader, device)
 
-        # Bytes on the wire, summed over workers: the hook's count, or dense DDP's (which equals the baseline).
+        # Bytes on the wire, summed over workers: the hook's count, or dense DDP's (the baseline; half of it in fp16).
         dense_bytes = state.stats["dense_bytes"] if state is not None else steps_done * step_dense_bytes
-        sent, hook_s = (state.stats["bytes_sent"], state.stats["hook_s"]) if state is not None else (dense_bytes, 0.0)
+        sent, hook_s = ((state.stats["bytes_sent"], state.stats["hook_s"]) if state is not None
+                        else (dense_bytes / 2 if cfg.method == "fp16" else dense_bytes, 0.0))
         sums = _all_reduce_sum([loss_sum.item(), batches, correct, total, sent, dense_bytes, hook_s], device)
         metrics = {
             "epoch": epoch + 1,
@@ -128,6 +133,7 @@ def train_loop_per_worker(config: dict) -> None:
             "reduction": sums[5] / sums[4] if sums[4] else 1.0,  # one worker sends nothing either way
             "hook_s": sums[6] / world_size,
             "samples_per_s": world_size * batches * cfg.batch_size / seconds,
+            "train_s": seconds,  # this epoch's training steps, evaluation and checkpoint left out
             "workers": world_size,
             "lr": optimizer.param_groups[0]["lr"],
             # What auto chose (or the exchange set), this rank's buckets: e.g. "sharded" or "allgather+sharded".
@@ -404,6 +410,7 @@ def _summary(cfg: TrainConfig, meta: dict, checkpoint, wall_s: float, command: O
         "model": cfg.model,
         "dataset": cfg.dataset,
         "compress": cfg.compress,
+        "method": cfg.method or ("topk" if cfg.compress else "dense"),
         "ratio": cfg.ratio if cfg.compress else 1.0,
         "workers": m.get("workers", cfg.workers),  # the last epoch's; history says each epoch's
         "epochs": m["epoch"],

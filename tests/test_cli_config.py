@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import raytopk
-from raytopk.config import ConfigError, load_config
+from raytopk.config import ConfigError, default_run_name, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,13 +20,15 @@ ROOT = Path(__file__).resolve().parent.parent
         ({"ratio": 1.5}, "ratio: got 1.5; allowed: a number in (0, 1]"),
         ({"ratio": float("nan")}, "ratio: got nan; allowed: a number in (0, 1]"),
         ({"ratio": "lots"}, "ratio: got 'lots'; allowed: a number"),
-        ({"model": "vgg"}, "model: got 'vgg'; allowed: resnet18, resnet50, simple_cnn, vit"),
+        ({"model": "vgg"}, "model: got 'vgg'; allowed: resnet18, resnet20, resnet50, simple_cnn, vit"),
         ({"dataset": "imagenet"}, "dataset: got 'imagenet'; allowed: cifar10, fashion_mnist, mnist, mnist5k"),
         ({"optimizer": "adam"}, "optimizer: got 'adam'; allowed: sgd, adamw"),
         ({"backend": "mpi"}, "backend: got 'mpi'; allowed: auto, gloo, nccl"),
         ({"batch_size": 0}, "batch_size: got 0; allowed: a number in [1, inf)"),
         ({"epochs": -1}, "epochs: got -1; allowed: a number in [1, inf)"),
         ({"compress": "yes"}, "compress: got 'yes'; allowed: true or false"),
+        ({"method": "powersgd"}, "method: got 'powersgd'; allowed: topk, dense, fp16"),
+        ({"method": "fp16", "per_layer": True}, "per_layer: set, but compress is false; allowed: only with compress: true"),
         ({"lr": float("inf")}, "lr: got inf; allowed: a number in (0, inf)"),
         ({"amp": "fp8"}, "amp: got 'fp8'; allowed: none, bf16, fp16"),
         ({"amp": "fp16"}, "amp: got 'fp16' without use_gpu; allowed on CPU: none, bf16"),
@@ -85,6 +87,17 @@ def test_yaml_then_flags(tmp_path):
     path.write_text("ratio: 0.001\nepochs: 4\n")
     cfg = load_config(str(path), epochs=2, ratio=None)
     assert (cfg.ratio, cfg.epochs) == (0.001, 2)
+
+
+def test_method_names_the_comparison_and_sets_compress():
+    """``method`` wins over ``compress`` (a job file's ``compress: true`` run as ``--method dense`` for comparison);
+    unset, ``compress`` decides, and names and checkpoints of such jobs stay as they were."""
+    assert [(c.compress, c.method) for c in (load_config(method="topk"), load_config(compress=True, method="dense"),
+                                             load_config(compress=True, method="fp16"), load_config(compress=True))] == [
+        (True, "topk"), (False, "dense"), (False, "fp16"), (True, None)]
+    assert default_run_name(load_config(method="topk")) == default_run_name(load_config(compress=True))
+    assert "-fp16-" in default_run_name(load_config(method="fp16"))
+    assert default_run_name(load_config(method="fp16")) != default_run_name(load_config(method="dense"))
 
 
 def test_every_shipped_job_is_valid():

@@ -29,8 +29,18 @@ def test_resnet_has_the_small_image_stem():
     assert isinstance(model.maxpool, torch.nn.Identity)
 
 
+def test_resnet20_is_cifars_twenty_layer_network():
+    """He et al.'s CIFAR ResNet-20: 19 convolutions and one linear layer, 0.27M parameters, 64 features pooled."""
+    model = build_model("resnet20", 3, 10, 32)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(convs) == 19 and len(linears) == 1 and linears[0].in_features == 64
+    assert sum(p.numel() for p in model.parameters()) == 269_722
+    assert [c.out_channels for c in convs[1::6]] == [16, 32, 64]  # the first block of each stage
+
+
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown model 'vgg'; known models: resnet18, resnet50, simple_cnn, vit"):
+    with pytest.raises(ValueError, match="unknown model 'vgg'; known models: resnet18, resnet20, resnet50, simple_cnn, vit"):
         build_model("vgg")
 
 

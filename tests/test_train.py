@@ -140,6 +140,13 @@ def test_accumulation_runs_the_hook_once_per_step_under_bf16_autocast_with_every
         assert hook["iter"] == 2  # one hook call per optimizer step
 
 
+def test_method_fp16_runs_pytorchs_fp16_hook_and_counts_half_the_bytes(local_ray, tmp_path):
+    """``method: fp16``, the comparison PyTorch ships: every bucket allreduced in fp16, half of dense DDP's bytes."""
+    summary = run(_cfg(tmp_path, "fp16", method="fp16", epochs=1, max_train_batches=20))
+    assert summary["method"] == "fp16" and not summary["compress"] and summary["test_accuracy"] > 0.5
+    assert summary["bytes_sent"] * 2 == summary["dense_bytes"] > 0 and summary["name"] == "fp16"
+
+
 # reruns, and checkpoints that must not be resumed ------------------------------------------
 
 
