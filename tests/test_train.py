@@ -274,6 +274,7 @@ def _restored_at(workers, job, checkpoint, storage) -> list:
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(workers)]
 
 
+@pytest.mark.faults  # a recovery path, and over a minute: with the long tests
 def test_resume_at_another_worker_count_gives_every_worker_the_saved_mean(local_ray, tmp_path):
     """A real 2-worker checkpoint (momentum correction: residuals and velocities), restored by the loop's own code at 1
     and at 3 workers: each worker holds the saved workers' mean residual and velocity, and the byte counters sum to
