@@ -103,11 +103,14 @@ def format_table(rows: list) -> str:
     lines = ["| link | method | samples/s | of dense, no limit | vs dense, same link | s to target | final accuracy % | wire MB/worker |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ratio = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
         reached = "not reached" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.1f}"
-        lines.append(f"| {r['link']} | {r['method']} | {r['samples_per_s']:.0f} | {ratio(r['of_dense_unlimited'])} | "
-                     f"{ratio(r['vs_dense_same_link'])} | {reached} | {100 * r['final_accuracy']:.2f} | {r['wire_mb_per_worker']:.2f} |")
+        lines.append(f"| {r['link']} | {r['method']} | {r['samples_per_s']:.0f} | {_ratio(r['of_dense_unlimited'])} | "
+                     f"{_ratio(r['vs_dense_same_link'])} | {reached} | {100 * r['final_accuracy']:.2f} | {r['wire_mb_per_worker']:.2f} |")
     return "\n".join(lines)
+
+
+def _ratio(value) -> str:
+    return "" if value is None else f"{value:.2f}"
 
 
 def plot(runs: list, links: list, target: float, path: str) -> None:
