@@ -70,6 +70,7 @@ def main() -> None:
     if accelerator.is_main_process:
         print(json.dumps({"epochs": args.epochs, "test_accuracy": totals[0].item() / totals[1].item(), "bytes_sent": int(totals[2]),
                           "dense_bytes": int(totals[3]), "hook_steps": state.stats["steps"], "optimizer_steps": steps}), flush=True)
+    accelerator.wait_for_everyone()  # no rank tears its process group down while another still uses it
     accelerator.end_training()  # ends the process group too
 
 
