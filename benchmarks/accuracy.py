@@ -57,7 +57,7 @@ import tempfile
 import ray
 
 from raytopk.config import load_config
-from raytopk.storage import read_text, replacing, write_json
+from raytopk.storage import read_text, write_figure, write_json
 from raytopk.train import run
 
 COMMAND = "python benchmarks/accuracy.py"
@@ -198,9 +198,7 @@ def plot(table: list, path: str) -> None:
     right.set_title(f"{main[0]['suite']}, {main[0]['optimizer']}: accuracy per epoch")
     right.legend(fontsize=8)
     fig.tight_layout()
-    with replacing(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    write_figure(path, fig)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import os
 import sys
 
 from raytopk.exchange import ALGORITHMS, Layout, Link, cost
-from raytopk.storage import write_json
+from raytopk.storage import write_figure, write_json
 
 COMMAND = "python benchmarks/cost_model.py"
 RESNET50 = 25_557_032
@@ -75,7 +75,7 @@ def plot(results: dict, path: str) -> None:
     axes[0].set_ylabel("modelled exchange time per step, ms (log)")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_figure(path, fig, dpi=110)
 
 
 def main() -> None:

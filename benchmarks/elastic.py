@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from cluster import FAKE_GCS, fake_cluster, joined_node, lose_node, one_gpu_nodes, ray_list  # noqa: E402
 
-from raytopk.storage import write_json  # noqa: E402
+from raytopk.storage import write_figure, write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND = "python benchmarks/elastic.py"
@@ -120,7 +120,7 @@ def _plot(result, path) -> None:
     top.legend()
     top.set_title("Elastic run through a lost node vs. uninterrupted (mnist5k, top-k 0.01)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure(path, fig)
 
 
 if __name__ == "__main__":

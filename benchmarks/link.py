@@ -49,7 +49,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import raytopk
 from netns import read_tx_bytes, reexec_in_namespace, shape
-from raytopk.storage import replacing, write_json
+from raytopk.storage import write_figure, write_json
 
 COMMAND = "python benchmarks/link.py"
 WARMUP_STEPS = 2  # the fewest PowerSGD allows; DDP rebuilds its buckets after the first
@@ -202,8 +202,7 @@ def plot(rows: list, path: str) -> None:
     axes[0][-1].legend(fontsize=7, loc="upper right")
     fig.suptitle("Step time spent exchanging gradients on a shaped loopback link (gloo, one thread per worker)")
     fig.tight_layout()
-    with replacing(path) as temporary:
-        fig.savefig(temporary, dpi=110, format="png")
+    write_figure(path, fig, dpi=110)
 
 
 def main() -> None:

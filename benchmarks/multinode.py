@@ -240,6 +240,8 @@ def plot(rows: list, path: str, rate: str, ratio: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from raytopk.storage import write_figure
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
     width = 0.8 / len(HOOK_METHODS)
     for i, method in enumerate(HOOK_METHODS):
@@ -264,7 +266,7 @@ def plot(rows: list, path: str, rate: str, ratio: float) -> None:
     right.set_title("Cost model against the emulation (every layout)")
     right.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_figure(path, fig, dpi=110)
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from netns import reexec_in_namespace, shape  # noqa: E402
 
-from raytopk.storage import read_text, replacing, write_json  # noqa: E402
+from raytopk.storage import read_text, write_figure, write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND = "python benchmarks/time_to_accuracy.py"
@@ -132,9 +132,7 @@ def plot(runs: list, links: list, target: float, path: str) -> None:
     axes[0][0].set_ylabel("test accuracy %")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    with replacing(path) as temporary:
-        fig.savefig(temporary, format="png", dpi=120)
-    plt.close(fig)
+    write_figure(path, fig)
 
 
 def main() -> int:

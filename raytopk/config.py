@@ -91,6 +91,11 @@ class TrainConfig:
         _check_combinations(self)
         _check_sizes(self, DATASETS[self.dataset].train_size)
 
+    @property
+    def method_name(self) -> str:
+        """What the workers exchange: ``method``, or when unset what ``compress`` says (``topk`` or ``dense``)."""
+        return self.method or ("topk" if self.compress else "dense")
+
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
@@ -297,7 +302,7 @@ def default_run_name(cfg: TrainConfig) -> str:
     import json
 
     digest = hashlib.sha1(json.dumps(run_identity(cfg), sort_keys=True).encode()).hexdigest()[:8]
-    kind = f"topk{cfg.ratio:g}" if cfg.compress else "fp16" if cfg.method == "fp16" else "dense"
+    kind = f"topk{cfg.ratio:g}" if cfg.compress else cfg.method_name
     return f"{cfg.model}-{cfg.dataset}-{kind}-{digest}"
 
 

@@ -20,6 +20,7 @@ from raytopk.storage import is_uri, resolve
 
 __all__ = ["check_paths", "check_directory", "check_file"]
 
+
 def check_paths(cfg) -> None:
     """The storage directory, the ``--output`` file and the data directory of a :class:`~raytopk.config.TrainConfig`."""
     check_directory("checkpoint_dir", cfg.checkpoint_dir)

@@ -12,7 +12,8 @@ import os
 import posixpath
 import tempfile
 
-__all__ = ["is_uri", "resolve", "join", "exists", "list_dir", "read_bytes", "read_text", "replacing", "write_json"]
+__all__ = ["is_uri", "resolve", "join", "exists", "list_dir", "read_bytes", "read_text", "replacing", "write_json", "write_figure",
+           "provenance"]
 
 
 def is_uri(path: str) -> bool:
@@ -97,3 +98,19 @@ def write_json(path: str, payload) -> None:
     """Write ``payload`` as JSON to ``path`` through :func:`replacing`: never a partial file."""
     with replacing(path) as temporary, open(temporary, "w") as f:
         json.dump(payload, f, indent=2)
+
+
+def write_figure(path: str, fig, dpi: int = 120) -> None:
+    """Save a matplotlib figure to ``path`` through :func:`replacing` (the format from its extension), then close it."""
+    import matplotlib.pyplot as plt
+
+    with replacing(path) as temporary:
+        fig.savefig(temporary, dpi=dpi, format=posixpath.splitext(path)[1].lstrip(".") or "png")
+    plt.close(fig)
+
+
+def provenance(command=None) -> dict:
+    """What a result file records of how it was made: the UTC time, and the command line when there is one."""
+    import time
+
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **({"command": command} if command else {})}

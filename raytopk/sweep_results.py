@@ -19,7 +19,7 @@ import os
 from typing import Optional
 
 from raytopk.config import TrainConfig
-from raytopk.storage import join, replacing, write_json
+from raytopk.storage import join, provenance, replacing, write_figure, write_json
 
 __all__ = ["trial_config", "trial_rows", "pick_best", "pareto_front", "format_table", "write_results"]
 
@@ -142,23 +142,18 @@ def _plot(rows: list, best, path: str, title: str) -> None:
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with replacing(path) as temporary:
-        fig.savefig(temporary, dpi=120, format="png")
-    plt.close(fig)
+    write_figure(path, fig)
 
 
 def write_results(directory: str, rows: list, sweep, cfg: TrainConfig, command: Optional[str] = None):
     """Write every result file under ``directory``; return the chosen row (None when none qualifies)."""
-    import time
-
     import yaml
 
     best = pick_best(rows, sweep)
     selection = {"select": sweep.select, "metric": sweep.metric, "mode": sweep.mode,
                  "max_mb_per_worker": sweep.max_mb_per_worker, "within_points": sweep.within_points}
-    provenance = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **({"command": command} if command else {})}
     write_json(join(directory, TRIALS_FILE),
-               {"sweep": sweep.name, **provenance, **selection, "best": best["trial"] if best else None, "trials": rows})
+               {"sweep": sweep.name, **provenance(command), **selection, "best": best["trial"] if best else None, "trials": rows})
     with replacing(join(directory, TABLE_FILE)) as temporary, open(temporary, "w") as f:
         f.write(format_table(rows, best) + "\n")
     if best is not None:

@@ -29,7 +29,7 @@ from raytopk.hook import TopKState
 from raytopk.models import build_model
 from raytopk.preflight import check_paths
 from raytopk.ray import load_state, prepare_model, rank_file, save_state
-from raytopk.storage import exists, is_uri, join, read_bytes, read_text, write_json
+from raytopk.storage import exists, is_uri, join, provenance, read_bytes, read_text, write_json
 
 __all__ = ["train_loop_per_worker", "build_trainer", "run", "RunInterrupted"]
 
@@ -405,12 +405,11 @@ def _summary(cfg: TrainConfig, meta: dict, checkpoint, wall_s: float, command: O
     m = meta["metrics"]
     return {
         "name": cfg.name,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **({"command": command} if command else {}),
+        **provenance(command),
         "model": cfg.model,
         "dataset": cfg.dataset,
         "compress": cfg.compress,
-        "method": cfg.method or ("topk" if cfg.compress else "dense"),
+        "method": cfg.method_name,
         "ratio": cfg.ratio if cfg.compress else 1.0,
         "workers": m.get("workers", cfg.workers),  # the last epoch's; history says each epoch's
         "epochs": m["epoch"],

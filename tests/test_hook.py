@@ -273,16 +273,17 @@ def _residual_sum(state, model):
     return torch.cat([residuals[name].reshape(-1) for name, _ in model.named_parameters()])
 
 
-def _mass_conservation(rank, world_size):
-    model = _model(hidden=64, depth=4)
-    local = copy.deepcopy(model)
-    ddp = DDP(model, bucket_cap_mb=0.01)
+def _train_and_balance(rank, world_size, model, cap_mb, steps, **options):
+    """DDP with the hook for ``steps``; return ``(applied + mean residual, sum of the mean gradients, residual sum,
+    bucket sizes, state)``: error feedback conserves mass when the first two are equal."""
+    local = copy.deepcopy(model)  # this rank's own gradient, no DDP
+    ddp = DDP(model, bucket_cap_mb=cap_mb)
     sizes = []
-    state = TopKState(ratio=0.01, start_iter=1, module=model)
+    state = TopKState(module=model, **options)
     ddp.register_comm_hook(state, _recording_hook(sizes))
     n = sum(p.numel() for p in model.parameters())
     applied, mean_grads = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-    for step in range(8):
+    for step in range(steps):
         local.zero_grad()
         _loss(local, rank, step).backward()
         grad = _flat_grad(local)
@@ -293,7 +294,13 @@ def _mass_conservation(rank, world_size):
         applied += _flat_grad(model).double()
     residual = _residual_sum(state, model)
     dist.all_reduce(residual)
-    torch.testing.assert_close(applied + residual.double() / world_size, mean_grads, rtol=1e-5, atol=1e-6)
+    return applied + residual.double() / world_size, mean_grads, residual, sizes, state
+
+
+def _mass_conservation(rank, world_size):
+    balance, mean_grads, residual, sizes, _ = _train_and_balance(rank, world_size, _model(hidden=64, depth=4), 0.01, 8,
+                                                                 ratio=0.01, start_iter=1)
+    torch.testing.assert_close(balance, mean_grads, rtol=1e-5, atol=1e-6)
     assert residual.abs().sum() > 0, "nothing was held back: the test did not exercise compression"
     buckets_per_step = sum(1 for it, _ in sizes if it == 5)
     return buckets_per_step
@@ -307,26 +314,9 @@ def test_error_feedback_conserves_mass_across_buckets():
 def _generated_training(rank, world_size, hidden, depth, cap_mb, options):
     """Hypothesis's case through DDP: mass is conserved, and all-gather's bytes are counted exactly, bucket by bucket."""
     model = _model(seed=hidden, hidden=hidden, depth=depth)
-    local = copy.deepcopy(model)
-    ddp = DDP(model, bucket_cap_mb=cap_mb)
-    sizes = []
-    state = TopKState(module=model, **options)
-    ddp.register_comm_hook(state, _recording_hook(sizes))
-    n = sum(p.numel() for p in model.parameters())
-    applied, mean_grads = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-    for step in range(5):
-        local.zero_grad()
-        _loss(local, rank, step).backward()
-        grad = _flat_grad(local)
-        dist.all_reduce(grad)
-        mean_grads += grad.double() / world_size
-        ddp.zero_grad()
-        _loss(ddp, rank, step).backward()
-        applied += _flat_grad(model).double()
-    residual = _residual_sum(state, model)
-    dist.all_reduce(residual)
+    balance, mean_grads, _, sizes, state = _train_and_balance(rank, world_size, model, cap_mb, 5, **options)
     tolerance = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1e-2}[options["value_dtype"]]
-    torch.testing.assert_close(applied + residual.double() / world_size, mean_grads, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(balance, mean_grads, rtol=tolerance, atol=tolerance)
     return sizes, state.stats, dict(state.algorithms)
 
 
