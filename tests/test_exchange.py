@@ -57,6 +57,23 @@ def _run(algorithm, acc, k, local_world_size, capacity=None, keep=None, capacity
     return out, cleared, sent
 
 
+def _decoding_reported(rank, world_size, algorithm, local_world_size):
+    _as_nodes(local_world_size)
+    seconds = []
+    exchanger = Exchanger(algorithm, dist.group.WORLD, Link(), 1.25, on_decoded=seconds.append)
+    acc = _integer_acc(rank, 4000, 0)
+    exchanger.run(algorithm, acc, 40, torch.float32, torch.zeros_like(acc))[0].wait()
+    return seconds
+
+
+@pytest.mark.parametrize("algorithm, world_size, local_world_size",
+                         [("allgather", 2, 1), ("sharded", 3, 1), ("hierarchical", 2, 1), ("hierarchical", 4, 2)])
+def test_every_gather_reports_how_long_its_decoding_took(algorithm, world_size, local_world_size):
+    """What the hook adds to ``stats["hook_s"]`` when a gather lands (its scatter-adds), from every exchange."""
+    for seconds in run_ranks(_decoding_reported, world_size, algorithm, local_world_size):
+        assert seconds and all(0 < s < 10 for s in seconds), seconds
+
+
 def _invariant(rank, world_size, algorithm, local_world_size):
     """Small capacities make entries overflow and owners drop sums: still nothing is lost, exactly."""
     results = []
