@@ -102,16 +102,20 @@ DEFAULT_SUITES = ["mnist5k_cnn", "fashion_mnist_cnn", "fashion_mnist_resnet18"] 
 
 
 def jobs(suites: list) -> list:
-    """Every row to train: (suite, optimizer, method, seed, job keys)."""
+    """Every row to train: (suite, optimizer, method, seed, job keys), seed by seed.
+
+    Every method of a seed comes before the next seed, so a suite run in parts
+    compares the methods from its first part on.
+    """
     rows = []
     for suite in suites:
         base, plans = SUITES[suite]
         for optimizer, seeds, methods in plans:
-            for method in methods:
-                keys = {**base, **OPTIMIZERS[optimizer], **METHODS[method]}
-                if OPTIMIZERS[optimizer]["optimizer"] != "sgd":
-                    keys.pop("momentum_correction", None)  # nothing to correct without SGD momentum
-                for seed in seeds:
+            for seed in seeds:
+                for method in methods:
+                    keys = {**base, **OPTIMIZERS[optimizer], **METHODS[method]}
+                    if OPTIMIZERS[optimizer]["optimizer"] != "sgd":
+                        keys.pop("momentum_correction", None)  # nothing to correct without SGD momentum
                     rows.append((suite, optimizer, method, seed, keys))
     return rows
 
