@@ -21,8 +21,9 @@ Suites (``--suites``):
   batches per worker (a CPU budget, not a converged model), dense and topk 0.01.
 - ``fashion_mnist_resnet20`` (run on its own, in parts): CIFAR's ResNet-20 on the full
   Fashion-MNIST, 20 epochs at batch 64, SGD (lr 0.1, momentum 0.9, weight decay 1e-4) over
-  3 seeds: dense, topk 0.01, and topk 0.001 + DGC. About 75 s an epoch on 2 one-thread
-  workers, so some 4 hours; each finished row is kept, so it can be stopped and rerun::
+  3 seeds: dense, topk 0.01, and topk 0.001 + DGC. About 105 s an epoch on 2 one-thread
+  workers (35 minutes a run), so some 5 hours; each finished row is kept, so it can be
+  stopped and rerun::
 
       python benchmarks/accuracy.py --suites fashion_mnist_resnet20 \
           --output benchmarks/results/accuracy_resnet20.json
