@@ -11,6 +11,7 @@ import json
 import os
 import posixpath
 import tempfile
+import time
 
 __all__ = ["is_uri", "resolve", "join", "exists", "list_dir", "read_bytes", "read_text", "replacing", "write_json", "write_figure",
            "provenance"]
@@ -111,6 +112,4 @@ def write_figure(path: str, fig, dpi: int = 120) -> None:
 
 def provenance(command=None) -> dict:
     """What a result file records of how it was made: the UTC time, and the command line when there is one."""
-    import time
-
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **({"command": command} if command else {})}
