@@ -16,8 +16,9 @@ almost always above a threshold that a small random sample predicts, so
 :func:`select_topk` estimates that threshold, keeps only the entries above it
 (one streaming read in cache-sized chunks, comparing the floats' bits as
 integers), and drops the few smallest candidates beyond ``k``. When the
-sample misleads and fewer than ``k`` entries pass, it falls back to a full
-``torch.topk``: the result is always the exact top-k, only the time changes.
+sample misleads and fewer than ``k`` entries pass, a lower threshold gets a
+second pass, and only then a full ``torch.topk`` runs: the result is always
+the exact top-k, only the time changes.
 """
 
 import functools
@@ -29,8 +30,10 @@ import torch
 __all__ = ["select_topk", "index_dtype", "pack", "unpack", "payload_bytes"]
 
 # Below this many elements (or above this fraction selected) the plain
-# torch.topk is as fast as the sampled path (one thread, benchmarks/compression.py:
-# the sampled path 1.24x faster at 32K entries, 7.4x at 262K).
+# torch.topk is as fast as the sampled path (one thread, python benchmarks/compression.py
+# --sizes 8192 16384 18816 32768 262144 402826 -> results/compression_small.json:
+# the sampled path 1.2x faster than torch.topk at 32K entries, 8x at 262K; tried
+# below 32K, it only matched torch.topk).
 _FAST_PATH_MIN_NUMEL = 1 << 15
 _FAST_PATH_MAX_FRACTION = 0.05
 # The sample that estimates the threshold (one entry in 32, from 1K to 32K, in
@@ -72,14 +75,23 @@ def select_topk(x: torch.Tensor, k: int):
 
 
 def _topk_above_sampled_threshold(x: torch.Tensor, k: int):
-    """The exact top-k through a sampled threshold, or ``None`` when the sample misled.
+    """The exact top-k through a sampled threshold, or ``None`` when the sample misled twice.
 
     The threshold is the magnitude that a stratified sample says about ``1.05 k``
     entries exceed, lowered by four standard deviations of the sample count,
     so at least ``k`` entries exceed it with overwhelming probability. Entries
     at or below it can never be in the top-k once ``k`` entries exceed it,
-    which is what makes the result exact; when fewer do, this returns ``None``
-    and the caller falls back to ``torch.topk``.
+    which is what makes the result exact. Gradients are not independent draws
+    (a dead unit zeroes a whole row), so when fewer than ``k`` pass, a second
+    threshold four times lower in the sample's ranking gets one more pass;
+    only when that misses too does this return ``None`` and the caller fall
+    back to ``torch.topk``.
+
+    A tensor with fewer than ``k`` nonzero entries (frozen or dead units, an
+    embedding's unused rows) needs no fallback: once the threshold reaches
+    zero, every nonzero entry passes, and the zeros with the lowest indices
+    fill the rest, so the choice among the tied zeros is a function of the
+    tensor alone (as a resumed run needs).
 
     Everything compares the float's bits as integers: with the sign bit
     cleared, a float's bits order exactly as its magnitude does, infinities
@@ -96,9 +108,42 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int):
     sample = bits[_sample_positions(n, k)] & magnitude
     size = sample.size
     expected = size * k / n
-    rank = min(size, int(1.05 * expected + 4.0 * math.sqrt(expected)) + 1)
-    threshold = np.partition(sample, size - rank)[size - rank]
+    first = min(size, int(1.05 * expected + 4.0 * math.sqrt(expected)) + 1)
+    ranks = (first, min(size, 4 * first))
+    # Both thresholds from one partition (numpy's introselect is also far quicker so
+    # on a sample of many equal values, such as zeros, than with the first alone).
+    ordered = np.partition(sample, [size - rank for rank in reversed(ranks)])
+    for rank in ranks:
+        threshold = ordered[size - rank]
+        passed = _entries_above(bits, magnitude, threshold)
+        if passed.size >= k or threshold == 0:
+            break
+    if passed.size < k:
+        if threshold != 0:
+            return None
+        passed = np.concatenate([passed, _first_zeros(bits, magnitude, k - passed.size)])
+        keep = slice(None)
+    else:
+        # Keep the k largest by partitioning around the (size - k)-th smallest magnitude.
+        keep = np.argpartition(bits[passed] & magnitude, passed.size - k)[passed.size - k :]
+    chosen = passed[keep]
+    return torch.from_numpy(bits[chosen]).view(x.dtype), torch.from_numpy(chosen).to(index_dtype(n))
 
+
+def _first_zeros(bits: np.ndarray, magnitude, count: int) -> np.ndarray:
+    """The ``count`` lowest positions whose magnitude is zero, reading only as far as they reach."""
+    found, start, step = [], 0, max(count, 1 << 12)
+    while count > 0 and start < bits.size:
+        zeros = np.flatnonzero((bits[start : start + step] & magnitude) == 0)[:count]
+        found.append(zeros + start)
+        count -= zeros.size
+        start += step
+    return np.concatenate(found)
+
+
+def _entries_above(bits: np.ndarray, magnitude, threshold) -> np.ndarray:
+    """Positions whose magnitude bits exceed ``threshold``, in order: one read of ``bits``, chunk by chunk."""
+    n = bits.size
     chunk_numel = min(_CHUNK_NUMEL, n)
     cleared, above = np.empty(chunk_numel, bits.dtype), np.empty(chunk_numel, bool)
     hits = []
@@ -110,14 +155,7 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int):
         found = np.flatnonzero(chunk_above)
         found += start
         hits.append(found)
-    passed = np.concatenate(hits)
-    if passed.size < k:
-        return None
-    passed_bits = bits[passed]
-    # Keep the k largest by partitioning around the (size - k)-th smallest magnitude.
-    keep = np.argpartition(passed_bits & magnitude, passed.size - k)[passed.size - k :]
-    values = torch.from_numpy(passed_bits[keep]).view(x.dtype)
-    return values, torch.from_numpy(passed[keep]).to(index_dtype(n))
+    return np.concatenate(hits)
 
 
 def _sample_size(n: int) -> int:

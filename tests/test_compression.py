@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from raytopk.compression import VALUE_DTYPES, index_dtype, pack, payload_bytes, select_topk, unpack
+from raytopk.compression import VALUE_DTYPES, _sample_positions, index_dtype, pack, payload_bytes, select_topk, unpack
 
 
 def _topk_set(x, k):
@@ -43,6 +43,47 @@ def test_fast_path_exact_on_hard_distributions(make, k):
     values, indices = select_topk(x, k)
     assert len(set(indices.tolist())) == k and torch.equal(values, x[indices.long()])
     assert torch.equal(values.abs().sort().values, torch.topk(x.abs(), k).values.sort().values)
+
+
+def _no_full_topk(monkeypatch):
+    """Make the fallback to a full ``torch.topk`` fail the test: the sampled path must answer alone."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("select_topk fell back to a full torch.topk")
+    monkeypatch.setattr(torch, "topk", refuse)
+
+
+@pytest.mark.parametrize("nonzero", [0, 1, 700, 9_999])
+def test_fewer_nonzero_entries_than_k_are_all_kept_then_the_first_zeros(nonzero, monkeypatch):
+    """A mostly-zero gradient (dead units, an embedding's unused rows): no full sort, and the tied zeros kept are the first ones."""
+    n, k = 1_000_000, 10_000
+    where = torch.randperm(n, generator=torch.Generator().manual_seed(nonzero))[:nonzero]
+    x = torch.zeros(n)
+    x[where] = torch.randn(nonzero, generator=torch.Generator().manual_seed(1))
+    x[where[:1]] = -0.0 if nonzero == 1 else x[where[:1]]  # a negative zero is a zero too
+    _no_full_topk(monkeypatch)
+    values, indices = select_topk(x, k)
+    nonzero_at = set(torch.nonzero(x).flatten().tolist())
+    zeros_kept = sorted(set(indices.tolist()) - nonzero_at)
+    assert len(set(indices.tolist())) == k and nonzero_at <= set(indices.tolist())
+    assert zeros_kept == [i for i in range(n) if i not in nonzero_at][: k - len(nonzero_at)]
+    assert torch.equal(values, x[indices.long()])
+
+
+def test_a_misleading_sample_gets_a_second_lower_threshold_not_a_full_sort(monkeypatch):
+    """The sampled entries are all large, so the first threshold lets too few pass; the second, four times lower in the sample, suffices."""
+    n, k = 1_000_000, 10_000
+    generator = torch.Generator().manual_seed(2)
+    sampled = torch.from_numpy(_sample_positions(n, k).astype(np.int64))
+    x = torch.rand(n, generator=generator)  # everything else: magnitudes below 1
+    x[sampled] = 2 + torch.rand(len(sampled), generator=generator)  # the sample: 2 to 3
+    unsampled = torch.ones(n, dtype=torch.bool)
+    unsampled[sampled] = False
+    between = torch.nonzero(unsampled).flatten()[::50][:k]  # not sampled, above the second threshold, below the first
+    x[between] = -(2.95 + 0.03 * torch.rand(len(between), generator=generator))
+    expected = _topk_set(x, k)
+    _no_full_topk(monkeypatch)
+    values, indices = select_topk(x, k)
+    assert set(indices.tolist()) == expected and torch.equal(values, x[indices.long()])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
