@@ -9,8 +9,9 @@ with DDP and ``raytopk.topk_hook`` at ratio 0.01, on an unshaped loopback
 
 For each, after the dense warm-up steps: the median step time (forward,
 backward with the hook, optimizer), the hook's own compute time per step
-(``state.stats["hook_s"]``: residual add, selection, packing, and decoding
-plus scatter-add when the gather lands; waiting for the network excluded),
+(``state.stats["hook_s"]``: the CPU time of the residual add, selection,
+packing, and decoding plus scatter-add when the gather lands, on the threads
+that ran them; waiting for the network or for the core excluded),
 their ratio, and the median step time of plain dense DDP measured in the same
 run for comparison.
 
@@ -75,7 +76,7 @@ class MemoryFloor:
 
 def memory_floor_hook(state: MemoryFloor, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """``acc = gradient + residual`` into a spare, then the bucket zeroed: the memory passes of every step, nothing sent."""
-    started = time.perf_counter()
+    started = time.thread_time()
     buffer = bucket.buffer()
     key = (bucket.index(), buffer.numel())  # DDP rebuilds its buckets after the first step
     if key not in state.buckets:
@@ -85,7 +86,7 @@ def memory_floor_hook(state: MemoryFloor, bucket: dist.GradBucket) -> torch.futu
     buffer.zero_()
     future = torch.futures.Future()
     future.set_result(buffer)
-    state.stats["hook_s"] += time.perf_counter() - started
+    state.stats["hook_s"] += time.thread_time() - started
     return future
 
 

@@ -274,17 +274,17 @@ def _gather(payload: torch.Tensor, group, world_size: int, finish: Callable,
 
     When the collective fails (a peer died mid-exchange), the future carries
     gloo's error, and ``finish`` never reads the unfilled buffers.
-    ``on_decoded`` receives the seconds ``finish`` took (the hook counts them).
+    ``on_decoded`` receives the CPU seconds ``finish`` took on this thread (the hook counts them).
     """
     gathered = [torch.empty_like(payload) for _ in range(world_size)]
     work = dist.all_gather(gathered, payload, group=group, async_op=True)
 
     def gathered_then_finish(fut: torch.futures.Future):
         fut.value()  # raises the collective's error, if any
-        started = time.perf_counter()
+        started = time.thread_time()
         result = finish(gathered)
         if on_decoded is not None:
-            on_decoded(time.perf_counter() - started)
+            on_decoded(time.thread_time() - started)
         return result
 
     return work.get_future().then(gathered_then_finish)
@@ -420,7 +420,7 @@ class Exchanger:
     def __init__(self, exchange: str, group, link: Link, capacity_factor: float, local_world_size: Optional[int] = None,
                  on_decoded: Optional[Callable[[float], None]] = None):
         self.exchange, self.group, self.link, self.capacity_factor = exchange, group, link, capacity_factor
-        self.on_decoded = on_decoded  # receives the seconds each gather's decoding took
+        self.on_decoded = on_decoded  # receives the CPU seconds each gather's decoding took
         self.world_size = dist.get_world_size(group)
         self.layout = Layout(self.world_size, 1)
         if exchange in ("auto", "hierarchical") and self.world_size > 1:

@@ -544,9 +544,14 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     ``state.stats["bytes_sent"]`` counts what this worker's collectives put on
     the wire by each algorithm's standard cost (a ring all-gather sends
     ``W - 1`` payloads); ``dense_bytes`` what DDP's ring allreduce would have
-    sent, ``2 (W - 1) / W`` of the bucket.
+    sent, ``2 (W - 1) / W`` of the bucket. ``hook_s`` is the CPU time the hook's
+    work took (``time.thread_time`` on each thread that ran it: the hook call,
+    and the decoding and commit when a gather lands). Waiting, for the network
+    or for a core another thread holds, is not the hook's cost and is left out:
+    wall time would count the decoding twice on a one-core worker, once as
+    itself and once as the backward pass it delayed.
     """
-    started = time.perf_counter()
+    started = time.thread_time()
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     world_size = dist.get_world_size(group)
     buffer = bucket.buffer()
@@ -556,7 +561,7 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
 
     if state.iter < state.start_iter:
         future = _dense_allreduce(buffer, group, world_size)
-        state._count(bucket, world_size, dense_allreduce_bytes(dense_bytes, world_size), time.perf_counter() - started)
+        state._count(bucket, world_size, dense_allreduce_bytes(dense_bytes, world_size), time.thread_time() - started)
         return future
 
     memory = state._memory(bucket)
@@ -581,7 +586,7 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
             return mean
 
         future = _dense_allreduce(buffer, group, world_size).then(clear_memory)
-        state._count(bucket, world_size, dense_allreduce_bytes(dense_bytes, world_size), time.perf_counter() - started)
+        state._count(bucket, world_size, dense_allreduce_bytes(dense_bytes, world_size), time.thread_time() - started)
         return future
 
     if state._exchanger is None:
@@ -591,14 +596,14 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     future, sent = _exchange(state, memory, acc, ks, value_dtype, buffer, 1.0 / world_size)
 
     def keep_residual(fut: torch.futures.Future) -> torch.Tensor:
-        commit_started = time.perf_counter()
+        commit_started = time.thread_time()
         out, cleared, touched = fut.value()
         if torch.isfinite(out.index_select(0, touched)).all():  # out is zero elsewhere
             memory.commit(cleared)
-        state._add_hook_time(time.perf_counter() - commit_started)
+        state._add_hook_time(time.thread_time() - commit_started)
         return out
 
-    state._count(bucket, world_size, sent, time.perf_counter() - started)
+    state._count(bucket, world_size, sent, time.thread_time() - started)
     return future.then(keep_residual)
 
 
