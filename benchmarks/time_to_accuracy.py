@@ -24,8 +24,10 @@ interrupted benchmark continues where it stopped; the results are written whole 
 Reproduce (from the repository root, as root)::
 
     python benchmarks/time_to_accuracy.py            # SimpleCNN on mnist5k: every link and method
-    python benchmarks/time_to_accuracy.py --model resnet20 --epochs 2 --max-train-batches 20 \\
-        --methods dense topk\\ 0.01 --output benchmarks/results/time_to_accuracy_resnet20.json
+    python benchmarks/time_to_accuracy.py --model resnet20 --epochs 4 --target 0.9 \\
+        --methods dense fp16 topk\\ 0.01 --output benchmarks/results/time_to_accuracy_resnet20.json
+    python benchmarks/time_to_accuracy.py --links unlimited 100mbit --methods dense topk\\ 0.01 \\
+        --repeats 3 --output benchmarks/results/throughput_simple_cnn.json
 
 Results: ``benchmarks/results/time_to_accuracy.json`` and ``.png`` (accuracy against training
 time, one panel per link).
