@@ -110,23 +110,21 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int):
     expected = size * k / n
     first = min(size, int(1.05 * expected + 4.0 * math.sqrt(expected)) + 1)
     ranks = (first, min(size, 4 * first))
-    # Both thresholds from one partition (numpy's introselect is also far quicker so
-    # on a sample of many equal values, such as zeros, than with the first alone).
+    # Both thresholds from one partition (on a sample of many equal values, such as
+    # zeros, numpy's partition at both positions is also far quicker than at the first alone).
     ordered = np.partition(sample, [size - rank for rank in reversed(ranks)])
     for rank in ranks:
         threshold = ordered[size - rank]
         passed = _entries_above(bits, magnitude, threshold)
         if passed.size >= k or threshold == 0:
             break
-    if passed.size < k:
-        if threshold != 0:
-            return None
-        passed = np.concatenate([passed, _first_zeros(bits, magnitude, k - passed.size)])
-        keep = slice(None)
-    else:
+    if passed.size >= k:
         # Keep the k largest by partitioning around the (size - k)-th smallest magnitude.
-        keep = np.argpartition(bits[passed] & magnitude, passed.size - k)[passed.size - k :]
-    chosen = passed[keep]
+        chosen = passed[np.argpartition(bits[passed] & magnitude, passed.size - k)[passed.size - k :]]
+    elif threshold == 0:
+        chosen = np.concatenate([passed, _first_zeros(bits, magnitude, k - passed.size)])
+    else:
+        return None
     return torch.from_numpy(bits[chosen]).view(x.dtype), torch.from_numpy(chosen).to(index_dtype(n))
 
 
