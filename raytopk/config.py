@@ -56,6 +56,7 @@ class TrainConfig:
     link_gbps: float = 1.0  # auto's cost model: bandwidth between nodes ...
     link_latency_us: float = 50.0  # ... and latency per message
     ranks_per_node: int = 0  # the exchange's node layout; 0: as Ray Train places the workers
+    bucket_cap_mb: Optional[float] = None  # DDP's buckets; unset: 25 MB each with the hook (raytopk.ray.prepare_model), else DDP's defaults
     # Precision and batching.
     amp: str = "none"  # torch.autocast: bf16 (CPU or GPU) or fp16 (GPU, with a GradScaler)
     accumulate: int = 1  # micro-batches per optimizer step (DDP no_sync between)
@@ -188,6 +189,7 @@ _RANGES = {
     "link_gbps": (0, True, None),
     "link_latency_us": (0, False, None),
     "ranks_per_node": (0, False, None),
+    "bucket_cap_mb": (0, True, None),
     "workers": (1, False, None),
     "min_workers": (0, False, None),
     "resize_interval_s": (0, True, None),
@@ -282,8 +284,8 @@ def read_yaml_mapping(path: str) -> dict:
 
 # Keys that say where and how long a run goes, not what it trains: a rerun may change them and still resume.
 # How entries cross the network is among them: a residual is what was not used, whichever exchange ran
-# (and auto's choice changes with the worker count anyway).
-_NOT_IDENTITY = {"exchange", "capacity_factor", "link_gbps", "link_latency_us", "ranks_per_node", "data_dir", "download", "epochs",
+# (and auto's choice changes with the worker count anyway); so are DDP's buckets, whose residuals are kept per parameter.
+_NOT_IDENTITY = {"exchange", "capacity_factor", "link_gbps", "link_latency_us", "ranks_per_node", "bucket_cap_mb", "data_dir", "download", "epochs",
                  "workers", "min_workers", "resize_interval_s", "use_gpu", "cpus_per_worker", "resources_per_worker", "backend", "address",
                  "name", "checkpoint_dir", "save_every", "keep_checkpoints", "max_failures", "tensorboard", "output"}
 

@@ -34,7 +34,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raytopk.hook import TopKState, load_rank_state, topk_hook
 
-__all__ = ["prepare_model", "hook_state", "save_state", "load_state", "rank_file"]
+__all__ = ["prepare_model", "hook_state", "save_state", "load_state", "rank_file", "SPARSE_BUCKET_CAP_MB"]
+
+# DDP's bucket size for the hook: 25 MB, DDP's own size for every bucket but the first
+# (see prepare_model for why the first is no smaller).
+SPARSE_BUCKET_CAP_MB = 25
 
 _STATES = weakref.WeakKeyDictionary()  # DDP model -> its TopKState, for save_state / load_state / hook_state
 
@@ -45,14 +49,26 @@ def rank_file(rank: int) -> str:
 
 
 def prepare_model(model: torch.nn.Module, ratio: Optional[float] = 0.01, *, state: Optional[TopKState] = None,
-                  **options) -> DDP:
+                  parallel_strategy_kwargs: Optional[dict] = None, **options) -> DDP:
     """Move ``model`` to this worker's device and wrap it in DDP with raytopk's hook, whatever the worker count.
+
+    Buckets: DDP makes its first bucket small (1 MB) so that its dense
+    allreduce starts early in the backward pass. A sparse exchange sends about
+    ``ratio`` of a bucket, so starting early gains little, while every bucket
+    costs the hook a fixed amount (a selection, a collective launch, decoding).
+    With the hook, the first bucket is therefore as large as the others
+    (``bucket_cap_mb=SPARSE_BUCKET_CAP_MB``): a model under 25 MB of
+    gradients is exchanged as one bucket. Plain DDP (``ratio=None``, no
+    ``state``) keeps DDP's defaults.
 
     Args:
         model: the module to train, as given to ``ray.train.torch.prepare_model``.
         ratio: fraction of each DDP bucket's entries sent; ``None`` for plain DDP
             (a dense baseline that saves and loads the same checkpoints).
         state: a :class:`~raytopk.TopKState` built by hand, instead of ``ratio`` and ``options``.
+        parallel_strategy_kwargs: keyword arguments for DDP, as in Ray's
+            ``prepare_model`` (``bucket_cap_mb``, ``find_unused_parameters``, ...); they
+            take precedence over the bucket size above.
         **options: any other ``TopKState`` option (``start_iter``, ``value_dtype``, ``exchange``, ...).
     """
     import ray.train.torch
@@ -64,7 +80,8 @@ def prepare_model(model: torch.nn.Module, ratio: Optional[float] = 0.01, *, stat
     elif options:
         raise ValueError(f"prepare_model: options {sorted(options)} need ratio= and no state=")
     # Gradients as views into DDP's buckets: no copy into the buckets and back each step.
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    ddp_kwargs = {"gradient_as_bucket_view": True, **({"bucket_cap_mb": SPARSE_BUCKET_CAP_MB} if state is not None else {})}
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{**ddp_kwargs, **(parallel_strategy_kwargs or {})})
     if state is not None:
         ddp.register_comm_hook(state, topk_hook)
         _STATES[ddp] = state

@@ -70,7 +70,8 @@ def train_loop_per_worker(config: dict) -> None:
     state = _hook_state(cfg, model, optimizer, micro_batches // cfg.accumulate) if cfg.compress else None
     _check_storage_seen(cfg, storage_token, rank)
     # A DDP model even for one worker, with the hook when compressing (what users' own Ray loops call too).
-    ddp = prepare_model(model, ratio=None, state=state)
+    ddp = prepare_model(model, ratio=None, state=state,
+                        parallel_strategy_kwargs={"bucket_cap_mb": cfg.bucket_cap_mb} if cfg.bucket_cap_mb else None)
     if cfg.method == "fp16":  # the comparison PyTorch ships: every bucket allreduced as fp16
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 

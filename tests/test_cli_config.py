@@ -58,6 +58,8 @@ ROOT = Path(__file__).resolve().parent.parent
         ({"capacity_factor": 0.9}, "capacity_factor: got 0.9; allowed: a number in [1, inf)"),
         ({"link_gbps": 0}, "link_gbps: got 0; allowed: a number in (0, inf)"),
         ({"link_latency_us": -1}, "link_latency_us: got -1; allowed: a number in [0, inf)"),
+        ({"bucket_cap_mb": 0}, "bucket_cap_mb: got 0; allowed: a number in (0, inf)"),
+        ({"bucket_cap_mb": "big"}, "bucket_cap_mb: got 'big'; allowed: a number or null"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(overrides, message):

@@ -21,7 +21,7 @@ from cluster import kill_tree
 from raytopk.config import ConfigError, TrainConfig, load_config
 from raytopk.data import DatasetError
 from raytopk.models import build_model
-from raytopk.ray import prepare_model, rank_file
+from raytopk.ray import hook_state, prepare_model, rank_file
 from raytopk.train import MODEL_FILE, SNAPSHOT_FILE, _hook_state, _optimizer, _restore, run
 
 
@@ -244,7 +244,40 @@ def test_a_missing_dataset_is_refused_before_any_worker_starts(local_ray, tmp_pa
         run(_cfg(tmp_path, "no-data", dataset="mnist", data_dir=str(tmp_path / "nothing-here")))
 
 
-@pytest.mark.faults
+def _buckets_per_step(config):
+    """A Ray Train loop: one backward through each of ``prepare_model``'s DDP models; how many buckets each exchanged."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def buckets(ddp, state=None):
+        for _ in range(2):  # DDP lays its buckets out again after the first step, as the gradients arrived
+            seen.clear()
+            ddp(torch.randn(4, 1, 28, 28)).sum().backward()
+        return len(state._buckets) if state is not None else len(seen)
+
+    seen = set()
+    counts = {}
+    for setting, kwargs in (("topk", {}), ("topk, bucket_cap_mb 1", {"parallel_strategy_kwargs": {"bucket_cap_mb": 1}})):
+        ddp = prepare_model(build_model("simple_cnn"), ratio=0.01, start_iter=0, **kwargs)
+        counts[setting] = buckets(ddp, hook_state(ddp))
+    dense = prepare_model(build_model("simple_cnn"), ratio=None)
+    dense.register_comm_hook(None, lambda group, bucket: seen.add(bucket.index()) or allreduce_hook(group, bucket))
+    counts["dense"] = buckets(dense)
+    return counts
+
+
+def test_prepare_model_exchanges_a_small_model_as_one_bucket_with_the_hook_and_takes_ddp_options(local_ray, tmp_path):
+    """SimpleCNN's 1.7 MB of gradients: DDP's default (a 1 MB first bucket) makes two buckets, each costing the hook a
+    selection and a collective; with the hook, prepare_model makes one, unless parallel_strategy_kwargs say otherwise."""
+    from ray import cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    result = TorchTrainer(_buckets_per_step, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+                          run_config=RunConfig(storage_path=str(tmp_path), name="buckets")).fit()
+    assert result.return_value == {"topk": 1, "topk, bucket_cap_mb 1": 2, "dense": 2}
+
+
 def _restore_and_keep_the_hook_state(config):
     """A Ray Train loop that builds a worker as raytopk train does, restores a checkpoint through the loop's own
     ``_restore`` and writes the hook state it got to ``out/rank{r}.pt``."""
