@@ -100,8 +100,7 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int):
     run through numpy on a zero-copy view, whose compare and ``flatnonzero``
     are vectorized where PyTorch's CPU ``nonzero`` is not. The filter reads
     ``x`` once, in chunks that stay in cache between its kernels; the few
-    smallest survivors beyond ``k`` are dropped with a ``torch.topk`` over the
-    survivors alone.
+    smallest survivors beyond ``k`` are dropped with ``argpartition``.
     """
     n = x.numel()
     bits = x.detach().view(_BITS_DTYPE[x.dtype]).numpy()
@@ -120,9 +119,8 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int):
         if passed.size >= k or threshold == 0:
             break
     if passed.size >= k:
-        # The k largest survivors (torch.topk over these few is quicker than numpy's argpartition).
-        _, largest = torch.topk(torch.from_numpy(bits[passed] & magnitude), k, sorted=False)
-        chosen = passed[largest.numpy()]
+        # Keep the k largest by partitioning around the (size - k)-th smallest magnitude.
+        chosen = passed[np.argpartition(bits[passed] & magnitude, passed.size - k)[passed.size - k :]]
     elif threshold == 0:
         chosen = np.concatenate([passed, _first_zeros(bits, magnitude, k - passed.size)])
     else:
