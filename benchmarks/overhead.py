@@ -19,11 +19,16 @@ that ran them; waiting for the network or for the core excluded),
 their ratio, and the median step time of plain dense DDP measured in the same
 run for comparison.
 
-The floor, measured the same way: a hook that does only what any error-feedback
-sparsifier must do to a bucket on a CPU, whatever its selection (read the
-gradient and the residual, write their sum, zero the bucket for the sparse
-update), and sends nothing. Its time shows how much of the hook's is memory
-traffic that no selection algorithm removes.
+Two floors, measured the same way, show what no selection algorithm removes:
+
+- the memory floor: a hook that does only what any error-feedback sparsifier
+  must do to a bucket on a CPU, whatever its selection (read the gradient and
+  the residual, write their sum, zero the bucket for the sparse update), and
+  sends nothing;
+- the exchange floor: the memory floor plus raytopk's all-gather of ``k``
+  entries and their scatter-add (``raytopk.exchange.allgather``), with a
+  selection that costs nothing (the bucket's first ``k`` entries). The hook's
+  time above it is the selection, the finite check and the hook's bookkeeping.
 
 Reproduce (from the repository root)::
 
@@ -33,10 +38,12 @@ Results go to ``benchmarks/results/overhead.json``.
 """
 
 import argparse
+import math
 import os
 import socket
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -47,6 +54,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import raytopk
 from raytopk.data import load_dataset
+from raytopk.exchange import allgather
 from raytopk.models import build_model
 from raytopk.ray import SPARSE_BUCKET_CAP_MB
 from raytopk.storage import write_json
@@ -72,26 +80,38 @@ def batches(model_name: str, rank: int, count: int) -> list:
     return list(zip(images, labels))
 
 
-class MemoryFloor:
-    """State of :func:`memory_floor_hook`: a residual and a spare per bucket, and the time spent."""
+class Floor:
+    """State of :func:`floor_hook`: a residual and a spare per bucket, whether to send, and the time spent."""
 
-    def __init__(self):
-        self.buckets, self.stats = {}, {"hook_s": 0.0}
+    def __init__(self, send: bool):
+        self.send, self.buckets, self.stats = send, {}, {"hook_s": 0.0}
+        self._lock = threading.Lock()  # the decoding adds its time from gloo's thread
+
+    def add_time(self, seconds: float) -> None:
+        with self._lock:
+            self.stats["hook_s"] += seconds
 
 
-def memory_floor_hook(state: MemoryFloor, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """``acc = gradient + residual`` into a spare, then the bucket zeroed: the memory passes of every step, nothing sent."""
+def floor_hook(state: Floor, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """``acc = gradient + residual`` into a spare, then the bucket zeroed (the memory floor) or, with
+    ``state.send``, filled with every rank's first ``k`` entries of ``acc`` by the hook's all-gather (the exchange floor)."""
     started = time.thread_time()
     buffer = bucket.buffer()
     key = (bucket.index(), buffer.numel())  # DDP rebuilds its buckets after the first step
     if key not in state.buckets:
-        state.buckets[key] = (torch.zeros_like(buffer), torch.empty_like(buffer))
-    residual, spare = state.buckets[key]
+        k = max(1, math.ceil(RATIO * buffer.numel()))
+        state.buckets[key] = (torch.zeros_like(buffer), torch.empty_like(buffer), torch.arange(k, dtype=torch.int32))
+    residual, spare, first_k = state.buckets[key]
     torch.add(buffer, residual, out=spare)
-    buffer.zero_()
-    future = torch.futures.Future()
-    future.set_result(buffer)
-    state.stats["hook_s"] += time.thread_time() - started
+    if state.send:
+        future, _ = allgather(spare, spare[: len(first_k)], first_k, torch.float32, dist.group.WORLD, buffer,
+                              scale=1.0 / WORLD_SIZE, on_decoded=state.add_time)
+        future = future.then(lambda fut: fut.value()[0])
+    else:
+        buffer.zero_()
+        future = torch.futures.Future()
+        future.set_result(buffer)
+    state.add_time(time.thread_time() - started)
     return future
 
 
@@ -107,9 +127,9 @@ def worker(rank: int, port: int, model_name: str, mode: str, steps: int, results
     if mode == "topk":
         state = raytopk.TopKState(ratio=RATIO, start_iter=WARMUP_STEPS, module=model)
         ddp.register_comm_hook(state, raytopk.topk_hook)
-    elif mode == "floor":
-        state = MemoryFloor()
-        ddp.register_comm_hook(state, memory_floor_hook)
+    elif mode in ("floor", "exchange_floor"):
+        state = Floor(send=mode == "exchange_floor")
+        ddp.register_comm_hook(state, floor_hook)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     step_s, hook_s = [], []
     for i, (x, y) in enumerate(batches(model_name, rank, WARMUP_STEPS + steps)):
@@ -123,6 +143,7 @@ def worker(rank: int, port: int, model_name: str, mode: str, steps: int, results
             hook_s.append((state.stats["hook_s"] - hook_before) if state else 0.0)
     results.put({"rank": rank, "step_s": statistics.median(step_s), "hook_s": statistics.median(hook_s),
                  "parameters": sum(p.numel() for p in model.parameters())})
+    dist.barrier()  # no rank tears gloo down while a peer still finishes the last collective
     dist.destroy_process_group()
 
 
@@ -134,7 +155,7 @@ def free_port() -> int:
 
 
 def measure(model_name: str, mode: str, steps: int) -> dict:
-    """Median step and hook time (the slowest rank's) of ``mode``: "dense" DDP, "topk", or the memory "floor"."""
+    """Median step and hook time (the slowest rank's) of ``mode``: "dense" DDP, "topk", the memory "floor" or the "exchange_floor"."""
     port = free_port()
     results = mp.get_context("spawn").SimpleQueue()
     mp.spawn(worker, args=(port, model_name, mode, steps, results), nprocs=WORLD_SIZE, join=True)
@@ -149,18 +170,22 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = []
-    print("| model | parameters | dense DDP step ms | raytopk step ms | hook compute ms | hook / step | floor ms | floor / step |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | parameters | dense DDP step ms | raytopk step ms | hook compute ms | hook / step | "
+          "memory floor ms | / step | exchange floor ms | / step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model_name in MODELS:
-        dense, topk, floor = (measure(model_name, mode, args.steps) for mode in ("dense", "topk", "floor"))
+        dense, topk, floor, exchange_floor = (measure(model_name, mode, args.steps)
+                                              for mode in ("dense", "topk", "floor", "exchange_floor"))
         row = {"model": model_name, "input": MODELS[model_name][2], "parameters": topk["parameters"],
                "dense_step_s": dense["step_s"], "topk_step_s": topk["step_s"], "hook_s": topk["hook_s"],
                "hook_fraction": topk["hook_s"] / topk["step_s"], "floor_s": floor["hook_s"],
-               "floor_fraction": floor["hook_s"] / topk["step_s"]}
+               "floor_fraction": floor["hook_s"] / topk["step_s"], "exchange_floor_s": exchange_floor["hook_s"],
+               "exchange_floor_fraction": exchange_floor["hook_s"] / topk["step_s"]}
         rows.append(row)
         print(f"| {model_name} | {row['parameters']:,} | {1e3 * row['dense_step_s']:.1f} | {1e3 * row['topk_step_s']:.1f} | "
               f"{1e3 * row['hook_s']:.2f} | {100 * row['hook_fraction']:.1f}% | {1e3 * row['floor_s']:.2f} | "
-              f"{100 * row['floor_fraction']:.1f}% |", flush=True)
+              f"{100 * row['floor_fraction']:.1f}% | {1e3 * row['exchange_floor_s']:.2f} | "
+              f"{100 * row['exchange_floor_fraction']:.1f}% |", flush=True)
     write_json(args.output, {
         "command": " ".join([COMMAND] + sys.argv[1:]),
         "torch": torch.__version__,
