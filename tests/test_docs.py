@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-RESULT = re.compile(r"benchmarks/results/[\w./-]+\.(?:json|txt)(?:\.partial)?")  # .partial: a benchmark's finished runs so far
+RESULT = re.compile(r"benchmarks/results/[\w./-]+\.(?:json|txt)")
 NUMBER = re.compile(r"(?<![\w.-])[-+]?\d[\d,]*(?:\.\d+)?(?![\d.,]|[a-wyzA-Z_])")  # 3, -0.22, 1,045.7, 18.5x
 TEST = re.compile(r"`(test_\w+\.py)(?:::(\w+))?`|`::(\w+)`")
 
@@ -53,7 +53,7 @@ def _shown(sources) -> set:
     for source in sources:
         path = ROOT / source
         text = path.read_text()
-        values = set(_leaves(json.loads(text))) if path.name.endswith((".json", ".json.partial")) else {float(t.replace(",", "")) for t in NUMBER.findall(text)}
+        values = set(_leaves(json.loads(text))) if path.suffix == ".json" else {float(t.replace(",", "")) for t in NUMBER.findall(text)}
         for value in values:
             for scaled in (value, 100 * value, value / 1e6, 1000 * value):
                 shown.update(f"{scaled:.{decimals}f}" for decimals in range(5))
