@@ -7,6 +7,7 @@ The core (:mod:`raytopk.compression`, :mod:`raytopk.hook`) needs only PyTorch::
 """
 
 from raytopk.hook import TopKState, topk_hook
+from raytopk.optim import MomentumCorrectedSGD
 
-__all__ = ["TopKState", "topk_hook"]
+__all__ = ["MomentumCorrectedSGD", "TopKState", "topk_hook"]
 __version__ = "0.1.0"

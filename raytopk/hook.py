@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from raytopk.compression import VALUE_DTYPES, index_dtype, payload_bytes, select_topk
 from raytopk.exchange import EXCHANGES, Exchanger, Link, allgather, completed, dense_allreduce_bytes
+from raytopk.optim import MomentumCorrectedSGD
 
 __all__ = ["TopKState", "topk_hook", "redistribute", "gather_state_dicts", "load_rank_state"]
 
@@ -58,9 +59,11 @@ class TopKState:
        velocity ``u = momentum * u + g`` and accumulates and sparsifies ``u``
        instead of ``g``; entries it sends have their velocity cleared
        (momentum factor masking), so stale momentum does not push them again.
-       The optimizer must then be plain SGD without momentum
-       (``torch.optim.SGD(params, lr, momentum=0)``): the momentum is already in
-       what arrives. :meth:`check_optimizer` raises on any other optimizer.
+       The momentum is then already in what arrives: the optimizer is
+       :class:`~raytopk.optim.MomentumCorrectedSGD` (``momentum`` the same; it
+       gives weight decay that momentum too, as dense momentum SGD does), or
+       ``torch.optim.SGD(params, lr, momentum=0)`` without weight decay.
+       :meth:`check_optimizer` raises on any other optimizer.
     6. Local gradient clipping: ``clip_norm``. Each worker clips each bucket of
        its gradient to norm ``clip_norm / sqrt(W)`` before accumulating it, so
        the sum over ``W`` workers stays within ``clip_norm`` as a global clip
@@ -222,14 +225,26 @@ class TopKState:
         return max(1, min(numel, math.ceil(self.current_ratio() * numel)))
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Raise ``ValueError`` if ``optimizer`` would apply momentum that momentum correction already applied."""
+        """Raise ``ValueError`` if ``optimizer`` would apply momentum correction's momentum wrongly.
+
+        The momentum is already in the gradients that arrive, so the optimizer
+        must not apply it again, and weight decay must get it on its own:
+        :class:`~raytopk.optim.MomentumCorrectedSGD` with the same momentum, or
+        ``torch.optim.SGD`` with neither momentum nor weight decay.
+        """
         if not self.momentum:
             return
-        if type(optimizer) is not torch.optim.SGD or any(g.get("momentum", 0) for g in optimizer.param_groups):
-            raise ValueError(
-                f"momentum correction (momentum={self.momentum}) needs torch.optim.SGD with momentum=0, got "
-                f"{type(optimizer).__name__} with momentum {[g.get('momentum') for g in optimizer.param_groups][0]!r}"
-            )
+        groups = optimizer.param_groups
+        if isinstance(optimizer, MomentumCorrectedSGD) and all(g["momentum"] == self.momentum for g in groups):
+            return
+        if type(optimizer) is torch.optim.SGD and not any(g["momentum"] or g["weight_decay"] for g in groups):
+            return
+        got = ", ".join(f"{key} {groups[0].get(key)!r}" for key in ("momentum", "weight_decay"))
+        raise ValueError(
+            f"momentum correction (momentum={self.momentum}) needs raytopk.MomentumCorrectedSGD with "
+            f"momentum={self.momentum} (weight decay allowed), or torch.optim.SGD with momentum=0 and weight_decay=0; "
+            f"got {type(optimizer).__name__} with {got}"
+        )
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs: settings, step count, stats, residuals (and velocities) by parameter name."""

@@ -27,6 +27,7 @@ from raytopk.data import DATASETS, load_dataset
 from raytopk.exchange import Link, dense_allreduce_bytes
 from raytopk.hook import TopKState
 from raytopk.models import build_model
+from raytopk.optim import MomentumCorrectedSGD
 from raytopk.preflight import check_paths
 from raytopk.ray import load_state, prepare_model, rank_file, save_state
 from raytopk.storage import exists, is_uri, join, provenance, read_bytes, read_text, write_json
@@ -188,9 +189,9 @@ def _check_storage_seen(cfg: TrainConfig, token, rank: int) -> None:
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    # With momentum correction the hook applies the momentum; SGD must not apply it again.
-    momentum = 0.0 if cfg.momentum_correction else cfg.momentum
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=cfg.weight_decay)
+    if cfg.momentum_correction:  # the hook applies the momentum to the gradient; the optimizer, to the weight decay
+        return MomentumCorrectedSGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def _hook_state(cfg: TrainConfig, model, optimizer, steps_per_epoch: int) -> TopKState:
