@@ -45,15 +45,18 @@ Reproduce (from the repository root; about an hour on 2 CPU cores)::
     python benchmarks/accuracy.py
 
 Results: ``benchmarks/results/accuracy.json`` and ``benchmarks/results/accuracy.png``.
-Each finished row is kept in ``accuracy.json.partial`` until all are done, so an
-interrupted run continues where it stopped; the results are written whole at the end.
+Each finished row is kept in ``accuracy.json.partial`` until all are done, and each
+run checkpoints every epoch under ``--storage`` (deleted once its row is kept), so
+the same command after an interruption continues where it stopped, mid-run
+included (raytopk's own resume; such a row's ``wall_s`` counts its last part only);
+the results are written whole at the end.
 """
 
 import argparse
 import json
 import os
+import shutil
 import statistics
-import tempfile
 
 import ray
 
@@ -223,23 +226,26 @@ def main() -> None:
     parser.add_argument("--data-dir", default="~/.cache/raytopk/data")
     parser.add_argument("--download", action="store_true", help="let torchvision download Fashion-MNIST")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "accuracy.json"))
+    parser.add_argument("--storage", default="~/.cache/raytopk/benchmark-runs",
+                        help="where each run checkpoints, so a run cut off mid-way continues from its last epoch")
     args = parser.parse_args()
 
     partial = args.output + ".partial"
     rows = json.loads(read_text(partial)) if os.path.exists(partial) else []
     done = {(r["suite"], r["optimizer"], r["method"], r["seed"]) for r in rows}
     ray.init(num_cpus=2, log_to_driver=False)
-    with tempfile.TemporaryDirectory() as storage:
-        for suite, optimizer, method, seed, keys in jobs(args.suites):
-            if (suite, optimizer, method, seed) in done:
-                continue
-            name = f"{suite}-{optimizer}-{method.replace(' ', '_').replace('+', 'plus')}-seed{seed}"
-            row = {"suite": suite, "optimizer": optimizer, "method": method, "seed": seed, "job": keys,
-                   **train_row(keys, seed, args.data_dir, args.download, storage, name)}
-            rows.append(row)
-            write_json(partial, rows)
-            print(f"{suite} {optimizer} {method} seed {seed}: {100 * row['test_accuracy']:.2f}%  "
-                  f"{row['wire_mb_per_worker']:.1f} MB/worker  {row['wall_s']:.0f} s", flush=True)
+    storage = os.path.expanduser(args.storage)
+    for suite, optimizer, method, seed, keys in jobs(args.suites):
+        if (suite, optimizer, method, seed) in done:
+            continue
+        name = f"{suite}-{optimizer}-{method.replace(' ', '_').replace('+', 'plus')}-seed{seed}"
+        row = {"suite": suite, "optimizer": optimizer, "method": method, "seed": seed, "job": keys,
+               **train_row(keys, seed, args.data_dir, args.download, storage, name)}
+        rows.append(row)
+        write_json(partial, rows)
+        shutil.rmtree(os.path.join(storage, name))  # the row is kept; its checkpoints are not needed again
+        print(f"{suite} {optimizer} {method} seed {seed}: {100 * row['test_accuracy']:.2f}%  "
+              f"{row['wire_mb_per_worker']:.1f} MB/worker  {row['wall_s']:.0f} s", flush=True)
     ray.shutdown()
 
     table = aggregate(rows)
