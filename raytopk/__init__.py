@@ -4,10 +4,24 @@ The core (:mod:`raytopk.compression`, :mod:`raytopk.hook`) needs only PyTorch::
 
     state = raytopk.TopKState(ratio=0.01, module=model)
     ddp_model.register_comm_hook(state, raytopk.topk_hook)
+
+The names below are imported on first use (PEP 562), so the command line can
+check a job and refuse a bad one without importing PyTorch.
 """
 
-from raytopk.hook import TopKState, topk_hook
-from raytopk.optim import MomentumCorrectedSGD
+import importlib
 
 __all__ = ["MomentumCorrectedSGD", "TopKState", "topk_hook"]
 __version__ = "0.1.0"
+
+_HOME = {"TopKState": "raytopk.hook", "topk_hook": "raytopk.hook", "MomentumCorrectedSGD": "raytopk.optim"}
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(importlib.import_module(_HOME[name]), name)
+    raise AttributeError(f"module 'raytopk' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])

