@@ -57,10 +57,15 @@ def _yaml_value(text: str):
 
 
 def _config(args) -> TrainConfig:
-    """Defaults, then the YAML, then ``--set`` pairs, then the per-key flags."""
+    """Defaults, then the YAML, then ``--set`` pairs, then the per-key flags; its paths checked (``run`` checks them
+    too, but here a bad one is refused before PyTorch and Ray load)."""
+    from raytopk.preflight import check_paths
+
     overrides = parse_sets(args.set)
     overrides.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None})
-    return load_config(args.config, **overrides)
+    cfg = load_config(args.config, **overrides)
+    check_paths(cfg)
+    return cfg
 
 
 def _train(args) -> int:

@@ -249,10 +249,6 @@ def run_sweep(sweep: SweepConfig, cfg: TrainConfig, resume: bool = False, addres
 
     ``command``, the command line that asked for the sweep, is recorded in ``trials.json``.
     """
-    import ray
-    from ray import tune
-
-
     check_directory("storage_path", sweep.storage_path)
     directory = sweep_dir(sweep)
     saved_path = join(directory, SWEEP_FILE)
@@ -263,6 +259,9 @@ def run_sweep(sweep: SweepConfig, cfg: TrainConfig, resume: bool = False, addres
             raise ConfigError(f"--resume: the sweep file or its base job changed since {directory} started; restore them or set another name")
     elif exists(saved_path):
         raise ConfigError(f"name: a sweep {sweep.name!r} already exists at {directory}; allowed: --resume to continue it, or another name (--set name=...)")
+    import ray  # after the checks above, so a bad sweep is refused before Ray loads
+    from ray import tune
+
     if not ray.is_initialized():
         ray.init(address=address or cfg.address)
 

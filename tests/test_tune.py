@@ -123,6 +123,7 @@ def test_pareto_front_keeps_only_undominated_finished_trials():
     assert [row["trial"] for row in pareto_front(ROWS)] == ["c", "b", "a"]
 
 
+@pytest.mark.integrations  # a whole sweep, then its best job trained: Ray Tune as users run it
 def test_sweep_writes_table_best_job_and_plot_and_the_best_job_trains(tmp_path):
     path = _write(tmp_path, search_space={"ratio": {"grid": [0.01, 0.001]}, "lr": {"loguniform": [0.01, 0.1]}},
                   scheduler="asha", grace_period=1, reduction_factor=2, max_concurrent_trials=2)
