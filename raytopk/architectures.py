@@ -128,4 +128,3 @@ class SmallViT(nn.Module):
         tokens = self.embed(x).flatten(2).transpose(1, 2)  # (batch, patches, width)
         tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.position
         return self.head(self.norm(self.encoder(tokens)[:, 0]))
-

@@ -82,12 +82,9 @@ def _bench(args) -> int:
     """The same job dense and with top-k, side by side."""
     import dataclasses
 
-    from raytopk.preflight import check_file
     from raytopk.storage import write_json
 
-    cfg = _config(args)
-    if cfg.output:
-        check_file("output", cfg.output)  # before either run trains
+    cfg = _config(args)  # its output path checked too, before either run trains
     from raytopk.train import run
 
     # The dense row drops the compression-only settings (DGC's); SGD keeps its momentum there.
