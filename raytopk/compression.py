@@ -23,11 +23,14 @@ the exact top-k, only the time changes.
 
 import functools
 import math
+from typing import Optional
 
 import numpy as np
 import torch
 
-__all__ = ["select_topk", "index_dtype", "pack", "unpack", "payload_bytes"]
+from raytopk import kernels
+
+__all__ = ["select_topk", "accumulate_topk", "index_dtype", "pack", "unpack", "payload_bytes"]
 
 # Below this many elements (or above this fraction selected) the plain
 # torch.topk is as fast as the sampled path (one thread, python benchmarks/compression.py
@@ -41,6 +44,7 @@ _FAST_PATH_MAX_FRACTION = 0.05
 # chunk the filter streams through (128K entries: the chunk and its two
 # scratch arrays stay in L2).
 _SAMPLE_SIZE, _MIN_SAMPLE_SIZE, _SAMPLE_RUN = 1 << 15, 1 << 10, 8
+_NO_POSITIONS = np.empty(0, dtype=np.int64)
 _CHUNK_NUMEL = 1 << 17
 
 # Each value dtype of the fast path, and the integer type its bits are compared as.
@@ -66,15 +70,48 @@ def select_topk(x: torch.Tensor, k: int):
     n = x.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}] for a tensor of {n} elements, got {k}")
-    if x.device.type == "cpu" and x.dtype in _BITS_DTYPE and n >= _FAST_PATH_MIN_NUMEL and k <= _FAST_PATH_MAX_FRACTION * n:
+    if _sampled(x, k):
         selected = _topk_above_sampled_threshold(x, k)
         if selected is not None:
             return selected
+    return _torch_topk(x, k)
+
+
+def accumulate_topk(grad: torch.Tensor, residual: torch.Tensor, acc: torch.Tensor, k: int):
+    """``acc = grad + residual``, then ``grad`` zeroed, then :func:`select_topk` of ``acc``: the hook's first half.
+
+    With raytopk's C kernels (:mod:`raytopk.kernels`) and float32 CPU tensors,
+    the add, the zeroing and the reading of the selection's sample are one
+    pass over memory instead of three; the result is the same, bit for bit.
+    """
+    n = acc.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}] for a tensor of {n} elements, got {k}")
+    if not kernels.usable(grad, residual, acc):
+        torch.add(grad, residual, out=acc)
+        grad.zero_()
+        return select_topk(acc, k)
+    sampled = _sampled(acc, k)
+    sample = kernels.accumulate(grad, residual, acc, _sample_positions(n, k) if sampled else _NO_POSITIONS)
+    if sampled:
+        selected = _topk_above_sampled_threshold(acc, k, sample.view(np.int32) & np.iinfo(np.int32).max)
+        if selected is not None:
+            return selected
+    return _torch_topk(acc, k)
+
+
+def _sampled(x: torch.Tensor, k: int) -> bool:
+    """Whether :func:`select_topk` takes the sampled-threshold path for ``x`` and ``k``."""
+    n = x.numel()
+    return x.device.type == "cpu" and x.dtype in _BITS_DTYPE and n >= _FAST_PATH_MIN_NUMEL and k <= _FAST_PATH_MAX_FRACTION * n
+
+
+def _torch_topk(x: torch.Tensor, k: int):
     _, indices = torch.topk(x.abs(), k, sorted=False)
-    return x[indices], indices.to(index_dtype(n))
+    return x[indices], indices.to(index_dtype(x.numel()))
 
 
-def _topk_above_sampled_threshold(x: torch.Tensor, k: int):
+def _topk_above_sampled_threshold(x: torch.Tensor, k: int, sample: Optional[np.ndarray] = None):
     """The exact top-k through a sampled threshold, or ``None`` when the sample misled twice.
 
     The threshold is the magnitude that a stratified sample says about ``1.05 k``
@@ -100,18 +137,26 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int):
     run through numpy on a zero-copy view, whose compare and ``flatnonzero``
     are vectorized where PyTorch's CPU ``nonzero`` is not. The filter reads
     ``x`` once, in chunks that stay in cache between its kernels; the few
-    smallest survivors beyond ``k`` are dropped with ``argpartition``.
+    smallest survivors beyond ``k`` are dropped by a partition, and among
+    entries tied at the k-th magnitude the lowest positions are kept.
+
+    For float32, raytopk's C kernel (:mod:`raytopk.kernels`) does all of this
+    in one call, with the same result; :func:`accumulate_topk` passes the
+    ``sample``, which its kernel read while writing ``x``.
     """
     n = x.numel()
     bits = x.detach().view(_BITS_DTYPE[x.dtype]).numpy()
     magnitude = np.iinfo(bits.dtype).max  # every bit but the sign
-    sample = bits[_sample_positions(n, k)] & magnitude
+    if sample is None:
+        sample = bits[_sample_positions(n, k)] & magnitude
     size = sample.size
     expected = size * k / n
     first = min(size, int(1.05 * expected + 4.0 * math.sqrt(expected)) + 1)
     ranks = (first, min(size, 4 * first))
     # Both thresholds from one partition (on a sample of many equal values, such as
     # zeros, numpy's partition at both positions is also far quicker than at the first alone).
+    if bits.dtype == np.int32 and bits.flags.c_contiguous and kernels.library() is not None:
+        return kernels.topk_sampled(x, sample, ranks, k)
     ordered = np.partition(sample, [size - rank for rank in reversed(ranks)])
     for rank in ranks:
         threshold = ordered[size - rank]
@@ -119,8 +164,12 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int):
         if passed.size >= k or threshold == 0:
             break
     if passed.size >= k:
-        # Keep the k largest by partitioning around the (size - k)-th smallest magnitude.
-        chosen = passed[np.argpartition(bits[passed] & magnitude, passed.size - k)[passed.size - k :]]
+        # Keep those above the k-th largest magnitude, then as many equal to it as fit, lowest positions first.
+        magnitudes = bits[passed] & magnitude
+        kth = np.partition(magnitudes, passed.size - k)[passed.size - k]
+        keep = magnitudes > kth
+        keep[np.flatnonzero(magnitudes == kth)[: k - np.count_nonzero(keep)]] = True
+        chosen = passed[keep]
     elif threshold == 0:
         chosen = np.concatenate([passed, _first_zeros(bits, magnitude, k - passed.size)])
     else:

@@ -48,9 +48,10 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from raytopk import kernels
 from raytopk.compression import index_dtype, pack, select_topk, unpack
 
-__all__ = ["EXCHANGES", "ALGORITHMS", "Link", "Layout", "Cost", "cost", "choose", "dense_allreduce_bytes",
+__all__ = ["EXCHANGES", "ALGORITHMS", "Link", "Layout", "Cost", "cost", "choose", "dense_allreduce_bytes", "finite_at",
            "node_layout", "Exchanger", "allgather", "sharded", "completed"]
 
 EXCHANGES = ("auto", "allgather", "sharded", "hierarchical")
@@ -291,30 +292,47 @@ def _gather(payload: torch.Tensor, group, world_size: int, finish: Callable,
 
 
 def allgather(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, value_dtype, group, out: torch.Tensor,
-              positions: Optional[Callable] = None, scale: float = 1.0, on_decoded: Optional[Callable[[float], None]] = None):
+              positions: Optional[Callable] = None, scale: float = 1.0, on_decoded: Optional[Callable[[float], None]] = None,
+              zeroed: bool = False):
     """Every rank's ``k`` entries to every rank; ``out`` is their sum, exact.
 
     ``values`` may run past ``indices``: the extra values travel bare, at the
     positions ``positions(indices)`` appends (entries sent dense). This
-    rank's residual keeps only the rounding of what it sent.
+    rank's residual keeps only the rounding of what it sent. ``zeroed``: ``out``
+    is zero already (the hook zeroed it as it accumulated), so the decoding
+    only adds. Float32 entries at their own positions decode through raytopk's
+    C kernels (:mod:`raytopk.kernels`), where they are built, in one call per peer.
     """
     world_size = dist.get_world_size(group)
     k, numel = len(indices), acc.numel()
+    fused = positions is None and value_dtype == torch.float32 and kernels.usable(acc, out, indices)
     positions = positions or _as_positions
     payload = pack(values, indices, value_dtype)
 
     def sum_peers(gathered):
+        peers = [unpack(peer, k, numel, value_dtype) for peer in gathered]
+        if not zeroed:
+            out.zero_()
+        if fused:
+            kernels.clear_at(acc, indices)
+            for peer_values, peer_indices in peers:
+                kernels.scatter_add(out, peer_indices, peer_values, scale)
+            return out, positions(indices), torch.cat([peer_indices for _, peer_indices in peers])
         cleared = positions(indices)
         acc.index_copy_(0, cleared, values - unpack(payload, k, numel, value_dtype)[0].to(values.dtype))
-        out.zero_()
-        touched = []
-        for peer in gathered:
-            peer_values, peer_indices = unpack(peer, k, numel, value_dtype)
-            touched.append(positions(peer_indices))
-            out.index_add_(0, touched[-1], peer_values.to(out.dtype), alpha=scale)
+        touched = [positions(peer_indices) for _, peer_indices in peers]
+        for (peer_values, _), peer_positions in zip(peers, touched):
+            out.index_add_(0, peer_positions, peer_values.to(out.dtype), alpha=scale)
         return out, cleared, torch.cat(touched)
 
     return _gather(payload, group, world_size, sum_peers, on_decoded), (world_size - 1) * payload.numel()
+
+
+def finite_at(out: torch.Tensor, touched: torch.Tensor) -> bool:
+    """Whether ``out`` is finite at every position in ``touched`` (an exchange's update is zero elsewhere)."""
+    if touched.dtype == torch.int32 and kernels.usable(out, touched):
+        return kernels.finite_at(out, touched)
+    return bool(torch.isfinite(out.index_select(0, touched)).all())
 
 
 def _route(indices: torch.Tensor, values: torch.Tensor, owners: int, capacity: int):

@@ -19,8 +19,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from raytopk.compression import VALUE_DTYPES, index_dtype, payload_bytes, select_topk
-from raytopk.exchange import EXCHANGES, Exchanger, Link, allgather, completed, dense_allreduce_bytes
+from raytopk.compression import VALUE_DTYPES, accumulate_topk, index_dtype, payload_bytes, select_topk
+from raytopk.exchange import EXCHANGES, Exchanger, Link, allgather, completed, dense_allreduce_bytes, finite_at
 from raytopk.optim import MomentumCorrectedSGD
 
 __all__ = ["TopKState", "topk_hook", "redistribute", "gather_state_dicts", "load_rank_state"]
@@ -496,6 +496,19 @@ class _BucketMemory:
         added = buffer if self.velocity is None else torch.add(buffer, self.velocity, alpha=momentum, out=self.velocity_spare)
         return torch.add(added, self.residual, out=self.spare)
 
+    def accumulate_select(self, buffer: torch.Tensor, momentum: float, ks: List[int]):
+        """:meth:`accumulate`, :meth:`select`, and ``buffer`` zeroed (the update is added into it): ``(acc, values, indices)``.
+
+        A bucket of one group with no velocity and no dense entries is the
+        common case, and :func:`~raytopk.compression.accumulate_topk` fuses it.
+        """
+        if self.velocity is None and self.slices is None and self.groups is None and not len(self.dense):
+            values, indices = accumulate_topk(buffer, self.residual, self.spare, ks[0])
+            return self.spare, values, indices
+        acc = self.accumulate(buffer, momentum)
+        buffer.zero_()
+        return (acc, *self.select(acc, ks))
+
     def select(self, acc: torch.Tensor, ks: List[int]):
         """The top-``ks[i]`` entries of each group of ``acc``, then the dense ones: ``(values, indices)``.
 
@@ -607,13 +620,12 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     if state._exchanger is None:
         state._exchanger = Exchanger(state.exchange, group, state.link, state.capacity_factor, state.local_world_size,
                                      state._add_hook_time)
-    acc = memory.accumulate(buffer, state.momentum)
-    future, sent = _exchange(state, memory, acc, ks, value_dtype, buffer, 1.0 / world_size)
+    future, sent = _exchange(state, memory, buffer, ks, value_dtype, 1.0 / world_size)
 
     def keep_residual(fut: torch.futures.Future) -> torch.Tensor:
         commit_started = time.thread_time()
         out, cleared, touched = fut.value()
-        if torch.isfinite(out.index_select(0, touched)).all():  # out is zero elsewhere
+        if finite_at(out, touched):  # out is zero elsewhere
             memory.commit(cleared)
         state._add_hook_time(time.thread_time() - commit_started)
         return out
@@ -622,9 +634,8 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     return future.then(keep_residual)
 
 
-def _exchange(state: TopKState, memory: "_BucketMemory", acc: torch.Tensor, ks: List[int], value_dtype, out: torch.Tensor,
-              scale: float):
-    """Run the exchange for one bucket: the future of ``(out, cleared, touched)`` (``out``: the sum times ``scale``), bytes sent.
+def _exchange(state: TopKState, memory: "_BucketMemory", buffer: torch.Tensor, ks: List[int], value_dtype, scale: float):
+    """Accumulate and exchange one bucket: the future of ``(buffer, cleared, touched)`` (``buffer``: the sum times ``scale``), bytes sent.
 
     All-gather takes every selection mode (per-layer, dense parameters, the
     saved groups of a resumed step) in one collective. Sharded and
@@ -635,11 +646,14 @@ def _exchange(state: TopKState, memory: "_BucketMemory", acc: torch.Tensor, ks: 
     exchanger = state._exchanger
     value_bytes = value_dtype.itemsize
     groups = memory.groups if memory.groups is not None else [None]
-    picked = [exchanger.pick(acc.numel() if g is None else len(g), k, value_bytes) for g, k in zip(groups, ks)]
+    picked = [exchanger.pick(buffer.numel() if g is None else len(g), k, value_bytes) for g, k in zip(groups, ks)]
     _tally(state, picked)
     if state.per_layer or all(name == "allgather" for name in picked):
-        values, indices = memory.select(acc, ks)
-        return allgather(acc, values, indices, value_dtype, exchanger.group, out, memory.positions, scale, exchanger.on_decoded)
+        acc, values, indices = memory.accumulate_select(buffer, state.momentum, ks)
+        positions = memory.positions if len(memory.dense) else None
+        return allgather(acc, values, indices, value_dtype, exchanger.group, buffer, positions, scale, exchanger.on_decoded,
+                         zeroed=True)
+    acc, out = memory.accumulate(buffer, state.momentum), buffer
     if memory.groups is None:
         return exchanger.run(picked[0], acc, ks[0], value_dtype, out, scale)
     cleared, touched, sent = [], [], 0

@@ -1,0 +1,130 @@
+"""The hook's fused CPU loops (``kernels.c``), compiled on first use and loaded with ctypes.
+
+On a CPU, each PyTorch call costs a few microseconds however small its tensor,
+and each elementwise call is one more pass over memory. For a bucket the hook
+needs about a dozen of both: add the residual, zero the bucket, filter by a
+threshold, sample, decode every peer, check what arrived. :mod:`kernels.c`
+does the passes in one and each decoding step in one call, with the same float32
+arithmetic, so results are bit-identical to the PyTorch path.
+
+The C file is compiled once per machine with the system's C compiler
+(``$CC``, else ``cc``; a fraction of a second) into
+``$XDG_CACHE_HOME/raytopk/kernels`` (default ``~/.cache/raytopk/kernels``),
+keyed by the source and the machine, as PyTorch's JIT extensions and
+DeepSpeed's ops are. Where no compiler is found, or with
+``RAYTOPK_KERNELS=0``, :func:`library` returns ``None`` (with one warning when
+a build failed) and callers take the PyTorch path: slower, never different.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import warnings
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["library", "usable", "accumulate", "topk_sampled", "scatter_add", "clear_at", "finite_at"]
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.c")
+FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing"]
+_P = ctypes.c_void_p
+_SIGNATURES = {
+    "accumulate": (None, [_P, _P, _P, ctypes.c_int64, _P, ctypes.c_int64, _P]),
+    "topk_sampled": (ctypes.c_int64, [_P, ctypes.c_int64, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                      _P, _P, ctypes.c_int64, _P, _P]),
+    "scatter_add": (None, [_P, _P, _P, ctypes.c_int64, ctypes.c_float]),
+    "clear_at": (None, [_P, _P, ctypes.c_int64]),
+    "finite_at": (ctypes.c_int, [_P, _P, ctypes.c_int64]),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled kernels, built if this machine has none yet; ``None`` if off or unbuildable."""
+    if os.environ.get("RAYTOPK_KERNELS", "1") == "0":
+        return None
+    try:
+        lib = ctypes.CDLL(_build())
+    except (OSError, subprocess.SubprocessError) as error:
+        warnings.warn(f"raytopk: could not build its C kernels ({error}); the hook runs its slower PyTorch path. "
+                      "Install a C compiler (or set CC) to use them, or set RAYTOPK_KERNELS=0 to silence this.",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
+    return lib
+
+
+def _build() -> str:
+    """Compile ``kernels.c`` into the cache unless it is there; the shared library's path."""
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    compiler = os.environ.get("CC", "cc")
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(),
+                                     platform.machine().encode(), sys.platform.encode()])).hexdigest()[:16]
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "raytopk", "kernels")
+    path = os.path.join(cache, f"kernels-{key}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(cache, exist_ok=True)
+    # Several workers may build at once: each writes its own file and renames it into place.
+    fd, scratch = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        built = subprocess.run([compiler, *FLAGS, "-o", scratch, SOURCE], capture_output=True, text=True, timeout=120)
+        if built.returncode != 0:
+            raise OSError(f"{compiler} exited with {built.returncode}: {built.stderr.strip()[-300:]}")
+        os.replace(scratch, path)
+    finally:
+        if os.path.exists(scratch):
+            os.remove(scratch)
+    return path
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can take these tensors: built, and every one contiguous float32 or int32 on the CPU."""
+    return library() is not None and all(
+        t.device.type == "cpu" and t.dtype in (torch.float32, torch.int32) and t.is_contiguous() for t in tensors)
+
+
+def accumulate(grad: torch.Tensor, residual: torch.Tensor, acc: torch.Tensor, positions: np.ndarray) -> np.ndarray:
+    """``acc = grad + residual`` and ``grad`` zeroed, in one pass; ``acc`` at ``positions`` (int64, ascending), read on the way."""
+    sample = np.empty(positions.size, dtype=np.float32)
+    library().accumulate(grad.data_ptr(), residual.data_ptr(), acc.data_ptr(), acc.numel(), positions.ctypes.data,
+                         positions.size, sample.ctypes.data)
+    return sample
+
+
+def topk_sampled(x: torch.Tensor, sample: np.ndarray, ranks: Tuple[int, int], k: int):
+    """:func:`raytopk.compression._topk_above_sampled_threshold` for a float32 ``x``, in one call:
+    ``(values, indices)``, or ``None`` where it would fall back. ``sample`` (int32 magnitudes) is reordered."""
+    n = x.numel()
+    capacity = n // 4 + 1024
+    found, scratch = np.empty(capacity, dtype=np.int32), np.empty(capacity, dtype=np.int32)
+    indices, values = np.empty(k, dtype=np.int32), np.empty(k, dtype=np.float32)
+    chosen = library().topk_sampled(x.data_ptr(), n, sample.ctypes.data, sample.size, ranks[0], ranks[1], k,
+                                    found.ctypes.data, scratch.ctypes.data, capacity, indices.ctypes.data, values.ctypes.data)
+    return None if chosen < 0 else (torch.from_numpy(values), torch.from_numpy(indices))
+
+
+def scatter_add(out: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float) -> None:
+    """``out.index_add_(0, indices, values, alpha=scale)`` for int32 ``indices``."""
+    library().scatter_add(out.data_ptr(), indices.data_ptr(), values.data_ptr(), indices.numel(), scale)
+
+
+def clear_at(x: torch.Tensor, indices: torch.Tensor) -> None:
+    """``x[indices] -= x[indices]``: zero where finite, NaN where not (what sending them in float32 leaves)."""
+    library().clear_at(x.data_ptr(), indices.data_ptr(), indices.numel())
+
+
+def finite_at(x: torch.Tensor, indices: torch.Tensor) -> bool:
+    """``torch.isfinite(x[indices]).all()`` for int32 ``indices``, as a bool."""
+    return bool(library().finite_at(x.data_ptr(), indices.data_ptr(), indices.numel()))
