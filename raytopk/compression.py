@@ -23,8 +23,6 @@ the exact top-k, only the time changes.
 
 import functools
 import math
-from typing import Optional
-
 import numpy as np
 import torch
 
@@ -44,7 +42,6 @@ _FAST_PATH_MAX_FRACTION = 0.05
 # chunk the filter streams through (128K entries: the chunk and its two
 # scratch arrays stay in L2).
 _SAMPLE_SIZE, _MIN_SAMPLE_SIZE, _SAMPLE_RUN = 1 << 15, 1 << 10, 8
-_NO_POSITIONS = np.empty(0, dtype=np.int64)
 _CHUNK_NUMEL = 1 << 17
 
 # Each value dtype of the fast path, and the integer type its bits are compared as.
@@ -81,8 +78,9 @@ def accumulate_topk(grad: torch.Tensor, residual: torch.Tensor, acc: torch.Tenso
     """``acc = grad + residual``, then ``grad`` zeroed, then :func:`select_topk` of ``acc``: the hook's first half.
 
     With raytopk's C kernels (:mod:`raytopk.kernels`) and float32 CPU tensors,
-    the add, the zeroing and the reading of the selection's sample are one
-    pass over memory instead of three; the result is the same, bit for bit.
+    the sample is added first, which gives the threshold, and then the add,
+    the zeroing and the threshold's filter are one pass over memory instead of
+    three (``acc`` is never read back); the result is the same, bit for bit.
     """
     n = acc.numel()
     if not 1 <= k <= n:
@@ -91,13 +89,11 @@ def accumulate_topk(grad: torch.Tensor, residual: torch.Tensor, acc: torch.Tenso
         torch.add(grad, residual, out=acc)
         grad.zero_()
         return select_topk(acc, k)
-    sampled = _sampled(acc, k)
-    sample = kernels.accumulate(grad, residual, acc, _sample_positions(n, k) if sampled else _NO_POSITIONS)
-    if sampled:
-        selected = _topk_above_sampled_threshold(acc, k, sample.view(np.int32) & np.iinfo(np.int32).max)
-        if selected is not None:
-            return selected
-    return _torch_topk(acc, k)
+    if not _sampled(acc, k):
+        kernels.accumulate(grad, residual, acc)
+        return _torch_topk(acc, k)
+    selected = kernels.accumulate_topk(grad, residual, acc, _sample_positions(n, k), _sample_ranks(n, k), k)
+    return selected if selected is not None else _torch_topk(acc, k)
 
 
 def _sampled(x: torch.Tensor, k: int) -> bool:
@@ -111,7 +107,7 @@ def _torch_topk(x: torch.Tensor, k: int):
     return x[indices], indices.to(index_dtype(x.numel()))
 
 
-def _topk_above_sampled_threshold(x: torch.Tensor, k: int, sample: Optional[np.ndarray] = None):
+def _topk_above_sampled_threshold(x: torch.Tensor, k: int):
     """The exact top-k through a sampled threshold, or ``None`` when the sample misled twice.
 
     The threshold is the magnitude that a stratified sample says about ``1.05 k``
@@ -141,22 +137,17 @@ def _topk_above_sampled_threshold(x: torch.Tensor, k: int, sample: Optional[np.n
     entries tied at the k-th magnitude the lowest positions are kept.
 
     For float32, raytopk's C kernel (:mod:`raytopk.kernels`) does all of this
-    in one call, with the same result; :func:`accumulate_topk` passes the
-    ``sample``, which its kernel read while writing ``x``.
+    in one call, with the same result.
     """
     n = x.numel()
     bits = x.detach().view(_BITS_DTYPE[x.dtype]).numpy()
     magnitude = np.iinfo(bits.dtype).max  # every bit but the sign
-    if sample is None:
-        sample = bits[_sample_positions(n, k)] & magnitude
-    size = sample.size
-    expected = size * k / n
-    first = min(size, int(1.05 * expected + 4.0 * math.sqrt(expected)) + 1)
-    ranks = (first, min(size, 4 * first))
+    sample = bits[_sample_positions(n, k)] & magnitude
+    size, ranks = sample.size, _sample_ranks(n, k)
+    if kernels.usable(x):
+        return kernels.topk_sampled(x, sample, ranks, k)
     # Both thresholds from one partition (on a sample of many equal values, such as
     # zeros, numpy's partition at both positions is also far quicker than at the first alone).
-    if bits.dtype == np.int32 and bits.flags.c_contiguous and kernels.library() is not None:
-        return kernels.topk_sampled(x, sample, ranks, k)
     ordered = np.partition(sample, [size - rank for rank in reversed(ranks)])
     for rank in ranks:
         threshold = ordered[size - rank]
@@ -203,6 +194,15 @@ def _entries_above(bits: np.ndarray, magnitude, threshold) -> np.ndarray:
         found += start
         hits.append(found)
     return np.concatenate(hits)
+
+
+def _sample_ranks(n: int, k: int):
+    """The two thresholds' ranks in the sample (counted from its largest): about ``1.05 k`` of ``n``
+    scaled to the sample, plus four standard deviations, then four times that."""
+    size = _sample_size(n)
+    expected = size * k / n
+    first = min(size, int(1.05 * expected + 4.0 * math.sqrt(expected)) + 1)
+    return first, min(size, 4 * first)
 
 
 def _sample_size(n: int) -> int:

@@ -262,28 +262,28 @@ def node_layout(group, local_world_size: Optional[int] = None) -> Tuple[Layout, 
 # ``out`` is zero everywhere else, so checking ``out[touched]`` checks all of it.
 
 
-def _unpack_all(gathered: List[torch.Tensor], count: int, numel: int, value_dtype):
-    """Every peer's :func:`~raytopk.compression.pack`-ed ``count`` entries, concatenated: ``(values, indices)``."""
-    rows = torch.stack(gathered)
+def _unpack_all(rows: torch.Tensor, count: int, numel: int, value_dtype):
+    """Every peer's :func:`~raytopk.compression.pack`-ed ``count`` entries (one row each), concatenated: ``(values, indices)``."""
     split = count * index_dtype(numel).itemsize
     return rows[:, split:].reshape(-1).view(value_dtype), rows[:, :split].reshape(-1).view(index_dtype(numel))
 
 
 def _gather(payload: torch.Tensor, group, world_size: int, finish: Callable,
             on_decoded: Optional[Callable[[float], None]] = None) -> torch.futures.Future:
-    """Start an all-gather of equal-size ``payload`` buffers; the future of ``finish(gathered)``, every rank's buffer.
+    """Start an all-gather of equal-size ``payload`` buffers; the future of ``finish(rows)``, every rank's buffer as a row.
 
     When the collective fails (a peer died mid-exchange), the future carries
     gloo's error, and ``finish`` never reads the unfilled buffers.
     ``on_decoded`` receives the CPU seconds ``finish`` took on this thread (the hook counts them).
     """
-    gathered = [torch.empty_like(payload) for _ in range(world_size)]
-    work = dist.all_gather(gathered, payload, group=group, async_op=True)
+    gathered = payload.new_empty(world_size * payload.numel())
+    work = dist.all_gather_single(gathered, payload, group=group, async_op=True)
+    rows = gathered.view(world_size, -1)
 
     def gathered_then_finish(fut: torch.futures.Future):
         fut.value()  # raises the collective's error, if any
         started = time.thread_time()
-        result = finish(gathered)
+        result = finish(rows)
         if on_decoded is not None:
             on_decoded(time.thread_time() - started)
         return result
@@ -301,7 +301,7 @@ def allgather(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, va
     rank's residual keeps only the rounding of what it sent. ``zeroed``: ``out``
     is zero already (the hook zeroed it as it accumulated), so the decoding
     only adds. Float32 entries at their own positions decode through raytopk's
-    C kernels (:mod:`raytopk.kernels`), where they are built, in one call per peer.
+    C kernels (:mod:`raytopk.kernels`), where they are built: every peer in one call.
     """
     world_size = dist.get_world_size(group)
     k, numel = len(indices), acc.numel()
@@ -309,15 +309,14 @@ def allgather(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, va
     positions = positions or _as_positions
     payload = pack(values, indices, value_dtype)
 
-    def sum_peers(gathered):
-        peers = [unpack(peer, k, numel, value_dtype) for peer in gathered]
+    def sum_peers(rows):
         if not zeroed:
             out.zero_()
         if fused:
             kernels.clear_at(acc, indices)
-            for peer_values, peer_indices in peers:
-                kernels.scatter_add(out, peer_indices, peer_values, scale)
-            return out, positions(indices), torch.cat([peer_indices for _, peer_indices in peers])
+            return out, positions(indices), kernels.scatter_add_rows(out, rows, k, scale)
+        # A row that starts off an 8-byte boundary is copied: its indices and values could not be viewed in place.
+        peers = [unpack(row if row.storage_offset() % 8 == 0 else row.clone(), k, numel, value_dtype) for row in rows]
         cleared = positions(indices)
         acc.index_copy_(0, cleared, values - unpack(payload, k, numel, value_dtype)[0].to(values.dtype))
         touched = [positions(peer_indices) for _, peer_indices in peers]

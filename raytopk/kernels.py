@@ -30,16 +30,19 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["library", "usable", "accumulate", "topk_sampled", "scatter_add", "clear_at", "finite_at"]
+__all__ = ["library", "usable", "accumulate", "accumulate_topk", "topk_sampled", "scatter_add_rows", "clear_at", "finite_at"]
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.c")
-FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing"]
+FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-ffp-contract=off"]
+_MAX_NUMEL = 2**31 - 1
 _P = ctypes.c_void_p
 _SIGNATURES = {
-    "accumulate": (None, [_P, _P, _P, ctypes.c_int64, _P, ctypes.c_int64, _P]),
+    "accumulate": (None, [_P, _P, _P, ctypes.c_int64]),
+    "accumulate_topk": (ctypes.c_int64, [_P, _P, _P, ctypes.c_int64, _P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                         ctypes.c_int64, _P, _P, ctypes.c_int64, _P, _P]),
     "topk_sampled": (ctypes.c_int64, [_P, ctypes.c_int64, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                       _P, _P, ctypes.c_int64, _P, _P]),
-    "scatter_add": (None, [_P, _P, _P, ctypes.c_int64, ctypes.c_float]),
+    "scatter_add_rows": (None, [_P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, _P]),
     "clear_at": (None, [_P, _P, ctypes.c_int64]),
     "finite_at": (ctypes.c_int, [_P, _P, ctypes.c_int64]),
 }
@@ -90,34 +93,53 @@ def _build() -> str:
 
 
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels can take these tensors: built, and every one contiguous float32 or int32 on the CPU."""
+    """Whether the kernels can take these tensors: built, and every one contiguous float32 or int32 on the
+    CPU, with fewer than 2**31 entries (the kernels' positions are int32)."""
     return library() is not None and all(
-        t.device.type == "cpu" and t.dtype in (torch.float32, torch.int32) and t.is_contiguous() for t in tensors)
+        t.is_cpu and t.dtype in (torch.float32, torch.int32) and t.is_contiguous() and t.numel() <= _MAX_NUMEL
+        for t in tensors)
 
 
-def accumulate(grad: torch.Tensor, residual: torch.Tensor, acc: torch.Tensor, positions: np.ndarray) -> np.ndarray:
-    """``acc = grad + residual`` and ``grad`` zeroed, in one pass; ``acc`` at ``positions`` (int64, ascending), read on the way."""
-    sample = np.empty(positions.size, dtype=np.float32)
-    library().accumulate(grad.data_ptr(), residual.data_ptr(), acc.data_ptr(), acc.numel(), positions.ctypes.data,
-                         positions.size, sample.ctypes.data)
-    return sample
+def accumulate(grad: torch.Tensor, residual: torch.Tensor, acc: torch.Tensor) -> None:
+    """``acc = grad + residual`` and ``grad`` zeroed, in one pass."""
+    library().accumulate(grad.data_ptr(), residual.data_ptr(), acc.data_ptr(), acc.numel())
+
+
+def accumulate_topk(grad: torch.Tensor, residual: torch.Tensor, acc: torch.Tensor, positions: np.ndarray,
+                    ranks: Tuple[int, int], k: int):
+    """:func:`accumulate`, then :func:`topk_sampled` of ``acc`` sampled at ``positions`` (int64,
+    ascending), with the filter done in the same pass: ``(values, indices)``, or ``None`` where it
+    would fall back (``acc`` is written either way)."""
+    sample = np.empty(positions.size, dtype=np.int32)
+    return _selected(acc.numel(), k, lambda found, scratch, capacity, indices, values: library().accumulate_topk(
+        grad.data_ptr(), residual.data_ptr(), acc.data_ptr(), acc.numel(), positions.ctypes.data, sample.ctypes.data,
+        positions.size, ranks[0], ranks[1], k, found, scratch, capacity, indices, values))
 
 
 def topk_sampled(x: torch.Tensor, sample: np.ndarray, ranks: Tuple[int, int], k: int):
     """:func:`raytopk.compression._topk_above_sampled_threshold` for a float32 ``x``, in one call:
     ``(values, indices)``, or ``None`` where it would fall back. ``sample`` (int32 magnitudes) is reordered."""
-    n = x.numel()
+    return _selected(x.numel(), k, lambda found, scratch, capacity, indices, values: library().topk_sampled(
+        x.data_ptr(), x.numel(), sample.ctypes.data, sample.size, ranks[0], ranks[1], k, found, scratch, capacity,
+        indices, values))
+
+
+def _selected(n: int, k: int, select):
+    """Call ``select`` with room for the positions a threshold lets through (a quarter of ``n``, and
+    the 4 entries a vector store may write past it) and for the result; ``(values, indices)`` or ``None``."""
     capacity = n // 4 + 1024
-    found, scratch = np.empty(capacity, dtype=np.int32), np.empty(capacity, dtype=np.int32)
+    found, scratch = np.empty(capacity + 4, dtype=np.int32), np.empty(capacity, dtype=np.int32)
     indices, values = np.empty(k, dtype=np.int32), np.empty(k, dtype=np.float32)
-    chosen = library().topk_sampled(x.data_ptr(), n, sample.ctypes.data, sample.size, ranks[0], ranks[1], k,
-                                    found.ctypes.data, scratch.ctypes.data, capacity, indices.ctypes.data, values.ctypes.data)
+    chosen = select(found.ctypes.data, scratch.ctypes.data, capacity, indices.ctypes.data, values.ctypes.data)
     return None if chosen < 0 else (torch.from_numpy(values), torch.from_numpy(indices))
 
 
-def scatter_add(out: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float) -> None:
-    """``out.index_add_(0, indices, values, alpha=scale)`` for int32 ``indices``."""
-    library().scatter_add(out.data_ptr(), indices.data_ptr(), values.data_ptr(), indices.numel(), scale)
+def scatter_add_rows(out: torch.Tensor, rows: torch.Tensor, k: int, scale: float) -> torch.Tensor:
+    """``out.index_add_(0, indices, values, alpha=scale)`` for each row of ``rows`` (a uint8 tensor, one
+    :func:`~raytopk.compression.pack`-ed float32 payload of ``k`` int32 indices a row); every row's indices, as one tensor."""
+    touched = torch.empty(rows.shape[0] * k, dtype=torch.int32)
+    library().scatter_add_rows(out.data_ptr(), rows.data_ptr(), rows.shape[0], rows.shape[1], k, scale, touched.data_ptr())
+    return touched
 
 
 def clear_at(x: torch.Tensor, indices: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ranks import run_ranks
 from raytopk import TopKState, kernels, topk_hook
-from raytopk.compression import accumulate_topk, select_topk
+from raytopk.compression import accumulate_topk, pack, select_topk
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="the C kernels could not be built here")
 
@@ -74,14 +74,18 @@ def test_accumulate_topk_is_bit_identical_with_and_without_kernels(name, monkeyp
 def test_decoding_kernels_match_index_add_and_isfinite():
     g = torch.Generator().manual_seed(2)
     out, acc = torch.randn(50_000, generator=g), torch.randn(50_000, generator=g)
-    indices = torch.randperm(50_000, generator=g)[:3_000].int()
-    values = torch.randn(3_000, generator=g)
-    expected = out.clone().index_add_(0, indices.long(), values, alpha=1 / 3)
-    kernels.scatter_add(out, indices, values, 1 / 3)
+    peers = [(torch.randn(3_000, generator=g), torch.randperm(50_000, generator=g)[:3_000].int()) for _ in range(3)]
+    rows = torch.stack([pack(values, indices, torch.float32) for values, indices in peers])
+    expected = out.clone()
+    for values, indices in peers:
+        expected.index_add_(0, indices.long(), values, alpha=1 / 3)
+    touched = kernels.scatter_add_rows(out, rows, 3_000, 1 / 3)
     assert torch.equal(_bits(out), _bits(expected))
-    assert kernels.finite_at(out, indices)
-    out[indices[1_234]] = float("inf")
-    assert not kernels.finite_at(out, indices)
+    assert torch.equal(touched, torch.cat([indices for _, indices in peers]))
+    assert kernels.finite_at(out, touched)
+    out[touched[7_234]] = float("inf")
+    assert not kernels.finite_at(out, touched)
+    indices = peers[0][1]
     acc[indices[7]] = float("nan")
     expected = acc.clone().index_copy_(0, indices.long(), acc[indices.long()] - acc[indices.long()])
     kernels.clear_at(acc, indices)
