@@ -17,7 +17,11 @@ backward with the hook, optimizer), the hook's own compute time per step
 packing, and decoding plus scatter-add when the gather lands, on the threads
 that ran them; waiting for the network or for the core excluded),
 their ratio, and the median step time of plain dense DDP measured in the same
-run for comparison.
+run for comparison. The hook runs twice: with its C kernels (``raytopk/kernels.c``,
+what users get where a C compiler is) and on its PyTorch path (``RAYTOPK_KERNELS=0``).
+Every mode runs once per round, in turn, for ``--rounds`` rounds (3); each value
+in the table is the median over the rounds (a share of a step is taken within
+its run first), and every round is kept in the results.
 
 Two floors, measured the same way, show what no selection algorithm removes:
 
@@ -26,9 +30,10 @@ Two floors, measured the same way, show what no selection algorithm removes:
   the residual, write their sum, zero the bucket for the sparse update), and
   sends nothing;
 - the exchange floor: the memory floor plus raytopk's all-gather of ``k``
-  entries and their scatter-add (``raytopk.exchange.allgather``), with a
-  selection that costs nothing (the bucket's first ``k`` entries). The hook's
-  time above it is the selection, the finite check and the hook's bookkeeping.
+  entries and their scatter-add (``raytopk.exchange.allgather``, decoding with
+  the C kernels), with a selection that costs nothing (the bucket's first ``k``
+  entries). The hook's time above it is the selection, the finite check and
+  the hook's bookkeeping.
 
 Reproduce (from the repository root)::
 
@@ -116,6 +121,8 @@ def floor_hook(state: Floor, bucket: dist.GradBucket) -> torch.futures.Future[to
 
 
 def worker(rank: int, port: int, model_name: str, mode: str, steps: int, results) -> None:
+    if mode == "topk_pytorch":
+        os.environ["RAYTOPK_KERNELS"] = "0"  # read on the hook's first call, in this new process
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
     torch.manual_seed(0)
@@ -124,7 +131,7 @@ def worker(rank: int, port: int, model_name: str, mode: str, steps: int, results
     buckets = {} if mode == "dense" else {"bucket_cap_mb": SPARSE_BUCKET_CAP_MB}
     ddp = DDP(model, gradient_as_bucket_view=True, **buckets)
     state = None
-    if mode == "topk":
+    if mode in ("topk", "topk_pytorch"):
         state = raytopk.TopKState(ratio=RATIO, start_iter=WARMUP_STEPS, module=model)
         ddp.register_comm_hook(state, raytopk.topk_hook)
     elif mode in ("floor", "exchange_floor"):
@@ -141,8 +148,7 @@ def worker(rank: int, port: int, model_name: str, mode: str, steps: int, results
         if i >= WARMUP_STEPS:
             step_s.append(time.perf_counter() - started)
             hook_s.append((state.stats["hook_s"] - hook_before) if state else 0.0)
-    results.put({"rank": rank, "step_s": statistics.median(step_s), "hook_s": statistics.median(hook_s),
-                 "parameters": sum(p.numel() for p in model.parameters())})
+    results.put({"rank": rank, "step_s": statistics.median(step_s), "hook_s": statistics.median(hook_s)})
     dist.barrier()  # no rank tears gloo down while a peer still finishes the last collective
     dist.destroy_process_group()
 
@@ -155,35 +161,51 @@ def free_port() -> int:
 
 
 def measure(model_name: str, mode: str, steps: int) -> dict:
-    """Median step and hook time (the slowest rank's) of ``mode``: "dense" DDP, "topk", the memory "floor" or the "exchange_floor"."""
+    """Median step and hook time (the slowest rank's) of ``mode``: "dense" DDP, "topk" (the hook with its C kernels),
+    "topk_pytorch" (without them), the memory "floor" or the "exchange_floor"."""
     port = free_port()
     results = mp.get_context("spawn").SimpleQueue()
     mp.spawn(worker, args=(port, model_name, mode, steps, results), nprocs=WORLD_SIZE, join=True)
     ranks = [results.get() for _ in range(WORLD_SIZE)]
-    return {"step_s": max(r["step_s"] for r in ranks), "hook_s": max(r["hook_s"] for r in ranks), "parameters": ranks[0]["parameters"]}
+    return {"step_s": max(r["step_s"] for r in ranks), "hook_s": max(r["hook_s"] for r in ranks)}
+
+
+MODES = ("dense", "topk", "topk_pytorch", "floor", "exchange_floor")
+
+
+def one_round(model_name: str, steps: int) -> dict:
+    """Every mode run once on ``model_name``; the hook's and the floors' times against the step of the same run."""
+    dense, topk, pytorch, floor, exchange_floor = (measure(model_name, mode, steps) for mode in MODES)
+    return {"dense_step_s": dense["step_s"], "topk_step_s": topk["step_s"], "hook_s": topk["hook_s"],
+            "hook_fraction": topk["hook_s"] / topk["step_s"], "pytorch_path_step_s": pytorch["step_s"],
+            "pytorch_path_hook_s": pytorch["hook_s"], "pytorch_path_hook_fraction": pytorch["hook_s"] / pytorch["step_s"],
+            "floor_s": floor["hook_s"], "floor_fraction": floor["hook_s"] / topk["step_s"],
+            "exchange_floor_s": exchange_floor["hook_s"], "exchange_floor_fraction": exchange_floor["hook_s"] / topk["step_s"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run, after the warm-up")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times every mode runs on each model, in turn; the table gives each value's median over them")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "overhead.json"))
     args = parser.parse_args()
 
     rows = []
     print("| model | parameters | dense DDP step ms | raytopk step ms | hook compute ms | hook / step | "
-          "memory floor ms | / step | exchange floor ms | / step |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "PyTorch path: step ms | hook ms | / step | memory floor ms | / step | exchange floor ms | / step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model_name in MODELS:
-        dense, topk, floor, exchange_floor = (measure(model_name, mode, args.steps)
-                                              for mode in ("dense", "topk", "floor", "exchange_floor"))
-        row = {"model": model_name, "input": MODELS[model_name][2], "parameters": topk["parameters"],
-               "dense_step_s": dense["step_s"], "topk_step_s": topk["step_s"], "hook_s": topk["hook_s"],
-               "hook_fraction": topk["hook_s"] / topk["step_s"], "floor_s": floor["hook_s"],
-               "floor_fraction": floor["hook_s"] / topk["step_s"], "exchange_floor_s": exchange_floor["hook_s"],
-               "exchange_floor_fraction": exchange_floor["hook_s"] / topk["step_s"]}
+        rounds = [one_round(model_name, args.steps) for _ in range(args.rounds)]
+        channels, size, source = MODELS[model_name]
+        row = {"model": model_name, "input": source,
+               "parameters": sum(p.numel() for p in build_model(model_name, channels, 10, size).parameters())}
+        row.update({key: statistics.median(r[key] for r in rounds) for key in rounds[0]})
+        row["rounds"] = rounds
         rows.append(row)
         print(f"| {model_name} | {row['parameters']:,} | {1e3 * row['dense_step_s']:.1f} | {1e3 * row['topk_step_s']:.1f} | "
-              f"{1e3 * row['hook_s']:.2f} | {100 * row['hook_fraction']:.1f}% | {1e3 * row['floor_s']:.2f} | "
+              f"{1e3 * row['hook_s']:.2f} | {100 * row['hook_fraction']:.1f}% | {1e3 * row['pytorch_path_step_s']:.1f} | "
+              f"{1e3 * row['pytorch_path_hook_s']:.2f} | {100 * row['pytorch_path_hook_fraction']:.1f}% | {1e3 * row['floor_s']:.2f} | "
               f"{100 * row['floor_fraction']:.1f}% | {1e3 * row['exchange_floor_s']:.2f} | "
               f"{100 * row['exchange_floor_fraction']:.1f}% |", flush=True)
     write_json(args.output, {
@@ -196,6 +218,7 @@ def main() -> None:
         "topk_bucket_cap_mb": SPARSE_BUCKET_CAP_MB,  # dense: DDP's defaults
         "warmup_steps": WARMUP_STEPS,
         "steps": args.steps,
+        "rounds": args.rounds,
         "results": rows,
     })
     print(f"\nwrote {args.output}")
