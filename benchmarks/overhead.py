@@ -65,23 +65,23 @@ from raytopk.ray import SPARSE_BUCKET_CAP_MB
 from raytopk.storage import write_json
 
 COMMAND = "python benchmarks/overhead.py"
-WORLD_SIZE, BATCH_SIZE, RATIO, WARMUP_STEPS = 2, 32, 0.01, 3
+WORLD_SIZE, BATCH_SIZE, RATIO, WARMUP_STEPS = 2, 32, 0.01, 3  # BATCH_SIZE: per worker, the default of --batch-size
 # model -> (input channels, image size, where the batches come from)
 MODELS = {"simple_cnn": (1, 28, "mnist5k"), "resnet20": (3, 32, "random 3x32x32"), "resnet18": (3, 32, "random 3x32x32")}
 
 
-def batches(model_name: str, rank: int, count: int) -> list:
+def batches(model_name: str, rank: int, count: int, batch_size: int) -> list:
     channels, size, source = MODELS[model_name]
     if source == "mnist5k":
         train, _ = load_dataset("mnist5k", "unused", False)
-        start = rank * count * BATCH_SIZE
-        items = [train[start + i] for i in range(count * BATCH_SIZE)]
-        images = torch.stack([image for image, _ in items]).view(count, BATCH_SIZE, channels, size, size)
-        labels = torch.tensor([label for _, label in items]).view(count, BATCH_SIZE)
+        start = rank * count * batch_size
+        items = [train[start + i] for i in range(count * batch_size)]
+        images = torch.stack([image for image, _ in items]).view(count, batch_size, channels, size, size)
+        labels = torch.tensor([label for _, label in items]).view(count, batch_size)
     else:
         generator = torch.Generator().manual_seed(rank)
-        images = torch.randn(count, BATCH_SIZE, channels, size, size, generator=generator)
-        labels = torch.randint(10, (count, BATCH_SIZE), generator=generator)
+        images = torch.randn(count, batch_size, channels, size, size, generator=generator)
+        labels = torch.randint(10, (count, batch_size), generator=generator)
     return list(zip(images, labels))
 
 
@@ -120,7 +120,7 @@ def floor_hook(state: Floor, bucket: dist.GradBucket) -> torch.futures.Future[to
     return future
 
 
-def worker(rank: int, port: int, model_name: str, mode: str, steps: int, results) -> None:
+def worker(rank: int, port: int, model_name: str, mode: str, steps: int, batch_size: int, results) -> None:
     if mode == "topk_pytorch":
         os.environ["RAYTOPK_KERNELS"] = "0"  # read on the hook's first call, in this new process
     torch.set_num_threads(1)
@@ -139,7 +139,7 @@ def worker(rank: int, port: int, model_name: str, mode: str, steps: int, results
         ddp.register_comm_hook(state, floor_hook)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     step_s, hook_s = [], []
-    for i, (x, y) in enumerate(batches(model_name, rank, WARMUP_STEPS + steps)):
+    for i, (x, y) in enumerate(batches(model_name, rank, WARMUP_STEPS + steps, batch_size)):
         hook_before = state.stats["hook_s"] if state else 0.0
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -160,12 +160,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def measure(model_name: str, mode: str, steps: int) -> dict:
+def measure(model_name: str, mode: str, steps: int, batch_size: int) -> dict:
     """Median step and hook time (the slowest rank's) of ``mode``: "dense" DDP, "topk" (the hook with its C kernels),
     "topk_pytorch" (without them), the memory "floor" or the "exchange_floor"."""
     port = free_port()
     results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(worker, args=(port, model_name, mode, steps, results), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(worker, args=(port, model_name, mode, steps, batch_size, results), nprocs=WORLD_SIZE, join=True)
     ranks = [results.get() for _ in range(WORLD_SIZE)]
     return {"step_s": max(r["step_s"] for r in ranks), "hook_s": max(r["hook_s"] for r in ranks)}
 
@@ -173,9 +173,9 @@ def measure(model_name: str, mode: str, steps: int) -> dict:
 MODES = ("dense", "topk", "topk_pytorch", "floor", "exchange_floor")
 
 
-def one_round(model_name: str, steps: int) -> dict:
+def one_round(model_name: str, steps: int, batch_size: int) -> dict:
     """Every mode run once on ``model_name``; the hook's and the floors' times against the step of the same run."""
-    dense, topk, pytorch, floor, exchange_floor = (measure(model_name, mode, steps) for mode in MODES)
+    dense, topk, pytorch, floor, exchange_floor = (measure(model_name, mode, steps, batch_size) for mode in MODES)
     return {"dense_step_s": dense["step_s"], "topk_step_s": topk["step_s"], "hook_s": topk["hook_s"],
             "hook_fraction": topk["hook_s"] / topk["step_s"], "pytorch_path_step_s": pytorch["step_s"],
             "pytorch_path_hook_s": pytorch["hook_s"], "pytorch_path_hook_fraction": pytorch["hook_s"] / pytorch["step_s"],
@@ -188,15 +188,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run, after the warm-up")
     parser.add_argument("--rounds", type=int, default=3,
                         help="times every mode runs on each model, in turn; the table gives each value's median over them")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="per worker (raytopk train's default is 64)")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "overhead.json"))
     args = parser.parse_args()
+    for flag, value in (("--steps", args.steps), ("--rounds", args.rounds), ("--batch-size", args.batch_size)):
+        if value < 1:
+            parser.error(f"{flag} must be an integer >= 1, got {value}")
+    if "simple_cnn" in args.models:
+        images, needed = len(load_dataset("mnist5k", "unused", False)[0]), WORLD_SIZE * (WARMUP_STEPS + args.steps) * args.batch_size
+        if needed > images:
+            parser.error(f"simple_cnn trains on mnist5k's {images} images; {WORLD_SIZE} workers x ({WARMUP_STEPS} warm-up + "
+                         f"--steps {args.steps}) x --batch-size {args.batch_size} needs {needed}")
 
     rows = []
     print("| model | parameters | dense DDP step ms | raytopk step ms | hook compute ms | hook / step | "
           "PyTorch path: step ms | hook ms | / step | memory floor ms | / step | exchange floor ms | / step |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for model_name in MODELS:
-        rounds = [one_round(model_name, args.steps) for _ in range(args.rounds)]
+    for model_name in args.models:
+        rounds = [one_round(model_name, args.steps, args.batch_size) for _ in range(args.rounds)]
         channels, size, source = MODELS[model_name]
         row = {"model": model_name, "input": source,
                "parameters": sum(p.numel() for p in build_model(model_name, channels, 10, size).parameters())}
@@ -213,7 +223,7 @@ def main() -> None:
         "torch": torch.__version__,
         "world_size": WORLD_SIZE,
         "threads_per_worker": 1,
-        "batch_size_per_worker": BATCH_SIZE,
+        "batch_size_per_worker": args.batch_size,
         "ratio": RATIO,
         "topk_bucket_cap_mb": SPARSE_BUCKET_CAP_MB,  # dense: DDP's defaults
         "warmup_steps": WARMUP_STEPS,
