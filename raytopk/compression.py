@@ -23,6 +23,7 @@ the exact top-k, only the time changes.
 
 import functools
 import math
+
 import numpy as np
 import torch
 

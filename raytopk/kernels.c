@@ -19,9 +19,9 @@
    order exactly as its magnitude does (inf above every finite value, NaN
    above inf), as compression.py's PyTorch path compares them. Built with
    -ffp-contract=off, so no multiply-add is fused and rounding matches
-   PyTorch's. Vectors use GCC's vector extensions (GCC and Clang), with SSE2's
-   movemask where the compiler targets it, so the file builds on x86-64 and
-   ARM alike. */
+   PyTorch's. Vectors use GCC's vector extensions (GCC and Clang), not one
+   instruction set's intrinsics, but for SSE2's movemask where the compiler
+   targets it (x86-64); elsewhere a portable line stands in for it. */
 
 #include <stdint.h>
 #include <string.h>
