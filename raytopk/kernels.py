@@ -21,6 +21,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -57,8 +58,8 @@ def library() -> Optional[ctypes.CDLL]:
         lib = ctypes.CDLL(_build())
     except (OSError, subprocess.SubprocessError) as error:
         warnings.warn(f"raytopk: could not build its C kernels ({error}); the hook runs its slower PyTorch path. "
-                      "Install a C compiler (or set CC) to use them, or set RAYTOPK_KERNELS=0 to silence this.",
-                      RuntimeWarning, stacklevel=2)
+                      f"They need a C compiler (cc, or the one CC names) and a writable {_cache_dir()}; "
+                      "RAYTOPK_KERNELS=0 silences this.", RuntimeWarning, stacklevel=2)
         return None
     for name, (restype, argtypes) in _SIGNATURES.items():
         function = getattr(lib, name)
@@ -73,7 +74,7 @@ def _build() -> str:
     compiler = os.environ.get("CC", "cc")
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(),
                                      platform.machine().encode(), sys.platform.encode()])).hexdigest()[:16]
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "raytopk", "kernels")
+    cache = _cache_dir()
     path = os.path.join(cache, f"kernels-{key}.so")
     if os.path.exists(path):
         return path
@@ -82,7 +83,8 @@ def _build() -> str:
     fd, scratch = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
-        built = subprocess.run([compiler, *FLAGS, "-o", scratch, SOURCE], capture_output=True, text=True, timeout=120)
+        built = subprocess.run([*shlex.split(compiler), *FLAGS, "-o", scratch, SOURCE], capture_output=True, text=True,
+                               timeout=120)
         if built.returncode != 0:
             raise OSError(f"{compiler} exited with {built.returncode}: {built.stderr.strip()[-300:]}")
         os.replace(scratch, path)
@@ -90,6 +92,11 @@ def _build() -> str:
         if os.path.exists(scratch):
             os.remove(scratch)
     return path
+
+
+def _cache_dir() -> str:
+    """Where built kernels are kept: ``$XDG_CACHE_HOME/raytopk/kernels``, default ``~/.cache/raytopk/kernels``."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "raytopk", "kernels")
 
 
 def usable(*tensors: torch.Tensor) -> bool:
