@@ -315,14 +315,12 @@ def allgather(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, va
         if fused:
             kernels.clear_at(acc, indices)
             return out, positions(indices), kernels.scatter_add_rows(out, rows, k, scale)
-        # A row that starts off an 8-byte boundary is copied: its indices and values could not be viewed in place.
-        peers = [unpack(row if row.storage_offset() % 8 == 0 else row.clone(), k, numel, value_dtype) for row in rows]
         cleared = positions(indices)
         acc.index_copy_(0, cleared, values - unpack(payload, k, numel, value_dtype)[0].to(values.dtype))
-        touched = [positions(peer_indices) for _, peer_indices in peers]
-        for (peer_values, _), peer_positions in zip(peers, touched):
-            out.index_add_(0, peer_positions, peer_values.to(out.dtype), alpha=scale)
-        return out, cleared, torch.cat(touched)
+        all_values, all_indices = _unpack_all(rows, k, numel, value_dtype)
+        touched = torch.cat([positions(peer_indices) for peer_indices in all_indices.view(world_size, k)])
+        out.index_add_(0, touched, all_values.to(out.dtype), alpha=scale)
+        return out, cleared, touched
 
     return _gather(payload, group, world_size, sum_peers, on_decoded), (world_size - 1) * payload.numel()
 
