@@ -78,7 +78,8 @@ def hook_row(device: torch.device, steps: int) -> dict:
     for compress in (False, True):
         model = GradientShapes("resnet50", device)
         row["parameters"] = sum(p.numel() for p in model.parameters())
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+        # No device_ids: the module already lives on its one device, and DDP would try to move the (absent) inputs.
+        ddp = DDP(model, gradient_as_bucket_view=True)
         state = raytopk.TopKState(ratio=0.01, start_iter=2, module=model) if compress else None
         if state is not None:
             ddp.register_comm_hook(state, raytopk.topk_hook)

@@ -52,4 +52,5 @@ def test_hook_on_nccl_applies_topk_and_keeps_the_rest(nccl_group, value_dtype):
     assert 0 < int((applied != 0).sum()) <= 0.02 * whole.numel() + 16
     # The residual keeps what fp16 or bf16 rounded off the sent values, so nothing but fp32 rounding is lost.
     torch.testing.assert_close(applied + residual, whole, rtol=1e-6, atol=1e-7)
-    assert state.stats["bytes_sent"] < state.stats["dense_bytes"]
+    # One rank has no peer: the counters report what crossed the wire, which is nothing, for either exchange.
+    assert state.stats["bytes_sent"] == state.stats["dense_bytes"] == 0
