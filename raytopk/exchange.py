@@ -325,11 +325,17 @@ def allgather(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, va
     return _gather(payload, group, world_size, sum_peers, on_decoded), (world_size - 1) * payload.numel()
 
 
-def finite_at(out: torch.Tensor, touched: torch.Tensor) -> bool:
-    """Whether ``out`` is finite at every position in ``touched`` (an exchange's update is zero elsewhere)."""
+def finite_at(out: torch.Tensor, touched: torch.Tensor):
+    """Whether ``out`` is finite at every position in ``touched`` (an exchange's update is zero elsewhere).
+
+    A ``bool``; for a CUDA ``out``, a 0-dim bool tensor on the device instead:
+    reading it on the host would wait for every kernel queued before it, and
+    the hook calls this while the backward pass is still launching its own.
+    """
     if touched.dtype == torch.int32 and kernels.usable(out, touched):
         return kernels.finite_at(out, touched)
-    return bool(torch.isfinite(out.index_select(0, touched)).all())
+    finite = torch.isfinite(out.index_select(0, touched)).all()
+    return finite if out.is_cuda else bool(finite)
 
 
 def _route(indices: torch.Tensor, values: torch.Tensor, owners: int, capacity: int):

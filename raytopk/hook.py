@@ -533,15 +533,25 @@ class _BucketMemory:
         """Where a payload's values go, as int64: its ``indices``, then the dense positions."""
         return (torch.cat([indices, self.dense]) if len(self.dense) else indices).long()
 
-    def commit(self, cleared: torch.Tensor) -> None:
-        """Every rank's step arrived finite: ``acc``, which the exchange turned into what it did not use, becomes the residual.
+    def commit(self, cleared: torch.Tensor, finite) -> None:
+        """If every rank's step arrived ``finite``: ``acc``, which the exchange turned into what it did not use, becomes the residual.
 
         Momentum factor masking clears the velocity at ``cleared``, the
-        positions whose entry the exchange used.
+        positions whose entry the exchange used. ``finite`` is a ``bool``, or
+        on a GPU a 0-dim bool tensor that the host does not wait for: then
+        ``torch.where`` puts the old memory back into the spares when it is
+        false (one more pass over the bucket on the device), and they swap
+        either way.
         """
+        if isinstance(finite, torch.Tensor):
+            torch.where(finite, self.spare, self.residual, out=self.spare)
+        elif not finite:
+            return
         self.residual, self.spare = self.spare, self.residual
         if self.velocity is not None:
             self.velocity_spare.index_fill_(0, cleared, 0)
+            if isinstance(finite, torch.Tensor):
+                torch.where(finite, self.velocity_spare, self.velocity, out=self.velocity_spare)
             self.velocity, self.velocity_spare = self.velocity_spare, self.velocity
 
 
@@ -607,10 +617,10 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
 
         def clear_memory(fut: torch.futures.Future) -> torch.Tensor:
             mean = fut.value()
-            if torch.isfinite(mean).all():
-                for flat in (memory.residual, memory.velocity):
-                    if flat is not None:
-                        flat.zero_()
+            finite = torch.isfinite(mean).all()  # chosen by torch.where, not a branch: the host never waits for a GPU
+            for flat in (memory.residual, memory.velocity):
+                if flat is not None:
+                    torch.where(finite, flat.new_zeros(()), flat, out=flat)
             return mean
 
         future = _dense_allreduce(buffer, group, world_size).then(clear_memory)
@@ -625,8 +635,7 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     def keep_residual(fut: torch.futures.Future) -> torch.Tensor:
         commit_started = time.thread_time()
         out, cleared, touched = fut.value()
-        if finite_at(out, touched):  # out is zero elsewhere
-            memory.commit(cleared)
+        memory.commit(cleared, finite_at(out, touched))  # out is zero elsewhere
         state._add_hook_time(time.thread_time() - commit_started)
         return out
 

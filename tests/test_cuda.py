@@ -1,5 +1,6 @@
 """The CUDA path: exact selection on the GPU and the hook in a one-rank NCCL group. Skipped without a GPU."""
 
+import copy
 import os
 
 import pytest
@@ -54,3 +55,50 @@ def test_hook_on_nccl_applies_topk_and_keeps_the_rest(nccl_group, value_dtype):
     torch.testing.assert_close(applied + residual, whole, rtol=1e-6, atol=1e-7)
     # One rank has no peer: the counters report what crossed the wire, which is nothing, for either exchange.
     assert state.stats["bytes_sent"] == state.stats["dense_bytes"] == 0
+
+
+def _host_waited_for_the_gpu(ddp, x, y, scale: float = 1.0) -> bool:
+    """Whether ``backward()`` returned only after the GPU ran what was queued before it.
+
+    About a second of ``torch.cuda._sleep`` goes on the stream first; a
+    backward pass that never reads a GPU value on the host returns in
+    milliseconds, long before the sleep ends.
+    """
+    loss = torch.nn.functional.cross_entropy(ddp(x), y) * scale
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)
+    slept = torch.cuda.Event()
+    slept.record()
+    loss.backward()
+    waited = slept.query()
+    torch.cuda.synchronize()
+    return waited
+
+
+@pytest.mark.parametrize("ratio", [0.01, 1.0])
+def test_a_non_finite_step_on_nccl_keeps_the_memory_without_waiting_for_the_gpu(nccl_group, ratio):
+    """An inf step, sparse (ratio 0.01) or through the dense fallback (1.0), keeps residual and velocity bit for bit,
+    and the next finite step changes them. The check stays on the GPU: such a backward pass returns before the GPU
+    has run it, as plain DDP's does. The first step of each path may wait once (on an H200 the first dense
+    fallback step did, at its first ``div_``), so waits count from the third step on."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10)).cuda()
+    plain = DDP(copy.deepcopy(model), device_ids=[torch.cuda.current_device()], bucket_cap_mb=1)
+    ddp = DDP(model, device_ids=[torch.cuda.current_device()], bucket_cap_mb=1)
+    state = raytopk.TopKState(ratio=0.01, start_iter=0, momentum=0.9, module=model)
+    ddp.register_comm_hook(state, raytopk.topk_hook)
+    x, y = torch.randn(32, 256, device="cuda"), torch.randint(10, (32,), device="cuda")
+    _host_waited_for_the_gpu(plain, x, y)
+    assert not _host_waited_for_the_gpu(plain, x, y), "plain DDP's backward waited for the GPU: the check below means nothing"
+    # Sparse steps fill the memory, so that a finite step through the dense fallback changes it (it empties it).
+    for step, (step_ratio, poisoned) in enumerate([(0.01, False), (ratio, False), (0.01, False), (ratio, True), (ratio, False)]):
+        state.ratio = step_ratio
+        before = state.state_dict()
+        ddp.zero_grad()
+        waited = _host_waited_for_the_gpu(ddp, x, y, float("inf") if poisoned else 1.0)
+        after = state.state_dict()
+        assert not (step >= 2 and waited), f"step {step}: the hook made the host wait for the GPU"
+        if step:
+            same = all(torch.equal(before[kind][name], after[kind][name]) for kind in ("residuals", "velocities")
+                       for name in before[kind])
+            assert same == poisoned, f"step {step}: memory {'changed' if not same else 'unchanged'}"

@@ -514,6 +514,27 @@ def test_non_finite_step_is_skipped_on_every_rank_and_spares_the_residual():
         assert skips == [False, False, True, False]
 
 
+@pytest.mark.parametrize("finite", [True, False])
+def test_a_finite_flag_left_on_the_device_commits_as_the_bool_does(finite):
+    """On a GPU the hook keeps the finite check a 0-dim tensor (the host never waits for it); the memory ends the same."""
+    from raytopk.hook import _BucketMemory
+
+    params = (torch.nn.Parameter(torch.zeros(40)), torch.nn.Parameter(torch.zeros(3, 8)))
+    state = TopKState(ratio=0.1, momentum=0.9)
+    generator = torch.Generator().manual_seed(1)
+    memories = [_BucketMemory(params, torch.zeros(64), state) for _ in range(2)]
+    for flat in ("residual", "spare", "velocity", "velocity_spare"):
+        values = torch.randn(64, generator=generator)
+        for memory in memories:
+            getattr(memory, flat).copy_(values)
+    cleared = torch.tensor([0, 5, 63])
+    memories[0].commit(cleared, finite)
+    memories[1].commit(cleared, torch.tensor(finite))
+    for flat in ("residual", "velocity"):
+        assert torch.equal(getattr(memories[0], flat), getattr(memories[1], flat)), flat
+    assert bool(memories[0].velocity[cleared].eq(0).all()) == finite
+
+
 # a peer that dies -------------------------------------------------------------------------
 
 
