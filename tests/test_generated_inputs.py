@@ -10,6 +10,7 @@ ones would fail here rather than pass quietly.
 import dataclasses
 import math
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -67,7 +68,7 @@ def test_generated_yaml_documents_are_accepted_or_refused_in_one_line(tmp_path):
         st.dictionaries(keys, values, max_size=5).map(lambda d: yaml.safe_dump(d, allow_unicode=True)),
         values.map(lambda v: yaml.safe_dump(v, allow_unicode=True)),  # lists, scalars: not a mapping
         st.text(max_size=60),  # anything at all
-        st.integers(1, 3000).map(lambda depth: "[" * depth + "]" * depth),  # deep nesting
+        st.integers(1, 700).map(lambda depth: "[" * depth + "]" * depth),  # deep nesting: from about 500 levels the parser's RecursionError
         st.sampled_from(["epochs: 1e999", "ratio: .nan", "lr: -.inf", "batch_size: 99999999999999999999999",
                          "model: !!python/object/apply:os.system [echo hi]", "ratio: !custom 1", "? [a, b]\n: 1",
                          "epochs: &a 1\nlr: *a", "name: \u00e9t\u00e9", "\ufeffepochs: 2", "a: b: c", "epochs: [1, 2"]),
@@ -84,13 +85,25 @@ def test_generated_yaml_documents_are_accepted_or_refused_in_one_line(tmp_path):
     assert len(refused) >= 100, len(refused)
 
 
+@pytest.mark.parametrize("depth", [1000, 3000])
+def test_nesting_deeper_than_the_parser_recurses_is_refused_in_one_line(depth, tmp_path):
+    """The generated inputs above stop at 700 levels (deeper ones cost the parser seconds each); these go further."""
+    nested = "[" * depth + "]" * depth
+    path = tmp_path / "job.yaml"
+    path.write_text(nested)
+    for make in (lambda: load_config(str(path)), lambda: load_config(None, **parse_sets([f"model={nested}"]))):
+        with pytest.raises(ConfigError, match="nested too deeply") as refused:
+            make()
+        _refused_in_one_line(refused.value)
+
+
 def test_generated_set_pairs_are_accepted_or_refused_in_one_line():
     refused = set()
     pairs = st.lists(st.one_of(
         st.tuples(st.sampled_from(KEYS), st.text(max_size=15)).map("=".join),
         st.tuples(st.sampled_from(KEYS), values.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip())).map("=".join),
         st.text(max_size=20),  # no '=' at all, or an empty key
-        st.tuples(st.sampled_from(KEYS), st.integers(1, 3000)).map(lambda kd: f"{kd[0]}={'[' * kd[1]}{']' * kd[1]}"),
+        st.tuples(st.sampled_from(KEYS), st.integers(1, 700)).map(lambda kd: f"{kd[0]}={'[' * kd[1]}{']' * kd[1]}"),
     ), min_size=1, max_size=4)
 
     @SETTINGS
