@@ -82,6 +82,7 @@ def accumulate_topk(grad: torch.Tensor, residual: torch.Tensor, acc: torch.Tenso
     the sample is added first, which gives the threshold, and then the add,
     the zeroing and the threshold's filter are one pass over memory instead of
     three (``acc`` is never read back); the result is the same, bit for bit.
+    The values and indices come laid out as :func:`pack` lays them out.
     """
     n = acc.numel()
     if not 1 <= k <= n:
@@ -242,9 +243,15 @@ def pack(values: torch.Tensor, indices: torch.Tensor, value_dtype: torch.dtype) 
 
     ``values`` may run past ``indices``: the extra values travel bare, at
     positions both sides know (entries sent dense). Indices go first so both
-    parts stay aligned for :func:`unpack`'s views.
+    parts stay aligned for :func:`unpack`'s views. Entries a selection already
+    wrote packed (as :func:`accumulate_topk`'s kernel does) are returned as
+    their buffer, without a copy.
     """
-    return torch.cat([indices.view(torch.uint8), values.to(value_dtype).view(torch.uint8)])
+    head = indices.view(torch.uint8)
+    if (values.dtype == value_dtype and values.is_contiguous() and values.data_ptr() == head.data_ptr() + head.numel()
+            and values.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()):
+        return head.as_strided((head.numel() + values.nbytes,), (1,))
+    return torch.cat([head, values.to(value_dtype).view(torch.uint8)])
 
 
 def unpack(buffer: torch.Tensor, k: int, numel: int, value_dtype: torch.dtype):

@@ -133,12 +133,16 @@ def topk_sampled(x: torch.Tensor, sample: np.ndarray, ranks: Tuple[int, int], k:
 
 def _selected(n: int, k: int, select):
     """Call ``select`` with room for the positions a threshold lets through (a quarter of ``n``, and
-    the 4 entries a vector store may write past it) and for the result; ``(values, indices)`` or ``None``."""
+    the 4 entries a vector store may write past it) and for the result; ``(values, indices)`` or ``None``.
+
+    The result is written as :func:`raytopk.compression.pack` lays out a payload (the ``k`` indices,
+    then the ``k`` values, in one buffer), so packing it copies nothing."""
     capacity = n // 4 + 1024
     found, scratch = np.empty(capacity + 4, dtype=np.int32), np.empty(capacity, dtype=np.int32)
-    indices, values = np.empty(k, dtype=np.int32), np.empty(k, dtype=np.float32)
-    chosen = select(found.ctypes.data, scratch.ctypes.data, capacity, indices.ctypes.data, values.ctypes.data)
-    return None if chosen < 0 else (torch.from_numpy(values), torch.from_numpy(indices))
+    payload = torch.empty(8 * k, dtype=torch.uint8)
+    indices, values = payload[: 4 * k].view(torch.int32), payload[4 * k:].view(torch.float32)
+    chosen = select(found.ctypes.data, scratch.ctypes.data, capacity, indices.data_ptr(), values.data_ptr())
+    return None if chosen < 0 else (values, indices)
 
 
 def scatter_add_rows(out: torch.Tensor, rows: torch.Tensor, k: int, scale: float) -> torch.Tensor:

@@ -161,6 +161,22 @@ def test_pack_unpack_round_trip(name, k):
     assert torch.equal(got_values, values.to(dtype))
 
 
+def test_pack_returns_entries_already_laid_out_as_a_payload_without_a_copy():
+    k = 5
+    payload = torch.empty(8 * k, dtype=torch.uint8)
+    indices, values = payload[: 4 * k].view(torch.int32), payload[4 * k:].view(torch.float32)
+    indices.copy_(torch.tensor([3, 1, 4, 15, 9], dtype=torch.int32)), values.copy_(torch.randn(k))
+    copied = torch.cat([indices.view(torch.uint8), values.view(torch.uint8)])
+    packed = pack(values, indices, torch.float32)
+    assert packed.data_ptr() == payload.data_ptr() and torch.equal(packed, copied)
+    # Entries in one buffer but not in pack's order, or sent in another dtype, are copied.
+    swapped_values, swapped_indices = payload[: 4 * k].view(torch.float32), payload[4 * k:].view(torch.int32)
+    swapped = pack(swapped_values, swapped_indices, torch.float32)
+    assert swapped.data_ptr() != payload.data_ptr() and torch.equal(swapped, torch.cat([payload[4 * k:], payload[: 4 * k]]))
+    halved = pack(values, indices, torch.float16)
+    assert torch.equal(halved, torch.cat([indices.view(torch.uint8), values.half().view(torch.uint8)]))
+
+
 def test_past_two_to_the_31_entries_indices_are_int64_on_the_wire():
     """A bucket of 2**31 entries or more: indices take 8 bytes; pack and unpack carry positions above int32's range."""
     numel = 2**31 + 5
