@@ -165,7 +165,8 @@ def test_pack_returns_entries_already_laid_out_as_a_payload_without_a_copy():
     k = 5
     payload = torch.empty(8 * k, dtype=torch.uint8)
     indices, values = payload[: 4 * k].view(torch.int32), payload[4 * k:].view(torch.float32)
-    indices.copy_(torch.tensor([3, 1, 4, 15, 9], dtype=torch.int32)), values.copy_(torch.randn(k))
+    indices.copy_(torch.tensor([3, 1, 4, 15, 9], dtype=torch.int32))
+    values.copy_(torch.randn(k))
     copied = torch.cat([indices.view(torch.uint8), values.view(torch.uint8)])
     packed = pack(values, indices, torch.float32)
     assert packed.data_ptr() == payload.data_ptr() and torch.equal(packed, copied)
