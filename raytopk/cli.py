@@ -70,11 +70,10 @@ def _config(args) -> TrainConfig:
 
 def _train(args) -> int:
     cfg = _config(args)
-    from raytopk.train import run
+    from raytopk.train import bytes_line, run
 
     summary = run(cfg, restart=args.restart, command=args.command)
-    print(f"test accuracy {100 * summary['test_accuracy']:.2f}%  wire {summary['wire_mb_per_worker']:.2f} MB/worker ({summary['exchange']})  "
-          f"reduction {summary['reduction']:.1f}x  wall {summary['wall_s']:.0f} s")
+    print(f"test accuracy {100 * summary['test_accuracy']:.2f}%  {bytes_line(summary)}  wall {summary['wall_s']:.0f} s")
     return 0
 
 
@@ -91,10 +90,13 @@ def _bench(args) -> int:
     dense = dataclasses.replace(cfg, compress=False, method=None, output=None, warmup_ratio=None, warmup_epochs=0, momentum_correction=False,
                                 clip_norm=None, per_layer=False)
     rows = [run(job, restart=args.restart, command=args.command) for job in (dense, dataclasses.replace(cfg, compress=True, method=None, output=None))]
-    print(f"\n{'method':<14}{'test acc':>10}{'wire MB/worker':>16}{'reduction':>11}{'wall s':>8}")
+    # With several nodes, the reduction is across node cards, and their bytes (all workers) get a column.
+    print(f"\n{'method':<14}{'test acc':>10}{'wire MB/worker':>16}{'network MB':>12}{'reduction':>11}{'wall s':>8}")
     for row in rows:
         method = f"top-k {row['ratio']:g}" if row["compress"] else "dense"
-        print(f"{method:<14}{100 * row['test_accuracy']:>9.2f}%{row['wire_mb_per_worker']:>16.2f}{row['reduction']:>10.1f}x{row['wall_s']:>8.0f}")
+        network = f"{row['network_bytes'] / 1e6:>12.2f}" if row["nodes"] > 1 else f"{'one node':>12}"
+        print(f"{method:<14}{100 * row['test_accuracy']:>9.2f}%{row['wire_mb_per_worker']:>16.2f}{network}{row['reduction']:>10.1f}x"
+              f"{row['wall_s']:>8.0f}")
     if cfg.output:
         write_json(cfg.output, rows)
     return 0

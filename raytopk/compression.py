@@ -105,7 +105,19 @@ def _sampled(x: torch.Tensor, k: int) -> bool:
 
 
 def _torch_topk(x: torch.Tensor, k: int):
-    _, indices = torch.topk(x.abs(), k, sorted=False)
+    """``torch.topk``'s exact set, with the tie rule of every path: among entries tied at the k-th magnitude, the lowest positions."""
+    magnitude = x.abs()
+    if x.device.type != "cpu":  # one stable sort keeps ties in position order, and the host never waits
+        indices = torch.sort(magnitude, descending=True, stable=True).indices[:k]
+        return x[indices], indices.to(index_dtype(x.numel()))
+    largest = torch.topk(magnitude, k, sorted=False).values
+    finite = largest[~torch.isnan(largest)]  # NaN counts as largest, as in torch.topk: always kept
+    if not len(finite):
+        indices = torch.nonzero(torch.isnan(magnitude)).reshape(-1)[:k]
+    else:
+        kth = finite.min()
+        above = torch.nonzero((magnitude > kth) | torch.isnan(magnitude)).reshape(-1)
+        indices = torch.cat([above, torch.nonzero(magnitude == kth).reshape(-1)[: k - len(above)]])
     return x[indices], indices.to(index_dtype(x.numel()))
 
 

@@ -52,7 +52,8 @@ class TrainConfig:
     dense_below: int = 1024
     # How the selected entries cross the network (see raytopk.exchange).
     exchange: str = "auto"  # auto | allgather | sharded | hierarchical
-    capacity_factor: float = 1.25  # sharded: slots per destination, as a multiple of k / workers
+    capacity_factor: float = 1.25  # sharded: slots per destination, as a multiple of its selection / workers
+    keep_factor: float = 1.0  # sharded: sums each owner keeps, as a multiple of its selection / workers
     link_gbps: float = 1.0  # auto's cost model: bandwidth between nodes ...
     link_latency_us: float = 50.0  # ... and latency per message
     ranks_per_node: int = 0  # the exchange's node layout; 0: as Ray Train places the workers
@@ -186,6 +187,7 @@ _RANGES = {
     "dense_below": (0, False, None),
     "accumulate": (1, False, None),
     "capacity_factor": (1, False, None),
+    "keep_factor": (1, False, None),
     "link_gbps": (0, True, None),
     "link_latency_us": (0, False, None),
     "ranks_per_node": (0, False, None),
@@ -285,7 +287,7 @@ def read_yaml_mapping(path: str) -> dict:
 # Keys that say where and how long a run goes, not what it trains: a rerun may change them and still resume.
 # How entries cross the network is among them: a residual is what was not used, whichever exchange ran
 # (and auto's choice changes with the worker count anyway); so are DDP's buckets, whose residuals are kept per parameter.
-_NOT_IDENTITY = {"exchange", "capacity_factor", "link_gbps", "link_latency_us", "ranks_per_node", "bucket_cap_mb", "data_dir", "download", "epochs",
+_NOT_IDENTITY = {"exchange", "capacity_factor", "keep_factor", "link_gbps", "link_latency_us", "ranks_per_node", "bucket_cap_mb", "data_dir", "download", "epochs",
                  "workers", "min_workers", "resize_interval_s", "use_gpu", "cpus_per_worker", "resources_per_worker", "backend", "address",
                  "name", "checkpoint_dir", "save_every", "keep_checkpoints", "max_failures", "tensorboard", "output"}
 

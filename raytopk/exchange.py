@@ -1,7 +1,8 @@
 """How each worker's selected gradient entries cross the network, and what each way costs.
 
 Every exchange takes this rank's accumulated bucket ``acc`` (gradient plus
-residual) and its selected entries, and produces two things:
+residual) and a budget of ``k`` entries (``ratio * n``, from the hook), and
+produces two things:
 
 * ``out``: the sum over ranks of what the exchange used, times ``scale``,
   dense, the same on every rank (the hook passes ``1 / W``: the mean);
@@ -9,26 +10,35 @@ residual) and its selected entries, and produces two things:
   so error feedback loses nothing. Summed over ranks,
   ``sum(residuals) + out / scale == sum(acc)``.
 
-Three algorithms, from simplest to most scalable:
+What the budget promises, for any worker count ``W`` and every exchange: each
+rank sends about ``2 k (W - 1) / W`` entries (index and value) per bucket,
+which is ``ratio`` of the entries DDP's ring allreduce sends. So the wire
+bytes are ``ratio * (value bytes + 4) / 4`` of dense DDP's (2% at ratio 0.01
+with fp32 values) at 2 workers and at 1,000: ``ratio`` is a share of the
+wire, and two exchanges at one ratio are compared at equal bytes. (Rounding
+adds at most one entry per peer and stage; the hierarchical exchange's dense
+stage inside a node is outside the budget: it never crosses a network card.)
+Each exchange spends the budget its own way (:func:`selected`):
 
-1. ``allgather``: every rank gathers every rank's ``k`` entries (one ring
-   all-gather). Each rank sends ``(W - 1) * k`` entries: traffic per worker
-   grows with the worker count, so at ratio 0.01 it reaches dense DDP's at about
-   100 workers. Exact (the update is the sum of every rank's top-k), and the
-   cheapest at 2 workers.
+1. ``allgather``: each rank selects ``2k / W`` entries (``k`` at two
+   workers) and gathers every rank's (one ring all-gather). Exact: the update
+   is the sum of every rank's selection. The simplest, and the best use of
+   the bytes at two workers, where every entry a rank sends is one it chose.
 2. ``sharded`` (as in Ok-Topk and SparCML): index ``i`` is owned by rank
-   ``i % W``. Each rank sends its entries to their owners in one
-   ``all_to_all_single`` with a fixed capacity per destination (so no round
-   trip to agree on sizes, on gloo or NCCL); owners sum exactly, keep the top
-   ``k / W`` of their shard and one equal-size ``all_gather`` gives everyone
-   the update. Each rank sends about ``(1 + capacity_factor) * k * (W - 1) / W``
-   entries: flat in ``W``. Entries beyond a destination's capacity, or that
+   ``i % W``. Each rank selects ``s = 2k / (capacity_factor + keep_factor)``
+   entries and sends them to their owners in one ``all_to_all_single`` with
+   ``capacity_factor * s / W`` slots per destination (no round trip to agree
+   on sizes, on gloo or NCCL); owners sum exactly and keep the largest
+   ``keep_factor * s / W`` sums of their shard, and one equal-size
+   ``all_gather`` gives everyone the update: a global top-``keep_factor * s``
+   of the summed selections. Entries beyond a destination's slots, or that
    their owner did not keep, stay in the sender's residual.
 3. ``hierarchical`` (two levels, as in HiTopKComm/MSTopK): ranks on one node
    reduce-scatter their dense ``acc`` over the fast local link, each local rank
-   runs the sparse exchange for its shard with its peers on the other nodes,
-   and a local all-gather of the (sparse) results puts the update together.
-   Only the sparse stage crosses the node's network card.
+   spends ``k / L`` of the budget on its shard with its peers on the other
+   nodes (all-gather or sharded), and a local all-gather of the (sparse)
+   results puts the update together. Only that middle stage crosses the
+   node's network card.
 
 :func:`cost` models bytes and alpha-beta time of each (and of dense DDP) for
 any worker count without starting a process; :func:`choose` picks the fastest
@@ -51,12 +61,16 @@ import torch.distributed as dist
 from raytopk import kernels
 from raytopk.compression import index_dtype, pack, select_topk, unpack
 
-__all__ = ["EXCHANGES", "ALGORITHMS", "Link", "Layout", "Cost", "cost", "choose", "dense_allreduce_bytes", "finite_at",
-           "node_layout", "Exchanger", "allgather", "sharded", "completed"]
+__all__ = ["EXCHANGES", "ALGORITHMS", "KEEP_FACTOR", "ALLGATHER_MAX_RANKS", "accurate_exchanges", "Link", "Layout", "Cost", "cost", "choose", "selected", "sharded_counts",
+           "dense_allreduce_bytes", "dense_network_bytes", "finite_at", "node_layout", "Exchanger", "allgather", "sharded", "completed"]
 
 EXCHANGES = ("auto", "allgather", "sharded", "hierarchical")
 # What the cost model knows: the exchanges, and dense DDP in fp32 and fp16 for comparison.
 ALGORITHMS = ("dense", "dense_fp16", "allgather", "sharded", "hierarchical")
+# Flat groups of at most this many ranks may exchange by all-gather under auto (accurate_exchanges).
+ALLGATHER_MAX_RANKS = 2
+# Sums each sharded owner keeps, as a multiple of its share ``selected / W`` (measured: docs/benchmarks.md).
+KEEP_FACTOR = 1.0
 _SENTINEL = -1  # an index slot that carries nothing (padding to a fixed size; fits int32 and int64 indices)
 
 
@@ -108,15 +122,33 @@ class Layout:
 
 @dataclass(frozen=True)
 class Cost:
-    """One bucket's exchange: bytes each rank sends (all stages), and its alpha-beta time in seconds."""
+    """One bucket's exchange, per rank: bytes sent (all stages), alpha-beta seconds, and bytes across node cards.
+
+    ``network_bytes`` is this rank's share of what leaves its node through the
+    network card. A ring (all-gather, DDP's allreduce) visits ranks node by
+    node, so each node sends one ring edge's bytes off the node, shared here
+    evenly by its ranks; an all-to-all sends off the node every chunk whose
+    destination is on another node. On one node it is 0.
+    """
 
     bytes_sent: float
     seconds: float
+    network_bytes: float = 0.0
 
 
 def dense_allreduce_bytes(nbytes: float, world_size: int) -> float:
     """What a ring allreduce (DDP's, gloo's and NCCL's) sends per rank for a tensor of ``nbytes``."""
     return 2 * (world_size - 1) / world_size * nbytes
+
+
+def dense_network_bytes(nbytes: float, layout: Layout) -> float:
+    """Each rank's share of what a ring allreduce of ``nbytes`` (DDP's) sends across node cards: 0 on one node.
+
+    The ring visits ranks node by node, so each of ``N`` nodes sends one
+    edge's ``2 (W - 1) / W * nbytes`` off the node: summed over ranks,
+    ``N * 2 (W - 1) / W * nbytes``.
+    """
+    return cost("dense", layout, nbytes, 0, element_bytes=1).network_bytes if layout.world_size > 1 else 0.0
 
 
 def _ring(layout: Layout, link: Link, steps: int, per_rank: float, sharing: int = 1) -> Cost:
@@ -126,7 +158,9 @@ def _ring(layout: Layout, link: Link, steps: int, per_rank: float, sharing: int 
     edge each way, and the slowest edge sets the pace. ``sharing`` rings run at
     once through the same cards.
     """
-    return Cost(per_rank, link.seconds(steps, sharing * per_rank, inter=layout.nodes > 1))
+    across = layout.nodes > 1
+    network = per_rank * layout.nodes / layout.world_size if across else 0.0
+    return Cost(per_rank, link.seconds(steps, sharing * per_rank, inter=across), network)
 
 
 def _pairwise(layout: Layout, link: Link, chunk: float, sharing: int = 1) -> Cost:
@@ -140,21 +174,37 @@ def _pairwise(layout: Layout, link: Link, chunk: float, sharing: int = 1) -> Cos
         return Cost((w - 1) * chunk, link.seconds(w - 1, (w - 1) * chunk, inter=False))
     seconds = link.seconds(w - 1, sharing * local * (w - local) * chunk, inter=True)
     seconds += link.seconds(0, (local - 1) * chunk, inter=False)
-    return Cost((w - 1) * chunk, seconds)
+    return Cost((w - 1) * chunk, seconds, (w - local) * chunk)
 
 
 def _plus(*costs: Cost) -> Cost:
-    return Cost(sum(c.bytes_sent for c in costs), sum(c.seconds for c in costs))
+    return Cost(*(sum(getattr(c, field) for c in costs) for field in ("bytes_sent", "seconds", "network_bytes")))
 
 
-def sharded_counts(k: int, world_size: int, capacity_factor: float) -> Tuple[int, int]:
-    """``(capacity, keep)`` of the sharded exchange: entries per destination, and kept per owner."""
-    return max(1, math.ceil(capacity_factor * k / world_size)), max(1, math.ceil(k / world_size))
+def selected(algorithm: str, k: int, world_size: int, capacity_factor: float = 1.25, keep_factor: float = KEEP_FACTOR) -> int:
+    """Entries each rank selects so that ``algorithm`` sends about ``2 k (W - 1) / W`` entries (the budget ``k``'s promise).
+
+    All-gather sends ``W - 1`` copies of its selection: ``2k / W``. Sharded
+    sends ``capacity_factor + keep_factor`` times ``(W - 1) / W`` of it:
+    ``2k / (capacity_factor + keep_factor)``. At least one entry, never more than ``k``.
+    """
+    if world_size == 1:
+        return k
+    if algorithm == "allgather":
+        return max(1, 2 * k // world_size)
+    if algorithm == "sharded":
+        return max(1, min(k, math.floor(2 * k / (capacity_factor + keep_factor))))
+    raise ValueError(f"selected() knows allgather and sharded, got {algorithm!r}")
+
+
+def sharded_counts(selected: int, world_size: int, capacity_factor: float, keep_factor: float = KEEP_FACTOR) -> Tuple[int, int]:
+    """``(capacity, keep)`` of the sharded exchange for ``selected`` entries per rank: slots per destination, sums kept per owner."""
+    return max(1, math.ceil(capacity_factor * selected / world_size)), max(1, math.ceil(keep_factor * selected / world_size))
 
 
 def cost(algorithm: str, layout: Layout, numel: int, k: int, value_bytes: int = 4, element_bytes: int = 4,
-         link: Link = Link(), capacity_factor: float = 1.25) -> Cost:
-    """Bytes per rank and alpha-beta seconds of exchanging one bucket of ``numel`` entries, ``k`` selected per rank.
+         link: Link = Link(), capacity_factor: float = 1.25, keep_factor: float = KEEP_FACTOR) -> Cost:
+    """Bytes per rank and alpha-beta seconds of exchanging one bucket of ``numel`` entries with a budget of ``k``.
 
     ``value_bytes`` is the size of a sent value (indices add 4), ``element_bytes``
     that of a dense gradient entry. Starts no process: use it to project any
@@ -170,29 +220,32 @@ def cost(algorithm: str, layout: Layout, numel: int, k: int, value_bytes: int = 
         return _ring(layout, link, 2 * (w - 1), dense_allreduce_bytes(nbytes, w))
     entry = value_bytes + index_dtype(numel).itemsize
     if algorithm != "hierarchical":
-        return _flat(algorithm, layout, k, entry, link, capacity_factor)
+        return _flat(algorithm, layout, k, entry, link, capacity_factor, keep_factor)
     local, nodes = layout.local_world_size, layout.nodes
-    shard, shard_k = math.ceil(numel / local), math.ceil(k / local)
+    shard_k = math.ceil(k / local)
     on_node = Layout(local, local)
-    scatter = _pairwise(on_node, link, shard * element_bytes)
-    _, inner, result = _inner_choice(nodes, shard_k, entry, link, capacity_factor, sharing=local)
+    # Shards are ceil(numel / L) but the last; on average each rank sends (L - 1) / L of the bucket in the reduce-scatter.
+    scatter = _pairwise(on_node, link, numel * element_bytes / local)
+    _, inner, result = _inner_choice(nodes, shard_k, entry, link, capacity_factor, keep_factor, sharing=local)
     gather = _ring(on_node, link, local - 1, (local - 1) * result * (element_bytes + 4))
     return _plus(scatter, inner, gather)
 
 
-def _flat(algorithm: str, layout: Layout, k: int, entry: int, link: Link, capacity_factor: float, sharing: int = 1) -> Cost:
-    """All-gather or sharded over ``layout``, ``entry`` bytes per sent entry."""
+def _flat(algorithm: str, layout: Layout, k: int, entry: int, link: Link, capacity_factor: float, keep_factor: float,
+          sharing: int = 1) -> Cost:
+    """All-gather or sharded over ``layout`` with a budget of ``k``, ``entry`` bytes per sent entry."""
     w = layout.world_size
     if w == 1:
         return Cost(0, 0.0)
+    chosen = selected(algorithm, k, w, capacity_factor, keep_factor)
     if algorithm == "allgather":
-        return _ring(layout, link, w - 1, (w - 1) * k * entry, sharing)
-    capacity, keep = sharded_counts(k, w, capacity_factor)
+        return _ring(layout, link, w - 1, (w - 1) * chosen * entry, sharing)
+    capacity, keep = sharded_counts(chosen, w, capacity_factor, keep_factor)
     return _plus(_pairwise(layout, link, capacity * entry, sharing), _ring(layout, link, w - 1, (w - 1) * keep * entry, sharing))
 
 
-def _inner_choice(nodes: int, k: int, entry: int, link: Link, capacity_factor: float, sharing: int):
-    """The hierarchical exchange's stage across ``nodes`` (one rank each, ``sharing`` per card at once).
+def _inner_choice(nodes: int, k: int, entry: int, link: Link, capacity_factor: float, keep_factor: float, sharing: int):
+    """The hierarchical exchange's stage across ``nodes`` (one rank each, ``sharing`` per card at once), budget ``k``.
 
     Returns the flat algorithm it uses ("none" on one node), its cost, and how
     many entries its result can hold.
@@ -200,24 +253,40 @@ def _inner_choice(nodes: int, k: int, entry: int, link: Link, capacity_factor: f
     if nodes == 1:
         return "none", Cost(0, 0.0), k
     across = Layout(nodes, 1)
-    timed = [(_flat(name, across, k, entry, link, capacity_factor, sharing), i, name) for i, name in enumerate(("allgather", "sharded"))]
+    timed = [(_flat(name, across, k, entry, link, capacity_factor, keep_factor, sharing), i, name)
+             for i, name in enumerate(accurate_exchanges(across))]
     inner, _, name = min(timed, key=lambda t: (t[0].seconds, t[1]))
-    entries = nodes * k if name == "allgather" else nodes * sharded_counts(k, nodes, capacity_factor)[1]
+    chosen = selected(name, k, nodes, capacity_factor, keep_factor)
+    entries = nodes * chosen if name == "allgather" else nodes * sharded_counts(chosen, nodes, capacity_factor, keep_factor)[1]
     return name, inner, entries
 
 
 def choose(layout: Layout, numel: int, k: int, value_bytes: int = 4, link: Link = Link(), capacity_factor: float = 1.25,
-           candidates=("allgather", "sharded", "hierarchical")) -> str:
-    """The exchange with the least modelled time for this bucket (``exchange="auto"``); ties go to the simpler one.
+           keep_factor: float = KEEP_FACTOR) -> str:
+    """The exchange with the least modelled time for this bucket (``exchange="auto"``) among :func:`accurate_exchanges`.
 
-    Deterministic: every rank passes the same numbers and gets the same answer.
-    Hierarchical is a candidate only with several nodes of several ranks.
+    Ties go to the simpler one. Deterministic: every rank passes the same
+    numbers and gets the same answer.
     """
-    if layout.local_world_size == 1 or layout.nodes == 1:
-        candidates = [c for c in candidates if c != "hierarchical"]
-    timed = [(cost(name, layout, numel, k, value_bytes, link=link, capacity_factor=capacity_factor).seconds, i, name)
-             for i, name in enumerate(candidates)]
+    candidates = accurate_exchanges(layout)
+    timed = [(cost(name, layout, numel, k, value_bytes, link=link, capacity_factor=capacity_factor, keep_factor=keep_factor).seconds,
+              i, name) for i, name in enumerate(candidates)]
     return min(timed)[2]
+
+
+def accurate_exchanges(layout: Layout) -> Tuple[str, ...]:
+    """The exchanges ``auto`` chooses among for ``layout``: those whose measured accuracy keeps up at equal bytes.
+
+    At one ratio every exchange sends the same bytes, so the question is
+    which spends them better. Beyond ``ALLGATHER_MAX_RANKS`` ranks all-gather
+    spends them on ``2 / W`` of the budget per rank, and the sharded
+    exchange's global top of summed selections is more accurate (measured at
+    4 and 8 workers: docs/benchmarks.md); the two-level exchange sums whole
+    nodes densely first. Hierarchical needs several nodes of several ranks.
+    """
+    flat = ("allgather", "sharded") if layout.world_size <= ALLGATHER_MAX_RANKS else ("sharded",)
+    several = layout.local_world_size > 1 and layout.nodes > 1
+    return flat + (("hierarchical",) if several else ())
 
 
 # -- the node layout -------------------------------------------------------------------
@@ -239,9 +308,8 @@ def node_layout(group, local_world_size: Optional[int] = None) -> Tuple[Layout, 
         local_rank, local_size = rank % local_world_size, local_world_size
     else:
         local_rank, local_size = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    mine = torch.tensor([local_rank, local_size], dtype=torch.int64)
-    if dist.get_backend(group) == "nccl":
-        mine = mine.cuda()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    mine = torch.tensor([local_rank, local_size], dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(everyone, mine, group=group)
     pairs = [tuple(int(v) for v in t.tolist()) for t in everyone]
@@ -347,14 +415,14 @@ def _route(indices: torch.Tensor, values: torch.Tensor, owners: int, capacity: i
     """
     owner = indices.long() % owners
     if int(torch.bincount(owner, minlength=owners).max()) <= capacity:
-        order = torch.arange(len(indices))
+        order = torch.arange(len(indices), device=indices.device)
     else:
         order = torch.sort(values.abs(), descending=True, stable=True).indices
         owner = owner[order]
     by_owner = torch.sort(owner, stable=True)
     order, owner = order[by_owner.indices], by_owner.values
     counts = torch.bincount(owner, minlength=owners)
-    place = torch.arange(len(order)) - (torch.cumsum(counts, 0) - counts)[owner]
+    place = torch.arange(len(order), device=order.device) - (torch.cumsum(counts, 0) - counts)[owner]
     fits = place < capacity
     return order[fits], owner[fits] * capacity + place[fits]
 
@@ -363,7 +431,7 @@ def _owner_sums(indices: torch.Tensor, values: torch.Tensor, dtype):
     """Distinct ``indices`` (sentinels dropped) and the exact sum of ``values`` at each."""
     valid = indices != _SENTINEL
     distinct, inverse = torch.unique(indices[valid].long(), return_inverse=True)
-    return distinct, torch.zeros(len(distinct), dtype=dtype).index_add_(0, inverse, values[valid].to(dtype))
+    return distinct, torch.zeros(len(distinct), dtype=dtype, device=values.device).index_add_(0, inverse, values[valid].to(dtype))
 
 
 def sharded(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, value_dtype, group, out: torch.Tensor,
@@ -387,8 +455,8 @@ def sharded(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, valu
     world_size, numel = dist.get_world_size(group), acc.numel()
     idx_dtype = index_dtype(numel)
     chosen, slots = _route(indices, values, world_size, capacity)
-    send_indices = torch.full((world_size * capacity,), _SENTINEL, dtype=idx_dtype)
-    send_values = torch.zeros(world_size * capacity, dtype=value_dtype)
+    send_indices = torch.full((world_size * capacity,), _SENTINEL, dtype=idx_dtype, device=acc.device)
+    send_values = torch.zeros(world_size * capacity, dtype=value_dtype, device=acc.device)
     send_indices[slots] = indices[chosen].to(idx_dtype)
     send_values[slots] = values[chosen].to(value_dtype)
     rows = [t.view(torch.uint8).view(world_size, -1) for t in (send_indices, send_values)]
@@ -402,9 +470,9 @@ def sharded(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, valu
 
     distinct, sums = _owner_sums(got_indices, got_values, acc.dtype)
     kept = min(keep, len(distinct))
-    top = torch.topk(sums.abs(), kept, sorted=False).indices if kept < len(distinct) else torch.arange(kept)
-    keep_indices = torch.full((keep,), _SENTINEL, dtype=idx_dtype)
-    keep_values = torch.zeros(keep, dtype=value_dtype)
+    top = torch.topk(sums.abs(), kept, sorted=False).indices if kept < len(distinct) else torch.arange(kept, device=acc.device)
+    keep_indices = torch.full((keep,), _SENTINEL, dtype=idx_dtype, device=acc.device)
+    keep_values = torch.zeros(keep, dtype=value_dtype, device=acc.device)
     keep_indices[:kept] = distinct[top].to(idx_dtype)
     keep_values[:kept] = sums[top].to(value_dtype)
     owner_rounding = (distinct[top], sums[top] - keep_values[:kept].to(acc.dtype))
@@ -418,7 +486,7 @@ def sharded(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, valu
         update_positions = all_indices[valid].long()
         out.zero_()
         out.index_add_(0, update_positions, all_values[valid].to(out.dtype), alpha=scale)
-        kept_anywhere = torch.zeros(out.numel(), dtype=torch.bool)
+        kept_anywhere = torch.zeros(out.numel(), dtype=torch.bool, device=out.device)
         kept_anywhere[update_positions] = True
         used = kept_anywhere[sent_positions]
         cleared = sent_positions[used]
@@ -433,18 +501,22 @@ def sharded(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, valu
 class Exchanger:
     """The exchange a :class:`~raytopk.hook.TopKState` uses, with the process groups it needs, built once.
 
-    ``auto`` and ``hierarchical`` read the node layout (:func:`node_layout`);
-    with several nodes of several ranks, each rank builds two subgroups: the
-    ranks of its node, and the ranks with its local rank on every node.
+    Every exchange reads the node layout (:func:`node_layout`), which splits
+    the bytes sent into those that stay on a node and those that cross its
+    network card (an unknown or uneven layout counts every byte as crossing).
+    ``auto`` and ``hierarchical`` with several nodes of several ranks build two
+    subgroups on each rank: the ranks of its node, and the ranks with its local
+    rank on every node.
     """
 
     def __init__(self, exchange: str, group, link: Link, capacity_factor: float, local_world_size: Optional[int] = None,
-                 on_decoded: Optional[Callable[[float], None]] = None):
-        self.exchange, self.group, self.link, self.capacity_factor = exchange, group, link, capacity_factor
+                 on_decoded: Optional[Callable[[float], None]] = None, keep_factor: float = KEEP_FACTOR):
+        self.exchange, self.group, self.link = exchange, group, link
+        self.capacity_factor, self.keep_factor = capacity_factor, keep_factor
         self.on_decoded = on_decoded  # receives the CPU seconds each gather's decoding took
         self.world_size = dist.get_world_size(group)
         self.layout = Layout(self.world_size, 1)
-        if exchange in ("auto", "hierarchical") and self.world_size > 1:
+        if self.world_size > 1:
             self.layout, why_flat = node_layout(group, local_world_size)
             if exchange == "hierarchical" and why_flat:
                 raise ValueError(f"exchange='hierarchical' needs the same number of ranks on every node, numbered node by node: {why_flat}")
@@ -452,7 +524,7 @@ class Exchanger:
         self._picked = {}  # (numel, k, value bytes) -> algorithm: auto's choice, made once per bucket shape
         self.intra = self.group if nodes == 1 else None
         self.inter = self.group if local == 1 else None
-        if local > 1 and nodes > 1:
+        if local > 1 and nodes > 1 and exchange in ("auto", "hierarchical"):
             ranks = dist.get_process_group_ranks(group)
             node, local_rank = divmod(dist.get_rank(group), local)
             self.intra = dist.new_group([ranks[node * local + i] for i in range(local)], use_local_synchronization=True)
@@ -464,17 +536,35 @@ class Exchanger:
             return self.exchange
         key = (numel, k, value_bytes)
         if key not in self._picked:
-            self._picked[key] = choose(self.layout, numel, k, value_bytes, self.link, self.capacity_factor)
+            self._picked[key] = choose(self.layout, numel, k, value_bytes, self.link, self.capacity_factor, self.keep_factor)
         return self._picked[key]
 
+    def selected(self, algorithm: str, k: int) -> int:
+        """Entries this rank selects to spend a budget of ``k`` by a flat ``algorithm`` over the whole group."""
+        return selected(algorithm, k, self.world_size, self.capacity_factor, self.keep_factor)
+
+    def network_bytes(self, algorithm: str, numel: int, k: int, value_bytes: int, sent: float) -> float:
+        """This rank's share of the ``sent`` bytes of one exchange that crossed its node's network card (see :class:`Cost`)."""
+        if self.layout.nodes == 1:
+            return 0.0
+        if algorithm == "allgather":  # one ring: any payload, per-layer and dense parts included
+            return sent * self.layout.nodes / self.world_size
+        return cost(algorithm, self.layout, numel, k, value_bytes, link=self.link, capacity_factor=self.capacity_factor,
+                    keep_factor=self.keep_factor).network_bytes
+
+    def dense_network_bytes(self, nbytes: float) -> float:
+        """This rank's share of what DDP's ring allreduce of ``nbytes`` sends across node cards."""
+        return dense_network_bytes(nbytes, self.layout)
+
     def run(self, algorithm: str, acc: torch.Tensor, k: int, value_dtype, out: torch.Tensor, scale: float = 1.0):
-        """Exchange ``acc``'s top-``k`` by ``algorithm``: the future of ``(out, cleared, touched)``, and the bytes sent."""
+        """Exchange ``acc`` by ``algorithm`` with a budget of ``k``: the future of ``(out, cleared, touched)``, and the bytes sent."""
         if algorithm == "allgather":
-            values, indices = select_topk(acc, k)
+            values, indices = select_topk(acc, self.selected(algorithm, k))
             return allgather(acc, values, indices, value_dtype, self.group, out, scale=scale, on_decoded=self.on_decoded)
         if algorithm == "sharded":
-            values, indices = select_topk(acc, k)
-            capacity, keep = sharded_counts(k, self.world_size, self.capacity_factor)
+            chosen = self.selected(algorithm, k)
+            values, indices = select_topk(acc, chosen)
+            capacity, keep = sharded_counts(chosen, self.world_size, self.capacity_factor, self.keep_factor)
             return sharded(acc, values, indices, value_dtype, self.group, out, capacity, keep, scale, self.on_decoded)
         return self._hierarchical(acc, k, value_dtype, out, scale)
 
@@ -485,9 +575,10 @@ class Exchanger:
 
         1. Reduce-scatter ``acc`` on the node (an ``all_to_all_single`` of
            shards, summed in rank order): ``j`` holds its node's sum of shard ``j``.
-        2. Select ``ceil(k / L)`` entries of that sum and exchange them with the
-           ``j``-th rank of every other node (all-gather or sharded, whichever
-           the cost model says is faster for ``N`` ranks).
+        2. Spend ``ceil(k / L)`` of the budget on that sum, with the ``j``-th
+           rank of every other node (all-gather or sharded, whichever the cost
+           model says is faster for ``N`` ranks, each selecting as
+           :func:`selected` says).
         3. All-gather the shard's update on the node (the positions step 2
            touched and their sums, in ``acc``'s dtype so nothing is rounded
            again) and put every shard's in place.
@@ -503,7 +594,7 @@ class Exchanger:
         start, end = bounds[me]
         sent = 0
         if local > 1:
-            received = torch.empty(local * (end - start), dtype=acc.dtype)
+            received = torch.empty(local * (end - start), dtype=acc.dtype, device=acc.device)
             dist.all_to_all_single(received, acc, [end - start] * local, [e - s for s, e in bounds], group=self.intra,
                                    async_op=True).wait()
             node_sum = received.view(local, end - start).sum(0)
@@ -511,19 +602,20 @@ class Exchanger:
         else:
             node_sum = acc.clone()
         shard_k = math.ceil(k / local)
-        entry = torch.empty(0, dtype=value_dtype).element_size() + index_dtype(numel).itemsize
-        inner, _, result_entries = _inner_choice(nodes, shard_k, entry, self.link, self.capacity_factor, local)
+        entry = value_dtype.itemsize + index_dtype(numel).itemsize
+        inner, _, result_entries = _inner_choice(nodes, shard_k, entry, self.link, self.capacity_factor, self.keep_factor, local)
         node_out = torch.zeros_like(node_sum)
-        cleared = touched = torch.empty(0, dtype=torch.long)
+        cleared = touched = torch.empty(0, dtype=torch.long, device=acc.device)
         if end > start:  # every rank of the stage across nodes has the same shard: all skip it or none
-            values, indices = select_topk(node_sum, min(shard_k, end - start))
+            chosen = shard_k if inner == "none" else selected(inner, shard_k, nodes, self.capacity_factor, self.keep_factor)
+            values, indices = select_topk(node_sum, min(chosen, end - start))
             if inner == "none":
                 future, inner_sent = _local_only(node_sum, values, indices, value_dtype, node_out)
             elif inner == "allgather":
                 future, inner_sent = allgather(node_sum, values, indices, value_dtype, self.inter, node_out,
                                                on_decoded=self.on_decoded)
             else:
-                capacity, keep = sharded_counts(shard_k, nodes, self.capacity_factor)
+                capacity, keep = sharded_counts(chosen, nodes, self.capacity_factor, self.keep_factor)
                 future, inner_sent = sharded(node_sum, values, indices, value_dtype, self.inter, node_out, capacity, keep,
                                              on_decoded=self.on_decoded)
             _, cleared, touched = future.wait()
@@ -533,8 +625,8 @@ class Exchanger:
         if local == 1:
             torch.mul(node_out, scale, out=out)
             return completed(out, cleared, touched), sent
-        result_indices = torch.full((result_entries,), _SENTINEL, dtype=index_dtype(numel))
-        result_values = torch.zeros(result_entries, dtype=acc.dtype)
+        result_indices = torch.full((result_entries,), _SENTINEL, dtype=index_dtype(numel), device=acc.device)
+        result_values = torch.zeros(result_entries, dtype=acc.dtype, device=acc.device)
         result_indices[: len(touched)] = touched + start
         result_values[: len(touched)] = node_out[touched]
         payload = pack(result_values, result_indices, acc.dtype)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from raytopk.compression import VALUE_DTYPES, accumulate_topk, index_dtype, payload_bytes, select_topk
-from raytopk.exchange import EXCHANGES, Exchanger, Link, allgather, completed, dense_allreduce_bytes, finite_at
+from raytopk.exchange import EXCHANGES, KEEP_FACTOR, Exchanger, Link, allgather, completed, dense_allreduce_bytes, finite_at
 from raytopk.optim import MomentumCorrectedSGD
 
 __all__ = ["TopKState", "topk_hook", "redistribute", "gather_state_dicts", "load_rank_state"]
@@ -37,10 +37,13 @@ class TopKState:
 
     Tuning:
 
-    1. ``ratio`` is the fraction of entries sent. 0.01 (1%) keeps accuracy
-       within noise of dense training on the CNNs we measured; 0.001 saves ten
-       times more and may cost a little accuracy. Bytes on the wire scale with
-       ``ratio * (value size + 4)`` per entry, against 4 per entry for dense fp32.
+    1. ``ratio`` is each worker's share of the wire, at any worker count: it
+       sends ``ratio`` of the entries DDP's ring allreduce would, as index and
+       value, so ``ratio * (value size + 4) / 4`` of dense fp32's bytes (2% at
+       0.01). At two workers that is its top ``ratio * n`` entries; with more,
+       the exchange decides how to spend it (8.). 0.01 keeps accuracy within
+       noise of dense training on the CNNs we measured at two workers; 0.001
+       saves ten times more and may cost a little accuracy.
     2. ``start_iter`` dense iterations come first. DDP rebuilds its buckets
        after the first iteration, and dense steps at the start are cheap
        insurance, as in PowerSGD. Keep it at least 2.
@@ -85,9 +88,13 @@ class TopKState:
        default) picks per bucket by :func:`raytopk.exchange.cost` from the
        worker count, the node layout (``LOCAL_WORLD_SIZE``, as torchrun and Ray
        Train set it), the bucket and ``link`` (a :class:`~raytopk.exchange.Link`
-       of bandwidths and latencies). Sharded and hierarchical approximate a
-       global top-k; what they do not use stays in the residuals. Per-layer
-       selection sends with "allgather".
+       of bandwidths and latencies), among the exchanges measured to keep
+       accuracy for that layout. Every exchange keeps ``ratio``'s bytes; with
+       many workers all-gather spends them on ``2 / W`` of the ratio per worker,
+       sharded on a global top-k of summed selections (its owners keep
+       ``keep_factor`` times their share of the sums), which is why it is more
+       accurate there. What an exchange does not use stays in the residuals.
+       Per-layer selection sends with "allgather".
 
     Memory: two residual-sized tensors per worker (twice the gradient size):
     the residual, and the ``gradient + residual`` of the step in flight, which
@@ -117,7 +124,8 @@ class TopKState:
         per_layer: select the top-k of each parameter instead of each bucket.
         dense_below: with ``per_layer``, parameters with fewer entries (or 1-D) go dense.
         exchange: "auto", "allgather", "sharded" or "hierarchical".
-        capacity_factor: slots per destination of the sharded exchange, as a multiple of ``k / W``; >= 1.
+        capacity_factor: slots per destination of the sharded exchange, as a multiple of its selection over ``W``; >= 1.
+        keep_factor: sums each sharded owner keeps, as a multiple of its selection over ``W``; >= 1.
         link: network figures for ``exchange="auto"``; ``None`` is :class:`~raytopk.exchange.Link`'s defaults.
         local_world_size: ranks per node, numbered node by node; ``None`` reads
             ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` as torchrun and Ray Train set them.
@@ -139,6 +147,7 @@ class TopKState:
         dense_below: int = 1024,
         exchange: str = "auto",
         capacity_factor: float = 1.25,
+        keep_factor: float = KEEP_FACTOR,
         link: Optional[Link] = None,
         local_world_size: Optional[int] = None,
     ):
@@ -163,6 +172,7 @@ class TopKState:
         if per_layer and exchange in ("sharded", "hierarchical"):
             raise ValueError(f"per_layer=True sends with exchange='allgather' (or 'auto'), got exchange={exchange!r}")
         _check_number("capacity_factor", capacity_factor, 1.0 - 1e-12, math.inf, "[1, inf)")
+        _check_number("keep_factor", keep_factor, 1.0 - 1e-12, math.inf, "[1, inf)")
         if local_world_size is not None and (isinstance(local_world_size, bool) or not isinstance(local_world_size, int)
                                              or local_world_size < 1):
             raise ValueError(f"local_world_size must be an integer >= 1 or None, got {local_world_size!r}")
@@ -182,9 +192,10 @@ class TopKState:
         self.momentum = float(momentum)
         self.clip_norm = None if clip_norm is None else float(clip_norm)
         self.process_group = process_group
-        # How entries cross the network; the Exchanger (node layout, subgroups) is built at the first compressed step.
+        # How entries cross the network; the Exchanger (node layout, subgroups) is built at the first step.
         self.exchange = "allgather" if per_layer else exchange
         self.capacity_factor = float(capacity_factor)
+        self.keep_factor = float(keep_factor)
         self.link = link or Link()
         self.local_world_size = local_world_size
         self._exchanger: Optional[Exchanger] = None
@@ -210,7 +221,9 @@ class TopKState:
         # Step counter, advanced after the last bucket of each step.
         self.iter = 0
         # Cumulative counters, read by training loops and benchmarks.
-        self.stats = {"steps": 0, "bytes_sent": 0, "dense_bytes": 0, "hook_s": 0.0}
+        # network_bytes: this rank's share of what crossed its node's network card (0 on one node);
+        # dense_network_bytes: the same for DDP's ring allreduce of the same steps.
+        self.stats = {"steps": 0, "bytes_sent": 0, "dense_bytes": 0, "network_bytes": 0, "dense_network_bytes": 0, "hook_s": 0.0}
         self._stats_lock = threading.Lock()
 
     def current_ratio(self) -> float:
@@ -221,7 +234,12 @@ class TopKState:
         return self.warmup_ratio * (self.ratio / self.warmup_ratio) ** (max(done, 0) / self.warmup_steps)
 
     def k_for(self, numel: int) -> int:
-        """Entries a group of ``numel`` sends this step: ``max(1, ceil(ratio * numel))``."""
+        """The budget of a group of ``numel`` this step: ``max(1, ceil(ratio * numel))`` entries.
+
+        Each exchange spends it as :func:`raytopk.exchange.selected` says, so
+        that every rank sends about ``2 k (W - 1) / W`` entries: at two workers,
+        ``k`` of its own.
+        """
         return max(1, min(numel, math.ceil(self.current_ratio() * numel)))
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -353,12 +371,16 @@ class TopKState:
         with self._stats_lock:
             self.stats["hook_s"] += seconds
 
-    def _count(self, bucket: dist.GradBucket, world_size: int, sent: float, seconds: float) -> None:
-        """Add one bucket: ``sent`` bytes on the wire, against what DDP's ring allreduce would have sent."""
-        buffer = bucket.buffer()
+    def _count(self, bucket: dist.GradBucket, world_size: int, sent: float, network: Optional[float], seconds: float) -> None:
+        """Add one bucket: ``sent`` bytes on the wire (``network`` of them across node cards; ``None``: as dense DDP's),
+        against what DDP's ring allreduce would have sent."""
+        nbytes = bucket.buffer().numel() * bucket.buffer().element_size()
+        dense_network = self._exchanger.dense_network_bytes(nbytes)
         with self._stats_lock:
             self.stats["bytes_sent"] += int(sent)
-            self.stats["dense_bytes"] += int(dense_allreduce_bytes(buffer.numel() * buffer.element_size(), world_size))
+            self.stats["dense_bytes"] += int(dense_allreduce_bytes(nbytes, world_size))
+            self.stats["network_bytes"] += int(dense_network if network is None else network)
+            self.stats["dense_network_bytes"] += int(dense_network)
             self.stats["hook_s"] += seconds
             if bucket.is_last():
                 self.iter += 1
@@ -414,7 +436,7 @@ def load_rank_state(state: TopKState, saved: List[dict], group: Optional[dist.Pr
         return {}
     state.load_state_dict(redistribute(saved, world_size))
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    restored, error = state.state_dict(), torch.zeros((), dtype=torch.float64)
+    restored, error = state.state_dict(), torch.zeros((), dtype=torch.float64, device="cpu")  # compared on the host
     for kind in _KINDS:
         for name, tensor in restored.get(kind, {}).items():
             ours = tensor.to(device, torch.float64)
@@ -427,7 +449,7 @@ def load_rank_state(state: TopKState, saved: List[dict], group: Optional[dist.Pr
 # What a checkpoint holds per parameter, and the settings it records.
 _KINDS = ("residuals", "velocities")
 _SETTINGS = ("ratio", "value_dtype", "start_iter", "warmup_ratio", "warmup_steps", "momentum", "clip_norm", "per_layer", "dense_below",
-             "exchange", "capacity_factor")
+             "exchange", "capacity_factor", "keep_factor")
 
 
 def _check_number(name, value, low, high, allowed) -> None:
@@ -596,10 +618,13 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     n, dense_bytes = buffer.numel(), buffer.numel() * buffer.element_size()
     if state.module is None and not state._met_all:
         state._meet(bucket.parameters())
+    if state._exchanger is None:
+        state._exchanger = Exchanger(state.exchange, group, state.link, state.capacity_factor, state.local_world_size,
+                                     state._add_hook_time, state.keep_factor)
 
     if state.iter < state.start_iter:
         future = _dense_allreduce(buffer, group, world_size)
-        state._count(bucket, world_size, dense_allreduce_bytes(dense_bytes, world_size), time.thread_time() - started)
+        state._count(bucket, world_size, dense_allreduce_bytes(dense_bytes, world_size), None, time.thread_time() - started)
         return future
 
     memory = state._memory(bucket)
@@ -624,13 +649,10 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
             return mean
 
         future = _dense_allreduce(buffer, group, world_size).then(clear_memory)
-        state._count(bucket, world_size, dense_allreduce_bytes(dense_bytes, world_size), time.thread_time() - started)
+        state._count(bucket, world_size, dense_allreduce_bytes(dense_bytes, world_size), None, time.thread_time() - started)
         return future
 
-    if state._exchanger is None:
-        state._exchanger = Exchanger(state.exchange, group, state.link, state.capacity_factor, state.local_world_size,
-                                     state._add_hook_time)
-    future, sent = _exchange(state, memory, buffer, ks, value_dtype, 1.0 / world_size)
+    future, sent, network = _exchange(state, memory, buffer, ks, value_dtype, 1.0 / world_size)
 
     def keep_residual(fut: torch.futures.Future) -> torch.Tensor:
         commit_started = time.thread_time()
@@ -639,12 +661,13 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         state._add_hook_time(time.thread_time() - commit_started)
         return out
 
-    state._count(bucket, world_size, sent, time.thread_time() - started)
+    state._count(bucket, world_size, sent, network, time.thread_time() - started)
     return future.then(keep_residual)
 
 
 def _exchange(state: TopKState, memory: "_BucketMemory", buffer: torch.Tensor, ks: List[int], value_dtype, scale: float):
-    """Accumulate and exchange one bucket: the future of ``(buffer, cleared, touched)`` (``buffer``: the sum times ``scale``), bytes sent.
+    """Accumulate and exchange one bucket with budgets ``ks``: the future of ``(buffer, cleared, touched)`` (``buffer``: the
+    sum times ``scale``), the bytes sent, and those of them that crossed a node's network card.
 
     All-gather takes every selection mode (per-layer, dense parameters, the
     saved groups of a resumed step) in one collective. Sharded and
@@ -655,26 +678,31 @@ def _exchange(state: TopKState, memory: "_BucketMemory", buffer: torch.Tensor, k
     exchanger = state._exchanger
     value_bytes = value_dtype.itemsize
     groups = memory.groups if memory.groups is not None else [None]
-    picked = [exchanger.pick(buffer.numel() if g is None else len(g), k, value_bytes) for g, k in zip(groups, ks)]
+    sizes = [buffer.numel() if g is None else len(g) for g in groups]
+    picked = [exchanger.pick(size, k, value_bytes) for size, k in zip(sizes, ks)]
     _tally(state, picked)
     if state.per_layer or all(name == "allgather" for name in picked):
-        acc, values, indices = memory.accumulate_select(buffer, state.momentum, ks)
+        chosen = [exchanger.selected("allgather", k) for k in ks]
+        acc, values, indices = memory.accumulate_select(buffer, state.momentum, chosen)
         positions = memory.positions if len(memory.dense) else None
-        return allgather(acc, values, indices, value_dtype, exchanger.group, buffer, positions, scale, exchanger.on_decoded,
-                         zeroed=True)
+        future, sent = allgather(acc, values, indices, value_dtype, exchanger.group, buffer, positions, scale,
+                                 exchanger.on_decoded, zeroed=True)
+        return future, sent, exchanger.network_bytes("allgather", buffer.numel(), sum(ks), value_bytes, sent)
     acc, out = memory.accumulate(buffer, state.momentum), buffer
     if memory.groups is None:
-        return exchanger.run(picked[0], acc, ks[0], value_dtype, out, scale)
-    cleared, touched, sent = [], [], 0
-    for group, k, name in zip(memory.groups, ks, picked):
-        part, part_out = acc[group], torch.zeros(len(group), dtype=out.dtype)
+        future, sent = exchanger.run(picked[0], acc, ks[0], value_dtype, out, scale)
+        return future, sent, exchanger.network_bytes(picked[0], sizes[0], ks[0], value_bytes, sent)
+    cleared, touched, sent, network = [], [], 0, 0.0
+    for group, size, k, name in zip(memory.groups, sizes, ks, picked):
+        part, part_out = acc[group], torch.zeros(size, dtype=out.dtype, device=out.device)
         future, part_sent = exchanger.run(name, part, k, value_dtype, part_out, scale)
         _, part_cleared, part_touched = future.wait()
         acc[group], out[group] = part, part_out
         cleared.append(group[part_cleared])
         touched.append(group[part_touched])
         sent += part_sent
-    return completed(out, torch.cat(cleared), torch.cat(touched)), sent
+        network += exchanger.network_bytes(name, size, k, value_bytes, part_sent)
+    return completed(out, torch.cat(cleared), torch.cat(touched)), sent, network
 
 
 def _tally(state: TopKState, picked: List[str]) -> None:

@@ -139,7 +139,7 @@ def _selected(n: int, k: int, select):
     then the ``k`` values, in one buffer), so packing it copies nothing."""
     capacity = n // 4 + 1024
     found, scratch = np.empty(capacity + 4, dtype=np.int32), np.empty(capacity, dtype=np.int32)
-    payload = torch.empty(8 * k, dtype=torch.uint8)
+    payload = torch.empty(8 * k, dtype=torch.uint8, device="cpu")  # the C kernels run on CPU tensors only
     indices, values = payload[: 4 * k].view(torch.int32), payload[4 * k:].view(torch.float32)
     chosen = select(found.ctypes.data, scratch.ctypes.data, capacity, indices.data_ptr(), values.data_ptr())
     return None if chosen < 0 else (values, indices)
@@ -148,7 +148,7 @@ def _selected(n: int, k: int, select):
 def scatter_add_rows(out: torch.Tensor, rows: torch.Tensor, k: int, scale: float) -> torch.Tensor:
     """``out.index_add_(0, indices, values, alpha=scale)`` for each row of ``rows`` (a uint8 tensor, one
     :func:`~raytopk.compression.pack`-ed float32 payload of ``k`` int32 indices a row); every row's indices, as one tensor."""
-    touched = torch.empty(rows.shape[0] * k, dtype=torch.int32)
+    touched = torch.empty(rows.shape[0] * k, dtype=torch.int32, device="cpu")
     library().scatter_add_rows(out.data_ptr(), rows.data_ptr(), rows.shape[0], rows.shape[1], k, scale, touched.data_ptr())
     return touched
 

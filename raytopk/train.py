@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from raytopk.config import ConfigError, TrainConfig, default_run_name, resolved, run_identity
 from raytopk.data import DATASETS, load_dataset
-from raytopk.exchange import Link, dense_allreduce_bytes
+from raytopk.exchange import Layout, Link, dense_allreduce_bytes, dense_network_bytes, node_layout
 from raytopk.hook import TopKState
 from raytopk.models import build_model
 from raytopk.optim import MomentumCorrectedSGD
@@ -32,7 +32,7 @@ from raytopk.preflight import check_paths
 from raytopk.ray import load_state, prepare_model, rank_file, save_state
 from raytopk.storage import exists, is_uri, join, provenance, read_bytes, read_text, write_json
 
-__all__ = ["train_loop_per_worker", "build_trainer", "run", "RunInterrupted"]
+__all__ = ["train_loop_per_worker", "build_trainer", "run", "RunInterrupted", "bytes_line"]
 
 MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
 STORAGE_PROBE = ".storage_probe"  # the driver writes a token here in a local run directory; every worker must read it back
@@ -88,8 +88,10 @@ def train_loop_per_worker(config: dict) -> None:
         for group in optimizer.param_groups:
             group["initial_lr"], group["lr"] = base_lr, base_lr * schedule(start_epoch)
 
-    # What DDP's ring allreduce sends per worker and step: the baseline every byte count is compared with.
-    step_dense_bytes = dense_allreduce_bytes(sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad), world_size)
+    # What DDP's ring allreduce sends per worker and step, in all and across node cards: the baseline every byte count is compared with.
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    layout = node_layout(dist.group.WORLD, cfg.ranks_per_node or None)[0] if world_size > 1 else Layout(1)
+    step_dense_bytes, step_dense_network = dense_allreduce_bytes(grad_bytes, world_size), dense_network_bytes(grad_bytes, layout)
     writer = _tensorboard(cfg, rank)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
@@ -121,19 +123,16 @@ def train_loop_per_worker(config: dict) -> None:
         # batches, and DDP's forward could start a collective the others never join.
         correct, total = _evaluate(model, test_loader, device)
 
-        # Bytes on the wire, summed over workers: the hook's count, or dense DDP's (the baseline; half of it in fp16).
-        dense_bytes = state.stats["dense_bytes"] if state is not None else steps_done * step_dense_bytes
-        sent, hook_s = ((state.stats["bytes_sent"], state.stats["hook_s"]) if state is not None
-                        else (dense_bytes / 2 if cfg.method == "fp16" else dense_bytes, 0.0))
-        sums = _all_reduce_sum([loss_sum.item(), batches, correct, total, sent, dense_bytes, hook_s], device)
+        # Bytes on the wire and across node cards, summed over workers: the hook's count, or dense DDP's
+        # (the baseline; half of it in fp16).
+        bytes_now = _bytes_so_far(cfg, state, steps_done * step_dense_bytes, steps_done * step_dense_network)
+        sums = _all_reduce_sum([loss_sum.item(), batches, correct, total, *bytes_now], device)
         metrics = {
             "epoch": epoch + 1,
             "loss": sums[0] / max(sums[1], 1),
             "test_accuracy": sums[2] / sums[3],
-            "bytes_sent": int(sums[4]),
-            "dense_bytes": int(sums[5]),
-            "reduction": sums[5] / sums[4] if sums[4] else 1.0,  # one worker sends nothing either way
-            "hook_s": sums[6] / world_size,
+            **_byte_metrics(*sums[4:8], layout.nodes),
+            "hook_s": sums[8] / world_size,
             "samples_per_s": world_size * batches * cfg.batch_size / seconds,
             "train_s": seconds,  # this epoch's training steps, evaluation and checkpoint left out
             "workers": world_size,
@@ -201,7 +200,7 @@ def _hook_state(cfg: TrainConfig, model, optimizer, steps_per_epoch: int) -> Top
         warmup_ratio=cfg.warmup_ratio, warmup_steps=cfg.warmup_epochs * steps_per_epoch,
         momentum=cfg.momentum if cfg.momentum_correction else 0.0, clip_norm=cfg.clip_norm,
         per_layer=cfg.per_layer, dense_below=cfg.dense_below,
-        exchange=cfg.exchange, capacity_factor=cfg.capacity_factor,
+        exchange=cfg.exchange, capacity_factor=cfg.capacity_factor, keep_factor=cfg.keep_factor,
         link=Link(inter_gbps=cfg.link_gbps, inter_latency_us=cfg.link_latency_us),
         local_world_size=cfg.ranks_per_node or None,
     )
@@ -224,6 +223,37 @@ def _evaluate(model, loader, device):
             correct += (model(x.to(device)).argmax(1) == y.to(device)).sum().item()
             total += len(y)
     return correct, total
+
+
+def _bytes_so_far(cfg: TrainConfig, state: Optional[TopKState], dense_bytes: float, dense_network: float):
+    """This rank's ``(bytes_sent, dense_bytes, network_bytes, dense_network_bytes, hook_s)`` so far."""
+    if state is not None:
+        return [state.stats[key] for key in ("bytes_sent", "dense_bytes", "network_bytes", "dense_network_bytes", "hook_s")]
+    share = 0.5 if cfg.method == "fp16" else 1.0
+    return [share * dense_bytes, dense_bytes, share * dense_network, dense_network, 0.0]
+
+
+def _byte_metrics(sent: float, dense: float, network: float, dense_network: float, nodes: int) -> dict:
+    """Byte counts summed over ranks, and the reduction users see: across node cards with several nodes, else rank to rank."""
+    wire_reduction = dense / sent if sent else 1.0  # one worker sends nothing either way
+    return {
+        "bytes_sent": int(sent),
+        "dense_bytes": int(dense),
+        "network_bytes": int(network),
+        "dense_network_bytes": int(dense_network),
+        "nodes": nodes,
+        "wire_reduction": wire_reduction,
+        "reduction": (dense_network / network if network else 1.0) if nodes > 1 else wire_reduction,
+    }
+
+
+def bytes_line(m: dict) -> str:
+    """The bytes part of an epoch or result line (metrics or a summary): the wire, across node cards with several nodes."""
+    wire = f"wire {m['bytes_sent'] / m['workers'] / 1e6:.2f} MB/worker ({m['exchange']}, {m['workers']} workers"
+    if m.get("nodes", 1) > 1:
+        return (f"{wire} on {m['nodes']} nodes)  across nodes {m['network_bytes'] / 1e6:.2f} MB "
+                f"(dense {m['dense_network_bytes'] / 1e6:.2f})  reduction {m['reduction']:.1f}x")
+    return f"{wire}, one node)  reduction {m['reduction']:.1f}x"
 
 
 def _all_reduce_sum(values, device):
@@ -287,11 +317,8 @@ def _progress_callback(epochs: int):
                 kept = (f"; residuals redistributed, their mean kept (largest difference {m['residual_mean_error']:.2g})"
                         if "residual_mean_error" in m else "")
                 print(f"resized: {m['resized_from']} -> {m['workers']} workers from the last checkpoint; lr {m['lr']:.4g}{kept}", flush=True)
-            print(
-                f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}  test acc {100 * m['test_accuracy']:.2f}%  "
-                f"wire {m['bytes_sent'] / 1e6:.2f} MB ({m['exchange']}, {m['workers']} workers)  reduction {m['reduction']:.1f}x",
-                flush=True,
-            )
+            print(f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}  test acc {100 * m['test_accuracy']:.2f}%  {bytes_line(m)}",
+                  flush=True)
 
     return EpochProgress()
 
@@ -419,6 +446,10 @@ def _summary(cfg: TrainConfig, meta: dict, checkpoint, wall_s: float, command: O
         "loss": m["loss"],
         "bytes_sent": m["bytes_sent"],
         "dense_bytes": m["dense_bytes"],
+        # Across node cards, summed over ranks (absent from checkpoints older than the count: None).
+        "network_bytes": m.get("network_bytes"),
+        "dense_network_bytes": m.get("dense_network_bytes"),
+        "nodes": m.get("nodes", 1),
         "wire_mb_per_worker": m["bytes_sent"] / m.get("workers", cfg.workers) / 1e6,
         "exchange": m.get("exchange"),
         "reduction": m["reduction"],

@@ -190,3 +190,17 @@ def test_past_two_to_the_31_entries_indices_are_int64_on_the_wire():
     got_values, got_indices = unpack(buffer, 4, numel, torch.bfloat16)
     assert got_indices.dtype == torch.int64 and torch.equal(got_indices, indices) and torch.equal(got_values.float(), values)
 
+
+
+@pytest.mark.parametrize("numel", [7, 1000, 40_000, 300_001])
+def test_ties_at_the_kth_magnitude_keep_the_lowest_positions(numel):
+    """The tie rule on its own, against a set written down here: every path keeps the lowest positions among ties."""
+    x = torch.full((numel,), 0.5)
+    x[1::2] = -0.5  # every entry ties at magnitude 0.5 ...
+    x[numel - 1], x[numel // 2] = 3.0, -2.0  # ... but two, which are always kept
+    k = min(numel, 5 + numel // 100)
+    expected = {numel - 1, numel // 2} | set(i for i in range(numel) if i not in (numel - 1, numel // 2))
+    expected = {numel - 1, numel // 2} | set(sorted(expected - {numel - 1, numel // 2})[: k - 2])
+    values, indices = select_topk(x, k)
+    assert set(indices.tolist()) == expected
+    assert torch.equal(values, x[indices.long()])

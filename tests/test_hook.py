@@ -131,19 +131,61 @@ def _reference_ratio(step, ratio, start_iter, warmup_ratio=None, warmup_steps=0,
     return warmup_ratio * (ratio / warmup_ratio) ** (done / warmup_steps)
 
 
+def _allgather_k(budget, world_size):
+    """What all-gather selects per rank of a budget: 2k / W (k itself on one rank, with no one to send to)."""
+    return budget if world_size == 1 else max(1, 2 * budget // world_size)
+
+
+def _sharded_reference(accs, s, keep_factor=1.0, capacity_factor=1.25):
+    """The sharded exchange written out for every rank at once: ``(update sum, positions each rank's entry was used at)``.
+
+    Each rank selects its top ``s``; index ``i`` goes to owner ``i % W`` (each
+    owner's ``ceil(capacity_factor * s / W)`` largest per sender); owners sum
+    and keep their ``ceil(keep_factor * s / W)`` sums of largest magnitude.
+    """
+    world_size, n = accs.shape
+    capacity, keep = math.ceil(capacity_factor * s / world_size), math.ceil(keep_factor * s / world_size)
+    routed = []
+    for acc in accs:
+        chosen = torch.topk(acc.abs(), s).indices
+        fits = [c for o in range(world_size) for c in sorted(chosen[chosen % world_size == o].tolist(), key=lambda i: -abs(acc[i]))[:capacity]]
+        routed.append(torch.tensor(fits, dtype=torch.long))
+    sums = torch.zeros(n)
+    for acc, fits in zip(accs, routed):
+        sums[fits] += acc[fits]
+    received = torch.zeros(n, dtype=torch.bool)
+    for fits in routed:
+        received[fits] = True
+    kept = torch.zeros(n, dtype=torch.bool)
+    for o in range(world_size):
+        mine = torch.nonzero(received & (torch.arange(n) % world_size == o)).reshape(-1)
+        kept[mine[torch.topk(sums[mine].abs(), min(keep, len(mine))).indices]] = True
+    return torch.where(kept, sums, torch.zeros(n)), [fits[kept[fits]] for fits in routed]
+
+
 def _against_reference(rank, world_size, ratio, value_dtype, start_iter, options):
     """Six steps of DDP with the hook against a reference computed here from every rank's own gradient.
 
     The reference follows the algorithm as published: clip (local, to the
     norm over sqrt(W)), momentum correction u = m u + g, accumulate, top-k per
     bucket or per parameter (1-D and small parameters whole), momentum factor
-    masking, error feedback.
+    masking, error feedback. All-gather selects ``2k / W`` of the budget ``k``
+    per rank; with ``exchange="sharded"``, :func:`_sharded_reference` decides
+    what is used, and so which velocities are masked.
     """
+    options = {"exchange": "allgather", **options}
     model = _model(hidden=24)
     local = copy.deepcopy(model)  # computes this rank's own gradient, no DDP
     ddp = DDP(model)
-    sizes = []
-    ddp.register_comm_hook(TopKState(ratio=ratio, start_iter=start_iter, value_dtype=value_dtype, **options), _recording_hook(sizes))
+    sizes, orders = [], []  # each step's bucket size, and which parameters it holds in what order (DDP reorders them)
+    recording = _recording_hook(sizes)
+    place = {p: i for i, p in enumerate(model.parameters())}
+
+    def hook(state, bucket):
+        orders.append([place[p] for p in bucket.parameters()])
+        return recording(state, bucket)
+
+    ddp.register_comm_hook(TopKState(ratio=ratio, start_iter=start_iter, value_dtype=value_dtype, **options), hook)
     shapes = [p.shape for p in model.parameters()]
     n = sum(p.numel() for p in model.parameters())
     spans, start = [], 0
@@ -153,6 +195,8 @@ def _against_reference(rank, world_size, ratio, value_dtype, start_iter, options
     momentum, clip = options.get("momentum", 0.0), options.get("clip_norm")
     residuals, velocities = torch.zeros(world_size, n), torch.zeros(world_size, n)
     for step in range(6):
+        ddp.zero_grad()
+        _loss(ddp, rank, step).backward()
         local.zero_grad()
         _loss(local, rank, step).backward()
         grads = [torch.empty(n) for _ in range(world_size)]
@@ -162,6 +206,8 @@ def _against_reference(rank, world_size, ratio, value_dtype, start_iter, options
         else:
             expected = torch.zeros(n)
             current = _reference_ratio(step, ratio, start_iter, **options)
+            budget = max(1, math.ceil(current * n))
+            accs = []
             for r in range(world_size):
                 g = grads[r]
                 if clip is not None:
@@ -170,21 +216,32 @@ def _against_reference(rank, world_size, ratio, value_dtype, start_iter, options
                     velocities[r] = momentum * velocities[r] + g
                     g = velocities[r]
                 acc = g + residuals[r]
+                accs.append(acc)
+                if options["exchange"] == "sharded":
+                    continue
                 if options.get("per_layer"):
                     chosen = torch.cat([
-                        torch.arange(lo, hi) if dense else lo + torch.topk(acc[lo:hi].abs(), math.ceil(current * (hi - lo))).indices
+                        torch.arange(lo, hi) if dense else
+                        lo + torch.topk(acc[lo:hi].abs(), _allgather_k(math.ceil(current * (hi - lo)), world_size)).indices
                         for lo, hi, dense in spans
                     ])
                 else:
-                    chosen = torch.topk(acc.abs(), max(1, math.ceil(current * n))).indices
+                    chosen = torch.topk(acc.abs(), _allgather_k(budget, world_size)).indices
                 sent = torch.zeros(n)
                 sent[chosen] = acc[chosen].to(_TORCH_DTYPES[value_dtype]).float()
                 residuals[r] = acc - sent  # zero where sent, but for fp16/bf16 rounding
                 velocities[r][chosen] = 0.0  # momentum factor masking
                 expected += sent
+            if options["exchange"] == "sharded":  # owners by position in the bucket, as DDP laid it out this step
+                in_bucket = torch.cat([torch.arange(*spans[i][:2]) for i in orders[-1]])
+                expected, used = _sharded_reference(torch.stack(accs)[:, in_bucket], max(1, math.floor(2 * budget / 2.25)))
+                expected = torch.zeros(n).index_put_((in_bucket,), expected)
+                used = [in_bucket[positions] for positions in used]
+                for r, positions in enumerate(used):
+                    residuals[r] = accs[r].clone()
+                    residuals[r][positions] = 0.0
+                    velocities[r][positions] = 0.0  # masked where, and only where, the entry reached the update
             expected /= world_size
-        ddp.zero_grad()
-        _loss(ddp, rank, step).backward()
         torch.testing.assert_close(_flat_grad(model), expected, rtol=1e-5, atol=1e-6)
     assert len(sizes) == 6 and {size for _, size in sizes} == {n}, "the reference assumes one bucket"
     return True
@@ -205,6 +262,10 @@ def _against_reference(rank, world_size, ratio, value_dtype, start_iter, options
         (2, 0.5, "fp16", 0, {"per_layer": True}),  # every parameter small: all dense, as fp16 values
         (2, 0.01, "fp16", 1, {"warmup_ratio": 0.3, "warmup_steps": 2, "momentum": 0.5, "clip_norm": 0.1, "per_layer": True,
                               "dense_below": 100}),
+        # The sharded exchange, where owners keep fewer sums than they receive: momentum correction masks the
+        # velocity exactly where a rank's entry reached the update.
+        (3, 0.05, "fp32", 0, {"exchange": "sharded", "momentum": 0.9}),
+        (4, 0.1, "fp32", 1, {"exchange": "sharded", "momentum": 0.9, "clip_norm": 0.5}),
     ],
 )
 def test_applied_gradient_matches_independent_reference(world_size, ratio, value_dtype, start_iter, options):
@@ -332,7 +393,7 @@ def _training_cases(draw):
 def test_generated_training_conserves_mass_and_counts_allgather_bytes(case):
     """Random models, bucket caps, world sizes 2-4, ratios (to 1.0, where the bucket goes dense), value dtypes, warm-ups
     and DGC's per-layer selection, through real DDP: what was applied plus every residual is the sum of the mean
-    gradients, and a plain all-gather run counts, per bucket, W - 1 payloads of k indices and values."""
+    gradients, and a plain all-gather run counts, per bucket, W - 1 payloads of 2k / W indices and values."""
     world_size, hidden, depth, cap_mb, options = case
     sizes, stats, algorithms = run_ranks(_generated_training, world_size, hidden, depth, cap_mb, options)[0]
     assert stats["steps"] == 5 and stats["bytes_sent"] <= stats["dense_bytes"] or options["per_layer"], stats
@@ -342,7 +403,7 @@ def test_generated_training_conserves_mass_and_counts_allgather_bytes(case):
         for step, numel in sizes:
             ring = int(2 * (world_size - 1) / world_size * numel * 4)
             ratio = _reference_ratio(step, **options)
-            sparse = (world_size - 1) * math.ceil(ratio * numel) * item
+            sparse = (world_size - 1) * max(1, 2 * math.ceil(ratio * numel) // world_size) * item  # 2k / W selected
             expected += ring if step < options["start_iter"] or math.ceil(ratio * numel) * item >= numel * 4 else sparse
         assert stats["bytes_sent"] == expected, (stats, sizes)
         assert set(algorithms) <= {"allgather"}
@@ -434,8 +495,9 @@ def _stats(rank, world_size, value_dtype):
     value_bytes = {"fp32": 4, "fp16": 2}[value_dtype]
     ring = 2 * (world_size - 1) / world_size  # of the bucket, per rank, in a ring allreduce
     dense = [int(ring * n * 4) for _, n in sizes]
-    # a ring all-gather: each rank passes on the W - 1 payloads of the others
-    expected_sent = sum(d if it < 2 else (world_size - 1) * math.ceil(0.01 * n) * (value_bytes + 4) for (it, n), d in zip(sizes, dense))
+    # a ring all-gather: each rank passes on the W - 1 payloads of the others, each of 2k / W entries
+    expected_sent = sum(d if it < 2 else (world_size - 1) * max(1, 2 * math.ceil(0.01 * n) // world_size) * (value_bytes + 4)
+                        for (it, n), d in zip(sizes, dense))
     assert state.stats["bytes_sent"] == expected_sent
     assert state.stats["dense_bytes"] == sum(dense)
     assert sum(n for _, n in sizes) == 5 * sum(p.numel() for p in model.parameters())
