@@ -36,6 +36,16 @@ Suites (``--suites``):
       python benchmarks/accuracy.py --suites fashion_mnist_exchange \
           --output benchmarks/results/accuracy_exchange.json
 
+- ``fashion_mnist_exchange_8x1`` and ``fashion_mnist_exchange_2x4`` (run on their own): the
+  same at 8 workers of a quarter CPU, each its own node and then as 2 nodes of 4: dense,
+  all-gather and sharded on 8 x 1; hierarchical and the default (``auto``) on 2 x 4, whose
+  dense and all-gather rows are 8 x 1's (the same training; only the bytes across node
+  cards differ, and the rows show them). At one ratio every exchange sends the same bytes.
+  About 5 minutes a run on 2 cores::
+
+      python benchmarks/accuracy.py --suites fashion_mnist_exchange_8x1 fashion_mnist_exchange_2x4 \
+          --output benchmarks/results/accuracy_exchange_8.json
+
 Fashion-MNIST comes from Debian's package (``apt-get install dataset-fashion-mnist``,
 files under /usr/share/datasets/fashion-mnist) or a torchvision download into
 ``--data-dir`` with ``--download``.
@@ -77,7 +87,7 @@ METHODS = {
     **{f"topk {ratio} + DGC": {"compress": True, "ratio": ratio, **DGC} for ratio in (0.01, 0.001)},
     # The same top-k through each exchange (raytopk.exchange); sharded and hierarchical approximate a global top-k.
     **{f"topk {ratio} {exchange}": {"compress": True, "ratio": ratio, "exchange": exchange}
-       for ratio in (0.01, 0.001) for exchange in ("allgather", "sharded", "hierarchical")},
+       for ratio in (0.01, 0.001) for exchange in ("allgather", "sharded", "hierarchical", "auto")},
 }
 # What the first suites compare (the rows of accuracy.json); the others name their own.
 CORE_METHODS = ["dense", "topk 0.01", "topk 0.001", "topk 0.001 + DGC"]
@@ -112,8 +122,23 @@ SUITES = {
          "cpus_per_worker": 0.5, "ranks_per_node": 2},
         [("sgd", [0, 1, 2], [m for m in METHODS if m.endswith(("allgather", "sharded", "hierarchical"))])],
     ),
+    # 8 workers, each its own node, then as 2 nodes of 4 (issue: eight workers and beyond). At one ratio every
+    # exchange sends the same bytes; the layout changes only what crosses a node card and what auto picks, so the
+    # 2 x 4 suite trains the rows whose algorithm differs from 8 x 1's (its flat rows would repeat them exactly).
+    "fashion_mnist_exchange_8x1": (
+        {"model": "simple_cnn", "dataset": "fashion_mnist", "epochs": 5, "batch_size": 64, "workers": 8, "cpus_per_worker": 0.25,
+         "ranks_per_node": 1},
+        [("sgd", [0, 1, 2], ["dense"] + [f"topk {r} {e}" for r in (0.01, 0.001) for e in ("allgather", "sharded")])],
+    ),
+    "fashion_mnist_exchange_2x4": (
+        {"model": "simple_cnn", "dataset": "fashion_mnist", "epochs": 5, "batch_size": 64, "workers": 8, "cpus_per_worker": 0.25,
+         "ranks_per_node": 4},
+        [("sgd", [0, 1, 2], [f"topk {r} {e}" for r in (0.01, 0.001) for e in ("hierarchical", "auto")])],
+    ),
 }
-DEFAULT_SUITES = ["mnist5k_cnn", "fashion_mnist_cnn", "fashion_mnist_resnet18"]  # the exchange suite runs on its own
+DEFAULT_SUITES = ["mnist5k_cnn", "fashion_mnist_cnn", "fashion_mnist_resnet18"]  # the exchange suites run on their own
+# A suite whose dense and all-gather rows are another's: the same training, on another node layout.
+BASELINE_SUITES = {"fashion_mnist_exchange_2x4": "fashion_mnist_exchange_8x1"}
 
 
 def jobs(suites: list) -> list:
@@ -143,6 +168,8 @@ def train_row(keys: dict, seed: int, data_dir: str, download: bool, storage: str
     return {
         "test_accuracy": summary["test_accuracy"],
         "wire_mb_per_worker": summary["wire_mb_per_worker"],
+        "network_mb": summary["network_bytes"] / 1e6,  # across node cards, all workers (0 on one node)
+        "exchange": summary["exchange"],  # what ran: auto's choice
         "reduction": summary["reduction"],
         "accuracy_per_epoch": [m["test_accuracy"] for m in summary["history"]],
         "wall_s": summary["wall_s"],
@@ -163,15 +190,21 @@ def aggregate(rows: list) -> list:
             "accuracy_mean": statistics.mean(accuracies),
             "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
             "wire_mb_per_worker": statistics.mean(m["wire_mb_per_worker"] for m in members),
+            "network_mb": statistics.mean(m.get("network_mb", 0.0) for m in members),
+            "exchange": "+".join(sorted({m.get("exchange") or "" for m in members})),
             "reduction": statistics.mean(m["reduction"] for m in members),
             "accuracy_per_epoch": [100 * statistics.mean(e) for e in epochs],
         })
+    def find(row, method):
+        suites = (row["suite"], BASELINE_SUITES.get(row["suite"]))
+        return next((d for suite in suites for d in table if (d["suite"], d["optimizer"], d["method"]) == (suite, row["optimizer"], method)),
+                    None)
+
     for row in table:
-        dense = next((d for d in table if (d["suite"], d["optimizer"], d["method"]) == (row["suite"], row["optimizer"], "dense")), None)
+        dense = find(row, "dense")
         row["gap_to_dense"] = row["accuracy_mean"] - dense["accuracy_mean"] if dense else None
-        # An exchange's row against the all-gather row of the same ratio (the exact sum of every worker's top-k).
-        base = row["method"].rsplit(" ", 1)[0] + " allgather"
-        exact = next((d for d in table if (d["suite"], d["optimizer"], d["method"]) == (row["suite"], row["optimizer"], base)), None)
+        # An exchange's row against the all-gather row of the same ratio (the exact sum of every worker's selection).
+        exact = find(row, row["method"].rsplit(" ", 1)[0] + " allgather")
         row["gap_to_allgather"] = row["accuracy_mean"] - exact["accuracy_mean"] if exact and exact is not row else None
     return table
 
@@ -179,14 +212,15 @@ def aggregate(rows: list) -> list:
 def format_table(table: list) -> str:
     exchanges = any(r.get("gap_to_allgather") is not None for r in table)
     header = "vs all-gather (points)" if exchanges else "vs dense (points)"
-    lines = [f"| suite | optimizer | method | seeds | test accuracy % | {header} | wire MB / worker | reduction |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [f"| suite | optimizer | method | seeds | test accuracy % | {header} | wire MB / worker | across nodes MB | reduction |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in table:
         spread = f" ± {r['accuracy_std']:.2f}" if r["seeds"] > 1 else ""
         gap = r.get("gap_to_allgather") if exchanges else r["gap_to_dense"]
         gap = "" if gap is None else f"{gap:+.2f}"
-        lines.append(f"| {r['suite']} | {r['optimizer']} | {r['method']} | {r['seeds']} | {r['accuracy_mean']:.2f}{spread} | "
-                     f"{gap} | {r['wire_mb_per_worker']:.1f} | {r['reduction']:.0f}x |")
+        method = r["method"] + (f" ({r['exchange']})" if r["method"].endswith("auto") and r.get("exchange") else "")
+        lines.append(f"| {r['suite']} | {r['optimizer']} | {method} | {r['seeds']} | {r['accuracy_mean']:.2f}{spread} | "
+                     f"{gap} | {r['wire_mb_per_worker']:.1f} | {r.get('network_mb', 0.0):.1f} | {r['reduction']:.0f}x |")
     return "\n".join(lines)
 
 

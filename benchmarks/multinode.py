@@ -58,8 +58,7 @@ def worker(args) -> None:
 
     import raytopk
     from netns import read_node_tx_bytes, shape_node_card
-    from raytopk.compression import select_topk
-    from raytopk.exchange import Exchanger, Link
+    from raytopk.exchange import Exchanger, Link, dense_network_bytes, node_layout
 
     torch.set_num_threads(1)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -108,27 +107,24 @@ def worker(args) -> None:
         return t
 
     report = {"exchanges": {}, "steps": {}, "latency_us_per_message": latency_us, "intra_gbps": intra_gbps}
+    layout = node_layout(dist.group.WORLD)[0]
     # 1. exchanges alone
     k = math.ceil(args.ratio * args.numel)
     bucket = torch.randn(args.numel, generator=torch.Generator().manual_seed(rank))
     for algorithm, rate in [(a, r) for a in EXCHANGES for r in (None, args.rate)]:
         shape_card(rate)  # unshaped first: what the exchange costs without the link (compute, latency)
         exchanger = None if algorithm == "dense" else Exchanger(algorithm, dist.group.WORLD, link, 1.25)
-        times, sent = [], 0
+        times, sent, network = [], 0, 0.0
         before = None
         for rep in range(args.warmup + args.reps):
             if rep == args.warmup:
-                before, sent = counters(), 0
+                before, sent, network = counters(), 0, 0.0
             acc, out = bucket.clone(), torch.zeros_like(bucket)
             dist.barrier()
             started = time.perf_counter()
             if exchanger is None:
                 dist.all_reduce(acc)
                 rep_sent = 2 * (world_size - 1) / world_size * acc.numel() * 4
-            elif algorithm == "allgather":
-                values, indices = select_topk(acc, k)
-                future, rep_sent = raytopk.exchange.allgather(acc, values, indices, torch.float32, dist.group.WORLD, out)
-                future.wait()
             else:
                 future, rep_sent = exchanger.run(algorithm, acc, k, torch.float32, out)
                 future.wait()
@@ -136,8 +132,10 @@ def worker(args) -> None:
             if rep >= args.warmup:
                 times.append(elapsed)
                 sent += rep_sent
+                network += (exchanger.network_bytes(algorithm, args.numel, k, 4, rep_sent) if exchanger
+                            else dense_network_bytes(args.numel * 4, layout))
         wire = counters() - before
-        counted = torch.tensor([float(sent)])
+        counted = torch.tensor([float(sent), network])
         dist.all_reduce(counted)
         if rate is None:
             unshaped = statistics.median(times)
@@ -145,7 +143,9 @@ def worker(args) -> None:
         report["exchanges"][algorithm] = {
             "median_unshaped_s": unshaped,
             "median_s": statistics.median(times),
-            "counted_bytes_per_exchange": float(counted) / args.reps,
+            "counted_bytes_per_exchange": float(counted[0]) / args.reps,
+            # raytopk's model of the bytes that cross node cards (stats["network_bytes"]), summed over ranks
+            "counted_network_bytes_per_exchange": float(counted[1]) / args.reps,
             "wire_bytes_between_nodes_per_exchange": float(wire[0]) / args.reps,
             "wire_bytes_inside_nodes_per_exchange": float(wire[1]) / args.reps,
         }
@@ -229,7 +229,7 @@ def modelled(nodes: int, local: int, args, report: dict) -> dict:
     rows = {}
     for name in EXCHANGES:
         c = cost(name, layout, args.numel, k, link=shaped)
-        rows[name] = {"bytes_sent": c.bytes_sent, "seconds": c.seconds,
+        rows[name] = {"bytes_sent": c.bytes_sent, "network_bytes": c.network_bytes, "seconds": c.seconds,
                       "link_seconds": c.seconds - cost(name, layout, args.numel, k, link=unlimited).seconds}
     return rows
 
@@ -306,8 +306,9 @@ def main() -> None:
         rows.append(report)
         print(f"\n{nodes} nodes x {local} ranks ({time.time() - started:.0f} s; latency per message "
               f"{report['latency_us_per_message']:.0f} us, inside a node {report['intra_gbps']:.1f} Gbit/s)")
-        print("| exchange | measured ms | unshaped ms | link adds ms | model: link adds ms | ratio | counted MB | wire MB | wire / modelled |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| exchange | measured ms | unshaped ms | link adds ms | model: link adds ms | ratio | counted MB | wire MB | wire / modelled "
+              "| counted across nodes MB | wire across nodes MB | wire / counted across |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name in EXCHANGES:
             e, m = report["exchanges"][name], report["model"][name]
             wire = e["wire_bytes_between_nodes_per_exchange"] + e["wire_bytes_inside_nodes_per_exchange"]
@@ -315,9 +316,12 @@ def main() -> None:
             link_adds = e["median_s"] - e["median_unshaped_s"]
             e["link_adds_s"], e["link_adds_over_model"] = link_adds, link_adds / m["link_seconds"]
             e["wire_over_model_bytes"] = wire / model_bytes
+            across, counted_across = e["wire_bytes_between_nodes_per_exchange"], e["counted_network_bytes_per_exchange"]
+            e["wire_over_counted_network"] = across / counted_across if counted_across else None
             print(f"| {name} | {1000 * e['median_s']:.1f} | {1000 * e['median_unshaped_s']:.1f} | {1000 * link_adds:.1f} | "
                   f"{1000 * m['link_seconds']:.1f} | {e['link_adds_over_model']:.2f} | {e['counted_bytes_per_exchange'] / 1e6:.3f} | "
-                  f"{wire / 1e6:.3f} | {e['wire_over_model_bytes']:.3f} |")
+                  f"{wire / 1e6:.3f} | {e['wire_over_model_bytes']:.3f} | {counted_across / 1e6:.3f} | {across / 1e6:.3f} | "
+                  f"{e['wire_over_counted_network'] or 0:.3f} |")
         dense = report["steps"]["dense"]["median_step_s"]
         print("| training step | median ms | vs dense | exchange used |")
         print("|---|---:|---:|---|")

@@ -53,7 +53,7 @@ class TrainConfig:
     # How the selected entries cross the network (see raytopk.exchange).
     exchange: str = "auto"  # auto | allgather | sharded | hierarchical
     capacity_factor: float = 1.25  # sharded: slots per destination, as a multiple of its selection / workers
-    keep_factor: float = 1.0  # sharded: sums each owner keeps, as a multiple of its selection / workers
+    keep_factor: float = 3.0  # sharded: sums each owner keeps, as a multiple of its selection / workers
     link_gbps: float = 1.0  # auto's cost model: bandwidth between nodes ...
     link_latency_us: float = 50.0  # ... and latency per message
     ranks_per_node: int = 0  # the exchange's node layout; 0: as Ray Train places the workers

@@ -70,7 +70,7 @@ ALGORITHMS = ("dense", "dense_fp16", "allgather", "sharded", "hierarchical")
 # Flat groups of at most this many ranks may exchange by all-gather under auto (accurate_exchanges).
 ALLGATHER_MAX_RANKS = 2
 # Sums each sharded owner keeps, as a multiple of its share ``selected / W`` (measured: docs/benchmarks.md).
-KEEP_FACTOR = 1.0
+KEEP_FACTOR = 3.0
 _SENTINEL = -1  # an index slot that carries nothing (padding to a fixed size; fits int32 and int64 indices)
 
 

@@ -86,7 +86,8 @@ def _invariant(rank, world_size, algorithm, local_world_size):
 
 
 @pytest.mark.parametrize("algorithm, world_size, local_world_size",
-                         [("sharded", w, 1) for w in (2, 3, 4)] + [("hierarchical", w, local) for w, local in LAYOUTS])
+                         [(a, w, 1) for a in ("allgather", "sharded") for w in (2, 3, 4)] + [("allgather", 4, 2), ("sharded", 4, 2)]
+                         + [("hierarchical", w, local) for w, local in LAYOUTS])
 def test_error_feedback_loses_nothing(algorithm, world_size, local_world_size):
     updated = run_ranks(_invariant, world_size, algorithm, local_world_size)
     assert all(count > 0 for count in updated[0]), "the exchange sent nothing: the test did not exercise it"
@@ -102,7 +103,7 @@ def _keep_everything(rank, world_size, algorithm, local_world_size):
         out, _, _ = _run(algorithm, acc, k, local_world_size)
     else:
         k = 50
-        values, indices = select_topk(acc, k)
+        values, indices = select_topk(acc, selected("allgather", k, world_size) if algorithm == "allgather" else k)
         sparse = torch.zeros(numel).index_put_((indices.long(),), values)
         out, cleared, _ = _run(algorithm, acc, k, local_world_size, capacity=k, keep=world_size * k)
         assert torch.equal(torch.sort(cleared).values, torch.sort(indices.long()).values), "a sent entry was not used"
@@ -112,9 +113,9 @@ def _keep_everything(rank, world_size, algorithm, local_world_size):
     return True
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_sharded_with_room_for_everything_equals_a_dense_allreduce(world_size):
-    assert all(run_ranks(_keep_everything, world_size, "sharded", 1))
+@pytest.mark.parametrize("algorithm, world_size", [(a, w) for a in ("allgather", "sharded") for w in (2, 3, 4)])
+def test_flat_exchanges_with_room_for_everything_equal_a_dense_allreduce(algorithm, world_size):
+    assert all(run_ranks(_keep_everything, world_size, algorithm, 1))
 
 
 @pytest.mark.parametrize("world_size, local_world_size", [(2, 2), (4, 2)])
@@ -246,8 +247,10 @@ def test_auto_is_allgather_at_two_workers_sharded_when_many_and_hierarchical_acr
 
 
 def test_sharded_counts_give_each_destination_headroom():
-    assert sharded_counts(40_000, 8, 1.25) == (6250, 5000)
-    assert sharded_counts(3, 8, 1.25) == (1, 1)
+    assert sharded_counts(40_000, 8, 1.25, keep_factor=1.0) == (6250, 5000)
+    assert sharded_counts(40_000, 8, 1.25, keep_factor=3.0) == (6250, 15000)
+    assert sharded_counts(3, 8, 1.25) == (1, 2)
+    assert selected("sharded", 40_000, 8, 1.25, 3.0) == 18823 and selected("allgather", 40_000, 8) == 10_000
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ranks import run_ranks
 from raytopk import TopKState, topk_hook
+from raytopk.exchange import KEEP_FACTOR
 
 
 def _model(seed=0, hidden=32, depth=1):
@@ -136,7 +137,7 @@ def _allgather_k(budget, world_size):
     return budget if world_size == 1 else max(1, 2 * budget // world_size)
 
 
-def _sharded_reference(accs, s, keep_factor=1.0, capacity_factor=1.25):
+def _sharded_reference(accs, s, keep_factor, capacity_factor=1.25):
     """The sharded exchange written out for every rank at once: ``(update sum, positions each rank's entry was used at)``.
 
     Each rank selects its top ``s``; index ``i`` goes to owner ``i % W`` (each
@@ -234,7 +235,8 @@ def _against_reference(rank, world_size, ratio, value_dtype, start_iter, options
                 expected += sent
             if options["exchange"] == "sharded":  # owners by position in the bucket, as DDP laid it out this step
                 in_bucket = torch.cat([torch.arange(*spans[i][:2]) for i in orders[-1]])
-                expected, used = _sharded_reference(torch.stack(accs)[:, in_bucket], max(1, math.floor(2 * budget / 2.25)))
+                chosen = max(1, math.floor(2 * budget / (1.25 + KEEP_FACTOR)))
+                expected, used = _sharded_reference(torch.stack(accs)[:, in_bucket], chosen, KEEP_FACTOR)
                 expected = torch.zeros(n).index_put_((in_bucket,), expected)
                 used = [in_bucket[positions] for positions in used]
                 for r, positions in enumerate(used):
