@@ -8,7 +8,7 @@ What is measured, for each layout (nodes x ranks per node: 2x2, 4x1, 4x2):
    as dense DDP would (one ``all_reduce``). Median time over repetitions (the
    slowest rank's), bytes each rank counted, and the bytes the namespaces'
    counters saw (every node's ``eth0`` and ``lo``), against
-   :func:`raytopk.exchange.cost` with this network's figures.
+   :func:`raytopk.cost_model.cost` with this network's figures.
 2. **Training steps.** DDP on ``Linear(2048, 2048)`` (4.2M parameters,
    16.8 MB of gradient), batch 2 per rank, SGD: dense DDP, then the raytopk
    hook at ``--ratio`` with ``exchange="allgather"``, ``"sharded"``,
@@ -219,7 +219,7 @@ def _shared_flags(args) -> list:
 
 def modelled(nodes: int, local: int, args, report: dict) -> dict:
     """The cost model with this network's figures, and the part of its time the card's bandwidth adds."""
-    from raytopk.exchange import Layout, Link, cost
+    from raytopk.cost_model import Layout, Link, cost
 
     latency, intra = report["latency_us_per_message"], report["intra_gbps"]
     shaped = Link(inter_gbps=args.gbps, inter_latency_us=latency, intra_gbps=intra, intra_latency_us=latency)

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, fields
 from typing import Optional
 
+from raytopk.cost_model import EXCHANGES, KEEP_FACTOR
+
 __all__ = ["ConfigError", "TrainConfig", "load_config", "check_fields", "check_name", "from_mapping", "run_identity", "default_run_name"]
 
 
@@ -53,7 +55,7 @@ class TrainConfig:
     # How the selected entries cross the network (see raytopk.exchange).
     exchange: str = "auto"  # auto | allgather | sharded | hierarchical
     capacity_factor: float = 1.25  # sharded: slots per destination, as a multiple of its selection / workers
-    keep_factor: float = 3.0  # sharded: sums each owner keeps, as a multiple of its selection / workers
+    keep_factor: float = KEEP_FACTOR  # sharded: sums each owner keeps, as a multiple of its selection / workers
     link_gbps: float = 1.0  # auto's cost model: bandwidth between nodes ...
     link_latency_us: float = 50.0  # ... and latency per message
     ranks_per_node: int = 0  # the exchange's node layout; 0: as Ray Train places the workers
@@ -168,7 +170,7 @@ _CHOICES = {
     "value_dtype": ("fp32", "fp16", "bf16"),
     "backend": ("auto", "gloo", "nccl"),
     "amp": ("none", "bf16", "fp16"),
-    "exchange": ("auto", "allgather", "sharded", "hierarchical"),
+    "exchange": EXCHANGES,
     "method": ("topk", "dense", "fp16"),
 }
 # key -> (lowest allowed, whether the lowest is excluded, highest or None)

@@ -19,8 +19,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from raytopk import kernels
 from raytopk.compression import VALUE_DTYPES, accumulate_topk, index_dtype, payload_bytes, select_topk
-from raytopk.exchange import EXCHANGES, KEEP_FACTOR, Exchanger, Link, allgather, completed, dense_allreduce_bytes, finite_at
+from raytopk.cost_model import EXCHANGES, KEEP_FACTOR, Link, dense_allreduce_bytes
+from raytopk.exchange import Exchanger, allgather, completed, finite_at
 from raytopk.optim import MomentumCorrectedSGD
 
 __all__ = ["TopKState", "topk_hook", "redistribute", "gather_state_dicts", "load_rank_state"]
@@ -85,7 +87,7 @@ class TopKState:
        flat (``capacity_factor`` sizes each destination's slots, 1.25 = 25%
        headroom for uneven indices); "hierarchical" reduces densely inside each
        node first and sends sparse entries only between nodes. "auto" (the
-       default) picks per bucket by :func:`raytopk.exchange.cost` from the
+       default) picks per bucket by :func:`raytopk.cost_model.cost` from the
        worker count, the node layout (``LOCAL_WORLD_SIZE``, as torchrun and Ray
        Train set it), the bucket and ``link`` (a :class:`~raytopk.exchange.Link`
        of bandwidths and latencies), among the exchanges measured to keep
@@ -225,6 +227,9 @@ class TopKState:
         # dense_network_bytes: the same for DDP's ring allreduce of the same steps.
         self.stats = {"steps": 0, "bytes_sent": 0, "dense_bytes": 0, "network_bytes": 0, "dense_network_bytes": 0, "hook_s": 0.0}
         self._stats_lock = threading.Lock()
+        # The C kernels of CPU buckets are built now (once per machine), not in the first backward pass.
+        if dist.is_initialized() and dist.get_backend(process_group) != "nccl":
+            kernels.library()
 
     def current_ratio(self) -> float:
         """The ratio of this step: ``ratio``, or on the way to it during the sparsity warm-up."""
@@ -236,7 +241,7 @@ class TopKState:
     def k_for(self, numel: int) -> int:
         """The budget of a group of ``numel`` this step: ``max(1, ceil(ratio * numel))`` entries.
 
-        Each exchange spends it as :func:`raytopk.exchange.selected` says, so
+        Each exchange spends it as :func:`raytopk.cost_model.selected` says, so
         that every rank sends about ``2 k (W - 1) / W`` entries: at two workers,
         ``k`` of its own.
         """

@@ -9,14 +9,19 @@ arithmetic, so results are bit-identical to the PyTorch path.
 
 The C file is compiled once per machine with the system's C compiler
 (``$CC``, else ``cc``; a fraction of a second) into
-``$XDG_CACHE_HOME/raytopk/kernels`` (default ``~/.cache/raytopk/kernels``),
+``$XDG_CACHE_HOME/raytopk/kernels`` (default ``~/.cache/raytopk/kernels``;
+a directory under the system's temporary one where that is not writable),
 keyed by the source and the machine, as PyTorch's JIT extensions and
-DeepSpeed's ops are. Where no compiler is found, or with
+DeepSpeed's ops are. A lock file there makes the workers of one node build it
+once: the first builds, the others wait and load its result. A CPU
+:class:`~raytopk.hook.TopKState` builds it when it is created, so no backward
+pass waits for a compiler. Where no compiler is found, or with
 ``RAYTOPK_KERNELS=0``, :func:`library` returns ``None`` (with one warning when
 a build failed) and callers take the PyTorch path: slower, never different.
 """
 
 import ctypes
+import fcntl
 import functools
 import hashlib
 import os
@@ -58,7 +63,8 @@ def library() -> Optional[ctypes.CDLL]:
         lib = ctypes.CDLL(_build())
     except (OSError, subprocess.SubprocessError) as error:
         warnings.warn(f"raytopk: could not build its C kernels ({error}); the hook runs its slower PyTorch path. "
-                      f"They need a C compiler (cc, or the one CC names) and a writable {_cache_dir()}; "
+                      f"They need a C compiler (cc, or the one CC names) and a writable cache ({_cache_dir()}, "
+                      f"else {_fallback_dir()}); "
                       "RAYTOPK_KERNELS=0 silences this.", RuntimeWarning, stacklevel=2)
         return None
     for name, (restype, argtypes) in _SIGNATURES.items():
@@ -74,23 +80,41 @@ def _build() -> str:
     compiler = os.environ.get("CC", "cc")
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(),
                                      platform.machine().encode(), sys.platform.encode()])).hexdigest()[:16]
-    cache = _cache_dir()
-    path = os.path.join(cache, f"kernels-{key}.so")
-    if os.path.exists(path):
-        return path
-    os.makedirs(cache, exist_ok=True)
-    # Several workers may build at once: each writes its own file and renames it into place.
-    fd, scratch = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
+    name = f"kernels-{key}.so"
+    for cache in (_cache_dir(), _fallback_dir()):
+        if os.path.exists(os.path.join(cache, name)):
+            return os.path.join(cache, name)
+    return _build_into(_cache_dir() if _writable(_cache_dir()) else _fallback_dir(), name, compiler)
+
+
+def _writable(directory: str) -> bool:
     try:
-        built = subprocess.run([*shlex.split(compiler), *FLAGS, "-o", scratch, SOURCE], capture_output=True, text=True,
-                               timeout=120)
-        if built.returncode != 0:
-            raise OSError(f"{compiler} exited with {built.returncode}: {built.stderr.strip()[-300:]}")
-        os.replace(scratch, path)
-    finally:
-        if os.path.exists(scratch):
-            os.remove(scratch)
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK)
+
+
+def _build_into(cache: str, name: str, compiler: str) -> str:
+    """Build ``name`` in ``cache``, once per machine: under a lock, the first builds and the others find its file."""
+    os.makedirs(cache, exist_ok=True)
+    path = os.path.join(cache, name)
+    with open(os.path.join(cache, name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(path):
+            return path
+        # Written under another name and renamed, so no process ever loads half a file.
+        fd, scratch = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            built = subprocess.run([*shlex.split(compiler), *FLAGS, "-o", scratch, SOURCE], capture_output=True, text=True,
+                                   timeout=120)
+            if built.returncode != 0:
+                raise OSError(f"{compiler} exited with {built.returncode}: {built.stderr.strip()[-300:]}")
+            os.replace(scratch, path)
+        finally:
+            if os.path.exists(scratch):
+                os.remove(scratch)
     return path
 
 
@@ -99,12 +123,16 @@ def _cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "raytopk", "kernels")
 
 
+def _fallback_dir() -> str:
+    """Where kernels are built when the cache is not writable: this user's directory under the temporary one."""
+    return os.path.join(tempfile.gettempdir(), f"raytopk-{os.getuid()}", "kernels")
+
+
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels can take these tensors: built, and every one contiguous float32 or int32 on the
-    CPU, with fewer than 2**31 entries (the kernels' positions are int32)."""
-    return library() is not None and all(
-        t.is_cpu and t.dtype in (torch.float32, torch.int32) and t.is_contiguous() and t.numel() <= _MAX_NUMEL
-        for t in tensors)
+    """Whether the kernels can take these tensors: every one contiguous float32 or int32 on the CPU, with
+    fewer than 2**31 entries (the kernels' positions are int32), and the kernels built (never tried for others)."""
+    return all(t.is_cpu and t.dtype in (torch.float32, torch.int32) and t.is_contiguous() and t.numel() <= _MAX_NUMEL
+               for t in tensors) and library() is not None
 
 
 def accumulate(grad: torch.Tensor, residual: torch.Tensor, acc: torch.Tensor) -> None:

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from raytopk.config import ConfigError, TrainConfig, default_run_name, resolved, run_identity
 from raytopk.data import DATASETS, load_dataset
-from raytopk.exchange import Layout, Link, dense_allreduce_bytes, dense_network_bytes, node_layout
+from raytopk.cost_model import Layout, Link, dense_allreduce_bytes, dense_network_bytes
+from raytopk.exchange import node_layout
 from raytopk.hook import TopKState
 from raytopk.models import build_model
 from raytopk.optim import MomentumCorrectedSGD

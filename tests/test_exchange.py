@@ -14,7 +14,8 @@ from ranks import run_ranks
 from test_hook import _train
 from raytopk import TopKState, topk_hook
 from raytopk.compression import select_topk
-from raytopk.exchange import Exchanger, Layout, Link, accurate_exchanges, choose, cost, selected, sharded, sharded_counts
+from raytopk.cost_model import Layout, Link, accurate_exchanges, choose, cost, selected, sharded_counts
+from raytopk.exchange import Exchanger, sharded
 
 # (world size, ranks per node): flat groups, one node, and two nodes of two.
 LAYOUTS = [(2, 1), (3, 1), (4, 1), (2, 2), (4, 2)]

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ranks import run_ranks
 from raytopk import TopKState, topk_hook
-from raytopk.exchange import KEEP_FACTOR
+from raytopk.cost_model import KEEP_FACTOR
 
 
 def _model(seed=0, hidden=32, depth=1):

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,20 +112,51 @@ def _build(tmp_path, **env):
     return run.stdout + run.stderr
 
 
+def _libraries(directory):
+    return sorted(directory.glob("*.so")) if directory.exists() else []
+
+
 def test_kernels_are_built_once_into_the_cache(tmp_path):
     assert "loaded" in _build(tmp_path)
-    built = list((tmp_path / "raytopk" / "kernels").iterdir())
-    assert len(built) == 1 and built[0].suffix == ".so"
+    built = _libraries(tmp_path / "raytopk" / "kernels")
+    assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     assert "not loaded" not in _build(tmp_path)
-    assert [p.stat().st_mtime_ns for p in (tmp_path / "raytopk" / "kernels").iterdir()] == [stamp]
+    assert [p.stat().st_mtime_ns for p in _libraries(tmp_path / "raytopk" / "kernels")] == [stamp]
+
+
+def test_workers_of_one_node_build_once_and_an_unwritable_cache_falls_back_to_the_temporary_directory(tmp_path):
+    """Four processes start at once with a cache they cannot create (under a file): one compiles, all load it."""
+    log, cc = tmp_path / "compiles.log", tmp_path / "cc"
+    cc.write_text(f"#!/bin/sh\necho run >> {log}\nsleep 1\nexec cc \"$@\"\n")
+    cc.chmod(0o755)
+    (tmp_path / "home").write_text("a file, so no cache directory can be made under it")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "home" / "cache"), "TMPDIR": str(tmp_path / "tmp"), "CC": str(cc)}
+    (tmp_path / "tmp").mkdir()
+    code = "from raytopk import kernels; print('loaded' if kernels.library() else 'not loaded')"
+    runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    assert [run.communicate(timeout=120)[0].strip() for run in runs] == ["loaded"] * 4
+    assert log.read_text().count("run") == 1
+    assert len(_libraries(tmp_path / "tmp" / f"raytopk-{os.getuid()}" / "kernels")) == 1
+
+
+def _state_builds_on_creation(rank, world_size, cache):
+    os.environ["XDG_CACHE_HOME"] = cache
+    kernels.library.cache_clear()
+    TopKState(ratio=0.01)  # on a gloo group: its CPU buckets will use the kernels
+    return len(_libraries(Path(cache) / "raytopk" / "kernels"))
+
+
+def test_a_cpu_state_builds_the_kernels_when_it_is_created_not_in_the_backward_pass(tmp_path):
+    assert run_ranks(_state_builds_on_creation, 2, str(tmp_path)) == [1, 1]
 
 
 def test_without_a_compiler_the_pytorch_path_runs_with_one_warning(tmp_path):
     printed = _build(tmp_path, CC=str(tmp_path / "no-such-cc"))
     assert "not loaded" in printed
     assert printed.count("could not build its C kernels") == 1 and "RAYTOPK_KERNELS=0" in printed
-    assert not any((tmp_path / "raytopk" / "kernels").iterdir()), "a failed build must leave nothing behind"
+    assert not _libraries(tmp_path / "raytopk" / "kernels"), "a failed build must leave nothing behind"
+    assert not [p for p in (tmp_path / "raytopk" / "kernels").iterdir() if p.suffix != ".lock"]
 
 
 def test_raytopk_kernels_0_turns_them_off_silently(tmp_path):
