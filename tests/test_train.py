@@ -58,6 +58,8 @@ def test_compressed_run_reports_checkpoints_and_tensorboard(straight):
     # 124 steps, 2 of them dense: at most 50x (4 bytes an entry of DDP's ring against 1% of 8), about 28x with the
     # dense steps; int64 indices (12 bytes) would give under 20x, a dense exchange 1x.
     assert 25 < straight["reduction"] < 50 and straight["bytes_sent"] * straight["reduction"] == pytest.approx(straight["dense_bytes"])
+    # one local node: nothing crosses a network card, and the reduction shown is rank to rank
+    assert straight["nodes"] == 1 and straight["network_bytes"] == straight["dense_network_bytes"] == 0
     assert os.path.isfile(os.path.join(os.path.dirname(straight["run_dir"]), "summary.json"))
     files = set(os.listdir(straight["checkpoint"]))
     assert {MODEL_FILE, "optimizer.pt", "meta.json", rank_file(0), rank_file(1)} <= files
@@ -70,11 +72,16 @@ def test_compressed_run_reports_checkpoints_and_tensorboard(straight):
 def test_elastic_run_records_every_epoch_with_its_workers(local_ray, tmp_path):
     """Elastic (min_workers) on a local Ray that holds every worker: it trains with all of them, and the summary's
     history keeps all three epochs although only the last checkpoint is kept."""
-    summary = run(_cfg(tmp_path, "elastic", epochs=3, max_train_batches=4, keep_checkpoints=1, min_workers=1))
+    summary = run(_cfg(tmp_path, "elastic", epochs=3, max_train_batches=4, keep_checkpoints=1, min_workers=1, ranks_per_node=1))
     assert [m["epoch"] for m in summary["history"]] == [1, 2, 3]
     assert [m["workers"] for m in summary["history"]] == [2, 2, 2] and summary["workers"] == 2
     assert len([p for p in glob.glob(os.path.join(summary["run_dir"], "checkpoint_*")) if os.path.isdir(p)]) == 1
     assert summary["history"][-1]["bytes_sent"] == summary["bytes_sent"] > summary["history"][0]["bytes_sent"]
+    # ranks_per_node 1: each worker its own node, so every byte of the all-gather's ring and DDP's crosses a card,
+    # and the reduction shown is the one across nodes
+    assert summary["nodes"] == 2 and summary["network_bytes"] == summary["bytes_sent"]
+    assert summary["dense_network_bytes"] == summary["dense_bytes"]
+    assert summary["reduction"] == pytest.approx(summary["dense_network_bytes"] / summary["network_bytes"])
 
 
 def test_dense_run_matches_compressed_accuracy_closely(local_ray, tmp_path, straight):
