@@ -75,6 +75,7 @@ def test_submit_py_runs_the_smoke_job_to_success(head, tmp_path, planted_secrets
     assert not uploaded & {".venv", ".git", "runs", *planted_secrets}, uploaded
 
 
+@pytest.mark.integrations  # the same job as submit.py's test, through Ray's own CLI: with the as-users-run tests
 def test_ray_job_submit_cli_runs_the_same_job(head, tmp_path):
     address, env = head
     summary = tmp_path / "cli.json"

@@ -147,6 +147,7 @@ def test_accumulation_runs_the_hook_once_per_step_under_bf16_autocast_with_every
         assert hook["iter"] == 2  # one hook call per optimizer step
 
 
+@pytest.mark.integrations  # a whole Ray Train run of the PyTorch comparison, over a minute: with the as-users-run tests
 def test_method_fp16_runs_pytorchs_fp16_hook_and_counts_half_the_bytes(local_ray, tmp_path):
     """``method: fp16``, the comparison PyTorch ships: every bucket allreduced in fp16, half of dense DDP's bytes."""
     summary = run(_cfg(tmp_path, "fp16", method="fp16", epochs=1, max_train_batches=20))
