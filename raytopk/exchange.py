@@ -125,11 +125,18 @@ def _gather(payload: torch.Tensor, group, world_size: int, finish: Callable,
     ``on_decoded`` receives the CPU seconds ``finish`` took on this thread (the hook counts them).
     """
     gathered = payload.new_empty(world_size * payload.numel())
-    work = dist.all_gather_single(gathered, payload, group=group, async_op=True)
+    staged = _staged(payload, group)
+    if staged:
+        host = torch.empty(gathered.numel(), dtype=gathered.dtype, device="cpu", pin_memory=True)
+        work = dist.all_gather_single(host, payload.cpu(), group=group, async_op=True)
+    else:
+        work = dist.all_gather_single(gathered, payload, group=group, async_op=True)
     rows = gathered.view(world_size, -1)
 
     def gathered_then_finish(fut: torch.futures.Future):
         fut.value()  # raises the collective's error, if any
+        if staged:
+            gathered.copy_(host)
         started = time.thread_time()
         result = finish(rows)
         if on_decoded is not None:
@@ -137,6 +144,27 @@ def _gather(payload: torch.Tensor, group, world_size: int, finish: Callable,
         return result
 
     return work.get_future().then(gathered_then_finish)
+
+
+def _staged(tensor: torch.Tensor, group) -> bool:
+    """Whether a collective of ``tensor`` goes through host memory: CUDA tensors on a gloo group.
+
+    Several ranks that share one GPU (as tests and a one-GPU machine run them)
+    need gloo, since NCCL refuses two ranks on a device; gloo's collectives
+    take CPU tensors everywhere, so raytopk copies CUDA tensors to pinned host
+    memory and back there. On NCCL nothing is staged.
+    """
+    return tensor.is_cuda and dist.get_backend(group) == "gloo"
+
+
+def _all_to_all(output: torch.Tensor, tensor: torch.Tensor, group, output_split_sizes=None, input_split_sizes=None) -> None:
+    """``all_to_all_single``, waited for (its caller's next stage needs it), staged through the host on gloo with CUDA."""
+    if not _staged(tensor, group):
+        dist.all_to_all_single(output, tensor, output_split_sizes, input_split_sizes, group=group, async_op=True).wait()
+        return
+    host = torch.empty(output.numel(), dtype=output.dtype, device="cpu", pin_memory=True)
+    dist.all_to_all_single(host, tensor.cpu(), output_split_sizes, input_split_sizes, group=group, async_op=True).wait()
+    output.copy_(host)
 
 
 def allgather(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, value_dtype, group, out: torch.Tensor,
@@ -242,7 +270,7 @@ def sharded(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, valu
     rows = [t.view(torch.uint8).view(world_size, -1) for t in (send_indices, send_values)]
     send = torch.cat(rows, 1).reshape(-1)
     received = torch.empty_like(send)
-    dist.all_to_all_single(received, send, group=group, async_op=True).wait()
+    _all_to_all(received, send, group)
     received = received.view(world_size, -1)
     split = capacity * idx_dtype.itemsize
     got_indices = received[:, :split].contiguous().view(idx_dtype).reshape(-1)
@@ -375,8 +403,7 @@ class Exchanger:
         sent = 0
         if local > 1:
             received = torch.empty(local * (end - start), dtype=acc.dtype, device=acc.device)
-            dist.all_to_all_single(received, acc, [end - start] * local, [e - s for s, e in bounds], group=self.intra,
-                                   async_op=True).wait()
+            _all_to_all(received, acc, self.intra, [end - start] * local, [e - s for s, e in bounds])
             node_sum = received.view(local, end - start).sum(0)
             sent += (numel - (end - start)) * element
         else:

@@ -2,6 +2,7 @@
 
 import copy
 import os
+import sys
 
 import pytest
 import torch
@@ -10,6 +11,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import raytopk
 from raytopk.compression import select_topk
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+import gpu_exchanges  # noqa: E402  (a benchmark script: the checks gpu_check.sh runs, shared with this test)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -102,3 +106,10 @@ def test_a_non_finite_step_on_nccl_keeps_the_memory_without_waiting_for_the_gpu(
             same = all(torch.equal(before[kind][name], after[kind][name]) for kind in ("residuals", "velocities")
                        for name in before[kind])
             assert same == poisoned, f"step {step}: memory {'changed' if not same else 'unchanged'}"
+
+
+@pytest.mark.parametrize("exchange, world_size, local", gpu_exchanges.LAYOUTS)
+def test_every_exchange_with_ranks_sharing_the_gpu_is_lossless_and_trains_as_on_cpu(exchange, world_size, local):
+    """Several processes on one GPU over gloo (NCCL refuses two ranks on a device): see benchmarks/gpu_exchanges.py."""
+    row = gpu_exchanges.check(exchange, world_size, local, "cuda")
+    assert row["lossless"] and row["matches_cpu"], row
