@@ -250,7 +250,8 @@ def _byte_metrics(sent: float, dense: float, network: float, dense_network: floa
 
 def bytes_line(m: dict) -> str:
     """The bytes part of an epoch or result line (metrics or a summary): the wire, across node cards with several nodes."""
-    wire = f"wire {m['bytes_sent'] / m['workers'] / 1e6:.2f} MB/worker ({m['exchange']}, {m['workers']} workers"
+    workers = f"{m['workers']} worker{'s' if m['workers'] != 1 else ''}"
+    wire = f"wire {m['bytes_sent'] / m['workers'] / 1e6:.2f} MB/worker ({m['exchange']}, {workers}"
     if m.get("nodes", 1) > 1:
         return (f"{wire} on {m['nodes']} nodes)  across nodes {m['network_bytes'] / 1e6:.2f} MB "
                 f"(dense {m['dense_network_bytes'] / 1e6:.2f})  reduction {m['reduction']:.1f}x")
