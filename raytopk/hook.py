@@ -32,8 +32,9 @@ class TopKState:
     r"""State of :func:`topk_hook`: the compression settings and this worker's residuals.
 
     Each step, every worker adds its residual (what it did not send before) to
-    the gradient bucket, sends the ``k = max(1, ceil(ratio * n))`` entries of
-    largest magnitude and keeps the rest as its new residual. Nothing is lost,
+    the gradient bucket, sends its entries of largest magnitude (at two
+    workers, ``k = max(1, ceil(ratio * n))`` of them; with more, as many as
+    ``ratio``'s share of the wire allows) and keeps the rest as its new residual. Nothing is lost,
     only delayed: this error feedback is why training converges almost as if
     the whole gradient had been sent.
 
@@ -592,15 +593,16 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     3. ``acc = bucket + residual`` (error feedback: this worker's own memory),
        written into the bucket's spare residual tensor. With ``momentum``:
        ``u = momentum * u + bucket`` and ``acc = u + residual`` instead.
-    4. Where sending ``k = max(1, ceil(ratio * n))`` indices and values would
-       cost at least as many bytes as the dense bucket (``ratio`` near 1),
-       allreduce ``acc`` densely instead.
-    5. Exchange (:mod:`raytopk.exchange`; ``state.exchange``, or the cheapest
-       by the cost model): the entries of largest ``|acc|`` (per parameter with
-       ``per_layer``, small ones dense) cross the network as indices and
-       values cast to ``value_dtype``. The exchange turns ``acc`` into what it
-       did not use, and writes the mean over workers of what it used into the
-       bucket (each sparse entry scaled by ``1 / W`` as it is added).
+    4. The budget is ``k = max(1, ceil(ratio * n))`` entries. Where sending k
+       indices and values would cost at least as many bytes as the dense
+       bucket (``ratio`` near 1), allreduce ``acc`` densely instead.
+    5. Exchange (:mod:`raytopk.exchange`; ``state.exchange``, or ``auto``'s
+       choice): each exchange selects the entries of largest ``|acc|`` its
+       share of the budget allows (per parameter with ``per_layer``, small ones
+       dense), so every worker sends about ``2 k (W - 1) / W`` entries, as
+       indices and values cast to ``value_dtype``. The exchange turns ``acc``
+       into what it did not use, and writes the mean over workers of what it
+       used into the bucket (each sparse entry scaled by ``1 / W`` as it is added).
     6. When the exchange completes: if the mean is finite, ``acc`` becomes the
        residual (and the velocity is cleared where used). If any rank sent inf
        or NaN (an fp16 overflow), the residual and velocity stay as they were
@@ -609,7 +611,9 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     ``state.stats["bytes_sent"]`` counts what this worker's collectives put on
     the wire by each algorithm's standard cost (a ring all-gather sends
     ``W - 1`` payloads); ``dense_bytes`` what DDP's ring allreduce would have
-    sent, ``2 (W - 1) / W`` of the bucket. ``hook_s`` is the CPU time the hook's
+    sent, ``2 (W - 1) / W`` of the bucket; ``network_bytes`` and
+    ``dense_network_bytes`` the part of each that left this rank's node
+    (:class:`~raytopk.cost_model.Cost` says how). ``hook_s`` is the CPU time the hook's
     work took (``time.thread_time`` on each thread that ran it: the hook call,
     and the decoding and commit when a gather lands). Waiting, for the network
     or for a core another thread holds, is not the hook's cost and is left out:
