@@ -277,25 +277,17 @@ def main() -> None:
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "accuracy.json"))
     parser.add_argument("--storage", default="~/.cache/raytopk/benchmark-runs",
                         help="where each run checkpoints, so a run cut off mid-way continues from its last epoch")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="train nothing: write the table of the rows already finished (kept in the .partial file, "
+                             "which stays), marked incomplete, so a long suite can be read while it is not done")
     args = parser.parse_args()
 
     partial = args.output + ".partial"
     rows = json.loads(read_text(partial)) if os.path.exists(partial) else []
     done = {(r["suite"], r["optimizer"], r["method"], r["seed"]) for r in rows}
-    ray.init(num_cpus=2, log_to_driver=False)
-    storage = os.path.expanduser(args.storage)
-    for suite, optimizer, method, seed, keys in jobs(args.suites):
-        if (suite, optimizer, method, seed) in done:
-            continue
-        name = f"{suite}-{optimizer}-{method.replace(' ', '_').replace('+', 'plus')}-seed{seed}"
-        row = {"suite": suite, "optimizer": optimizer, "method": method, "seed": seed, "job": keys,
-               **train_row(keys, seed, args.data_dir, args.download, storage, name)}
-        rows.append(row)
-        write_json(partial, rows)
-        shutil.rmtree(os.path.join(storage, name))  # the row is kept; its checkpoints are not needed again
-        print(f"{suite} {optimizer} {method} seed {seed}: {100 * row['test_accuracy']:.2f}%  "
-              f"{row['wire_mb_per_worker']:.1f} MB/worker  {row['wall_s']:.0f} s", flush=True)
-    ray.shutdown()
+    todo = [job for job in jobs(args.suites) if job[:4] not in done]
+    if not args.finished_only:
+        train_all(todo, rows, partial, args)
 
     table = aggregate(rows)
     print(format_table(table))
@@ -305,9 +297,29 @@ def main() -> None:
     if args.output != parser.get_default("output"):
         command += f" --output {os.path.relpath(args.output)}"
     workers = sorted({r["job"].get("workers", 2) for r in rows})
-    write_json(args.output, {"command": command, "workers": workers[0] if len(workers) == 1 else workers, "table": table, "runs": rows})
-    os.remove(partial)
+    complete = not args.finished_only or not todo
+    write_json(args.output, {"command": command, "workers": workers[0] if len(workers) == 1 else workers,
+                             **({} if complete else {"incomplete": f"{len(todo)} rows not trained yet; written with --finished-only"}),
+                             "table": table, "runs": rows})
+    if complete:
+        os.remove(partial)
     print(f"wrote {args.output}")
+
+
+def train_all(todo: list, rows: list, partial: str, args) -> None:
+    """Train every row of ``todo``, keeping each finished one in ``partial`` at once."""
+    ray.init(num_cpus=2, log_to_driver=False)
+    storage = os.path.expanduser(args.storage)
+    for suite, optimizer, method, seed, keys in todo:
+        name = f"{suite}-{optimizer}-{method.replace(' ', '_').replace('+', 'plus')}-seed{seed}"
+        row = {"suite": suite, "optimizer": optimizer, "method": method, "seed": seed, "job": keys,
+               **train_row(keys, seed, args.data_dir, args.download, storage, name)}
+        rows.append(row)
+        write_json(partial, rows)
+        shutil.rmtree(os.path.join(storage, name))  # the row is kept; its checkpoints are not needed again
+        print(f"{suite} {optimizer} {method} seed {seed}: {100 * row['test_accuracy']:.2f}%  "
+              f"{row['wire_mb_per_worker']:.1f} MB/worker  {row['wall_s']:.0f} s", flush=True)
+    ray.shutdown()
 
 
 if __name__ == "__main__":
