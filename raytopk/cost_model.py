@@ -9,6 +9,7 @@ exchanges measured not to cost accuracy for the layout
 (:func:`accurate_exchanges`). :mod:`raytopk.exchange` runs them.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Tuple
@@ -156,6 +157,7 @@ def sharded_counts(selected: int, world_size: int, capacity_factor: float, keep_
     return max(1, math.ceil(capacity_factor * selected / world_size)), max(1, math.ceil(keep_factor * selected / world_size))
 
 
+@functools.lru_cache(maxsize=1024)  # pure, and the hook asks the same few bucket shapes every step
 def cost(algorithm: str, layout: Layout, numel: int, k: int, value_bytes: int = 4, element_bytes: int = 4,
          link: Link = Link(), capacity_factor: float = 1.25, keep_factor: float = KEEP_FACTOR) -> Cost:
     """Bytes per rank and alpha-beta seconds of exchanging one bucket of ``numel`` entries with a budget of ``k``.
@@ -215,6 +217,7 @@ def inner_choice(nodes: int, k: int, entry: int, link: Link, capacity_factor: fl
     return name, inner, entries
 
 
+@functools.lru_cache(maxsize=1024)
 def choose(layout: Layout, numel: int, k: int, value_bytes: int = 4, link: Link = Link(), capacity_factor: float = 1.25,
            keep_factor: float = KEEP_FACTOR) -> str:
     """The exchange with the least modelled time for this bucket (``exchange="auto"``) among :func:`accurate_exchanges`.

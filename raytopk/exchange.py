@@ -329,7 +329,6 @@ class Exchanger:
             if exchange == "hierarchical" and why_flat:
                 raise ValueError(f"exchange='hierarchical' needs the same number of ranks on every node, numbered node by node: {why_flat}")
         local, nodes = self.layout.local_world_size, self.layout.nodes
-        self._picked = {}  # (numel, k, value bytes) -> algorithm: auto's choice, made once per bucket shape
         self.intra = self.group if nodes == 1 else None
         self.inter = self.group if local == 1 else None
         if local > 1 and nodes > 1 and exchange in ("auto", "hierarchical"):
@@ -342,10 +341,7 @@ class Exchanger:
         """The algorithm for one group of ``numel`` entries with ``k`` selected (``auto`` decides here)."""
         if self.exchange != "auto":
             return self.exchange
-        key = (numel, k, value_bytes)
-        if key not in self._picked:
-            self._picked[key] = choose(self.layout, numel, k, value_bytes, self.link, self.capacity_factor, self.keep_factor)
-        return self._picked[key]
+        return choose(self.layout, numel, k, value_bytes, self.link, self.capacity_factor, self.keep_factor)  # cached by shape
 
     def selected(self, algorithm: str, k: int) -> int:
         """Entries this rank selects to spend a budget of ``k`` by a flat ``algorithm`` over the whole group."""
