@@ -1,4 +1,4 @@
-"""``raytopk train | bench | tune``: the command line (also ``python -m raytopk``).
+"""``raytopk train | bench | tune | export``: the command line (also ``python -m raytopk``).
 
 User errors (bad flags, bad config, missing data) print one line to stderr
 and exit 2; nothing is written.
@@ -18,7 +18,10 @@ from raytopk.models import MODELS
 # Flags whose names users know from the seed's train.py, and the rest of TrainConfig.
 _FLAG_HELP = {
     "model": " | ".join(MODELS),
-    "dataset": " | ".join(DATASETS),
+    "dataset": " | ".join([*DATASETS, "parquet"]) + " (parquet: your own files, see --data-path)",
+    "data_path": "dataset: parquet: a directory, a file or a URI (s3://, gs://) of Parquet files",
+    "test_path": "dataset: parquet: the test split's files (else data_path's test/ directory, else --test-fraction of its rows)",
+    "image_shape": "dataset: parquet: [C, H, W] of images stored as lists of numbers, as YAML: '[1, 28, 28]'",
     "compress": "send only the top-k gradient entries (raytopk's hook)",
     "method": "topk | dense | fp16: what the workers exchange (fp16: PyTorch's fp16_compress_hook, for comparison); sets --compress",
     "ratio": "fraction of entries sent per bucket, in (0, 1]",
@@ -40,7 +43,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_FLAG_HELP.get(f.name))
         else:
-            kind = {int: int, float: float, Optional[float]: float, Optional[dict]: _yaml_value}.get(f.type, str)
+            kind = {int: int, Optional[int]: int, float: float, Optional[float]: float, Optional[dict]: _yaml_value,
+                    Optional[list]: _yaml_value}.get(f.type, str)
             parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=_FLAG_HELP.get(f.name))
 
 
@@ -140,6 +144,27 @@ def _tune(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    """Write a built-in dataset as Parquet, in the layout ``dataset: parquet`` reads."""
+    from raytopk.parquet import LAYOUTS, export
+    from raytopk.preflight import check_directory
+
+    if args.dataset not in DATASETS:
+        raise ConfigError(f"dataset: got {args.dataset!r}; allowed: {', '.join(sorted(DATASETS))}")
+    if args.layout not in LAYOUTS:
+        raise ConfigError(f"layout: got {args.layout!r}; allowed: {', '.join(LAYOUTS)}")
+    check_directory("output", args.output)
+    counts = export(args.dataset, args.output, args.layout, data_dir=args.data_dir, download=args.download)
+    shape = ""
+    if args.layout == "list":
+        spec = DATASETS[args.dataset]
+        shape = f" --set 'image_shape=[{spec.in_channels}, {spec.image_size}, {spec.image_size}]'"
+    print(f"wrote {counts['train']} training and {counts['test']} test rows of {args.dataset} ({args.layout}) to "
+          f"{args.output}/train and {args.output}/test\ntrain on them with: raytopk train --set dataset=parquet "
+          f"--set data_path={shlex.quote(args.output)}{shape}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="raytopk", description="Top-k compressed data-parallel training on Ray.")
     parser.add_argument("--version", action="version", version=f"raytopk {__version__}")
@@ -157,6 +182,14 @@ def main(argv=None) -> int:
     sub.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same name")
     sub.add_argument("--address", help=_FLAG_HELP["address"])
     sub.set_defaults(func=_tune)
+    sub = commands.add_parser("export", help="write a built-in dataset as Parquet files (dataset: parquet reads them)",
+                              description="Write a built-in dataset's train and test splits as Parquet under OUTPUT/train and OUTPUT/test.")
+    sub.add_argument("--dataset", required=True, help=" | ".join(DATASETS))
+    sub.add_argument("--output", required=True, help="directory to write (its train/ and test/ are replaced whole)")
+    sub.add_argument("--layout", default="png", help="png: images as PNG bytes (default) | list: lists of uint8 values")
+    sub.add_argument("--data-dir", default=TrainConfig.data_dir, help="where torchvision's datasets are (as for train)")
+    sub.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    sub.set_defaults(func=_export)
     args = parser.parse_args(argv)
     args.command = shlex.join(["raytopk", *(sys.argv[1:] if argv is None else argv)])  # recorded in what it writes
     try:

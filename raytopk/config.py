@@ -14,7 +14,10 @@ from typing import Optional
 
 from raytopk.cost_model import EXCHANGES, KEEP_FACTOR
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "check_fields", "check_name", "from_mapping", "run_identity", "default_run_name"]
+__all__ = ["ConfigError", "PARQUET", "TrainConfig", "load_config", "check_fields", "check_sizes", "check_name", "from_mapping", "run_identity", "default_run_name"]
+
+
+PARQUET = "parquet"  # the dataset name of one's own Parquet files
 
 
 class ConfigError(ValueError):
@@ -30,6 +33,14 @@ class TrainConfig:
     dataset: str = "mnist5k"
     data_dir: str = "~/.cache/raytopk/data"
     download: bool = False
+    # Your own data (dataset: parquet; raytopk.parquet reads it through Ray Data).
+    data_path: Optional[str] = None  # Parquet files: a directory, a file, or a URI (s3://, gs://)
+    test_path: Optional[str] = None  # the test split's files; else data_path's test/ directory; else ...
+    test_fraction: float = 0.1  # ... this share of data_path's rows, by a seeded hash of each row
+    image_column: str = "image"  # PNG or JPEG bytes, or lists of C*H*W numbers
+    label_column: str = "label"  # integer classes 0, 1, 2, ...
+    image_shape: Optional[list] = None  # [C, H, W] of images stored as lists of numbers
+    shuffle_seed: Optional[int] = None  # seeded shuffling in Ray Data: the same batches on a rerun
     epochs: int = 3
     batch_size: int = 64  # per worker
     max_train_batches: int = 0  # per epoch and worker; 0 means the whole shard
@@ -86,14 +97,18 @@ class TrainConfig:
         from raytopk.data import DATASETS
         from raytopk.models import MODELS
 
-        for key, known in (("model", MODELS), ("dataset", DATASETS)):
+        for key, known in (("model", MODELS), ("dataset", [*DATASETS, PARQUET])):
             if getattr(self, key) not in known:
                 raise ConfigError(f"{key}: got {getattr(self, key)!r}; allowed: {', '.join(sorted(known))}")
         check_name("name", self.name)
         if self.method is not None:  # the comparison methods by name: top-k is compress, the others are not
             self.compress = self.method == "topk"
         _check_combinations(self)
-        _check_sizes(self, DATASETS[self.dataset].train_size)
+        _check_own_data(self)
+        if self.dataset != PARQUET:  # a Parquet dataset's size is read from its files (raytopk.parquet.inspect)
+            check_sizes(self, DATASETS[self.dataset].train_size, f"{self.dataset} has {DATASETS[self.dataset].train_size} training images")
+        if self.save_every > self.epochs:
+            raise ConfigError(f"save_every: got {self.save_every}, more than epochs {self.epochs}; allowed: 1 to {self.epochs}")
 
     @property
     def method_name(self) -> str:
@@ -111,8 +126,8 @@ def check_name(key: str, value: Optional[str]) -> None:
                           "starting with a letter or digit, without '..'")
 
 
-def _check_sizes(cfg: "TrainConfig", train_size: int) -> None:
-    """Sizes that would train nothing, against the dataset's training split.
+def check_sizes(cfg: "TrainConfig", train_size: int, what: str) -> None:
+    """Sizes that would train nothing, against the dataset's training split (``what`` says how large it is).
 
     Each of ``W`` workers gets ``ceil(n / W)`` images (``DistributedSampler`` pads the
     shards to one size) and drops the last partial batch; an elastic run's shard is
@@ -120,7 +135,6 @@ def _check_sizes(cfg: "TrainConfig", train_size: int) -> None:
     above an epoch's batches is allowed: it is a cap, and the same job file may run
     on more workers, whose shards are smaller.
     """
-    what = f"{cfg.dataset} has {train_size} training images"
     if cfg.workers > train_size:
         raise ConfigError(f"workers: got {cfg.workers}, but {what}; allowed: at most {train_size}")
     shard = -(-train_size // cfg.workers)
@@ -131,8 +145,21 @@ def _check_sizes(cfg: "TrainConfig", train_size: int) -> None:
     if cfg.accumulate > batches:
         raise ConfigError(f"accumulate: got {cfg.accumulate}, more than the {batches} batches an epoch holds per worker "
                           f"({shard} images, batch_size {cfg.batch_size}), so no step would be taken; allowed: at most {batches}")
-    if cfg.save_every > cfg.epochs:
-        raise ConfigError(f"save_every: got {cfg.save_every}, more than epochs {cfg.epochs}; allowed: 1 to {cfg.epochs}")
+
+
+def _check_own_data(cfg: "TrainConfig") -> None:
+    """The Parquet keys: ``data_path`` with ``dataset: parquet`` and only then; a test fraction that leaves both splits rows."""
+    if cfg.dataset == PARQUET and not cfg.data_path:
+        raise ConfigError("data_path: not set, but dataset is 'parquet'; allowed: a directory, a file or a URI of Parquet files")
+    if cfg.dataset != PARQUET:
+        for key in ("data_path", "test_path", "image_shape", "shuffle_seed"):
+            if getattr(cfg, key) is not None:
+                raise ConfigError(f"{key}: set, but dataset is {cfg.dataset!r}; allowed: only with dataset: parquet")
+    if not 0 < cfg.test_fraction < 1:
+        raise ConfigError(f"test_fraction: got {cfg.test_fraction!r}; allowed: a number in (0, 1)")
+    shape = cfg.image_shape
+    if shape is not None and not (len(shape) == 3 and all(_type_ok(n, int) and n > 0 for n in shape)):
+        raise ConfigError(f"image_shape: got {shape!r}; allowed: [C, H, W], three positive integers")
 
 
 def _check_combinations(cfg: "TrainConfig") -> None:
@@ -211,6 +238,10 @@ def _type_ok(value, kind) -> bool:
         return value is None or _type_ok(value, float)
     if kind == Optional[dict]:
         return value is None or isinstance(value, dict)
+    if kind == Optional[list]:
+        return value is None or isinstance(value, list)
+    if kind == Optional[int]:
+        return value is None or _type_ok(value, int)
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is int:
@@ -220,7 +251,8 @@ def _type_ok(value, kind) -> bool:
 
 def _describe(kind) -> str:
     names = {str: "a string", bool: "true or false", int: "an integer", float: "a number", dict: "a mapping"}
-    optional = {Optional[float]: "a number or null", Optional[dict]: "a mapping or null"}
+    optional = {Optional[float]: "a number or null", Optional[dict]: "a mapping or null", Optional[list]: "a list or null",
+                Optional[int]: "an integer or null"}
     return names.get(kind, optional.get(kind, "a string or null"))
 
 
@@ -320,4 +352,6 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
         cfg,
         data_dir=os.path.abspath(os.path.expanduser(cfg.data_dir)),
         checkpoint_dir=resolve(cfg.checkpoint_dir),
+        data_path=cfg.data_path and resolve(cfg.data_path),  # also the run's identity: the same files from any directory
+        test_path=cfg.test_path and resolve(cfg.test_path),
     )

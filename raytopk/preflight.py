@@ -14,19 +14,27 @@ import os
 import tempfile
 from typing import Optional
 
-from raytopk.config import ConfigError
+from raytopk.config import PARQUET, ConfigError
 from raytopk.data import DATASETS
 from raytopk.storage import is_uri, resolve
 
-__all__ = ["check_paths", "check_directory", "check_file"]
+__all__ = ["check_paths", "check_directory", "check_file", "local_ray_cpus"]
 
 
 def check_paths(cfg) -> None:
-    """The storage directory, the ``--output`` file and the data directory of a :class:`~raytopk.config.TrainConfig`."""
+    """The storage directory, the ``--output`` file and the data of a :class:`~raytopk.config.TrainConfig`.
+
+    Parquet data is checked from its footers and first row group
+    (:func:`raytopk.parquet.inspect`): paths, columns, labels, image shape, sizes.
+    """
     check_directory("checkpoint_dir", cfg.checkpoint_dir)
     if cfg.output:
         check_file("output", cfg.output)
-    if DATASETS[cfg.dataset].reads_data_dir:
+    if cfg.dataset == PARQUET:
+        from raytopk.parquet import inspect
+
+        inspect(cfg)
+    elif DATASETS[cfg.dataset].reads_data_dir:
         check_directory("data_dir", cfg.data_dir, written=cfg.download)
 
 
@@ -110,3 +118,17 @@ def _check_uri(key: str, uri: str, want_directory: bool) -> None:
         raise ConfigError(f"{key}: got {uri!r}, which is a file; allowed: a directory")
     if not want_directory and kind == pyarrow.fs.FileType.Directory:
         raise ConfigError(f"{key}: got {uri!r}, which is a directory; allowed: a file path")
+
+
+def local_ray_cpus(cfg, address: Optional[str] = None) -> Optional[int]:
+    """The CPUs a local Ray started for ``cfg`` offers: one more than the machine's for Parquet data, else Ray's count.
+
+    Ray Data's read and decode tasks need a CPU of their own, and workers
+    holding every CPU of the machine would leave them waiting forever; the
+    extra one shares the cores with the workers (what a DataLoader's worker
+    processes would do). A cluster (``address``, the job's or the
+    command's) offers what its nodes have.
+    """
+    if cfg.dataset != PARQUET or address or cfg.address or os.environ.get("RAY_ADDRESS"):
+        return None
+    return len(os.sched_getaffinity(0)) + 1

@@ -22,14 +22,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from raytopk.config import ConfigError, TrainConfig, default_run_name, resolved, run_identity
+from raytopk.config import PARQUET, ConfigError, TrainConfig, default_run_name, resolved, run_identity
 from raytopk.data import DATASETS, load_dataset
 from raytopk.cost_model import Layout, Link, dense_allreduce_bytes, dense_network_bytes
 from raytopk.exchange import node_layout
 from raytopk.hook import TopKState
 from raytopk.models import build_model
 from raytopk.optim import MomentumCorrectedSGD
-from raytopk.preflight import check_paths
+from raytopk.preflight import check_paths, local_ray_cpus
 from raytopk.ray import load_state, prepare_model, rank_file, save_state
 from raytopk.storage import exists, is_uri, join, provenance, read_bytes, read_text, write_json
 
@@ -47,19 +47,15 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     storage_token = config.pop("storage_token", None)
+    parquet_shape = config.pop("parquet_shape", None)  # what the driver read of a Parquet dataset
     cfg = TrainConfig(**config)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
 
-    spec = DATASETS[cfg.dataset]
-    train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
-    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
-    test_loader = DataLoader(Subset(test_set, range(rank, len(test_set), world_size)), batch_size=256)
-
-    model = build_model(cfg.model, spec.in_channels, spec.num_classes, spec.image_size).to(device)
+    shape, train_batches, test_batches, epoch_batches = _data(cfg, rank, world_size, parquet_shape)
+    model = build_model(cfg.model, shape["in_channels"], shape["num_classes"], shape["image_size"]).to(device)
     # The per-worker batch is fixed, so the global batch follows the worker count, and the learning
     # rate follows it linearly (Goyal et al.): ``lr`` is the rate for ``workers`` workers.
     base_lr = cfg.lr * world_size / cfg.workers
@@ -68,7 +64,7 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     # Micro-batches per epoch: whole optimizer steps of ``accumulate`` micro-batches each.
-    micro_batches = min(len(train_loader), cfg.max_train_batches or len(train_loader)) // cfg.accumulate * cfg.accumulate
+    micro_batches = min(epoch_batches, cfg.max_train_batches or epoch_batches) // cfg.accumulate * cfg.accumulate
     state = _hook_state(cfg, model, optimizer, micro_batches // cfg.accumulate) if cfg.compress else None
     _check_storage_seen(cfg, storage_token, rank)
     # A DDP model even for one worker, with the hook when compressing (what users' own Ray loops call too).
@@ -98,11 +94,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
-        sampler.set_epoch(epoch)
         ddp.train()
         loss_sum, batches = torch.zeros((), device=device), 0
         optimizer.zero_grad(set_to_none=True)
-        for x, y in train_loader:
+        for x, y in train_batches(epoch):
             if batches == micro_batches:
                 break
             x, y = x.to(device), y.to(device)
@@ -122,7 +117,7 @@ def train_loop_per_worker(config: dict) -> None:
         seconds = time.perf_counter() - started
         # The plain module: each rank's test shard may hold a different number of
         # batches, and DDP's forward could start a collective the others never join.
-        correct, total = _evaluate(model, test_loader, device)
+        correct, total = _evaluate(model, test_batches(), device)
 
         # Bytes on the wire and across node cards, summed over workers: the hook's count, or dense DDP's
         # (the baseline; half of it in fp16).
@@ -157,6 +152,34 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics)
     if writer is not None:
         writer.close()
+
+
+def _data(cfg: TrainConfig, rank: int, world_size: int, parquet_shape: Optional[dict]):
+    """``(shape, train batches for an epoch, this rank's test batches, batches per epoch)`` for the job's dataset.
+
+    A built-in dataset is read here, each rank taking its ``DistributedSampler``
+    shard; a Parquet dataset arrives through Ray Data as this rank's shard,
+    decoded already (:mod:`raytopk.parquet`), and its batch count is the
+    driver's count of rows (expected, for a ``test_fraction`` split: the loop
+    stops where the shard does, every rank's shard being the same size).
+    """
+    if parquet_shape is not None:
+        from raytopk import parquet
+
+        batches = parquet_shape["train_rows"] // world_size // cfg.batch_size
+        return parquet_shape, lambda epoch: parquet.shard_batches(cfg, epoch, rank), parquet.test_batches, batches
+    spec = DATASETS[cfg.dataset]
+    train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
+    test_loader = DataLoader(Subset(test_set, range(rank, len(test_set), world_size)), batch_size=256)
+
+    def train_batches(epoch):
+        sampler.set_epoch(epoch)
+        return train_loader
+
+    shape = {"in_channels": spec.in_channels, "image_size": spec.image_size, "num_classes": spec.num_classes}
+    return shape, train_batches, lambda: test_loader, len(train_loader)
 
 
 def _check_storage_seen(cfg: TrainConfig, token, rank: int) -> None:
@@ -336,9 +359,17 @@ def build_trainer(cfg: TrainConfig, callbacks=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    data = {}
+    if cfg.dataset == PARQUET:  # read, decoded and split by Ray Data; the workers get the image shape and row count
+        from raytopk import parquet
+
+        spec = parquet.inspect(cfg)
+        data = {"datasets": parquet.datasets(cfg, spec), "dataset_config": parquet.data_config(cfg)}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**dataclasses.asdict(cfg), "storage_token": _write_storage_probe(cfg)},
+        train_loop_config={**dataclasses.asdict(cfg), "storage_token": _write_storage_probe(cfg),
+                           **({"parquet_shape": spec.model_shape} if data else {})},
+        **data,
         torch_config=TorchConfig(backend=None if cfg.backend == "auto" else cfg.backend, timeout_s=300),
         scaling_config=ScalingConfig(
             num_workers=(cfg.min_workers, cfg.workers) if cfg.min_workers else cfg.workers, use_gpu=cfg.use_gpu,
@@ -398,7 +429,7 @@ def run(cfg: TrainConfig, restart: bool = False, command: Optional[str] = None) 
     started = time.time()
     try:
         if not ray.is_initialized():
-            ray.init(address=cfg.address, log_to_driver=True)
+            ray.init(address=cfg.address, log_to_driver=True, num_cpus=local_ray_cpus(cfg))
         _say_if_waiting(cfg)
         build_trainer(cfg).fit()
     except (KeyboardInterrupt, SystemExit):
@@ -527,7 +558,7 @@ def _check_local(cfg: TrainConfig) -> None:
 
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         return
-    if not cfg.download:
+    if not cfg.download and cfg.dataset != PARQUET:  # Parquet files were checked by check_paths
         load_dataset(cfg.dataset, cfg.data_dir, False)  # a DatasetError says where it looked and what to do
     if ray.is_initialized():
         have = ray.cluster_resources()

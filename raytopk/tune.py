@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from raytopk.config import ConfigError, TrainConfig, check_fields, check_name, from_mapping, read_yaml_mapping, resolved
-from raytopk.preflight import check_directory
+from raytopk.preflight import check_directory, local_ray_cpus
 from raytopk.storage import exists, join, read_text, resolve, write_json
 from raytopk.sweep_results import trial_config, trial_rows, write_results
 
@@ -263,7 +263,7 @@ def run_sweep(sweep: SweepConfig, cfg: TrainConfig, resume: bool = False, addres
     from ray import tune
 
     if not ray.is_initialized():
-        ray.init(address=address or cfg.address)
+        ray.init(address=address or cfg.address, num_cpus=local_ray_cpus(cfg, address))
 
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, base=dataclasses.asdict(resolved(cfg)), trials_dir=join(directory, "trials")),

@@ -158,6 +158,22 @@ def test_sweep_writes_table_best_job_and_plot_and_the_best_job_trains(tmp_path):
     assert json.loads((directory / TRIALS_FILE).read_text()) == results
 
 
+@pytest.mark.integrations  # a sweep on one's own Parquet data: each trial's driver hands Ray Data's datasets to its trainer
+def test_sweep_on_parquet_data(tmp_path):
+    from raytopk.parquet import export
+
+    export("mnist5k", str(tmp_path / "digits"), "list")
+    path = _write(tmp_path, name="own", train={"epochs": 1, "cpus_per_worker": 0.5, "dataset": "parquet",
+                                              "data_path": str(tmp_path / "digits"), "image_shape": [1, 28, 28]},
+                  search_space={"ratio": {"grid": [0.01, 0.001]}}, scheduler="none", max_concurrent_trials=1)
+    done = _tune(path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "runs" / "own" / TRIALS_FILE).read_text())["trials"]
+    assert [row["status"] for row in rows] == ["done", "done"]
+    # 20 steps of SimpleCNN on the digits: well above chance (10%) when the workers read the shards and trained
+    assert all(0.4 < row["test_accuracy"] <= 1 for row in rows) and len({row["bytes_sent"] for row in rows}) == 2
+
+
 @pytest.mark.faults
 def test_interrupted_sweep_resumes_each_trial_from_its_checkpoint(tmp_path):
     """Stored through a URI (as on S3 in a cluster): Tune's state, the trials' checkpoints and the results."""
