@@ -15,6 +15,7 @@ epoch, and one every :data:`PLAIN_EVERY_S` seconds of a long epoch.
 
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -64,7 +65,7 @@ def failure_report(err, log_dir=None) -> list:
     if log_dir and os.path.isdir(log_dir):
         path = os.path.join(log_dir, f"raytopk-failure-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.err")
         with open(path, "w") as f:
-            f.write(f"{err}\n")
+            f.write(re.sub(r"\x1b\[[0-9;]*m", "", f"{err}\n"))  # without Ray's colours
         lines.append(f"raytopk: full traceback in {path}; Ray's logs are in {log_dir}")
     return lines
 
@@ -78,7 +79,9 @@ def worker_failures_line(failures: dict) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    """``Type: first line of the message``."""
+    """``Type: first line of the message``, of the exception a Ray task raised when ``exc`` wraps one (``RayTaskError``)."""
+    while isinstance(getattr(exc, "cause", None), BaseException):
+        exc = exc.cause
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
@@ -107,9 +110,12 @@ class Console:
             if self._bar is not None:
                 self._bar.refresh()
 
-    def done(self, text: str) -> None:
-        """The line that ends a phase (an epoch): the bar goes, the line stays."""
+    def done(self, desc: str, text: str) -> None:
+        """The line that ends phase ``desc`` (an epoch): its bar goes, the line stays (a later phase's bar stays below it)."""
         with self._lock:
+            if desc != self._desc and self._bar is not None and self._bar.total is not None:
+                self.say(text)
+                return
             self.close()
             print(text, file=self.stream, flush=True)
 
@@ -169,6 +175,9 @@ class _Mailbox:
 class Channel:
     """A run's events for the driver's console: ``(kind, payload)`` with kind ``step``, ``say``, ``epoch`` or ``failure``.
 
+    The payload is a line of text, a step's numbers (``step``) or an epoch's
+    ``{"desc": "epoch 2/3", "text": line}``.
+
     Pickled into the workers and the controller with the run. Without a
     mailbox (a trainer built without a console) the text events are printed
     where they happen, as Ray's own output.
@@ -188,7 +197,7 @@ class Channel:
         """Send an event; fire and forget unless ``wait`` (the call then returns once it is queued)."""
         if self._mailbox is None:
             if kind != "step":
-                print(payload, flush=True)
+                print(payload["text"] if kind == "epoch" else payload, flush=True)
             return
         ref = self._mailbox.post.remote((kind, payload))
         if wait:
@@ -289,6 +298,6 @@ class Watch:
             postfix = f"loss {p['loss']:.4f}, {p['samples_per_s']:.0f} samples/s, wire {p['wire_mb']:.2f} MB/worker"
             self._console.update(f"epoch {p['epoch']}/{p['epochs']}", p["step"], p["steps"], p["elapsed"], postfix)
         elif kind == "epoch":
-            self._console.done(payload)
+            self._console.done(payload["desc"], payload["text"])
         else:
             self._console.say(payload)

@@ -326,7 +326,7 @@ def _progress_callback(channel: Channel, epochs: int):
                 kept = (f"; residuals redistributed, their mean kept (largest difference {m['residual_mean_error']:.2g})"
                         if "residual_mean_error" in m else "")
                 line = f"resized: {m['resized_from']} -> {m['workers']} workers from the last checkpoint; lr {m['lr']:.4g}{kept}\n{line}"
-            channel.post("epoch", line, wait=True)
+            channel.post("epoch", {"desc": f"epoch {m['epoch']}/{epochs}", "text": line}, wait=True)
 
         def after_exception(self, run_context, worker_exceptions):
             channel.post("failure", worker_failures_line(worker_exceptions), wait=True)
