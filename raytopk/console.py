@@ -22,13 +22,14 @@ import time
 
 from tqdm import tqdm
 
-__all__ = ["Console", "Channel", "StepProgress", "Watch", "start_ray", "ray_log_dir", "failure_report", "worker_failures_line"]
+__all__ = ["Console", "Channel", "StepProgress", "Watch", "start_ray", "ray_log_dir", "failure_report", "error_line",
+           "worker_failures_line"]
 
 SEND_EVERY_S = 0.5  # rank 0's step events, at most this often
 PLAIN_EVERY_S = 30.0  # off a terminal: a progress line this often during a long epoch
 POLL_S = 0.25  # how often the driver drains the channel
 _LIVE_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
-_PLAIN_FORMAT = "{desc}: step {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+_PLAIN_FORMAT = "{desc}: {unit} {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
 _WAIT_FORMAT = "{desc} [{elapsed}]"
 
 
@@ -58,9 +59,7 @@ def failure_report(err, log_dir=None) -> list:
     The full text (every worker's traceback) goes to a file in Ray's log
     directory (``log_dir``, else this session's), named on the second line.
     """
-    failures = getattr(err, "worker_failures", None)
-    what = worker_failures_line(failures) if failures else f"training failed: {_one_line(getattr(err, 'controller_failure', err))}"
-    lines = [f"raytopk: error: {what}"]
+    lines = [f"raytopk: error: {error_line(err)}"]
     log_dir = log_dir or ray_log_dir()
     if log_dir and os.path.isdir(log_dir):
         path = os.path.join(log_dir, f"raytopk-failure-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.err")
@@ -68,6 +67,13 @@ def failure_report(err, log_dir=None) -> list:
             f.write(re.sub(r"\x1b\[[0-9;]*m", "", f"{err}\n"))  # without Ray's colours
         lines.append(f"raytopk: full traceback in {path}; Ray's logs are in {log_dir}")
     return lines
+
+
+def error_line(err: BaseException) -> str:
+    """One line for a failed training run (Ray Train's ``TrainingFailedError``, or a Ray task error wrapping one)."""
+    err = _unwrapped(err)
+    failures = getattr(err, "worker_failures", None)
+    return worker_failures_line(failures) if failures else f"training failed: {_one_line(getattr(err, 'controller_failure', err))}"
 
 
 def worker_failures_line(failures: dict) -> str:
@@ -78,10 +84,16 @@ def worker_failures_line(failures: dict) -> str:
     return "; ".join(f"worker{'s' * (len(ranks) > 1)} {', '.join(ranks)} failed: {text}" for text, ranks in by_error.items())
 
 
-def _one_line(exc: BaseException) -> str:
-    """``Type: first line of the message``, of the exception a Ray task raised when ``exc`` wraps one (``RayTaskError``)."""
+def _unwrapped(exc: BaseException) -> BaseException:
+    """The exception a Ray task raised, when ``exc`` wraps one (``RayTaskError``)."""
     while isinstance(getattr(exc, "cause", None), BaseException):
         exc = exc.cause
+    return exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (of the exception a Ray task raised, for a ``RayTaskError``)."""
+    exc = _unwrapped(exc)
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
@@ -126,21 +138,21 @@ class Console:
                 self._desc = desc
                 self._bar = tqdm(desc=desc, file=self.stream, leave=False, bar_format=_WAIT_FORMAT)
 
-    def update(self, desc: str, n: int, total: int, elapsed: float, postfix: str) -> None:
-        """Progress ``n`` of ``total`` in phase ``desc`` (a new phase starts a new bar), ``elapsed`` seconds into it."""
+    def update(self, desc: str, n: int, total: int, elapsed: float, postfix: str, unit: str = "step") -> None:
+        """Progress ``n`` of ``total`` ``unit`` in phase ``desc`` (a new phase starts a new bar), ``elapsed`` seconds into it."""
         with self._lock:
             if desc != self._desc or (self._bar is not None and n < self._bar.n):  # a new phase, or a restarted one
                 self.close()
                 self._desc, self._shown = desc, time.monotonic()
                 if self.live:
-                    self._bar = tqdm(total=total, desc=desc, unit="step", file=self.stream, leave=False, dynamic_ncols=True,
+                    self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, leave=False, dynamic_ncols=True,
                                      bar_format=_LIVE_FORMAT)
             if self._bar is not None:
                 self._bar.set_postfix_str(postfix, refresh=False)
                 self._bar.update(n - self._bar.n)
             elif time.monotonic() - self._shown >= self._plain_every_s:
                 self._shown = time.monotonic()
-                line = tqdm.format_meter(n, total, elapsed, prefix=desc, unit="step", postfix=postfix, bar_format=_PLAIN_FORMAT)
+                line = tqdm.format_meter(n, total, elapsed, prefix=desc, unit=unit, postfix=postfix, bar_format=_PLAIN_FORMAT)
                 print(line, file=self.stream, flush=True)
 
     def tick(self) -> None:
