@@ -47,6 +47,7 @@ def write_plot(rows: list, path: str) -> None:
     bars = wire.bar(labels, [row["wire_mb_per_worker"] for row in rows], color=[f"C{i}" for i in range(len(rows))])
     wire.bar_label(bars, fmt="%.2f")
     wire.set_ylabel("wire MB per worker (whole run)")
+    wire.margins(y=0.12)  # room for the labels
     wire.grid(axis="y", alpha=0.3)
     first = rows[0]
     fig.suptitle(f"{first['model']} on {first['dataset']}, {first['workers']} workers, {first['epochs']} epochs")
