@@ -1,5 +1,8 @@
 """Submit a raytopk job or sweep to a Ray cluster with the Jobs SDK, stream its logs, exit with its outcome.
 
+The logs are the job's quiet output (what runs, a line per epoch, the result
+last); ``--verbose`` adds Ray's own.
+
     python submit.py jobs/smoke.yaml                              # a training job
     python submit.py tune_configs/mnist5k_ratio_lr.yaml           # a sweep
     python submit.py jobs/cifar10_resnet18.yaml --set epochs=5 --address http://127.0.0.1:8265 --no-wait
@@ -36,8 +39,10 @@ class SubmitError(Exception):
     """A problem the user fixes (config, address, token); the message is one line."""
 
 
-def entrypoint(config: str, sets: list) -> str:
+def entrypoint(config: str, sets: list, verbose: bool = False) -> str:
     """The job's command line: ``raytopk tune`` for a sweep YAML (it has a ``search_space``), else ``raytopk train``.
+
+    It prints what the command prints off a terminal: plain lines, Ray's own output only with ``verbose``.
 
     The config is checked here first, with the same one-line message the cluster would give.
     """
@@ -57,6 +62,8 @@ def entrypoint(config: str, sets: list) -> str:
         command = ["python", "-m", "raytopk", "train", "--config", relative]
     for pair in sets:
         command += ["--set", pair]
+    if verbose:
+        command.append("--verbose")
     return " ".join(shlex.quote(part) for part in command)
 
 
@@ -102,6 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--address", help=f"the cluster's dashboard address (else RAY_ADDRESS, else {DEFAULT_ADDRESS})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key; repeatable")
     parser.add_argument("--no-wait", action="store_true", help="submit and exit without following the logs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="the job shows Ray's own output too (raytopk --verbose)")
     parser.add_argument("--entrypoint-num-cpus", type=float, default=0, metavar="N",
                         help="CPUs the driver holds for as long as the job runs (default 0, as in Ray: it runs on the head and "
                              "leaves every CPU to training; jobs beyond what the cluster can train at once queue for workers)")
@@ -114,7 +122,7 @@ def main(argv=None) -> int:
     from raytopk.config import ConfigError
 
     try:
-        command = entrypoint(args.config, args.set)
+        command = entrypoint(args.config, args.set, args.verbose)
         client = connect(address)
         job_id = client.submit_job(
             entrypoint=command,

@@ -1,7 +1,10 @@
 """``raytopk train | bench | tune | export``: the command line (also ``python -m raytopk``).
 
+Quiet by default: what runs, a progress bar (plain lines off a terminal), a line
+per epoch, the result last; ``-v/--verbose`` adds Ray's own output.
 User errors (bad flags, bad config, missing data) print one line to stderr
-and exit 2; nothing is written.
+and exit 2; nothing is written. A failed run prints which worker failed with
+what, and where the full traceback and Ray's logs are, and exits 1.
 """
 
 import argparse
@@ -76,15 +79,16 @@ def _train(args) -> int:
     cfg = _config(args)
     from raytopk.train import bytes_line, run
 
-    summary = run(cfg, restart=args.restart, command=args.command)
+    summary = run(cfg, restart=args.restart, command=args.command, verbose=args.verbose)
     print(f"test accuracy {100 * summary['test_accuracy']:.2f}%  {bytes_line(summary)}  wall {summary['wall_s']:.0f} s")
     return 0
 
 
 def _bench(args) -> int:
-    """The same job dense and with top-k, side by side."""
+    """The same job dense and with top-k; the results (and a plot) written, then the table, last."""
     import dataclasses
 
+    from raytopk.bench import format_table, plot_path, write_plot
     from raytopk.storage import write_json
 
     cfg = _config(args)  # its output path checked too, before either run trains
@@ -93,16 +97,14 @@ def _bench(args) -> int:
     # The dense row drops the compression-only settings (DGC's); SGD keeps its momentum there.
     dense = dataclasses.replace(cfg, compress=False, method=None, output=None, warmup_ratio=None, warmup_epochs=0, momentum_correction=False,
                                 clip_norm=None, per_layer=False)
-    rows = [run(job, restart=args.restart, command=args.command) for job in (dense, dataclasses.replace(cfg, compress=True, method=None, output=None))]
-    # With several nodes, the reduction is across node cards, and their bytes (all workers) get a column.
-    print(f"\n{'method':<14}{'test acc':>10}{'wire MB/worker':>16}{'network MB':>12}{'reduction':>11}{'wall s':>8}")
-    for row in rows:
-        method = f"top-k {row['ratio']:g}" if row["compress"] else "dense"
-        network = f"{row['network_bytes'] / 1e6:>12.2f}" if row["nodes"] > 1 else f"{'one node':>12}"
-        print(f"{method:<14}{100 * row['test_accuracy']:>9.2f}%{row['wire_mb_per_worker']:>16.2f}{network}{row['reduction']:>10.1f}x"
-              f"{row['wall_s']:>8.0f}")
+    rows = [run(job, restart=args.restart, command=args.command, verbose=args.verbose)
+            for job in (dense, dataclasses.replace(cfg, compress=True, method=None, output=None))]
+    print()
     if cfg.output:
         write_json(cfg.output, rows)
+        write_plot(rows, plot_path(cfg.output))
+        print(f"results: {cfg.output}  plot: {plot_path(cfg.output)}")
+    print(format_table(rows))
     return 0
 
 
@@ -128,7 +130,7 @@ def _tune(args) -> int:
 
     sweep, cfg = load_sweep(args.file, parse_sets(args.set))
     try:
-        rows, best = run_sweep(sweep, cfg, resume=args.resume, address=args.address, command=args.command)
+        rows, best = run_sweep(sweep, cfg, resume=args.resume, address=args.address, command=args.command, verbose=args.verbose)
     except SweepInterrupted as stop:
         print(f"raytopk: {stop}", file=sys.stderr)
         return 130
@@ -174,6 +176,7 @@ def main(argv=None) -> int:
         _add_config_flags(sub)
         sub.add_argument("--restart", action="store_true",
                          help="train from scratch as a new run beside the old one (else the same job resumes)")
+        _add_verbose_flag(sub)
         sub.set_defaults(func=fn)
     sub = commands.add_parser("tune", help="sweep a job's compression ratio and learning rate with Ray Tune",
                               description="Sweep a job's keys (tune_configs/*.yaml) with Ray Tune; print the table, write the results.")
@@ -181,6 +184,7 @@ def main(argv=None) -> int:
     sub.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep key or a job key; repeatable")
     sub.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same name")
     sub.add_argument("--address", help=_FLAG_HELP["address"])
+    _add_verbose_flag(sub)
     sub.set_defaults(func=_tune)
     sub = commands.add_parser("export", help="write a built-in dataset as Parquet files (dataset: parquet reads them)",
                               description="Write a built-in dataset's train and test splits as Parquet under OUTPUT/train and OUTPUT/test.")
@@ -198,13 +202,24 @@ def main(argv=None) -> int:
         print(f"raytopk: error: {err}", file=sys.stderr)
         return 2
     except Exception as stop:
-        # raytopk.train imports PyTorch, so it is imported here, once a run was started, not before a job is checked.
+        # raytopk.train imports PyTorch and Ray, so they are imported here, once a run was started, not before a job is checked.
+        from ray.train import TrainingFailedError
+
+        from raytopk.console import failure_report
         from raytopk.train import RunInterrupted
 
+        if isinstance(stop, TrainingFailedError):  # its type and message, not Ray's frames; the traceback goes to a file
+            print("\n".join(failure_report(stop)), file=sys.stderr)
+            return 1
         if not isinstance(stop, RunInterrupted):
             raise
         print(f"raytopk: interrupted; {_resume_line(stop, sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
         return 130
+
+
+def _add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's own output too (its workers' lines and logging); it is always in Ray's log directory")
 
 
 def _resume_line(stop, argv) -> str:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from raytopk.config import PARQUET, ConfigError, TrainConfig, default_run_name, resolved, run_identity
+from raytopk.console import Channel, Console, StepProgress, Watch, start_ray, worker_failures_line
 from raytopk.data import DATASETS, load_dataset
 from raytopk.cost_model import Layout, Link, dense_allreduce_bytes, dense_network_bytes
 from raytopk.exchange import node_layout
@@ -48,6 +49,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     storage_token = config.pop("storage_token", None)
     parquet_shape = config.pop("parquet_shape", None)  # what the driver read of a Parquet dataset
+    channel = config.pop("channel", None) or Channel()  # to the driver's console; printed here without one
     cfg = TrainConfig(**config)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -66,7 +68,7 @@ def train_loop_per_worker(config: dict) -> None:
     # Micro-batches per epoch: whole optimizer steps of ``accumulate`` micro-batches each.
     micro_batches = min(epoch_batches, cfg.max_train_batches or epoch_batches) // cfg.accumulate * cfg.accumulate
     state = _hook_state(cfg, model, optimizer, micro_batches // cfg.accumulate) if cfg.compress else None
-    _check_storage_seen(cfg, storage_token, rank)
+    _check_storage_seen(cfg, storage_token, rank, channel)
     # A DDP model even for one worker, with the hook when compressing (what users' own Ray loops call too).
     ddp = prepare_model(model, ratio=None, state=state,
                         parallel_strategy_kwargs={"bucket_cap_mb": cfg.bucket_cap_mb} if cfg.bucket_cap_mb else None)
@@ -91,6 +93,7 @@ def train_loop_per_worker(config: dict) -> None:
     step_dense_bytes, step_dense_network = dense_allreduce_bytes(grad_bytes, world_size), dense_network_bytes(grad_bytes, layout)
     writer = _tensorboard(cfg, rank)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    progress = StepProgress(channel, rank, cfg.epochs, micro_batches, world_size * cfg.batch_size)
 
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
@@ -112,6 +115,8 @@ def train_loop_per_worker(config: dict) -> None:
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()  # no per-step device sync
+            progress.step(epoch + 1, batches, started, loss,  # this worker's bytes so far, read only when it posts
+                          lambda: _bytes_so_far(cfg, state, (steps_done + batches // cfg.accumulate) * step_dense_bytes, 0.0)[0])
         scheduler.step()
         steps_done += batches // cfg.accumulate
         seconds = time.perf_counter() - started
@@ -182,14 +187,14 @@ def _data(cfg: TrainConfig, rank: int, world_size: int, parquet_shape: Optional[
     return shape, train_batches, lambda: test_loader, len(train_loader)
 
 
-def _check_storage_seen(cfg: TrainConfig, token, rank: int) -> None:
+def _check_storage_seen(cfg: TrainConfig, token, rank: int, channel: Channel) -> None:
     """Refuse a local ``checkpoint_dir`` that some worker's node does not see (one all-gather per start).
 
     Ray Train writes each rank's checkpoint files from the rank's own node
     and reads them back on any node, so every node must share the storage: a
     URI (``s3://``, ``gs://``), or a local path on one file system all nodes
     mount (NFS, or one machine, as with the local cluster's fake nodes).
-    Workers on more than one node say so once per start when it holds.
+    Workers on more than one node say so (to the driver's console) once per start when it holds.
     """
     import ray
 
@@ -205,8 +210,8 @@ def _check_storage_seen(cfg: TrainConfig, token, rank: int) -> None:
                            "nodes: a URI (s3://, gs://) or a path every node mounts (NFS)")
     nodes = len({node_id for node_id, _ in views})
     if rank == 0 and nodes > 1:
-        print(f"raytopk: checkpoint_dir {cfg.checkpoint_dir} is a local path that the workers' {nodes} nodes all see "
-              "(one shared file system), so they may save there", flush=True)
+        channel.post("say", f"raytopk: checkpoint_dir {cfg.checkpoint_dir} is a local path that the workers' {nodes} nodes all "
+                     "see (one shared file system), so they may save there")
 
 
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -330,26 +335,34 @@ def _restore(directory, ddp, optimizer, scheduler, scaler, device) -> tuple:
     return meta["epoch"], meta["steps"], meta.get("history", [meta["metrics"]]), resize
 
 
-def _progress_callback(epochs: int):
+def _progress_callback(channel: Channel, epochs: int):
     from ray.train import UserCallback
 
     class EpochProgress(UserCallback):
-        """One line per epoch on the driver's console."""
+        """Runs on Ray Train's controller: each epoch's line (after a resize, that first) and each worker failure, to the console."""
 
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0]
+            line = (f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}  test acc {100 * m['test_accuracy']:.2f}%  {bytes_line(m)}"
+                    f"  {m['train_s']:.1f} s")
             if "resized_from" in m:
                 kept = (f"; residuals redistributed, their mean kept (largest difference {m['residual_mean_error']:.2g})"
                         if "residual_mean_error" in m else "")
-                print(f"resized: {m['resized_from']} -> {m['workers']} workers from the last checkpoint; lr {m['lr']:.4g}{kept}", flush=True)
-            print(f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}  test acc {100 * m['test_accuracy']:.2f}%  {bytes_line(m)}",
-                  flush=True)
+                line = f"resized: {m['resized_from']} -> {m['workers']} workers from the last checkpoint; lr {m['lr']:.4g}{kept}\n{line}"
+            channel.post("epoch", {"desc": f"epoch {m['epoch']}/{epochs}", "text": line}, wait=True)
+
+        def after_exception(self, run_context, worker_exceptions):
+            channel.post("failure", worker_failures_line(worker_exceptions), wait=True)
 
     return EpochProgress()
 
 
-def build_trainer(cfg: TrainConfig, callbacks=None):
+def build_trainer(cfg: TrainConfig, callbacks=None, channel: Optional[Channel] = None):
     """The TorchTrainer for ``cfg`` (paths resolved, a run name set); ``callbacks`` replace the epoch printer.
+
+    ``channel`` (:class:`~raytopk.console.Channel`) takes the run's progress
+    and lines to the driver's console; without one they are printed where they
+    happen (Ray forwards them with ``log_to_driver``).
 
     With ``min_workers`` the group is elastic (Ray Train's ``(min, max)``
     form): it starts with as many workers as the cluster holds, restarts
@@ -367,7 +380,7 @@ def build_trainer(cfg: TrainConfig, callbacks=None):
         data = {"datasets": parquet.datasets(cfg, spec), "dataset_config": parquet.data_config(cfg)}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**dataclasses.asdict(cfg), "storage_token": _write_storage_probe(cfg),
+        train_loop_config={**dataclasses.asdict(cfg), "storage_token": _write_storage_probe(cfg), "channel": channel,
                            **({"parquet_shape": spec.model_shape} if data else {})},
         **data,
         torch_config=TorchConfig(backend=None if cfg.backend == "auto" else cfg.backend, timeout_s=300),
@@ -380,7 +393,7 @@ def build_trainer(cfg: TrainConfig, callbacks=None):
             storage_path=cfg.checkpoint_dir,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            callbacks=[_progress_callback(cfg.epochs)] if callbacks is None else callbacks,
+            callbacks=[_progress_callback(channel or Channel(), cfg.epochs)] if callbacks is None else callbacks,
         ),
     )
 
@@ -401,7 +414,7 @@ def _write_storage_probe(cfg: TrainConfig):
     return token
 
 
-def run(cfg: TrainConfig, restart: bool = False, command: Optional[str] = None) -> dict:
+def run(cfg: TrainConfig, restart: bool = False, command: Optional[str] = None, verbose: bool = False) -> dict:
     """Train ``cfg`` on Ray (``cfg.address``, else ``RAY_ADDRESS``, else a local Ray); return the summary.
 
     The run is named ``cfg.name``, else after what it trains
@@ -409,6 +422,8 @@ def run(cfg: TrainConfig, restart: bool = False, command: Optional[str] = None) 
     resumes it from its latest checkpoint, and a finished one returns its
     summary without training. ``restart`` starts a new run beside the old one.
     ``command``, the command line that asked for the run, is recorded in the summary.
+    It prints what runs, a progress bar (plain lines off a terminal) and a line per
+    epoch; Ray's own output only when ``verbose`` (when this call starts Ray).
     """
     import ray
     from ray.train import TrainingFailedError
@@ -426,12 +441,19 @@ def run(cfg: TrainConfig, restart: bool = False, command: Optional[str] = None) 
             return _finish(cfg, _summary(cfg, meta, path, wall_s=0.0, command=command))
         print(f"raytopk: resuming {cfg.name} after epoch {meta['epoch']} from {path}", flush=True)
     _check_local(cfg)
+    console = Console()
+    console.say(_what_runs(cfg))
     started = time.time()
     try:
         if not ray.is_initialized():
-            ray.init(address=cfg.address, log_to_driver=True, num_cpus=local_ray_cpus(cfg))
+            start_ray(cfg.address, verbose, num_cpus=local_ray_cpus(cfg))
         _say_if_waiting(cfg)
-        build_trainer(cfg).fit()
+        channel = Channel.open()
+        try:
+            with Watch(channel, console, waiting="starting Ray Train's workers"):
+                build_trainer(cfg, channel=channel).fit()
+        finally:
+            channel.close()
     except (KeyboardInterrupt, SystemExit):
         # Ctrl+C: before the run, Python's KeyboardInterrupt; during it, Ray Train's own handler
         # aborts the run and Ray's ray.get raises SystemExit. Either way the run stopped here.
@@ -439,12 +461,20 @@ def run(cfg: TrainConfig, restart: bool = False, command: Optional[str] = None) 
         raise RunInterrupted(cfg.name, _recorded_checkpoint(join(cfg.checkpoint_dir, cfg.name))) from None
     except TrainingFailedError as err:
         shared = next((line for line in str(err).splitlines() if NOT_SHARED in line), None)
-        if shared:  # the same on every retry: say it once, as the user error it is, after Ray's logs of it
+        if shared:  # the same on every retry: say it once, as the user error it is
             ray.shutdown()
             raise ConfigError(shared[shared.index("checkpoint_dir:"):]) from None
         raise
     path, meta = _recorded_checkpoint(join(cfg.checkpoint_dir, cfg.name))
     return _finish(cfg, _summary(cfg, meta, path, time.time() - started, command))
+
+
+def _what_runs(cfg: TrainConfig) -> str:
+    """The line a run starts with: model, data, workers, what they exchange, where checkpoints go."""
+    workers = f"{cfg.min_workers}-{cfg.workers}" if cfg.min_workers else str(cfg.workers)
+    method = f"top-k {cfg.ratio:g} (exchange {cfg.exchange})" if cfg.compress else cfg.method_name
+    return (f"raytopk: training {cfg.model} on {cfg.dataset}, {workers} worker{'s' * (workers != '1')}, {method}; "
+            f"checkpoints in {join(cfg.checkpoint_dir, cfg.name)}")
 
 
 class RunInterrupted(Exception):

@@ -25,6 +25,7 @@ Each trial's training run is named after its trial id under
 resumed sweep resumes every unfinished trial from its last epoch checkpoint.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -239,15 +240,95 @@ def _scheduler(sweep: SweepConfig, epochs: int):
     return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
 
 
+@contextlib.contextmanager
+def _tune_output(verbose: bool):
+    """Tune's own output as asked: its new engine prints a start block even at ``verbose=0``, so a quiet sweep runs
+    with its legacy one (``RAY_AIR_NEW_OUTPUT=0``, Ray's switch), which prints nothing at 0."""
+    if verbose:
+        yield
+        return
+    saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["RAY_AIR_NEW_OUTPUT"]
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = saved
+
+
+def _trial_progress(total: int, epochs: int):
+    """A Tune callback (it runs on the driver): a bar over the sweep's ``total`` trials, and a line as each one ends."""
+    import time
+
+    from ray import tune
+
+    from raytopk.console import Console, error_line
+
+    class TrialProgress(tune.Callback):
+        """Saved with the sweep's state for ``--resume``: its console is made on first use, in the process that shows it."""
+
+        def __init__(self):
+            self._console, self._started = None, 0.0
+
+        def __getstate__(self):
+            return {}
+
+        def __setstate__(self, state):
+            self.__init__()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self._update(trials)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            m = trial.last_result or {}
+            reached = m.get("epoch", 0)
+            end = f"epoch {reached}/{epochs}" if reached == epochs else f"stopped by the scheduler at epoch {reached}/{epochs}"
+            numbers = (f"  test acc {100 * m['test_accuracy']:.2f}%  wire {m['bytes_sent'] / m['workers'] / 1e6:.2f} MB/worker"
+                       if "test_accuracy" in m else "")
+            self._say(trial, f"{end}{numbers}")
+            self._update(trials, ended=trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            error = trial.get_pickled_error()
+            self._say(trial, f"failed: {error_line(error) if error else 'see its error file'}; full error in {trial.error_file}")
+            self._update(trials, ended=trial)
+
+        def on_experiment_end(self, trials, **info):
+            self._show().close()
+
+        def _show(self) -> Console:
+            if self._console is None:
+                self._console, self._started = Console(), time.monotonic()
+            return self._console
+
+        def _say(self, trial, text: str) -> None:
+            sampled = "  ".join(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}" for key, value in trial.config.items())
+            self._show().say(f"trial {trial.trial_id}  {sampled}  {text}")
+
+        def _update(self, trials, ended=None) -> None:
+            done = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")} | ({ended.trial_id} if ended else set())
+            running = sum(t.status == "RUNNING" for t in trials if t.trial_id not in done)
+            best = max((t.last_result["test_accuracy"] for t in trials if "test_accuracy" in (t.last_result or {})), default=None)
+            postfix = f"{running} running" + (f", best test acc {100 * best:.2f}%" if best is not None else "")
+            self._show().update("trials", len(done), total, time.monotonic() - self._started, postfix, unit="ended")
+
+    return TrialProgress()
+
+
 def _saved_form(sweep: SweepConfig, cfg: TrainConfig) -> dict:
     return json.loads(json.dumps({"sweep": dataclasses.asdict(sweep), "base_job": dataclasses.asdict(cfg)}))
 
 
 def run_sweep(sweep: SweepConfig, cfg: TrainConfig, resume: bool = False, address: Optional[str] = None,
-              command: Optional[str] = None):
+              command: Optional[str] = None, verbose: bool = False):
     """Run (or with ``resume`` continue) the sweep on Ray; return ``(rows, best)`` as in :mod:`raytopk.sweep_results`.
 
     ``command``, the command line that asked for the sweep, is recorded in ``trials.json``.
+    It prints a line saying what runs, a bar over the trials (plain lines off a
+    terminal) and a line as each trial ends; Ray's and Tune's own output only
+    when ``verbose`` (a resumed sweep keeps the first run's choice for Tune's).
     """
     check_directory("storage_path", sweep.storage_path)
     directory = sweep_dir(sweep)
@@ -262,8 +343,12 @@ def run_sweep(sweep: SweepConfig, cfg: TrainConfig, resume: bool = False, addres
     import ray  # after the checks above, so a bad sweep is refused before Ray loads
     from ray import tune
 
+    from raytopk.console import start_ray
+
     if not ray.is_initialized():
-        ray.init(address=address or cfg.address, num_cpus=local_ray_cpus(cfg, address))
+        start_ray(address or cfg.address, verbose, num_cpus=local_ray_cpus(cfg, address))
+    print(f"raytopk: sweep {sweep.name}: {_trial_count(sweep)} trials of {cfg.model} on {cfg.dataset} over "
+          f"{', '.join(sweep.search_space)}, {cfg.epochs} epochs each; results in {directory}", flush=True)
 
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, base=dataclasses.asdict(resolved(cfg)), trials_dir=join(directory, "trials")),
@@ -282,10 +367,12 @@ def run_sweep(sweep: SweepConfig, cfg: TrainConfig, resume: bool = False, addres
                 scheduler=_scheduler(sweep, cfg.epochs),
                 num_samples=sweep.num_samples,
             ),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=resolve(sweep.storage_path), verbose=1),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=resolve(sweep.storage_path), verbose=int(verbose),
+                                      callbacks=[_trial_progress(_trial_count(sweep), cfg.epochs)]),
         )
         write_json(saved_path, _saved_form(sweep, cfg))
-    grid = tuner.fit()
+    with _tune_output(verbose):
+        grid = tuner.fit()
     # Tune returns normally after Ctrl+C; the state it saved for a restore tells whether every trial ended.
     saved = tune.ExperimentAnalysis(directory).trials
     finished = sum(trial.status in ("TERMINATED", "ERROR") for trial in saved)
