@@ -30,8 +30,25 @@ import sys
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded: environments, history, results, and anything that looks like a secret.
-EXCLUDES = [".venv", ".git", "runs", "benchmarks/results", "__pycache__", ".pytest_cache", "*.egg-info",
-            ".env", ".env.*", "*.pem", "*.key", "id_rsa*", "*.p12", ".aws", ".ssh", "auth_token", "*.pt"]
+EXCLUDES = [
+    ".venv",
+    ".git",
+    "runs",
+    "benchmarks/results",
+    "__pycache__",
+    ".pytest_cache",
+    "*.egg-info",
+    ".env",
+    ".env.*",
+    "*.pem",
+    "*.key",
+    "id_rsa*",
+    "*.p12",
+    ".aws",
+    ".ssh",
+    "auth_token",
+    "*.pt",
+]
 LAST_LINES = 20  # of the job's log, shown when it did not succeed
 
 
@@ -52,7 +69,9 @@ def entrypoint(config: str, sets: list, verbose: bool = False) -> str:
 
     relative = os.path.relpath(os.path.abspath(config), ROOT)
     if relative.startswith(os.pardir):
-        raise SubmitError(f"{config}: outside the project directory {ROOT}; allowed: a config inside it (it is uploaded with it)")
+        raise SubmitError(
+            f"{config}: outside the project directory {ROOT}; allowed: a config inside it (it is uploaded with it)"
+        )
     overrides = parse_sets(sets)
     if "search_space" in read_yaml_mapping(config):
         load_sweep(config, overrides)
@@ -85,11 +104,15 @@ def connect(address: str):
         client = JobSubmissionClient(address)
         client.list_jobs()  # the first authenticated request
     except AuthenticationError:
-        raise SubmitError(f"the Ray cluster at {address} refused the token; set the cluster's token in RAY_AUTH_TOKEN or "
-                          f"RAY_AUTH_TOKEN_PATH (on the head: ray get-auth-token) and RAY_AUTH_MODE=token") from None
+        raise SubmitError(
+            f"the Ray cluster at {address} refused the token; set the cluster's token in RAY_AUTH_TOKEN or "
+            f"RAY_AUTH_TOKEN_PATH (on the head: ray get-auth-token) and RAY_AUTH_MODE=token"
+        ) from None
     except (ConnectionError, OSError) as err:
-        raise SubmitError(f"cannot reach a Ray cluster at {address} ({type(err).__name__}); start one with "
-                          f"`ray start --head`, or give --address or RAY_ADDRESS") from None
+        raise SubmitError(
+            f"cannot reach a Ray cluster at {address} ({type(err).__name__}); start one with "
+            f"`ray start --head`, or give --address or RAY_ADDRESS"
+        ) from None
     except RuntimeError as err:  # the SDK reports refused connections and HTTP errors this way
         text = str(err).splitlines()[0] if str(err) else type(err).__name__
         if "auth" in text.lower() or "401" in text or "403" in text:
@@ -104,15 +127,26 @@ async def _stream(client, job_id: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Submit a raytopk job (jobs/*.yaml) or sweep (tune_configs/*.yaml) to a Ray cluster.")
+    parser = argparse.ArgumentParser(
+        description="Submit a raytopk job (jobs/*.yaml) or sweep (tune_configs/*.yaml) to a Ray cluster."
+    )
     parser.add_argument("config", help="jobs/X.yaml or tune_configs/X.yaml, inside this project")
     parser.add_argument("--address", help=f"the cluster's dashboard address (else RAY_ADDRESS, else {DEFAULT_ADDRESS})")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key; repeatable")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key; repeatable"
+    )
     parser.add_argument("--no-wait", action="store_true", help="submit and exit without following the logs")
-    parser.add_argument("-v", "--verbose", action="store_true", help="the job shows Ray's own output too (raytopk --verbose)")
-    parser.add_argument("--entrypoint-num-cpus", type=float, default=0, metavar="N",
-                        help="CPUs the driver holds for as long as the job runs (default 0, as in Ray: it runs on the head and "
-                             "leaves every CPU to training; jobs beyond what the cluster can train at once queue for workers)")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="the job shows Ray's own output too (raytopk --verbose)"
+    )
+    parser.add_argument(
+        "--entrypoint-num-cpus",
+        type=float,
+        default=0,
+        metavar="N",
+        help="CPUs the driver holds for as long as the job runs (default 0, as in Ray: it runs on the head and "
+        "leaves every CPU to training; jobs beyond what the cluster can train at once queue for workers)",
+    )
     parser.add_argument("--submission-id", help="the job's id (default: chosen by Ray)")
     args = parser.parse_args(argv)
     address = args.address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
@@ -139,7 +173,10 @@ def main(argv=None) -> int:
     try:
         asyncio.run(_stream(client, job_id))
     except KeyboardInterrupt:
-        print(f"\nsubmit.py: stopped following; job {job_id} keeps running (ray job stop {job_id} --address {address})", file=sys.stderr)
+        print(
+            f"\nsubmit.py: stopped following; job {job_id} keeps running (ray job stop {job_id} --address {address})",
+            file=sys.stderr,
+        )
         return 130
     status = str(client.get_job_status(job_id).value)
     if status == "SUCCEEDED":

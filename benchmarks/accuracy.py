@@ -91,17 +91,25 @@ METHODS = {
     "topk 0.01 + momentum correction": {"compress": True, "ratio": 0.01, "momentum_correction": True},
     **{f"topk {ratio} + DGC": {"compress": True, "ratio": ratio, **DGC} for ratio in (0.01, 0.001)},
     # The same top-k through each exchange (raytopk.exchange); sharded and hierarchical approximate a global top-k.
-    **{f"topk {ratio} {exchange}": {"compress": True, "ratio": ratio, "exchange": exchange}
-       for ratio in (0.01, 0.001) for exchange in ("allgather", "sharded", "hierarchical", "auto")},
+    **{
+        f"topk {ratio} {exchange}": {"compress": True, "ratio": ratio, "exchange": exchange}
+        for ratio in (0.01, 0.001)
+        for exchange in ("allgather", "sharded", "hierarchical", "auto")
+    },
     # More bytes at 8 workers, for the frontier of accuracy against bytes; all-gather at 0.04 and 0.004 sends what each
     # worker's own top 1% and 0.1% to every other worker cost before ratio became a share of the wire.
-    **{f"topk {ratio} {exchange}": {"compress": True, "ratio": ratio, "exchange": exchange}
-       for ratio, exchange in ((0.02, "sharded"), (0.04, "sharded"), (0.04, "allgather"), (0.004, "allgather"))},
+    **{
+        f"topk {ratio} {exchange}": {"compress": True, "ratio": ratio, "exchange": exchange}
+        for ratio, exchange in ((0.02, "sharded"), (0.04, "sharded"), (0.04, "allgather"), (0.004, "allgather"))
+    },
 }
 # What the first suites compare (the rows of accuracy.json); the others name their own.
 CORE_METHODS = ["dense", "topk 0.01", "topk 0.001", "topk 0.001 + DGC"]
-OPTIMIZERS = {"sgd": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9}, "adamw": {"optimizer": "adamw", "lr": 0.001},
-              "sgd_resnet": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9}}  # He et al.'s CIFAR recipe, cosine here
+OPTIMIZERS = {
+    "sgd": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9},
+    "adamw": {"optimizer": "adamw", "lr": 0.001},
+    "sgd_resnet": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9},
+}  # He et al.'s CIFAR recipe, cosine here
 # suite -> (job keys, [(optimizer, seeds, methods)])
 SUITES = {
     "mnist5k_cnn": (
@@ -119,41 +127,91 @@ SUITES = {
     "fashion_mnist_resnet20": (
         # bucket_cap_mb 1: DDP's default layout for ResNet-20 (two buckets), which the hook had when this suite
         # started; with the hook, raytopk now makes one bucket of it. Pinned, so every seed runs the same.
-        {"model": "resnet20", "dataset": "fashion_mnist", "epochs": 20, "batch_size": 64, "weight_decay": 1e-4,
-         "bucket_cap_mb": 1},
+        {
+            "model": "resnet20",
+            "dataset": "fashion_mnist",
+            "epochs": 20,
+            "batch_size": 64,
+            "weight_decay": 1e-4,
+            "bucket_cap_mb": 1,
+        },
         # The ablation (momentum correction alone) after the main rows, so a sweep run in parts fills those first.
-        [("sgd_resnet", [0, 1, 2], ["dense", "topk 0.01", "topk 0.01 + DGC", "topk 0.001 + DGC"]),
-         ("sgd_resnet", [0, 1, 2], ["topk 0.01 + momentum correction"])],
+        [
+            ("sgd_resnet", [0, 1, 2], ["dense", "topk 0.01", "topk 0.01 + DGC", "topk 0.001 + DGC"]),
+            ("sgd_resnet", [0, 1, 2], ["topk 0.01 + momentum correction"]),
+        ],
     ),
     # 4 workers as 2 nodes of 2 (ranks_per_node), so hierarchical runs both of its levels.
     "fashion_mnist_exchange": (
-        {"model": "simple_cnn", "dataset": "fashion_mnist", "epochs": 5, "batch_size": 64, "workers": 4,
-         "cpus_per_worker": 0.5, "ranks_per_node": 2},
+        {
+            "model": "simple_cnn",
+            "dataset": "fashion_mnist",
+            "epochs": 5,
+            "batch_size": 64,
+            "workers": 4,
+            "cpus_per_worker": 0.5,
+            "ranks_per_node": 2,
+        },
         [("sgd", [0, 1, 2], [m for m in METHODS if m.endswith(("allgather", "sharded", "hierarchical"))])],
     ),
     # 8 workers, each its own node, then as 2 nodes of 4. At one ratio every exchange sends the same bytes; the
     # layout changes only what crosses a node card and what auto picks, so the 2 x 4 suite trains only the default,
     # which is hierarchical there (its flat rows would repeat 8 x 1's exactly; auto on 8 x 1 is the sharded row).
     "fashion_mnist_exchange_8x1": (
-        {"model": "simple_cnn", "dataset": "fashion_mnist", "epochs": 5, "batch_size": 64, "workers": 8, "cpus_per_worker": 0.25,
-         "ranks_per_node": 1},
+        {
+            "model": "simple_cnn",
+            "dataset": "fashion_mnist",
+            "epochs": 5,
+            "batch_size": 64,
+            "workers": 8,
+            "cpus_per_worker": 0.25,
+            "ranks_per_node": 1,
+        },
         [("sgd", [0, 1, 2], ["dense"] + [f"topk {r} {e}" for r in (0.01, 0.001) for e in ("allgather", "sharded")])],
     ),
     "fashion_mnist_exchange_8x1_bytes": (
-        {"model": "simple_cnn", "dataset": "fashion_mnist", "epochs": 5, "batch_size": 64, "workers": 8, "cpus_per_worker": 0.25,
-         "ranks_per_node": 1},
-        [("sgd", [0], ["topk 0.02 sharded", "topk 0.04 sharded", "topk 0.04 allgather", "topk 0.004 allgather",
-                       "topk 0.01 + momentum correction"])],
+        {
+            "model": "simple_cnn",
+            "dataset": "fashion_mnist",
+            "epochs": 5,
+            "batch_size": 64,
+            "workers": 8,
+            "cpus_per_worker": 0.25,
+            "ranks_per_node": 1,
+        },
+        [
+            (
+                "sgd",
+                [0],
+                [
+                    "topk 0.02 sharded",
+                    "topk 0.04 sharded",
+                    "topk 0.04 allgather",
+                    "topk 0.004 allgather",
+                    "topk 0.01 + momentum correction",
+                ],
+            )
+        ],
     ),
     "fashion_mnist_exchange_2x4": (
-        {"model": "simple_cnn", "dataset": "fashion_mnist", "epochs": 5, "batch_size": 64, "workers": 8, "cpus_per_worker": 0.25,
-         "ranks_per_node": 4},
+        {
+            "model": "simple_cnn",
+            "dataset": "fashion_mnist",
+            "epochs": 5,
+            "batch_size": 64,
+            "workers": 8,
+            "cpus_per_worker": 0.25,
+            "ranks_per_node": 4,
+        },
         [("sgd", [0, 1, 2], ["topk 0.01 auto", "topk 0.001 auto"])],  # auto picks hierarchical here (its row says)
     ),
 }
 DEFAULT_SUITES = ["mnist5k_cnn", "fashion_mnist_cnn", "fashion_mnist_resnet18"]  # the exchange suites run on their own
 # A suite whose dense and all-gather rows are another's: the same training, on another node layout.
-BASELINE_SUITES = {"fashion_mnist_exchange_2x4": "fashion_mnist_exchange_8x1", "fashion_mnist_exchange_8x1_bytes": "fashion_mnist_exchange_8x1"}
+BASELINE_SUITES = {
+    "fashion_mnist_exchange_2x4": "fashion_mnist_exchange_8x1",
+    "fashion_mnist_exchange_8x1_bytes": "fashion_mnist_exchange_8x1",
+}
 
 
 def jobs(suites: list) -> list:
@@ -177,8 +235,15 @@ def jobs(suites: list) -> list:
 
 def train_row(keys: dict, seed: int, data_dir: str, download: bool, storage: str, name: str) -> dict:
     keys = {"workers": 2, "cpus_per_worker": 1.0, **keys}
-    cfg = load_config(**keys, seed=seed, data_dir=data_dir, download=download,
-                      checkpoint_dir=storage, name=name, keep_checkpoints=keys["epochs"])
+    cfg = load_config(
+        **keys,
+        seed=seed,
+        data_dir=data_dir,
+        download=download,
+        checkpoint_dir=storage,
+        name=name,
+        keep_checkpoints=keys["epochs"],
+    )
     summary = run(cfg)
     return {
         "test_accuracy": summary["test_accuracy"],
@@ -200,20 +265,33 @@ def aggregate(rows: list) -> list:
     for (suite, optimizer, method), members in groups.items():
         accuracies = [100 * m["test_accuracy"] for m in members]
         epochs = list(zip(*[m["accuracy_per_epoch"] for m in members]))
-        table.append({
-            "suite": suite, "optimizer": optimizer, "method": method, "seeds": len(members),
-            "accuracy_mean": statistics.mean(accuracies),
-            "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-            "wire_mb_per_worker": statistics.mean(m["wire_mb_per_worker"] for m in members),
-            "network_mb": statistics.mean(m.get("network_mb", 0.0) for m in members),
-            "exchange": "+".join(sorted({m.get("exchange") or "" for m in members})),
-            "reduction": statistics.mean(m["reduction"] for m in members),
-            "accuracy_per_epoch": [100 * statistics.mean(e) for e in epochs],
-        })
+        table.append(
+            {
+                "suite": suite,
+                "optimizer": optimizer,
+                "method": method,
+                "seeds": len(members),
+                "accuracy_mean": statistics.mean(accuracies),
+                "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                "wire_mb_per_worker": statistics.mean(m["wire_mb_per_worker"] for m in members),
+                "network_mb": statistics.mean(m.get("network_mb", 0.0) for m in members),
+                "exchange": "+".join(sorted({m.get("exchange") or "" for m in members})),
+                "reduction": statistics.mean(m["reduction"] for m in members),
+                "accuracy_per_epoch": [100 * statistics.mean(e) for e in epochs],
+            }
+        )
+
     def find(row, method):
         suites = (row["suite"], BASELINE_SUITES.get(row["suite"]))
-        return next((d for suite in suites for d in table if (d["suite"], d["optimizer"], d["method"]) == (suite, row["optimizer"], method)),
-                    None)
+        return next(
+            (
+                d
+                for suite in suites
+                for d in table
+                if (d["suite"], d["optimizer"], d["method"]) == (suite, row["optimizer"], method)
+            ),
+            None,
+        )
 
     for row in table:
         dense = find(row, "dense")
@@ -227,15 +305,19 @@ def aggregate(rows: list) -> list:
 def format_table(table: list) -> str:
     exchanges = any(r.get("gap_to_allgather") is not None for r in table)
     header = "vs all-gather (points)" if exchanges else "vs dense (points)"
-    lines = [f"| suite | optimizer | method | seeds | test accuracy % | {header} | wire MB / worker | across nodes MB | reduction |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| suite | optimizer | method | seeds | test accuracy % | {header} | wire MB / worker | across nodes MB | reduction |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in table:
         spread = f" ± {r['accuracy_std']:.2f}" if r["seeds"] > 1 else ""
         gap = r.get("gap_to_allgather") if exchanges else r["gap_to_dense"]
         gap = "" if gap is None else f"{gap:+.2f}"
         method = r["method"] + (f" ({r['exchange']})" if r["method"].endswith("auto") and r.get("exchange") else "")
-        lines.append(f"| {r['suite']} | {r['optimizer']} | {method} | {r['seeds']} | {r['accuracy_mean']:.2f}{spread} | "
-                     f"{gap} | {r['wire_mb_per_worker']:.1f} | {r.get('network_mb', 0.0):.1f} | {r['reduction']:.0f}x |")
+        lines.append(
+            f"| {r['suite']} | {r['optimizer']} | {method} | {r['seeds']} | {r['accuracy_mean']:.2f}{spread} | "
+            f"{gap} | {r['wire_mb_per_worker']:.1f} | {r.get('network_mb', 0.0):.1f} | {r['reduction']:.0f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -251,8 +333,14 @@ def plot(table: list, path: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in table:
         marker = {"sgd": "o", "sgd_resnet": "o", "adamw": "s"}[r["optimizer"]]
-        left.errorbar(r["wire_mb_per_worker"], r["accuracy_mean"], yerr=r["accuracy_std"], fmt=marker,
-                      color=colors[r["method"]], label=f"{r['suite']} {r['optimizer']} {r['method']}")
+        left.errorbar(
+            r["wire_mb_per_worker"],
+            r["accuracy_mean"],
+            yerr=r["accuracy_std"],
+            fmt=marker,
+            color=colors[r["method"]],
+            label=f"{r['suite']} {r['optimizer']} {r['method']}",
+        )
     left.set_xscale("log")
     left.set_xlabel("wire MB per worker (log)")
     left.set_ylabel("test accuracy %")
@@ -275,11 +363,17 @@ def main() -> None:
     parser.add_argument("--data-dir", default="~/.cache/raytopk/data")
     parser.add_argument("--download", action="store_true", help="let torchvision download Fashion-MNIST")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "accuracy.json"))
-    parser.add_argument("--storage", default="~/.cache/raytopk/benchmark-runs",
-                        help="where each run checkpoints, so a run cut off mid-way continues from its last epoch")
-    parser.add_argument("--finished-only", action="store_true",
-                        help="train nothing: write the table of the rows already finished (kept in the .partial file, "
-                             "which stays), marked incomplete, so a long suite can be read while it is not done")
+    parser.add_argument(
+        "--storage",
+        default="~/.cache/raytopk/benchmark-runs",
+        help="where each run checkpoints, so a run cut off mid-way continues from its last epoch",
+    )
+    parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="train nothing: write the table of the rows already finished (kept in the .partial file, "
+        "which stays), marked incomplete, so a long suite can be read while it is not done",
+    )
     args = parser.parse_args()
 
     partial = args.output + ".partial"
@@ -298,9 +392,16 @@ def main() -> None:
         command += f" --output {os.path.relpath(args.output)}"
     workers = sorted({r["job"].get("workers", 2) for r in rows})
     complete = not args.finished_only or not todo
-    write_json(args.output, {"command": command, "workers": workers[0] if len(workers) == 1 else workers,
-                             **({} if complete else {"incomplete": f"{len(todo)} rows not trained yet; written with --finished-only"}),
-                             "table": table, "runs": rows})
+    write_json(
+        args.output,
+        {
+            "command": command,
+            "workers": workers[0] if len(workers) == 1 else workers,
+            **({} if complete else {"incomplete": f"{len(todo)} rows not trained yet; written with --finished-only"}),
+            "table": table,
+            "runs": rows,
+        },
+    )
     if complete:
         os.remove(partial)
     print(f"wrote {args.output}")
@@ -312,13 +413,22 @@ def train_all(todo: list, rows: list, partial: str, args) -> None:
     storage = os.path.expanduser(args.storage)
     for suite, optimizer, method, seed, keys in todo:
         name = f"{suite}-{optimizer}-{method.replace(' ', '_').replace('+', 'plus')}-seed{seed}"
-        row = {"suite": suite, "optimizer": optimizer, "method": method, "seed": seed, "job": keys,
-               **train_row(keys, seed, args.data_dir, args.download, storage, name)}
+        row = {
+            "suite": suite,
+            "optimizer": optimizer,
+            "method": method,
+            "seed": seed,
+            "job": keys,
+            **train_row(keys, seed, args.data_dir, args.download, storage, name),
+        }
         rows.append(row)
         write_json(partial, rows)
         shutil.rmtree(os.path.join(storage, name))  # the row is kept; its checkpoints are not needed again
-        print(f"{suite} {optimizer} {method} seed {seed}: {100 * row['test_accuracy']:.2f}%  "
-              f"{row['wire_mb_per_worker']:.1f} MB/worker  {row['wall_s']:.0f} s", flush=True)
+        print(
+            f"{suite} {optimizer} {method} seed {seed}: {100 * row['test_accuracy']:.2f}%  "
+            f"{row['wire_mb_per_worker']:.1f} MB/worker  {row['wall_s']:.0f} s",
+            flush=True,
+        )
     ray.shutdown()
 
 

@@ -62,7 +62,9 @@ def measure(n: int, ratio: float, repeats: int, nonzero: float = 1.0) -> dict:
         x *= torch.rand(n, generator=generator) < nonzero
     k = max(1, math.ceil(ratio * n))
     topk_repeats = repeats if n <= 10_000_000 else max(1, repeats // 3)
-    side_by_side = median_seconds({"abs": lambda: x.abs(), "sum": lambda: x.sum(), "select": lambda: select_topk(x, k)}, repeats)
+    side_by_side = median_seconds(
+        {"abs": lambda: x.abs(), "sum": lambda: x.sum(), "select": lambda: select_topk(x, k)}, repeats
+    )
     abs_s, sum_s, select_s = side_by_side["abs"], side_by_side["sum"], side_by_side["select"]
     topk_s = median_seconds({"topk": lambda: torch.topk(x.abs(), k, sorted=False)}, topk_repeats)["topk"]
     chosen, _ = select_topk(x, k)
@@ -98,14 +100,18 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, k = {args.ratio:g} n, median of runs")
-    print(f"{'n':>11} {'k':>8} {'sum ms':>7} {'abs ms':>8} {'select ms':>10} {'topk ms':>9} "
-          f"{'select/abs':>11} {'topk/abs':>9} {'topk/select':>12} {'exact':>6}")
+    print(
+        f"{'n':>11} {'k':>8} {'sum ms':>7} {'abs ms':>8} {'select ms':>10} {'topk ms':>9} "
+        f"{'select/abs':>11} {'topk/abs':>9} {'topk/select':>12} {'exact':>6}"
+    )
     for n in args.sizes:
         row = measure(n, args.ratio, args.repeats, args.nonzero)
         rows.append(row)
-        print(f"{n:>11,} {row['k']:>8,} {row['sum_ms']:>7.1f} {row['abs_ms']:>8.1f} {row['select_topk_ms']:>10.1f} "
-              f"{row['torch_topk_ms']:>9.1f} {row['select_over_abs']:>11.2f} {row['topk_over_abs']:>9.2f} "
-              f"{row['topk_over_select']:>12.2f} {str(row['exact']):>6}")
+        print(
+            f"{n:>11,} {row['k']:>8,} {row['sum_ms']:>7.1f} {row['abs_ms']:>8.1f} {row['select_topk_ms']:>10.1f} "
+            f"{row['torch_topk_ms']:>9.1f} {row['select_over_abs']:>11.2f} {row['topk_over_abs']:>9.2f} "
+            f"{row['topk_over_select']:>12.2f} {str(row['exact']):>6}"
+        )
 
     write_json(
         args.output,

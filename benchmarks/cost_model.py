@@ -27,7 +27,7 @@ from raytopk.storage import write_figure, write_json
 COMMAND = "python benchmarks/cost_model.py"
 RESNET50 = 25_557_032
 BUCKET_ENTRIES = 25 * 1024 * 1024 // 4  # DDP's bucket_cap_mb=25
-WORKERS = [2 ** i for i in range(1, 11)]
+WORKERS = [2**i for i in range(1, 11)]
 RATES_GBPS = [10, 100]
 RANKS_PER_NODE = 8
 
@@ -47,8 +47,13 @@ def step(algorithm: str, workers: int, gbps: float, ratio: float) -> dict:
 def crossovers(table: dict, gbps: float) -> list:
     """Where one algorithm overtakes another as workers grow: (faster from, slower, first worker count)."""
     found = []
-    pairs = [("dense", "allgather"), ("sharded", "allgather"), ("hierarchical", "sharded"), ("hierarchical", "allgather"),
-             ("dense", "sharded")]
+    pairs = [
+        ("dense", "allgather"),
+        ("sharded", "allgather"),
+        ("hierarchical", "sharded"),
+        ("hierarchical", "allgather"),
+        ("dense", "sharded"),
+    ]
     for a, b in pairs:
         times = [(w, table[a][w]["seconds"], table[b][w]["seconds"]) for w in WORKERS]
         first = next((w for w, ta, tb in times if ta < tb), None)
@@ -81,34 +86,52 @@ def plot(results: dict, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=0.01)
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cost_model.json"))
+    parser.add_argument(
+        "--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cost_model.json")
+    )
     args = parser.parse_args()
     results, found = {}, []
     for gbps in RATES_GBPS:
         table = {name: {w: step(name, w, gbps, args.ratio) for w in WORKERS} for name in ALGORITHMS}
         results[str(gbps)] = table
         found += crossovers(table, gbps)
-        print(f"\nResNet-50, ratio {args.ratio}, {gbps} Gbit/s between nodes: modelled ms per step (MB sent per worker)\n")
+        print(
+            f"\nResNet-50, ratio {args.ratio}, {gbps} Gbit/s between nodes: modelled ms per step (MB sent per worker)\n"
+        )
         # auto: the fastest of the exchanges measured not to cost accuracy for the layout (raytopk.cost_model.accurate_exchanges)
         print("| workers | " + " | ".join(ALGORITHMS) + " | fastest | auto |")
         print("|---:|" + "---:|" * len(ALGORITHMS) + "---|---|")
         for w in WORKERS:
-            cells = [f"{1000 * table[n][w]['seconds']:.1f} ({table[n][w]['bytes_per_worker'] / 1e6:.1f})" for n in ALGORITHMS]
+            cells = [
+                f"{1000 * table[n][w]['seconds']:.1f} ({table[n][w]['bytes_per_worker'] / 1e6:.1f})" for n in ALGORITHMS
+            ]
             fastest = min(("allgather", "sharded", "hierarchical"), key=lambda n: table[n][w]["seconds"])
             auto = min(accurate_exchanges(Layout(w, min(w, RANKS_PER_NODE))), key=lambda n: table[n][w]["seconds"])
             print(f"| {w} | " + " | ".join(cells) + f" | {fastest} | {auto} |")
     print("\nCrossovers (the first worker count, of powers of two, where the first is faster than the second):")
     for c in found:
-        print(f"  {c['gbps']} Gbit/s: {c['faster']} < {c['than']} from {c['from_workers'] or 'never (up to 1024)'} workers")
-    write_json(args.output, {
-        "command": " ".join([COMMAND] + sys.argv[1:]),
-        "model": "ResNet-50 gradient, 25,557,032 fp32 entries, DDP buckets of 25 MB",
-        "ratio": args.ratio, "ranks_per_node": RANKS_PER_NODE,
-        "link": {"inter_latency_us": Link().inter_latency_us, "intra_gbps": Link().intra_gbps,
-                 "intra_latency_us": Link().intra_latency_us, "inter_gbps": RATES_GBPS},
-        "results": {g: {n: {str(w): v for w, v in t.items()} for n, t in table.items()} for g, table in results.items()},
-        "crossovers": found,
-    })
+        print(
+            f"  {c['gbps']} Gbit/s: {c['faster']} < {c['than']} from {c['from_workers'] or 'never (up to 1024)'} workers"
+        )
+    write_json(
+        args.output,
+        {
+            "command": " ".join([COMMAND] + sys.argv[1:]),
+            "model": "ResNet-50 gradient, 25,557,032 fp32 entries, DDP buckets of 25 MB",
+            "ratio": args.ratio,
+            "ranks_per_node": RANKS_PER_NODE,
+            "link": {
+                "inter_latency_us": Link().inter_latency_us,
+                "intra_gbps": Link().intra_gbps,
+                "intra_latency_us": Link().intra_latency_us,
+                "inter_gbps": RATES_GBPS,
+            },
+            "results": {
+                g: {n: {str(w): v for w, v in t.items()} for n, t in table.items()} for g, table in results.items()
+            },
+            "crossovers": found,
+        },
+    )
     plot(results, os.path.splitext(args.output)[0] + ".png")
     print(f"\nwrote {args.output}")
 

@@ -26,9 +26,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from cluster import FAKE_GCS, fake_cluster, joined_node, lose_node, one_gpu_nodes, ray_list  # noqa: E402
-
 from raytopk.storage import write_figure, write_json  # noqa: E402
+
+from cluster import FAKE_GCS, fake_cluster, joined_node, lose_node, one_gpu_nodes, ray_list  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND = "python benchmarks/elastic.py"
@@ -38,8 +38,22 @@ FLAGS = ["--epochs", str(EPOCHS), "--max-train-batches", "8", "--resize-interval
 
 def _train(head, storage, name, *flags):
     env = dict(head[1], RAY_ADDRESS=FAKE_GCS)
-    command = [sys.executable, "-m", "raytopk", "train", "--config", os.path.join(ROOT, "jobs", "local_cluster.yaml"),
-               "--checkpoint-dir", storage, "--name", name, "--output", os.path.join(storage, f"{name}.json"), *FLAGS, *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "raytopk",
+        "train",
+        "--config",
+        os.path.join(ROOT, "jobs", "local_cluster.yaml"),
+        "--checkpoint-dir",
+        storage,
+        "--name",
+        name,
+        "--output",
+        os.path.join(storage, f"{name}.json"),
+        *FLAGS,
+        *flags,
+    ]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
 
 
@@ -60,7 +74,10 @@ def _summary(process, storage, name) -> dict:
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory() as storage, fake_cluster(one_gpu_nodes(os.path.join(ROOT, "clusters", "local.yaml"), storage, 3)) as head:
+    with (
+        tempfile.TemporaryDirectory() as storage,
+        fake_cluster(one_gpu_nodes(os.path.join(ROOT, "clusters", "local.yaml"), storage, 3)) as head,
+    ):
         fixed_summary = _summary(_train(head, storage, "fixed", "--min-workers", "0"), storage, "fixed")
         started = time.time()
         elastic = _train(head, storage, "elastic")
@@ -75,20 +92,42 @@ def main() -> None:
             elastic_summary = _summary(elastic, storage, "elastic")
 
     def rows(summary):
-        return [{key: m.get(key) for key in ("epoch", "workers", "lr", "bytes_sent", "test_accuracy", "resized_from",
-                                              "residual_mean_error")} for m in summary["history"]]
+        return [
+            {
+                key: m.get(key)
+                for key in (
+                    "epoch",
+                    "workers",
+                    "lr",
+                    "bytes_sent",
+                    "test_accuracy",
+                    "resized_from",
+                    "residual_mean_error",
+                )
+            }
+            for m in summary["history"]
+        ]
 
     result = {
         "command": COMMAND,
-        "job": "jobs/local_cluster.yaml", "flags": FLAGS,
+        "job": "jobs/local_cluster.yaml",
+        "flags": FLAGS,
         "cluster": "clusters/local.yaml, gpu_1x nodes only, at most 3 (Ray's fake multinode provider, one machine)",
         "bottleneck": "CPU (2 cores, loopback link)",
         "node_lost_after_s": round(lost_after_s, 1),
         "node_joined_after_s": round(joined_after_s, 1),
-        "elastic": {"test_accuracy": elastic_summary["test_accuracy"], "bytes_sent": elastic_summary["bytes_sent"],
-                    "wall_s": elastic_summary["wall_s"], "epochs": rows(elastic_summary)},
-        "uninterrupted": {"test_accuracy": fixed_summary["test_accuracy"], "bytes_sent": fixed_summary["bytes_sent"],
-                          "wall_s": fixed_summary["wall_s"], "epochs": rows(fixed_summary)},
+        "elastic": {
+            "test_accuracy": elastic_summary["test_accuracy"],
+            "bytes_sent": elastic_summary["bytes_sent"],
+            "wall_s": elastic_summary["wall_s"],
+            "epochs": rows(elastic_summary),
+        },
+        "uninterrupted": {
+            "test_accuracy": fixed_summary["test_accuracy"],
+            "bytes_sent": fixed_summary["bytes_sent"],
+            "wall_s": fixed_summary["wall_s"],
+            "epochs": rows(fixed_summary),
+        },
     }
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     write_json(os.path.join(ROOT, "benchmarks", "results", "elastic.json"), result)
@@ -96,8 +135,10 @@ def main() -> None:
     for name in ("elastic", "uninterrupted"):
         run = result[name]
         counts = [m["workers"] for m in run["epochs"]]
-        print(f"{name:<14} test acc {100 * run['test_accuracy']:.2f}%  wire {run['bytes_sent'] / 1e6:.1f} MB  "
-              f"epochs at 3/2/1 workers: {counts.count(3)}/{counts.count(2)}/{counts.count(1)}  wall {run['wall_s']:.0f} s")
+        print(
+            f"{name:<14} test acc {100 * run['test_accuracy']:.2f}%  wire {run['bytes_sent'] / 1e6:.1f} MB  "
+            f"epochs at 3/2/1 workers: {counts.count(3)}/{counts.count(2)}/{counts.count(1)}  wall {run['wall_s']:.0f} s"
+        )
 
 
 def _plot(result, path) -> None:

@@ -39,7 +39,9 @@ def _lossless(rank: int, world_size: int, exchange: str, device: torch.device) -
     from raytopk.exchange import Exchanger
 
     exchanger = Exchanger(exchange, dist.group.WORLD, Link(), 1.0)
-    for seed, (numel, k, dtype) in enumerate([(1000, 40, torch.float32), (997, 7, torch.float16), (64, 64, torch.float32)]):
+    for seed, (numel, k, dtype) in enumerate(
+        [(1000, 40, torch.float32), (997, 7, torch.float16), (64, 64, torch.float32)]
+    ):
         g = torch.Generator().manual_seed(seed * 100 + rank)
         acc = torch.randint(-60, 61, (numel,), generator=g).float().to(device)
         total, out = _summed(acc), torch.zeros_like(acc)
@@ -85,7 +87,9 @@ def _rank(rank: int, world_size: int, store: str, exchange: str, local: int, dev
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         lossless = _lossless(rank, world_size, exchange, device)
-        matches = torch.allclose(_trained(rank, exchange, device), _trained(rank, exchange, torch.device("cpu")), rtol=0, atol=1e-9)
+        matches = torch.allclose(
+            _trained(rank, exchange, device), _trained(rank, exchange, torch.device("cpu")), rtol=0, atol=1e-9
+        )
         results.put((rank, lossless, bool(matches), None))
     except Exception as error:  # a collective gloo refuses for this device, say: the row says which, the run goes on
         results.put((rank, False, False, f"{type(error).__name__}: {error}"))
@@ -98,22 +102,35 @@ def check(exchange: str, world_size: int, local: int, device: str) -> dict:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_rank, args=(r, world_size, os.path.join(tmp, "store"), exchange, local, device, results))
-                 for r in range(world_size)]
+        procs = [
+            ctx.Process(
+                target=_rank, args=(r, world_size, os.path.join(tmp, "store"), exchange, local, device, results)
+            )
+            for r in range(world_size)
+        ]
         for p in procs:
             p.start()
         got = [results.get(timeout=600) for _ in procs]
         for p in procs:
             p.join(timeout=60)
     errors = sorted({error for *_, error in got if error})
-    return {"exchange": exchange, "ranks": world_size, "nodes": world_size // local, "device": device,
-            "lossless": all(ok for _, ok, _, _ in got), "matches_cpu": all(ok for _, _, ok, _ in got), "errors": errors}
+    return {
+        "exchange": exchange,
+        "ranks": world_size,
+        "nodes": world_size // local,
+        "device": device,
+        "lossless": all(ok for _, ok, _, _ in got),
+        "matches_cpu": all(ok for _, _, ok, _ in got),
+        "errors": errors,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--output", required=True, help="a JSON file; its 'exchanges' key gets the rows (other keys are kept)")
+    parser.add_argument(
+        "--output", required=True, help="a JSON file; its 'exchanges' key gets the rows (other keys are kept)"
+    )
     args = parser.parse_args()
     rows = [check(exchange, world_size, local, args.device) for exchange, world_size, local in LAYOUTS]
     report = json.load(open(args.output)) if os.path.exists(args.output) else {}
@@ -123,8 +140,10 @@ def main() -> None:
     print("| exchange | ranks | nodes | device | lossless | matches CPU |")
     print("|---|---:|---:|---|:---:|:---:|")
     for r in rows:
-        print(f"| {r['exchange']} | {r['ranks']} | {r['nodes']} | {r['device']} | {r['lossless']} | {r['matches_cpu']} |"
-              + (f" {'; '.join(r['errors'])}" if r["errors"] else ""))
+        print(
+            f"| {r['exchange']} | {r['ranks']} | {r['nodes']} | {r['device']} | {r['lossless']} | {r['matches_cpu']} |"
+            + (f" {'; '.join(r['errors'])}" if r["errors"] else "")
+        )
     sys.exit(0 if all(r["lossless"] and r["matches_cpu"] for r in rows) else 1)
 
 

@@ -25,9 +25,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import raytopk
-from link import GradientShapes
 from raytopk.compression import select_topk
 from raytopk.storage import write_json
+
+from link import GradientShapes
 
 COMMAND = "bash benchmarks/gpu_check.sh"
 
@@ -112,17 +113,29 @@ def main() -> None:
 
     rows = selection_rows(device, args.sizes, args.repeats)
     hook = hook_row(device, args.repeats)
-    write_json(args.output, {"command": " ".join([COMMAND] + sys.argv[1:]), "torch": torch.__version__,
-                             "device": name, "selection": rows, "hook": hook})
+    write_json(
+        args.output,
+        {
+            "command": " ".join([COMMAND] + sys.argv[1:]),
+            "torch": torch.__version__,
+            "device": name,
+            "selection": rows,
+            "hook": hook,
+        },
+    )
     print(f"\n{name}, torch {torch.__version__}, k = 1% of n, median of {args.repeats}")
     print("| n | abs ms | torch.topk ms | select_topk ms | select/topk | exact |")
     print("|---:|---:|---:|---:|---:|:---:|")
     for r in rows:
-        print(f"| {r['numel']:,} | {r['abs_ms']:.3f} | {r['torch_topk_ms']:.3f} | {r['select_topk_ms']:.3f} | "
-              f"{r['select_topk_ms'] / r['torch_topk_ms']:.2f} | {r['exact']} |")
-    print(f"\nDDP over ResNet-50 shapes ({hook['parameters']:,} parameters), 1 rank, {hook['backend']}: step "
-          f"dense {hook['dense_step_ms']:.2f} ms, raytopk 0.01 {hook['topk_step_ms']:.2f} ms "
-          f"(hook compute {hook['hook_ms_per_step']:.2f} ms/step)")
+        print(
+            f"| {r['numel']:,} | {r['abs_ms']:.3f} | {r['torch_topk_ms']:.3f} | {r['select_topk_ms']:.3f} | "
+            f"{r['select_topk_ms'] / r['torch_topk_ms']:.2f} | {r['exact']} |"
+        )
+    print(
+        f"\nDDP over ResNet-50 shapes ({hook['parameters']:,} parameters), 1 rank, {hook['backend']}: step "
+        f"dense {hook['dense_step_ms']:.2f} ms, raytopk 0.01 {hook['topk_step_ms']:.2f} ms "
+        f"(hook compute {hook['hook_ms_per_step']:.2f} ms/step)"
+    )
     print(f"wrote {args.output}")
 
 

@@ -48,8 +48,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import raytopk
-from netns import read_tx_bytes, reexec_in_namespace, shape
 from raytopk.storage import write_figure, write_json
+
+from netns import read_tx_bytes, reexec_in_namespace, shape
 
 COMMAND = "python benchmarks/link.py"
 WARMUP_STEPS = 2  # the fewest PowerSGD allows; DDP rebuilds its buckets after the first
@@ -89,7 +90,9 @@ def register(ddp: DDP, model: torch.nn.Module, method: str):
     if kind == "fp16":
         ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
     elif kind == "powersgd":
-        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=setting, start_powerSGD_iter=WARMUP_STEPS)
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=setting, start_powerSGD_iter=WARMUP_STEPS
+        )
         ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
     elif kind == "topk":
         state = raytopk.TopKState(ratio=setting, start_iter=WARMUP_STEPS, value_dtype=value_dtype, module=model)
@@ -153,8 +156,13 @@ def run(args) -> list:
             for model_name in args.models:
                 for method in args.methods:
                     port += 1
-                    row = {"rate": rate, "workers": world_size, "model": model_name, "method": method,
-                           **measure(world_size, model_name, method, args.steps, port)}
+                    row = {
+                        "rate": rate,
+                        "workers": world_size,
+                        "model": model_name,
+                        "method": method,
+                        **measure(world_size, model_name, method, args.steps, port),
+                    }
                     if "error" not in row:
                         row["exchange_s"] = max(row["step_s"] - floors[model_name], 0.0)
                         bits = RATE_BITS.get(rate)
@@ -190,10 +198,19 @@ def plot(rows: list, path: str) -> None:
         for j, method in enumerate(methods):
             values = []
             for rate in rates:
-                match = [r for r in rows if (r["model"], r["workers"], r["rate"], r["method"]) == (model_name, world_size, rate, method)]
+                match = [
+                    r
+                    for r in rows
+                    if (r["model"], r["workers"], r["rate"], r["method"]) == (model_name, world_size, rate, method)
+                ]
                 values.append(1000 * match[0]["exchange_s"] if match and "exchange_s" in match[0] else float("nan"))
-            ax.bar([i + (j - len(methods) / 2 + 0.5) * width for i in range(len(rates))], values, width,
-                   label=method, color=colors[j % len(colors)])
+            ax.bar(
+                [i + (j - len(methods) / 2 + 0.5) * width for i in range(len(rates))],
+                values,
+                width,
+                label=method,
+                color=colors[j % len(colors)],
+            )
         ax.set_xticks(range(len(rates)), rates)
         ax.set_yscale("log")
         ax.set_title(f"{model_name}-sized gradients, {world_size} workers")
@@ -219,17 +236,20 @@ def main() -> None:
     print("| link | workers | gradients | method | exchange ms/step | wire MB/step | x floor |")
     print("|---|---:|---|---|---:|---:|---:|")
     rows, floors = run(args)
-    write_json(args.output, {
-        "command": " ".join([COMMAND] + sys.argv[1:]),
-        "torch": torch.__version__,
-        "cpu_threads_per_worker": 1,
-        "cores": os.cpu_count(),
-        "warmup_steps": WARMUP_STEPS,
-        "steps": args.steps,
-        "compute_floor_s": floors,
-        "parameters": {name: sum(p.numel() for p in MODELS[name]().parameters()) for name in args.models},
-        "results": rows,
-    })
+    write_json(
+        args.output,
+        {
+            "command": " ".join([COMMAND] + sys.argv[1:]),
+            "torch": torch.__version__,
+            "cpu_threads_per_worker": 1,
+            "cores": os.cpu_count(),
+            "warmup_steps": WARMUP_STEPS,
+            "steps": args.steps,
+            "compute_floor_s": floors,
+            "parameters": {name: sum(p.numel() for p in MODELS[name]().parameters()) for name in args.models},
+            "results": rows,
+        },
+    )
     plot(rows, os.path.splitext(args.output)[0] + ".png")
     print(f"\nwrote {args.output}")
 

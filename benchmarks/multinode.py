@@ -57,8 +57,9 @@ def worker(args) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import raytopk
-    from netns import read_node_tx_bytes, shape_node_card
     from raytopk.exchange import Exchanger, Link, dense_network_bytes, node_layout
+
+    from netns import read_node_tx_bytes, shape_node_card
 
     torch.set_num_threads(1)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -132,8 +133,11 @@ def worker(args) -> None:
             if rep >= args.warmup:
                 times.append(elapsed)
                 sent += rep_sent
-                network += (exchanger.network_bytes(algorithm, args.numel, k, 4, rep_sent) if exchanger
-                            else dense_network_bytes(args.numel * 4, layout))
+                network += (
+                    exchanger.network_bytes(algorithm, args.numel, k, 4, rep_sent)
+                    if exchanger
+                    else dense_network_bytes(args.numel * 4, layout)
+                )
         wire = counters() - before
         counted = torch.tensor([float(sent), network])
         dist.all_reduce(counted)
@@ -194,10 +198,27 @@ def run_layout(nodes: int, local: int, args) -> dict:
         procs = []
         for rank in range(world_size):
             node, local_rank = divmod(rank, local)
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
-                       LOCAL_WORLD_SIZE=str(local), GLOO_SOCKET_IFNAME="eth0", OMP_NUM_THREADS="1")
-            command = network.exec_prefix(node) + [sys.executable, __file__, "--worker", "--master", network.address(0),
-                                                   "--port", str(PORT), "--report", report_path, *_shared_flags(args)]
+            env = dict(
+                os.environ,
+                RANK=str(rank),
+                WORLD_SIZE=str(world_size),
+                LOCAL_RANK=str(local_rank),
+                LOCAL_WORLD_SIZE=str(local),
+                GLOO_SOCKET_IFNAME="eth0",
+                OMP_NUM_THREADS="1",
+            )
+            command = network.exec_prefix(node) + [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--master",
+                network.address(0),
+                "--port",
+                str(PORT),
+                "--report",
+                report_path,
+                *_shared_flags(args),
+            ]
             procs.append(subprocess.Popen(command, env=env))
         try:
             codes = [p.wait(timeout=args.timeout) for p in procs]
@@ -213,8 +234,24 @@ def run_layout(nodes: int, local: int, args) -> dict:
 
 
 def _shared_flags(args) -> list:
-    return ["--numel", str(args.numel), "--ratio", str(args.ratio), "--reps", str(args.reps), "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--gbps", str(args.gbps), "--rate", args.rate, "--burst", args.burst]
+    return [
+        "--numel",
+        str(args.numel),
+        "--ratio",
+        str(args.ratio),
+        "--reps",
+        str(args.reps),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--gbps",
+        str(args.gbps),
+        "--rate",
+        args.rate,
+        "--burst",
+        args.burst,
+    ]
 
 
 def modelled(nodes: int, local: int, args, report: dict) -> dict:
@@ -229,8 +266,12 @@ def modelled(nodes: int, local: int, args, report: dict) -> dict:
     rows = {}
     for name in EXCHANGES:
         c = cost(name, layout, args.numel, k, link=shaped)
-        rows[name] = {"bytes_sent": c.bytes_sent, "network_bytes": c.network_bytes, "seconds": c.seconds,
-                      "link_seconds": c.seconds - cost(name, layout, args.numel, k, link=unlimited).seconds}
+        rows[name] = {
+            "bytes_sent": c.bytes_sent,
+            "network_bytes": c.network_bytes,
+            "seconds": c.seconds,
+            "link_seconds": c.seconds - cost(name, layout, args.numel, k, link=unlimited).seconds,
+        }
     return rows
 
 
@@ -255,8 +296,13 @@ def plot(rows: list, path: str, rate: str, ratio: float) -> None:
     markers = {"dense": "s", "allgather": "o", "sharded": "^", "hierarchical": "D"}
     for r in rows:
         for name in EXCHANGES:
-            right.scatter(1000 * r["model"][name]["link_seconds"], 1000 * r["exchanges"][name]["link_adds_s"], marker=markers[name],
-                          label=f"{name}" if r is rows[0] else None, color=f"C{EXCHANGES.index(name)}")
+            right.scatter(
+                1000 * r["model"][name]["link_seconds"],
+                1000 * r["exchanges"][name]["link_adds_s"],
+                marker=markers[name],
+                label=f"{name}" if r is rows[0] else None,
+                color=f"C{EXCHANGES.index(name)}",
+            )
     lims = [5, 5000]
     right.plot(lims, lims, "k--", linewidth=0.8)
     right.set_xscale("log")
@@ -278,15 +324,21 @@ def main() -> None:
     parser.add_argument("--rate", default="100mbit", help="each node's card, for tc tbf (default 100mbit)")
     parser.add_argument("--burst", default="32kb", help="tc tbf burst of each card")
     parser.add_argument("--gbps", type=float, default=0.1, help="the same rate in Gbit/s, for the cost model")
-    parser.add_argument("--layouts", nargs="+", default=[f"{n}x{l}" for n, l in LAYOUTS],
-                        help="nodes x ranks per node, e.g. 4x2 (default: 2x2 4x1 4x2)")
+    parser.add_argument(
+        "--layouts",
+        nargs="+",
+        default=[f"{n}x{l}" for n, l in LAYOUTS],
+        help="nodes x ranks per node, e.g. 4x2 (default: 2x2 4x1 4x2)",
+    )
     parser.add_argument("--numel", type=int, default=1 << 22, help="entries of the synthetic bucket")
     parser.add_argument("--ratio", type=float, default=0.01)
     parser.add_argument("--reps", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=1200)
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "multinode.json"))
+    parser.add_argument(
+        "--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "multinode.json")
+    )
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     if args.worker:
@@ -301,13 +353,18 @@ def main() -> None:
     for nodes, local in [tuple(int(part) for part in layout.split("x")) for layout in args.layouts]:
         started = time.time()
         report = run_layout(nodes, local, args)
-        report.update(layout=f"{nodes}x{local}", nodes=nodes, ranks_per_node=local,
-                      model=modelled(nodes, local, args, report))
+        report.update(
+            layout=f"{nodes}x{local}", nodes=nodes, ranks_per_node=local, model=modelled(nodes, local, args, report)
+        )
         rows.append(report)
-        print(f"\n{nodes} nodes x {local} ranks ({time.time() - started:.0f} s; latency per message "
-              f"{report['latency_us_per_message']:.0f} us, inside a node {report['intra_gbps']:.1f} Gbit/s)")
-        print("| exchange | measured ms | unshaped ms | link adds ms | model: link adds ms | ratio | counted MB | wire MB | wire / modelled "
-              "| counted across nodes MB | wire across nodes MB | wire / counted across |")
+        print(
+            f"\n{nodes} nodes x {local} ranks ({time.time() - started:.0f} s; latency per message "
+            f"{report['latency_us_per_message']:.0f} us, inside a node {report['intra_gbps']:.1f} Gbit/s)"
+        )
+        print(
+            "| exchange | measured ms | unshaped ms | link adds ms | model: link adds ms | ratio | counted MB | wire MB | wire / modelled "
+            "| counted across nodes MB | wire across nodes MB | wire / counted across |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name in EXCHANGES:
             e, m = report["exchanges"][name], report["model"][name]
@@ -318,26 +375,39 @@ def main() -> None:
             e["wire_over_model_bytes"] = wire / model_bytes
             across, counted_across = e["wire_bytes_between_nodes_per_exchange"], e["counted_network_bytes_per_exchange"]
             e["wire_over_counted_network"] = across / counted_across if counted_across else None
-            print(f"| {name} | {1000 * e['median_s']:.1f} | {1000 * e['median_unshaped_s']:.1f} | {1000 * link_adds:.1f} | "
-                  f"{1000 * m['link_seconds']:.1f} | {e['link_adds_over_model']:.2f} | {e['counted_bytes_per_exchange'] / 1e6:.3f} | "
-                  f"{wire / 1e6:.3f} | {e['wire_over_model_bytes']:.3f} | {counted_across / 1e6:.3f} | {across / 1e6:.3f} | "
-                  f"{e['wire_over_counted_network'] or 0:.3f} |")
+            print(
+                f"| {name} | {1000 * e['median_s']:.1f} | {1000 * e['median_unshaped_s']:.1f} | {1000 * link_adds:.1f} | "
+                f"{1000 * m['link_seconds']:.1f} | {e['link_adds_over_model']:.2f} | {e['counted_bytes_per_exchange'] / 1e6:.3f} | "
+                f"{wire / 1e6:.3f} | {e['wire_over_model_bytes']:.3f} | {counted_across / 1e6:.3f} | {across / 1e6:.3f} | "
+                f"{e['wire_over_counted_network'] or 0:.3f} |"
+            )
         dense = report["steps"]["dense"]["median_step_s"]
         print("| training step | median ms | vs dense | exchange used |")
         print("|---|---:|---:|---|")
         for method in HOOK_METHODS:
             s = report["steps"][method]
-            print(f"| {method} | {1000 * s['median_step_s']:.1f} | {dense / s['median_step_s']:.1f}x | {'+'.join(s['exchange_chosen'])} |")
-    write_json(args.output, {
-        "command": " ".join([COMMAND] + sys.argv[1:]),
-        "torch": torch.__version__,
-        "host": f"one machine, {os.cpu_count()} CPUs",
-        "network": f"each node a network namespace; card: veth into a bridge, MTU 9000, tc tbf {args.rate}; inside a node: loopback",
-        "bottleneck": "the shaped card; see each layout's step times (dense vs top-k) for the CPU's share",
-        "numel": args.numel, "ratio": args.ratio, "reps": args.reps, "steps": args.steps,
-        "cost_model_link": {"inter_gbps": args.gbps, "inter_latency_us": "measured per layout (latency_us_per_message)"},
-        "layouts": rows,
-    })
+            print(
+                f"| {method} | {1000 * s['median_step_s']:.1f} | {dense / s['median_step_s']:.1f}x | {'+'.join(s['exchange_chosen'])} |"
+            )
+    write_json(
+        args.output,
+        {
+            "command": " ".join([COMMAND] + sys.argv[1:]),
+            "torch": torch.__version__,
+            "host": f"one machine, {os.cpu_count()} CPUs",
+            "network": f"each node a network namespace; card: veth into a bridge, MTU 9000, tc tbf {args.rate}; inside a node: loopback",
+            "bottleneck": "the shaped card; see each layout's step times (dense vs top-k) for the CPU's share",
+            "numel": args.numel,
+            "ratio": args.ratio,
+            "reps": args.reps,
+            "steps": args.steps,
+            "cost_model_link": {
+                "inter_gbps": args.gbps,
+                "inter_latency_us": "measured per layout (latency_us_per_message)",
+            },
+            "layouts": rows,
+        },
+    )
     plot(rows, os.path.splitext(args.output)[0] + ".png", args.rate, args.ratio)
     print(f"\nwrote {args.output}")
 

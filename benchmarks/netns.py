@@ -37,7 +37,9 @@ def reexec_in_namespace(name: str) -> None:
     subprocess.run(["ip", "netns", "add", netns], check=True)
     try:
         subprocess.run(["ip", "netns", "exec", netns, "ip", "link", "set", "lo", "up"], check=True)
-        child = subprocess.run(["ip", "netns", "exec", netns, sys.executable, *sys.argv], env=dict(os.environ, **{_INSIDE: netns}))
+        child = subprocess.run(
+            ["ip", "netns", "exec", netns, sys.executable, *sys.argv], env=dict(os.environ, **{_INSIDE: netns})
+        )
     finally:
         subprocess.run(["ip", "netns", "delete", netns], check=True)
     sys.exit(child.returncode)
@@ -48,7 +50,10 @@ def shape(rate) -> None:
     if rate is None:
         subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False, capture_output=True)
         return
-    subprocess.run(["tc", "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms"], check=True)
+    subprocess.run(
+        ["tc", "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms"],
+        check=True,
+    )
 
 
 def read_tx_bytes() -> int:
@@ -102,8 +107,28 @@ class NodeNetwork:
             self._ip(switch, "ip", "link", "set", "br0", "mtu", "9000", "up")
             for i in range(self.nodes):
                 node = self.namespace(i)
-                subprocess.run(["ip", "link", "add", "eth0", "netns", node, "mtu", "9000", "type", "veth",
-                                "peer", "name", f"p{i}", "netns", switch, "mtu", "9000"], check=True)
+                subprocess.run(
+                    [
+                        "ip",
+                        "link",
+                        "add",
+                        "eth0",
+                        "netns",
+                        node,
+                        "mtu",
+                        "9000",
+                        "type",
+                        "veth",
+                        "peer",
+                        "name",
+                        f"p{i}",
+                        "netns",
+                        switch,
+                        "mtu",
+                        "9000",
+                    ],
+                    check=True,
+                )
                 self._ip(switch, "ip", "link", "set", f"p{i}", "master", "br0", "up")
                 self._ip(node, "ip", "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
                 self._ip(node, "ip", "link", "set", "eth0", "up")

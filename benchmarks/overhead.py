@@ -67,7 +67,11 @@ from raytopk.storage import write_json
 COMMAND = "python benchmarks/overhead.py"
 WORLD_SIZE, BATCH_SIZE, RATIO, WARMUP_STEPS = 2, 32, 0.01, 3  # BATCH_SIZE: per worker, the default of --batch-size
 # model -> (input channels, image size, where the batches come from)
-MODELS = {"simple_cnn": (1, 28, "mnist5k"), "resnet20": (3, 32, "random 3x32x32"), "resnet18": (3, 32, "random 3x32x32")}
+MODELS = {
+    "simple_cnn": (1, 28, "mnist5k"),
+    "resnet20": (3, 32, "random 3x32x32"),
+    "resnet18": (3, 32, "random 3x32x32"),
+}
 
 
 def batches(model_name: str, rank: int, count: int, batch_size: int) -> list:
@@ -109,8 +113,16 @@ def floor_hook(state: Floor, bucket: dist.GradBucket) -> torch.futures.Future[to
     residual, spare, first_k = state.buckets[key]
     torch.add(buffer, residual, out=spare)
     if state.send:
-        future, _ = allgather(spare, spare[: len(first_k)], first_k, torch.float32, dist.group.WORLD, buffer,
-                              scale=1.0 / WORLD_SIZE, on_decoded=state.add_time)
+        future, _ = allgather(
+            spare,
+            spare[: len(first_k)],
+            first_k,
+            torch.float32,
+            dist.group.WORLD,
+            buffer,
+            scale=1.0 / WORLD_SIZE,
+            on_decoded=state.add_time,
+        )
         future = future.then(lambda fut: fut.value()[0])
     else:
         buffer.zero_()
@@ -176,18 +188,30 @@ MODES = ("dense", "topk", "topk_pytorch", "floor", "exchange_floor")
 def one_round(model_name: str, steps: int, batch_size: int) -> dict:
     """Every mode run once on ``model_name``; the hook's and the floors' times against the step of the same run."""
     dense, topk, pytorch, floor, exchange_floor = (measure(model_name, mode, steps, batch_size) for mode in MODES)
-    return {"dense_step_s": dense["step_s"], "topk_step_s": topk["step_s"], "hook_s": topk["hook_s"],
-            "hook_fraction": topk["hook_s"] / topk["step_s"], "pytorch_path_step_s": pytorch["step_s"],
-            "pytorch_path_hook_s": pytorch["hook_s"], "pytorch_path_hook_fraction": pytorch["hook_s"] / pytorch["step_s"],
-            "floor_s": floor["hook_s"], "floor_fraction": floor["hook_s"] / topk["step_s"],
-            "exchange_floor_s": exchange_floor["hook_s"], "exchange_floor_fraction": exchange_floor["hook_s"] / topk["step_s"]}
+    return {
+        "dense_step_s": dense["step_s"],
+        "topk_step_s": topk["step_s"],
+        "hook_s": topk["hook_s"],
+        "hook_fraction": topk["hook_s"] / topk["step_s"],
+        "pytorch_path_step_s": pytorch["step_s"],
+        "pytorch_path_hook_s": pytorch["hook_s"],
+        "pytorch_path_hook_fraction": pytorch["hook_s"] / pytorch["step_s"],
+        "floor_s": floor["hook_s"],
+        "floor_fraction": floor["hook_s"] / topk["step_s"],
+        "exchange_floor_s": exchange_floor["hook_s"],
+        "exchange_floor_fraction": exchange_floor["hook_s"] / topk["step_s"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run, after the warm-up")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="times every mode runs on each model, in turn; the table gives each value's median over them")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="times every mode runs on each model, in turn; the table gives each value's median over them",
+    )
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="per worker (raytopk train's default is 64)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "overhead.json"))
@@ -196,41 +220,57 @@ def main() -> None:
         if value < 1:
             parser.error(f"{flag} must be an integer >= 1, got {value}")
     if "simple_cnn" in args.models:
-        images, needed = len(load_dataset("mnist5k", "unused", False)[0]), WORLD_SIZE * (WARMUP_STEPS + args.steps) * args.batch_size
+        images, needed = (
+            len(load_dataset("mnist5k", "unused", False)[0]),
+            WORLD_SIZE * (WARMUP_STEPS + args.steps) * args.batch_size,
+        )
         if needed > images:
-            parser.error(f"simple_cnn trains on mnist5k's {images} images; {WORLD_SIZE} workers x ({WARMUP_STEPS} warm-up + "
-                         f"--steps {args.steps}) x --batch-size {args.batch_size} needs {needed}")
+            parser.error(
+                f"simple_cnn trains on mnist5k's {images} images; {WORLD_SIZE} workers x ({WARMUP_STEPS} warm-up + "
+                f"--steps {args.steps}) x --batch-size {args.batch_size} needs {needed}"
+            )
 
     rows = []
-    print("| model | parameters | dense DDP step ms | raytopk step ms | hook compute ms | hook / step | "
-          "PyTorch path: step ms | hook ms | / step | memory floor ms | / step | exchange floor ms | / step |")
+    print(
+        "| model | parameters | dense DDP step ms | raytopk step ms | hook compute ms | hook / step | "
+        "PyTorch path: step ms | hook ms | / step | memory floor ms | / step | exchange floor ms | / step |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model_name in args.models:
         rounds = [one_round(model_name, args.steps, args.batch_size) for _ in range(args.rounds)]
         channels, size, source = MODELS[model_name]
-        row = {"model": model_name, "input": source,
-               "parameters": sum(p.numel() for p in build_model(model_name, channels, 10, size).parameters())}
+        row = {
+            "model": model_name,
+            "input": source,
+            "parameters": sum(p.numel() for p in build_model(model_name, channels, 10, size).parameters()),
+        }
         row.update({key: statistics.median(r[key] for r in rounds) for key in rounds[0]})
         row["rounds"] = rounds
         rows.append(row)
-        print(f"| {model_name} | {row['parameters']:,} | {1e3 * row['dense_step_s']:.1f} | {1e3 * row['topk_step_s']:.1f} | "
-              f"{1e3 * row['hook_s']:.2f} | {100 * row['hook_fraction']:.1f}% | {1e3 * row['pytorch_path_step_s']:.1f} | "
-              f"{1e3 * row['pytorch_path_hook_s']:.2f} | {100 * row['pytorch_path_hook_fraction']:.1f}% | {1e3 * row['floor_s']:.2f} | "
-              f"{100 * row['floor_fraction']:.1f}% | {1e3 * row['exchange_floor_s']:.2f} | "
-              f"{100 * row['exchange_floor_fraction']:.1f}% |", flush=True)
-    write_json(args.output, {
-        "command": " ".join([COMMAND] + sys.argv[1:]),
-        "torch": torch.__version__,
-        "world_size": WORLD_SIZE,
-        "threads_per_worker": 1,
-        "batch_size_per_worker": args.batch_size,
-        "ratio": RATIO,
-        "topk_bucket_cap_mb": SPARSE_BUCKET_CAP_MB,  # dense: DDP's defaults
-        "warmup_steps": WARMUP_STEPS,
-        "steps": args.steps,
-        "rounds": args.rounds,
-        "results": rows,
-    })
+        print(
+            f"| {model_name} | {row['parameters']:,} | {1e3 * row['dense_step_s']:.1f} | {1e3 * row['topk_step_s']:.1f} | "
+            f"{1e3 * row['hook_s']:.2f} | {100 * row['hook_fraction']:.1f}% | {1e3 * row['pytorch_path_step_s']:.1f} | "
+            f"{1e3 * row['pytorch_path_hook_s']:.2f} | {100 * row['pytorch_path_hook_fraction']:.1f}% | {1e3 * row['floor_s']:.2f} | "
+            f"{100 * row['floor_fraction']:.1f}% | {1e3 * row['exchange_floor_s']:.2f} | "
+            f"{100 * row['exchange_floor_fraction']:.1f}% |",
+            flush=True,
+        )
+    write_json(
+        args.output,
+        {
+            "command": " ".join([COMMAND] + sys.argv[1:]),
+            "torch": torch.__version__,
+            "world_size": WORLD_SIZE,
+            "threads_per_worker": 1,
+            "batch_size_per_worker": args.batch_size,
+            "ratio": RATIO,
+            "topk_bucket_cap_mb": SPARSE_BUCKET_CAP_MB,  # dense: DDP's defaults
+            "warmup_steps": WARMUP_STEPS,
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "results": rows,
+        },
+    )
     print(f"\nwrote {args.output}")
 
 

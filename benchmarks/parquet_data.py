@@ -38,8 +38,20 @@ COMMAND = "python benchmarks/parquet_data.py"
 def train(args, tmp, *sets, flags=()):
     """One ``raytopk train`` run: its summary, and the driver's peak resident memory in MB."""
     output = os.path.join(tmp, "summary.json")
-    command = [sys.executable, "-m", "raytopk", "train", "--workers", "2", "--checkpoint-dir", os.path.join(tmp, "runs"),
-               "--output", output, "--restart", *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "raytopk",
+        "train",
+        "--workers",
+        "2",
+        "--checkpoint-dir",
+        os.path.join(tmp, "runs"),
+        "--output",
+        output,
+        "--restart",
+        *flags,
+    ]
     for pair in sets:
         command += ["--set", pair]
     with open(os.path.join(tmp, "train.log"), "w") as log:
@@ -62,18 +74,31 @@ def main():
     tmp = tempfile.mkdtemp(prefix="parquet-bench-")
     try:
         fashion, mnist5k = os.path.join(tmp, "fashion"), os.path.join(tmp, "mnist5k")
-        for name, path, layout in (("fashion_mnist", fashion, "png"), ("mnist5k", mnist5k + "-png", "png"),
-                                   ("mnist5k", mnist5k + "-list", "list")):
-            subprocess.run([sys.executable, "-m", "raytopk", "export", "--dataset", name, "--output", path, "--layout", layout],
-                           check=True, stdout=subprocess.DEVNULL)
+        for name, path, layout in (
+            ("fashion_mnist", fashion, "png"),
+            ("mnist5k", mnist5k + "-png", "png"),
+            ("mnist5k", mnist5k + "-list", "list"),
+        ):
+            subprocess.run(
+                [sys.executable, "-m", "raytopk", "export", "--dataset", name, "--output", path, "--layout", layout],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
         common = ["model=simple_cnn", "batch_size=64", "epochs=1", "method=topk", "ratio=0.01"]
         speed = {"torchvision": [], "parquet": []}
         for _ in range(args.repeats):
-            speed["torchvision"].append(train(args, tmp, *common, "dataset=fashion_mnist")[0]["history"][0]["samples_per_s"])
-            speed["parquet"].append(train(args, tmp, *common, "dataset=parquet", f"data_path={fashion}")[0]["history"][0]["samples_per_s"])
+            speed["torchvision"].append(
+                train(args, tmp, *common, "dataset=fashion_mnist")[0]["history"][0]["samples_per_s"]
+            )
+            speed["parquet"].append(
+                train(args, tmp, *common, "dataset=parquet", f"data_path={fashion}")[0]["history"][0]["samples_per_s"]
+            )
         median = {path: statistics.median(values) for path, values in speed.items()}
-        print(f"samples/s  torchvision {median['torchvision']:.0f}  parquet {median['parquet']:.0f}  "
-              f"ratio {median['parquet'] / median['torchvision']:.2f}", flush=True)
+        print(
+            f"samples/s  torchvision {median['torchvision']:.0f}  parquet {median['parquet']:.0f}  "
+            f"ratio {median['parquet'] / median['torchvision']:.2f}",
+            flush=True,
+        )
 
         scaled = os.path.join(tmp, "fashion-scaled")
         shutil.copytree(os.path.join(fashion, "test"), os.path.join(scaled, "test"))
@@ -82,26 +107,37 @@ def main():
         memory = []
         for path, rows in ((fashion, 60000), (scaled, 60000 * args.scale)):
             summary, peak = train(args, tmp, *common, "dataset=parquet", f"data_path={path}", "max_train_batches=50")
-            memory.append({"train_rows": rows, "driver_peak_mb": round(peak, 1), "test_accuracy": summary["test_accuracy"]})
+            memory.append(
+                {"train_rows": rows, "driver_peak_mb": round(peak, 1), "test_accuracy": summary["test_accuracy"]}
+            )
             print(f"driver peak {peak:.0f} MB with {rows} training rows", flush=True)
 
         accuracy = {}
-        for label, sets in (("built-in mnist5k", ["dataset=mnist5k"]),
-                            ("parquet png", ["dataset=parquet", f"data_path={mnist5k}-png"]),
-                            ("parquet list", ["dataset=parquet", f"data_path={mnist5k}-list", "image_shape=[1, 28, 28]"])):
+        for label, sets in (
+            ("built-in mnist5k", ["dataset=mnist5k"]),
+            ("parquet png", ["dataset=parquet", f"data_path={mnist5k}-png"]),
+            ("parquet list", ["dataset=parquet", f"data_path={mnist5k}-list", "image_shape=[1, 28, 28]"]),
+        ):
             accuracy[label] = train(args, tmp, "epochs=3", *sets)[0]["test_accuracy"]
             print(f"mnist5k 3 epochs dense  {label}: {100 * accuracy[label]:.2f}%", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    write_json(args.output, {
-        **provenance(COMMAND + (f" --output {args.output}" if args.output != parser.get_default("output") else "")),
-        "cpus": len(os.sched_getaffinity(0)),
-        "speed": {"setup": "fashion_mnist, simple_cnn, 2 workers, batch 64, topk 0.01, 1 epoch", "samples_per_s": speed,
-                  "median": median, "ratio": median["parquet"] / median["torchvision"]},
-        "driver_memory": memory,
-        "driver_memory_growth": memory[1]["driver_peak_mb"] / memory[0]["driver_peak_mb"],
-        "accuracy_mnist5k": accuracy,
-    })
+    write_json(
+        args.output,
+        {
+            **provenance(COMMAND + (f" --output {args.output}" if args.output != parser.get_default("output") else "")),
+            "cpus": len(os.sched_getaffinity(0)),
+            "speed": {
+                "setup": "fashion_mnist, simple_cnn, 2 workers, batch 64, topk 0.01, 1 epoch",
+                "samples_per_s": speed,
+                "median": median,
+                "ratio": median["parquet"] / median["torchvision"],
+            },
+            "driver_memory": memory,
+            "driver_memory_growth": memory[1]["driver_peak_mb"] / memory[0]["driver_peak_mb"],
+            "accuracy_mnist5k": accuracy,
+        },
+    )
 
 
 if __name__ == "__main__":

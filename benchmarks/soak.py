@@ -118,21 +118,51 @@ def _run_job(address, env, storage, index, kind) -> dict:
     output = os.path.join(storage, f"{job_id}.json")
     flags = ["--set", f"name={job_id}", "--set", f"checkpoint_dir={storage}", "--set", f"output={output}"]
     if kind == "fail":
-        flags += SHORT + ["--set", "dataset=mnist", "--set", f"data_dir={os.path.join(storage, 'empty')}", "--set", "max_failures=0"]
+        flags += SHORT + [
+            "--set",
+            "dataset=mnist",
+            "--set",
+            f"data_dir={os.path.join(storage, 'empty')}",
+            "--set",
+            "max_failures=0",
+        ]
     elif kind == "stop":
         flags += ["--set", "epochs=50", "--set", "max_train_batches=3"]
     else:
         flags += SHORT
     start = time.time()
-    submit = subprocess.Popen([sys.executable, os.path.join(ROOT, "submit.py"), "jobs/smoke.yaml", "--address", address,
-                               "--submission-id", job_id, *flags],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    submit = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "submit.py"),
+            "jobs/smoke.yaml",
+            "--address",
+            address,
+            "--submission-id",
+            job_id,
+            *flags,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     if kind == "stop":
         threading.Thread(target=_stop_after_an_epoch, args=(address, env, job_id), daemon=True).start()
     log = submit.communicate(timeout=900)[0]
-    status = {job["submission_id"]: job["status"] for job in list_jobs(address, env) if job.get("submission_id")}.get(job_id)
-    return {"job": job_id, "kind": kind, "status": status, "exit": submit.returncode, "seconds": round(time.time() - start, 1),
-            "summary": _summary_epochs(output), "log_tail": log[-1500:]}
+    status = {job["submission_id"]: job["status"] for job in list_jobs(address, env) if job.get("submission_id")}.get(
+        job_id
+    )
+    return {
+        "job": job_id,
+        "kind": kind,
+        "status": status,
+        "exit": submit.returncode,
+        "seconds": round(time.time() - start, 1),
+        "summary": _summary_epochs(output),
+        "log_tail": log[-1500:],
+    }
 
 
 def _stop_after_an_epoch(address, env, job_id, timeout=600) -> None:
@@ -206,6 +236,7 @@ def _memory(samples: list, warm: int) -> dict:
     last = max(sample["jobs_ended"] for sample in samples)
     report = {}
     for name in ("gcs", "raylet", "both"):
+
         def value(sample):
             return sample["gcs"] + sample["raylet"] if name == "both" else sample[name]
 
@@ -213,8 +244,12 @@ def _memory(samples: list, warm: int) -> dict:
             return round(statistics.median(value(s) for s in samples if s["jobs_ended"] == ended), 1)
 
         warm_point = min(warm, last)
-        report[name] = {"start": round(value(samples[0]), 1), "warm": at(warm_point), "end": at(last),
-                        "peak": round(max(value(s) for s in samples), 1)}
+        report[name] = {
+            "start": round(value(samples[0]), 1),
+            "warm": at(warm_point),
+            "end": at(last),
+            "peak": round(max(value(s) for s in samples), 1),
+        }
         report[name]["growth_after_warm"] = round(report[name]["end"] - report[name]["warm"], 1)
     report["growth_per_job_after_warm_kb"] = round(1024 * report["both"]["growth_after_warm"] / max(1, last - warm), 1)
     return report
@@ -231,10 +266,12 @@ def main(argv=None) -> int:
     result = soak(args.jobs, args.parallel)
     write_json(args.output, result)
     memory = result["memory_mb"]["both"]
-    print(f"{args.jobs} jobs, {args.parallel} at a time, {result['wall_s']:.0f} s; all as expected: {result['all_as_expected']}; "
-          f"GCS + raylet RSS {memory['start']} -> {memory['warm']} (warm) -> {memory['end']} MB (growth after warm-up "
-          f"{memory['growth_after_warm']} MB); processes idle {result['processes']['idle_before']} -> "
-          f"{result['processes']['idle_after']}, left after stop {result['processes']['left_after_stop']}")
+    print(
+        f"{args.jobs} jobs, {args.parallel} at a time, {result['wall_s']:.0f} s; all as expected: {result['all_as_expected']}; "
+        f"GCS + raylet RSS {memory['start']} -> {memory['warm']} (warm) -> {memory['end']} MB (growth after warm-up "
+        f"{memory['growth_after_warm']} MB); processes idle {result['processes']['idle_before']} -> "
+        f"{result['processes']['idle_after']}, left after stop {result['processes']['left_after_stop']}"
+    )
     return 0 if result["all_as_expected"] and not result["processes"]["left_after_stop"] else 1
 
 

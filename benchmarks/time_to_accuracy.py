@@ -44,9 +44,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from netns import reexec_in_namespace, shape  # noqa: E402
-
 from raytopk.storage import read_text, write_figure, write_json  # noqa: E402
+
+from netns import reexec_in_namespace, shape  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND = "python benchmarks/time_to_accuracy.py"
@@ -65,10 +65,23 @@ def train(args, link: str, method: str, storage: str) -> dict:
     """One ``raytopk train`` on the link as it is shaped now; its per-epoch record."""
     name = f"{link}-{method}".replace(" ", "_").replace("+", "dgc")
     output = os.path.join(storage, f"{name}.json")
-    sets = [f"model={args.model}", f"dataset={args.dataset}", f"epochs={args.epochs}", f"batch_size={args.batch_size}",
-            f"max_train_batches={args.max_train_batches}", "workers=2", "cpus_per_worker=1", f"checkpoint_dir={storage}",
-            f"name={name}", f"output={output}", "keep_checkpoints=1", *METHODS[method]]
-    command = [sys.executable, "-m", "raytopk", "train", "--restart"] + [arg for pair in sets for arg in ("--set", pair)]
+    sets = [
+        f"model={args.model}",
+        f"dataset={args.dataset}",
+        f"epochs={args.epochs}",
+        f"batch_size={args.batch_size}",
+        f"max_train_batches={args.max_train_batches}",
+        "workers=2",
+        "cpus_per_worker=1",
+        f"checkpoint_dir={storage}",
+        f"name={name}",
+        f"output={output}",
+        "keep_checkpoints=1",
+        *METHODS[method],
+    ]
+    command = [sys.executable, "-m", "raytopk", "train", "--restart"] + [
+        arg for pair in sets for arg in ("--set", pair)
+    ]
     started = time.time()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
@@ -78,12 +91,26 @@ def train(args, link: str, method: str, storage: str) -> dict:
     trained, epochs = 0.0, []
     for m in summary["history"]:
         trained += m["train_s"]
-        epochs.append({"epoch": m["epoch"], "test_accuracy": m["test_accuracy"], "samples_per_s": m["samples_per_s"],
-                       "train_s": trained, "bytes_sent": m["bytes_sent"]})
+        epochs.append(
+            {
+                "epoch": m["epoch"],
+                "test_accuracy": m["test_accuracy"],
+                "samples_per_s": m["samples_per_s"],
+                "train_s": trained,
+                "bytes_sent": m["bytes_sent"],
+            }
+        )
     reached = next((e["train_s"] for e in epochs if e["test_accuracy"] >= args.target), None)
     steady = epochs[1:] or epochs  # the first epoch includes DDP's and the hook's warm-up steps
-    return {"link": link, "method": method, "epochs": epochs, "time_to_target_s": reached, "wall_s": time.time() - started,
-            "samples_per_s": sum(e["samples_per_s"] for e in steady) / len(steady), "final_accuracy": epochs[-1]["test_accuracy"]}
+    return {
+        "link": link,
+        "method": method,
+        "epochs": epochs,
+        "time_to_target_s": reached,
+        "wall_s": time.time() - started,
+        "samples_per_s": sum(e["samples_per_s"] for e in steady) / len(steady),
+        "final_accuracy": epochs[-1]["test_accuracy"],
+    }
 
 
 def summarize(runs: list, target: float) -> list:
@@ -96,25 +123,35 @@ def summarize(runs: list, target: float) -> list:
     for (link, method), group in groups.items():
         dense, free = speed.get((link, "dense")), speed.get(("unlimited", "dense"))
         reached = [r["time_to_target_s"] for r in group if r["time_to_target_s"] is not None]
-        rows.append({
-            "link": link, "method": method, "repeats": len(group), "samples_per_s": speed[(link, method)],
-            "of_dense_unlimited": speed[(link, method)] / free if free else None,
-            "vs_dense_same_link": speed[(link, method)] / dense if dense else None,
-            # Reached in every repeat, or it counts as not reached.
-            "time_to_target_s": statistics.median(reached) if len(reached) == len(group) else None, "target": target,
-            "final_accuracy": statistics.median(r["final_accuracy"] for r in group),
-            "wire_mb_per_worker": group[0]["epochs"][-1]["bytes_sent"] / 2 / 1e6,
-        })
+        rows.append(
+            {
+                "link": link,
+                "method": method,
+                "repeats": len(group),
+                "samples_per_s": speed[(link, method)],
+                "of_dense_unlimited": speed[(link, method)] / free if free else None,
+                "vs_dense_same_link": speed[(link, method)] / dense if dense else None,
+                # Reached in every repeat, or it counts as not reached.
+                "time_to_target_s": statistics.median(reached) if len(reached) == len(group) else None,
+                "target": target,
+                "final_accuracy": statistics.median(r["final_accuracy"] for r in group),
+                "wire_mb_per_worker": group[0]["epochs"][-1]["bytes_sent"] / 2 / 1e6,
+            }
+        )
     return rows
 
 
 def format_table(rows: list) -> str:
-    lines = ["| link | method | samples/s | of dense, no limit | vs dense, same link | s to target | final accuracy % | wire MB/worker |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| link | method | samples/s | of dense, no limit | vs dense, same link | s to target | final accuracy % | wire MB/worker |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         reached = "not reached" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.1f}"
-        lines.append(f"| {r['link']} | {r['method']} | {r['samples_per_s']:.0f} | {_ratio(r['of_dense_unlimited'])} | "
-                     f"{_ratio(r['vs_dense_same_link'])} | {reached} | {100 * r['final_accuracy']:.2f} | {r['wire_mb_per_worker']:.2f} |")
+        lines.append(
+            f"| {r['link']} | {r['method']} | {r['samples_per_s']:.0f} | {_ratio(r['of_dense_unlimited'])} | "
+            f"{_ratio(r['vs_dense_same_link'])} | {reached} | {100 * r['final_accuracy']:.2f} | {r['wire_mb_per_worker']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -133,8 +170,13 @@ def plot(runs: list, links: list, target: float, path: str) -> None:
         for i, method in enumerate(METHODS):
             run = next((r for r in runs if (r["link"], r["method"]) == (link, method)), None)
             if run:
-                axis.plot([e["train_s"] for e in run["epochs"]], [100 * e["test_accuracy"] for e in run["epochs"]],
-                          marker="o", color=f"C{i}", label=method)
+                axis.plot(
+                    [e["train_s"] for e in run["epochs"]],
+                    [100 * e["test_accuracy"] for e in run["epochs"]],
+                    marker="o",
+                    color=f"C{i}",
+                    label=method,
+                )
         axis.axhline(100 * target, color="grey", linestyle=":", linewidth=1)
         axis.set_title(f"link: {link}")
         axis.set_xlabel("training time (s)")
@@ -175,17 +217,31 @@ def main() -> int:
                     finally:
                         shape(None)
                     write_json(partial, {"runs": runs})
-                    print(f"{link:>9}  {method:<17} {runs[-1]['samples_per_s']:7.0f} samples/s  "
-                          f"accuracy {100 * runs[-1]['final_accuracy']:.2f}%  (round {repeat + 1})", flush=True)
+                    print(
+                        f"{link:>9}  {method:<17} {runs[-1]['samples_per_s']:7.0f} samples/s  "
+                        f"accuracy {100 * runs[-1]['final_accuracy']:.2f}%  (round {repeat + 1})",
+                        flush=True,
+                    )
     rows = summarize(runs, args.target)
     print(format_table(rows))
-    write_json(args.output, {
-        "command": " ".join([COMMAND] + sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
-        "model": args.model, "dataset": args.dataset, "epochs": args.epochs, "batch_size_per_worker": args.batch_size,
-        "max_train_batches": args.max_train_batches, "workers": 2, "threads_per_worker": 1, "repeats": args.repeats,
-        "network": "one loopback shared by both workers and Ray, in a private namespace, shaped with tc tbf",
-        "rows": rows, "runs": runs,
-    })
+    write_json(
+        args.output,
+        {
+            "command": " ".join([COMMAND] + sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d"),
+            "model": args.model,
+            "dataset": args.dataset,
+            "epochs": args.epochs,
+            "batch_size_per_worker": args.batch_size,
+            "max_train_batches": args.max_train_batches,
+            "workers": 2,
+            "threads_per_worker": 1,
+            "repeats": args.repeats,
+            "network": "one loopback shared by both workers and Ray, in a private namespace, shaped with tc tbf",
+            "rows": rows,
+            "runs": runs,
+        },
+    )
     plot(runs, args.links, args.target, os.path.splitext(args.output)[0] + ".png")
     os.remove(partial)
     return 0

@@ -42,9 +42,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import raytopk
-from netns import read_tx_bytes, reexec_in_namespace, shape
 from raytopk.exchange import dense_allreduce_bytes
 from raytopk.storage import write_json
+
+from netns import read_tx_bytes, reexec_in_namespace, shape
 
 COMMAND = "python benchmarks/wire.py"
 WORLD_SIZES = [2, 4, 8]
@@ -100,8 +101,14 @@ def worker(rank: int, world_size: int, port: int, method: tuple, steps: int, res
         sent = state.stats["bytes_sent"] - sent_before
     else:  # what dense DDP's ring allreduce sends: 2 (W - 1) / W of every gradient, each step
         sent = steps * dense_allreduce_bytes(gradient_bytes, world_size)
-    results.put({"rank": rank, "tx_bytes": tx_after - tx_before, "counted_bytes": sent,
-                 "exchange": sorted(state.algorithms) if state else ["dense"]})
+    results.put(
+        {
+            "rank": rank,
+            "tx_bytes": tx_after - tx_before,
+            "counted_bytes": sent,
+            "exchange": sorted(state.algorithms) if state else ["dense"],
+        }
+    )
     dist.destroy_process_group()
 
 
@@ -113,7 +120,10 @@ def measure(method: tuple, world_size: int, port: int, steps: int) -> dict:
     wire = ranks[0]["tx_bytes"] / steps  # the counter is namespace-wide: one reading covers every worker
     counted = sum(r["counted_bytes"] for r in ranks) / steps
     return {
-        "method": method[0], "ratio": method[1], "value_dtype": method[2], "workers": world_size,
+        "method": method[0],
+        "ratio": method[1],
+        "value_dtype": method[2],
+        "workers": world_size,
         "exchange": ranks[0]["exchange"],
         "wire_bytes_per_step": wire,
         "counted_bytes_per_step": counted,
@@ -129,21 +139,30 @@ def run_in_namespace(args) -> None:
     for world_size in args.workers:
         for i, method in enumerate(METHODS):
             rows.append(measure(method, world_size, 29500 + 10 * world_size + i, args.steps))
+
     def find(workers, method):
         return next(r for r in rows if r["workers"] == workers and r["method"] == method)
 
     for row in rows:
-        row["percent_of_dense"] = 100 * row["wire_bytes_per_step"] / find(row["workers"], "dense")["wire_bytes_per_step"]
+        row["percent_of_dense"] = (
+            100 * row["wire_bytes_per_step"] / find(row["workers"], "dense")["wire_bytes_per_step"]
+        )
     for row in rows:  # how the share grows with the worker count
-        row["share_over_fewest_workers"] = row["percent_of_dense"] / find(min(args.workers), row["method"])["percent_of_dense"]
+        row["share_over_fewest_workers"] = (
+            row["percent_of_dense"] / find(min(args.workers), row["method"])["percent_of_dense"]
+        )
 
     print(f"\n{MODEL}, {params:,} parameters, {args.steps} steps, loopback unshaped, every worker its own node\n")
-    print(f"| workers | method | exchange | wire MB/step | % of dense | share / {min(args.workers)} workers' | counted MB/step | counted / wire |")
+    print(
+        f"| workers | method | exchange | wire MB/step | % of dense | share / {min(args.workers)} workers' | counted MB/step | counted / wire |"
+    )
     print("|---:|---|---|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['workers']} | {row['method']} | {'+'.join(row['exchange'])} | {row['wire_bytes_per_step'] / 1e6:.3f} | "
-              f"{row['percent_of_dense']:.2f} | {row['share_over_fewest_workers']:.2f} | {row['counted_bytes_per_step'] / 1e6:.3f} | "
-              f"{row['counted_over_wire']:.3f} |")
+        print(
+            f"| {row['workers']} | {row['method']} | {'+'.join(row['exchange'])} | {row['wire_bytes_per_step'] / 1e6:.3f} | "
+            f"{row['percent_of_dense']:.2f} | {row['share_over_fewest_workers']:.2f} | {row['counted_bytes_per_step'] / 1e6:.3f} | "
+            f"{row['counted_over_wire']:.3f} |"
+        )
 
     write_json(
         args.output,

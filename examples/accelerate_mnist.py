@@ -31,8 +31,11 @@ def main() -> None:
     args = parser.parse_args()
 
     # A seedable sampler: each epoch's order follows the seed and the epoch, so a resumed run sees the same batches.
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=args.accumulate,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    accelerator = Accelerator(
+        cpu=True,
+        gradient_accumulation_steps=args.accumulate,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
     set_seed(0)
     train_set, test_set = load_dataset("mnist5k", "", download=False)
     model = build_model("simple_cnn")
@@ -65,11 +68,26 @@ def main() -> None:
     with torch.no_grad():
         x, y = zip(*(test_set[i] for i in range(accelerator.process_index, len(test_set), accelerator.num_processes)))
         correct = (model(torch.stack(x)).argmax(1) == torch.tensor(y)).sum()
-    totals = accelerator.reduce(torch.tensor([float(correct), len(y), state.stats["bytes_sent"], state.stats["dense_bytes"]],
-                                             dtype=torch.float64), reduction="sum")
+    totals = accelerator.reduce(
+        torch.tensor(
+            [float(correct), len(y), state.stats["bytes_sent"], state.stats["dense_bytes"]], dtype=torch.float64
+        ),
+        reduction="sum",
+    )
     if accelerator.is_main_process:
-        print(json.dumps({"epochs": args.epochs, "test_accuracy": totals[0].item() / totals[1].item(), "bytes_sent": int(totals[2]),
-                          "dense_bytes": int(totals[3]), "hook_steps": state.stats["steps"], "optimizer_steps": steps}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "epochs": args.epochs,
+                    "test_accuracy": totals[0].item() / totals[1].item(),
+                    "bytes_sent": int(totals[2]),
+                    "dense_bytes": int(totals[3]),
+                    "hook_steps": state.stats["steps"],
+                    "optimizer_steps": steps,
+                }
+            ),
+            flush=True,
+        )
     accelerator.wait_for_everyone()  # no rank tears its process group down while another still uses it
     accelerator.end_training()  # ends the process group too
 

@@ -49,15 +49,36 @@ def main() -> None:
     L.seed_everything(0)
     train_set, test_set = load_dataset("mnist5k", "", download=False)
     compression = TopKCompression(ratio=0.01)
-    trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=args.epochs, logger=False,
-                        callbacks=[compression, ModelCheckpoint(dirpath=args.checkpoint_dir, save_last=True)],
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(Classifier(), DataLoader(train_set, batch_size=32, shuffle=True, drop_last=True), DataLoader(test_set, batch_size=250),
-                ckpt_path=os.path.join(args.checkpoint_dir, "last.ckpt") if args.resume else None)
+    trainer = L.Trainer(
+        strategy="ddp",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=args.epochs,
+        logger=False,
+        callbacks=[compression, ModelCheckpoint(dirpath=args.checkpoint_dir, save_last=True)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(
+        Classifier(),
+        DataLoader(train_set, batch_size=32, shuffle=True, drop_last=True),
+        DataLoader(test_set, batch_size=250),
+        ckpt_path=os.path.join(args.checkpoint_dir, "last.ckpt") if args.resume else None,
+    )
     if trainer.global_rank == 0:
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
-        print(json.dumps({"epochs": trainer.current_epoch, "optimizer_steps": trainer.global_step,
-                          "hook_steps": compression.state.stats["steps"], **metrics}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "epochs": trainer.current_epoch,
+                    "optimizer_steps": trainer.global_step,
+                    "hook_steps": compression.state.stats["steps"],
+                    **metrics,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ def train_loop_per_worker(config: dict) -> None:
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, seed=0)
     loader = DataLoader(train_set, batch_size=32, sampler=sampler, drop_last=True)
 
-    model = raytopk.ray.prepare_model(build_model("simple_cnn"), ratio=config["ratio"])  # DDP + hook, even for one worker
+    model = raytopk.ray.prepare_model(
+        build_model("simple_cnn"), ratio=config["ratio"]
+    )  # DDP + hook, even for one worker
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     start, steps = 0, 0
     if checkpoint := ray.train.get_checkpoint():
@@ -58,10 +60,18 @@ def train_loop_per_worker(config: dict) -> None:
         with torch.no_grad():
             x, y = zip(*(test_set[i] for i in range(rank, len(test_set), world_size)))
             correct = (model.module(torch.stack(x)).argmax(1) == torch.tensor(y)).sum()
-        totals = torch.tensor([float(correct), len(y), state.stats["bytes_sent"], state.stats["dense_bytes"]], dtype=torch.float64)
+        totals = torch.tensor(
+            [float(correct), len(y), state.stats["bytes_sent"], state.stats["dense_bytes"]], dtype=torch.float64
+        )
         dist.all_reduce(totals)
-        metrics = {"epoch": epoch + 1, "test_accuracy": totals[0].item() / totals[1].item(), "bytes_sent": int(totals[2]),
-                   "dense_bytes": int(totals[3]), "hook_steps": state.stats["steps"], "optimizer_steps": steps}
+        metrics = {
+            "epoch": epoch + 1,
+            "test_accuracy": totals[0].item() / totals[1].item(),
+            "bytes_sent": int(totals[2]),
+            "dense_bytes": int(totals[3]),
+            "hook_steps": state.stats["steps"],
+            "optimizer_steps": steps,
+        }
         with tempfile.TemporaryDirectory() as directory:
             raytopk.ray.save_state(model, directory, epoch=epoch + 1, steps=steps, rng=torch.get_rng_state())
             if rank == 0:

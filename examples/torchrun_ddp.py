@@ -66,14 +66,26 @@ def main() -> None:
         with torch.no_grad():
             x, y = zip(*(test_set[i] for i in range(rank, len(test_set), world_size)))
             correct = (model(torch.stack(x)).argmax(1) == torch.tensor(y)).sum()
-        totals = torch.tensor([float(correct), len(y), state.stats["bytes_sent"], state.stats["dense_bytes"]], dtype=torch.float64)
+        totals = torch.tensor(
+            [float(correct), len(y), state.stats["bytes_sent"], state.stats["dense_bytes"]], dtype=torch.float64
+        )
         dist.all_reduce(totals)
         if args.checkpoint:
             save(args.checkpoint, rank, epoch + 1, optimizer_steps, model, optimizer, state)
         if rank == 0:
-            print(json.dumps({"epoch": epoch + 1, "test_accuracy": totals[0].item() / totals[1].item(),
-                              "bytes_sent": int(totals[2]), "dense_bytes": int(totals[3]),
-                              "hook_steps": state.stats["steps"], "optimizer_steps": optimizer_steps}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "epoch": epoch + 1,
+                        "test_accuracy": totals[0].item() / totals[1].item(),
+                        "bytes_sent": int(totals[2]),
+                        "dense_bytes": int(totals[3]),
+                        "hook_steps": state.stats["steps"],
+                        "optimizer_steps": optimizer_steps,
+                    }
+                ),
+                flush=True,
+            )
     dist.destroy_process_group()
 
 

@@ -33,8 +33,10 @@ def attach(accelerator, model: torch.nn.Module, ratio: float = 0.01, **options) 
     """
     ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP model
     if not isinstance(ddp, DDP):
-        warnings.warn(f"raytopk.accelerate.attach: the model is a {type(ddp).__name__}, not DistributedDataParallel "
-                      "(one process?); gradients are not compressed")
+        warnings.warn(
+            f"raytopk.accelerate.attach: the model is a {type(ddp).__name__}, not DistributedDataParallel "
+            "(one process?); gradients are not compressed"
+        )
         return None
     state = TopKState(ratio, module=ddp.module, **options)
     ddp.register_comm_hook(state, topk_hook)

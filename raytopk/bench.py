@@ -17,8 +17,10 @@ def format_table(rows: list) -> str:
     lines = [f"{'method':<14}{'test acc':>10}{'wire MB/worker':>16}{'network MB':>12}{'reduction':>11}{'wall s':>8}"]
     for row in rows:
         network = f"{row['network_bytes'] / 1e6:>12.2f}" if row["nodes"] > 1 else f"{'one node':>12}"
-        lines.append(f"{method_label(row):<14}{100 * row['test_accuracy']:>9.2f}%{row['wire_mb_per_worker']:>16.2f}{network}"
-                     f"{row['reduction']:>10.1f}x{row['wall_s']:>8.0f}")
+        lines.append(
+            f"{method_label(row):<14}{100 * row['test_accuracy']:>9.2f}%{row['wire_mb_per_worker']:>16.2f}{network}"
+            f"{row['reduction']:>10.1f}x{row['wall_s']:>8.0f}"
+        )
     return "\n".join(lines)
 
 
@@ -38,7 +40,9 @@ def write_plot(rows: list, path: str) -> None:
     labels = [method_label(row) for row in rows]
     for row, label in zip(rows, labels):
         history = row["history"]
-        accuracy.plot([m["epoch"] for m in history], [100 * m["test_accuracy"] for m in history], marker="o", label=label)
+        accuracy.plot(
+            [m["epoch"] for m in history], [100 * m["test_accuracy"] for m in history], marker="o", label=label
+        )
     accuracy.set_xlabel("epoch")
     accuracy.set_ylabel("test accuracy (%)")
     accuracy.xaxis.get_major_locator().set_params(integer=True)

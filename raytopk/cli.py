@@ -40,14 +40,22 @@ _FLAG_HELP = {
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="job YAML (jobs/*.yaml); flags override its keys")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job key (as submit.py passes them); repeatable")
+    parser.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a job key (as submit.py passes them); repeatable"
+    )
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_FLAG_HELP.get(f.name))
         else:
-            kind = {int: int, Optional[int]: int, float: float, Optional[float]: float, Optional[dict]: _yaml_value,
-                    Optional[list]: _yaml_value}.get(f.type, str)
+            kind = {
+                int: int,
+                Optional[int]: int,
+                float: float,
+                Optional[float]: float,
+                Optional[dict]: _yaml_value,
+                Optional[list]: _yaml_value,
+            }.get(f.type, str)
             parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=_FLAG_HELP.get(f.name))
 
 
@@ -95,10 +103,21 @@ def _bench(args) -> int:
     from raytopk.train import run
 
     # The dense row drops the compression-only settings (DGC's); SGD keeps its momentum there.
-    dense = dataclasses.replace(cfg, compress=False, method=None, output=None, warmup_ratio=None, warmup_epochs=0, momentum_correction=False,
-                                clip_norm=None, per_layer=False)
-    rows = [run(job, restart=args.restart, command=args.command, verbose=args.verbose)
-            for job in (dense, dataclasses.replace(cfg, compress=True, method=None, output=None))]
+    dense = dataclasses.replace(
+        cfg,
+        compress=False,
+        method=None,
+        output=None,
+        warmup_ratio=None,
+        warmup_epochs=0,
+        momentum_correction=False,
+        clip_norm=None,
+        per_layer=False,
+    )
+    rows = [
+        run(job, restart=args.restart, command=args.command, verbose=args.verbose)
+        for job in (dense, dataclasses.replace(cfg, compress=True, method=None, output=None))
+    ]
     print()
     if cfg.output:
         write_json(cfg.output, rows)
@@ -130,7 +149,9 @@ def _tune(args) -> int:
 
     sweep, cfg = load_sweep(args.file, parse_sets(args.set))
     try:
-        rows, best = run_sweep(sweep, cfg, resume=args.resume, address=args.address, command=args.command, verbose=args.verbose)
+        rows, best = run_sweep(
+            sweep, cfg, resume=args.resume, address=args.address, command=args.command, verbose=args.verbose
+        )
     except SweepInterrupted as stop:
         print(f"raytopk: {stop}", file=sys.stderr)
         return 130
@@ -138,11 +159,16 @@ def _tune(args) -> int:
     print("\n" + format_table(rows, best))
     print(f"\nresults: {join(directory, TRIALS_FILE)}  plot: {join(directory, PLOT_FILE)}")
     if best is None:
-        print(f"raytopk: error: no trial that ran every epoch meets select: {sweep.select}"
-              + (f" (max_mb_per_worker {sweep.max_mb_per_worker})" if sweep.select == "budget" else ""), file=sys.stderr)
+        print(
+            f"raytopk: error: no trial that ran every epoch meets select: {sweep.select}"
+            + (f" (max_mb_per_worker {sweep.max_mb_per_worker})" if sweep.select == "budget" else ""),
+            file=sys.stderr,
+        )
         return 1
-    print(f"best: trial {best['trial']}  test accuracy {100 * best['test_accuracy']:.2f}%  "
-          f"wire {best['wire_mb_per_worker']:.2f} MB/worker  job: {join(directory, BEST_FILE)}")
+    print(
+        f"best: trial {best['trial']}  test accuracy {100 * best['test_accuracy']:.2f}%  "
+        f"wire {best['wire_mb_per_worker']:.2f} MB/worker  job: {join(directory, BEST_FILE)}"
+    )
     return 0
 
 
@@ -161,9 +187,11 @@ def _export(args) -> int:
     if args.layout == "list":
         spec = DATASETS[args.dataset]
         shape = f" --set 'image_shape=[{spec.in_channels}, {spec.image_size}, {spec.image_size}]'"
-    print(f"wrote {counts['train']} training and {counts['test']} test rows of {args.dataset} ({args.layout}) to "
-          f"{args.output}/train and {args.output}/test\ntrain on them with: raytopk train --set dataset=parquet "
-          f"--set data_path={shlex.quote(args.output)}{shape}")
+    print(
+        f"wrote {counts['train']} training and {counts['test']} test rows of {args.dataset} ({args.layout}) to "
+        f"{args.output}/train and {args.output}/test\ntrain on them with: raytopk train --set dataset=parquet "
+        f"--set data_path={shlex.quote(args.output)}{shape}"
+    )
     return 0
 
 
@@ -171,23 +199,37 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="raytopk", description="Top-k compressed data-parallel training on Ray.")
     parser.add_argument("--version", action="version", version=f"raytopk {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, fn, text in (("train", _train, "train one job"), ("bench", _bench, "train a job dense and with top-k, side by side")):
+    for name, fn, text in (
+        ("train", _train, "train one job"),
+        ("bench", _bench, "train a job dense and with top-k, side by side"),
+    ):
         sub = commands.add_parser(name, help=text, description=text)
         _add_config_flags(sub)
-        sub.add_argument("--restart", action="store_true",
-                         help="train from scratch as a new run beside the old one (else the same job resumes)")
+        sub.add_argument(
+            "--restart",
+            action="store_true",
+            help="train from scratch as a new run beside the old one (else the same job resumes)",
+        )
         _add_verbose_flag(sub)
         sub.set_defaults(func=fn)
-    sub = commands.add_parser("tune", help="sweep a job's compression ratio and learning rate with Ray Tune",
-                              description="Sweep a job's keys (tune_configs/*.yaml) with Ray Tune; print the table, write the results.")
+    sub = commands.add_parser(
+        "tune",
+        help="sweep a job's compression ratio and learning rate with Ray Tune",
+        description="Sweep a job's keys (tune_configs/*.yaml) with Ray Tune; print the table, write the results.",
+    )
     sub.add_argument("file", help="sweep YAML (tune_configs/*.yaml)")
-    sub.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep key or a job key; repeatable")
+    sub.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a sweep key or a job key; repeatable"
+    )
     sub.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same name")
     sub.add_argument("--address", help=_FLAG_HELP["address"])
     _add_verbose_flag(sub)
     sub.set_defaults(func=_tune)
-    sub = commands.add_parser("export", help="write a built-in dataset as Parquet files (dataset: parquet reads them)",
-                              description="Write a built-in dataset's train and test splits as Parquet under OUTPUT/train and OUTPUT/test.")
+    sub = commands.add_parser(
+        "export",
+        help="write a built-in dataset as Parquet files (dataset: parquet reads them)",
+        description="Write a built-in dataset's train and test splits as Parquet under OUTPUT/train and OUTPUT/test.",
+    )
     sub.add_argument("--dataset", required=True, help=" | ".join(DATASETS))
     sub.add_argument("--output", required=True, help="directory to write (its train/ and test/ are replaced whole)")
     sub.add_argument("--layout", default="png", help="png: images as PNG bytes (default) | list: lists of uint8 values")
@@ -208,7 +250,9 @@ def main(argv=None) -> int:
         from raytopk.console import failure_report
         from raytopk.train import RunInterrupted
 
-        if isinstance(stop, TrainingFailedError):  # its type and message, not Ray's frames; the traceback goes to a file
+        if isinstance(
+            stop, TrainingFailedError
+        ):  # its type and message, not Ray's frames; the traceback goes to a file
             print("\n".join(failure_report(stop)), file=sys.stderr)
             return 1
         if not isinstance(stop, RunInterrupted):
@@ -218,8 +262,12 @@ def main(argv=None) -> int:
 
 
 def _add_verbose_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show Ray's own output too (its workers' lines and logging); it is always in Ray's log directory")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show Ray's own output too (its workers' lines and logging); it is always in Ray's log directory",
+    )
 
 
 def _resume_line(stop, argv) -> str:

@@ -46,7 +46,12 @@ _SAMPLE_SIZE, _MIN_SAMPLE_SIZE, _SAMPLE_RUN = 1 << 15, 1 << 10, 8
 _CHUNK_NUMEL = 1 << 17
 
 # Each value dtype of the fast path, and the integer type its bits are compared as.
-_BITS_DTYPE = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_BITS_DTYPE = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -101,7 +106,12 @@ def accumulate_topk(grad: torch.Tensor, residual: torch.Tensor, acc: torch.Tenso
 def _sampled(x: torch.Tensor, k: int) -> bool:
     """Whether :func:`select_topk` takes the sampled-threshold path for ``x`` and ``k``."""
     n = x.numel()
-    return x.device.type == "cpu" and x.dtype in _BITS_DTYPE and n >= _FAST_PATH_MIN_NUMEL and k <= _FAST_PATH_MAX_FRACTION * n
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _BITS_DTYPE
+        and n >= _FAST_PATH_MIN_NUMEL
+        and k <= _FAST_PATH_MAX_FRACTION * n
+    )
 
 
 def _torch_topk(x: torch.Tensor, k: int):
@@ -239,7 +249,9 @@ def _sample_positions(n: int, k: int) -> np.ndarray:
     """
     strata = _sample_size(n) // _SAMPLE_RUN
     stride = n // strata
-    starts = np.random.default_rng((n, k)).integers(0, stride - _SAMPLE_RUN + 1, strata) + np.arange(0, strata * stride, stride)
+    starts = np.random.default_rng((n, k)).integers(0, stride - _SAMPLE_RUN + 1, strata) + np.arange(
+        0, strata * stride, stride
+    )
     positions = (starts[:, None] + np.arange(_SAMPLE_RUN)).ravel()
     positions.flags.writeable = False  # shared by every call
     return positions
@@ -260,8 +272,12 @@ def pack(values: torch.Tensor, indices: torch.Tensor, value_dtype: torch.dtype) 
     their buffer, without a copy.
     """
     head = indices.view(torch.uint8)
-    if (values.dtype == value_dtype and values.is_contiguous() and values.data_ptr() == head.data_ptr() + head.numel()
-            and values.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()):
+    if (
+        values.dtype == value_dtype
+        and values.is_contiguous()
+        and values.data_ptr() == head.data_ptr() + head.numel()
+        and values.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()
+    ):
         return head.as_strided((head.numel() + values.nbytes,), (1,))
     return torch.cat([head, values.to(value_dtype).view(torch.uint8)])
 

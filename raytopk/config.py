@@ -14,7 +14,18 @@ from typing import Optional
 
 from raytopk.cost_model import EXCHANGES, KEEP_FACTOR
 
-__all__ = ["ConfigError", "PARQUET", "TrainConfig", "load_config", "check_fields", "check_sizes", "check_name", "from_mapping", "run_identity", "default_run_name"]
+__all__ = [
+    "ConfigError",
+    "PARQUET",
+    "TrainConfig",
+    "load_config",
+    "check_fields",
+    "check_sizes",
+    "check_name",
+    "from_mapping",
+    "run_identity",
+    "default_run_name",
+]
 
 
 PARQUET = "parquet"  # the dataset name of one's own Parquet files
@@ -52,7 +63,9 @@ class TrainConfig:
     seed: int = 0
     # How to compress.
     compress: bool = False
-    method: Optional[str] = None  # topk | dense | fp16 (PyTorch's fp16_compress_hook); sets compress; unset: compress decides
+    method: Optional[str] = (
+        None  # topk | dense | fp16 (PyTorch's fp16_compress_hook); sets compress; unset: compress decides
+    )
     ratio: float = 0.01
     start_iter: int = 2
     value_dtype: str = "fp32"
@@ -70,7 +83,9 @@ class TrainConfig:
     link_gbps: float = 1.0  # auto's cost model: bandwidth between nodes ...
     link_latency_us: float = 50.0  # ... and latency per message
     ranks_per_node: int = 0  # the exchange's node layout; 0: as Ray Train places the workers
-    bucket_cap_mb: Optional[float] = None  # DDP's buckets; unset: 25 MB each with the hook (raytopk.ray.prepare_model), else DDP's defaults
+    bucket_cap_mb: Optional[float] = (
+        None  # DDP's buckets; unset: 25 MB each with the hook (raytopk.ray.prepare_model), else DDP's defaults
+    )
     # Precision and batching.
     amp: str = "none"  # torch.autocast: bf16 (CPU or GPU) or fp16 (GPU, with a GradScaler)
     accumulate: int = 1  # micro-batches per optimizer step (DDP no_sync between)
@@ -106,9 +121,15 @@ class TrainConfig:
         _check_combinations(self)
         _check_own_data(self)
         if self.dataset != PARQUET:  # a Parquet dataset's size is read from its files (raytopk.parquet.inspect)
-            check_sizes(self, DATASETS[self.dataset].train_size, f"{self.dataset} has {DATASETS[self.dataset].train_size} training images")
+            check_sizes(
+                self,
+                DATASETS[self.dataset].train_size,
+                f"{self.dataset} has {DATASETS[self.dataset].train_size} training images",
+            )
         if self.save_every > self.epochs:
-            raise ConfigError(f"save_every: got {self.save_every}, more than epochs {self.epochs}; allowed: 1 to {self.epochs}")
+            raise ConfigError(
+                f"save_every: got {self.save_every}, more than epochs {self.epochs}; allowed: 1 to {self.epochs}"
+            )
 
     @property
     def method_name(self) -> str:
@@ -122,8 +143,10 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 def check_name(key: str, value: Optional[str]) -> None:
     """A run or sweep name becomes a directory under shared storage: no separators, no ``..``, no leading dot."""
     if value is not None and (not _NAME.fullmatch(value) or ".." in value):
-        raise ConfigError(f"{key}: got {value!r}; allowed: up to 200 letters, digits, '.', '_' and '-', "
-                          "starting with a letter or digit, without '..'")
+        raise ConfigError(
+            f"{key}: got {value!r}; allowed: up to 200 letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit, without '..'"
+        )
 
 
 def check_sizes(cfg: "TrainConfig", train_size: int, what: str) -> None:
@@ -139,18 +162,24 @@ def check_sizes(cfg: "TrainConfig", train_size: int, what: str) -> None:
         raise ConfigError(f"workers: got {cfg.workers}, but {what}; allowed: at most {train_size}")
     shard = -(-train_size // cfg.workers)
     if cfg.batch_size > shard:
-        raise ConfigError(f"batch_size: got {cfg.batch_size}, more than a worker's share ({what}, {shard} per worker "
-                          f"with {cfg.workers} workers), so no worker would train a step; allowed: at most {shard}")
+        raise ConfigError(
+            f"batch_size: got {cfg.batch_size}, more than a worker's share ({what}, {shard} per worker "
+            f"with {cfg.workers} workers), so no worker would train a step; allowed: at most {shard}"
+        )
     batches = shard // cfg.batch_size
     if cfg.accumulate > batches:
-        raise ConfigError(f"accumulate: got {cfg.accumulate}, more than the {batches} batches an epoch holds per worker "
-                          f"({shard} images, batch_size {cfg.batch_size}), so no step would be taken; allowed: at most {batches}")
+        raise ConfigError(
+            f"accumulate: got {cfg.accumulate}, more than the {batches} batches an epoch holds per worker "
+            f"({shard} images, batch_size {cfg.batch_size}), so no step would be taken; allowed: at most {batches}"
+        )
 
 
 def _check_own_data(cfg: "TrainConfig") -> None:
     """The Parquet keys: ``data_path`` with ``dataset: parquet`` and only then; a test fraction that leaves both splits rows."""
     if cfg.dataset == PARQUET and not cfg.data_path:
-        raise ConfigError("data_path: not set, but dataset is 'parquet'; allowed: a directory, a file or a URI of Parquet files")
+        raise ConfigError(
+            "data_path: not set, but dataset is 'parquet'; allowed: a directory, a file or a URI of Parquet files"
+        )
     if cfg.dataset != PARQUET:
         for key in ("data_path", "test_path", "image_shape", "shuffle_seed"):
             if getattr(cfg, key) is not None:
@@ -164,29 +193,50 @@ def _check_own_data(cfg: "TrainConfig") -> None:
 
 def _check_combinations(cfg: "TrainConfig") -> None:
     """Settings that are valid alone but wrong together."""
-    dgc = {"warmup_ratio": cfg.warmup_ratio is not None, "momentum_correction": cfg.momentum_correction,
-           "clip_norm": cfg.clip_norm is not None, "per_layer": cfg.per_layer}
+    dgc = {
+        "warmup_ratio": cfg.warmup_ratio is not None,
+        "momentum_correction": cfg.momentum_correction,
+        "clip_norm": cfg.clip_norm is not None,
+        "per_layer": cfg.per_layer,
+    }
     if not cfg.compress and any(dgc.values()):
         key = next(key for key, on in dgc.items() if on)
         raise ConfigError(f"{key}: set, but compress is false; allowed: only with compress: true")
     if cfg.warmup_epochs and cfg.warmup_ratio is None:
-        raise ConfigError(f"warmup_epochs: got {cfg.warmup_epochs}, but warmup_ratio is null; allowed: set warmup_ratio too")
+        raise ConfigError(
+            f"warmup_epochs: got {cfg.warmup_epochs}, but warmup_ratio is null; allowed: set warmup_ratio too"
+        )
     if cfg.momentum_correction and cfg.optimizer != "sgd":
-        raise ConfigError(f"momentum_correction: true with optimizer {cfg.optimizer!r}; allowed: only with optimizer: sgd")
+        raise ConfigError(
+            f"momentum_correction: true with optimizer {cfg.optimizer!r}; allowed: only with optimizer: sgd"
+        )
     if cfg.momentum_correction and not 0 < cfg.momentum < 1:
         raise ConfigError(f"momentum: got {cfg.momentum!r} with momentum_correction; allowed: a number in (0, 1)")
     if cfg.max_train_batches and cfg.accumulate > cfg.max_train_batches:
-        raise ConfigError(f"accumulate: got {cfg.accumulate}, more than max_train_batches {cfg.max_train_batches}; "
-                          "allowed: at most max_train_batches")
+        raise ConfigError(
+            f"accumulate: got {cfg.accumulate}, more than max_train_batches {cfg.max_train_batches}; "
+            "allowed: at most max_train_batches"
+        )
     if cfg.per_layer and cfg.exchange in ("sharded", "hierarchical"):
-        raise ConfigError(f"exchange: got {cfg.exchange!r} with per_layer: true; allowed with per_layer: auto, allgather")
+        raise ConfigError(
+            f"exchange: got {cfg.exchange!r} with per_layer: true; allowed with per_layer: auto, allgather"
+        )
     if cfg.min_workers > cfg.workers:
-        raise ConfigError(f"min_workers: got {cfg.min_workers}, more than workers {cfg.workers}; "
-                          "allowed: 0 (always workers) or 1 to workers")
+        raise ConfigError(
+            f"min_workers: got {cfg.min_workers}, more than workers {cfg.workers}; "
+            "allowed: 0 (always workers) or 1 to workers"
+        )
     for name, amount in (cfg.resources_per_worker or {}).items():
-        if name in ("CPU", "GPU") or not isinstance(name, str) or not _type_ok(amount, float) or not 0 < amount < math.inf:
-            raise ConfigError(f"resources_per_worker: got {{{name!r}: {amount!r}}}; allowed: custom resource names (CPU and GPU "
-                              "come from cpus_per_worker and use_gpu) with numbers > 0")
+        if (
+            name in ("CPU", "GPU")
+            or not isinstance(name, str)
+            or not _type_ok(amount, float)
+            or not 0 < amount < math.inf
+        ):
+            raise ConfigError(
+                f"resources_per_worker: got {{{name!r}: {amount!r}}}; allowed: custom resource names (CPU and GPU "
+                "come from cpus_per_worker and use_gpu) with numbers > 0"
+            )
     if cfg.amp == "fp16" and not cfg.use_gpu:
         raise ConfigError("amp: got 'fp16' without use_gpu; allowed on CPU: none, bf16")
 
@@ -251,8 +301,12 @@ def _type_ok(value, kind) -> bool:
 
 def _describe(kind) -> str:
     names = {str: "a string", bool: "true or false", int: "an integer", float: "a number", dict: "a mapping"}
-    optional = {Optional[float]: "a number or null", Optional[dict]: "a mapping or null", Optional[list]: "a list or null",
-                Optional[int]: "an integer or null"}
+    optional = {
+        Optional[float]: "a number or null",
+        Optional[dict]: "a mapping or null",
+        Optional[list]: "a list or null",
+        Optional[int]: "an integer or null",
+    }
     return names.get(kind, optional.get(kind, "a string or null"))
 
 
@@ -321,9 +375,33 @@ def read_yaml_mapping(path: str) -> dict:
 # Keys that say where and how long a run goes, not what it trains: a rerun may change them and still resume.
 # How entries cross the network is among them: a residual is what was not used, whichever exchange ran
 # (and auto's choice changes with the worker count anyway); so are DDP's buckets, whose residuals are kept per parameter.
-_NOT_IDENTITY = {"exchange", "capacity_factor", "keep_factor", "link_gbps", "link_latency_us", "ranks_per_node", "bucket_cap_mb", "data_dir", "download", "epochs",
-                 "workers", "min_workers", "resize_interval_s", "use_gpu", "cpus_per_worker", "resources_per_worker", "backend", "address",
-                 "name", "checkpoint_dir", "save_every", "keep_checkpoints", "max_failures", "tensorboard", "output"}
+_NOT_IDENTITY = {
+    "exchange",
+    "capacity_factor",
+    "keep_factor",
+    "link_gbps",
+    "link_latency_us",
+    "ranks_per_node",
+    "bucket_cap_mb",
+    "data_dir",
+    "download",
+    "epochs",
+    "workers",
+    "min_workers",
+    "resize_interval_s",
+    "use_gpu",
+    "cpus_per_worker",
+    "resources_per_worker",
+    "backend",
+    "address",
+    "name",
+    "checkpoint_dir",
+    "save_every",
+    "keep_checkpoints",
+    "max_failures",
+    "tensorboard",
+    "output",
+}
 
 
 def run_identity(cfg: TrainConfig) -> dict:
@@ -352,6 +430,7 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
         cfg,
         data_dir=os.path.abspath(os.path.expanduser(cfg.data_dir)),
         checkpoint_dir=resolve(cfg.checkpoint_dir),
-        data_path=cfg.data_path and resolve(cfg.data_path),  # also the run's identity: the same files from any directory
+        data_path=cfg.data_path
+        and resolve(cfg.data_path),  # also the run's identity: the same files from any directory
         test_path=cfg.test_path and resolve(cfg.test_path),
     )

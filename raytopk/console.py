@@ -22,8 +22,17 @@ import time
 
 from tqdm import tqdm
 
-__all__ = ["Console", "Channel", "StepProgress", "Watch", "start_ray", "ray_log_dir", "failure_report", "error_line",
-           "worker_failures_line"]
+__all__ = [
+    "Console",
+    "Channel",
+    "StepProgress",
+    "Watch",
+    "start_ray",
+    "ray_log_dir",
+    "failure_report",
+    "error_line",
+    "worker_failures_line",
+]
 
 SEND_EVERY_S = 0.5  # rank 0's step events, at most this often
 PLAIN_EVERY_S = 30.0  # off a terminal: a progress line this often during a long epoch
@@ -43,7 +52,12 @@ def start_ray(address=None, verbose: bool = False, num_cpus=None) -> None:
     """
     import ray
 
-    ray.init(address=address, num_cpus=num_cpus, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
+    ray.init(
+        address=address,
+        num_cpus=num_cpus,
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.ERROR,
+    )
 
 
 def ray_log_dir():
@@ -74,7 +88,11 @@ def error_line(err: BaseException) -> str:
     """One line for a failed training run (Ray Train's ``TrainingFailedError``, or a Ray task error wrapping one)."""
     err = _unwrapped(err)
     failures = getattr(err, "worker_failures", None)
-    return worker_failures_line(failures) if failures else f"training failed: {_one_line(getattr(err, 'controller_failure', err))}"
+    return (
+        worker_failures_line(failures)
+        if failures
+        else f"training failed: {_one_line(getattr(err, 'controller_failure', err))}"
+    )
 
 
 def worker_failures_line(failures: dict) -> str:
@@ -82,7 +100,9 @@ def worker_failures_line(failures: dict) -> str:
     by_error = {}
     for rank, exc in sorted(failures.items()):
         by_error.setdefault(_one_line(exc), []).append(str(rank))
-    return "; ".join(f"worker{'s' * (len(ranks) > 1)} {', '.join(ranks)} failed: {text}" for text, ranks in by_error.items())
+    return "; ".join(
+        f"worker{'s' * (len(ranks) > 1)} {', '.join(ranks)} failed: {text}" for text, ranks in by_error.items()
+    )
 
 
 def _unwrapped(exc: BaseException) -> BaseException:
@@ -146,14 +166,23 @@ class Console:
                 self.close()
                 self._desc, self._shown = desc, time.monotonic()
                 if self.live:
-                    self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, leave=False, dynamic_ncols=True,
-                                     bar_format=_LIVE_FORMAT)
+                    self._bar = tqdm(
+                        total=total,
+                        desc=desc,
+                        unit=unit,
+                        file=self.stream,
+                        leave=False,
+                        dynamic_ncols=True,
+                        bar_format=_LIVE_FORMAT,
+                    )
             if self._bar is not None:
                 self._bar.set_postfix_str(postfix, refresh=False)
                 self._bar.update(n - self._bar.n)
             elif time.monotonic() - self._shown >= self._plain_every_s:
                 self._shown = time.monotonic()
-                line = tqdm.format_meter(n, total, elapsed, prefix=desc, unit=unit, postfix=postfix, bar_format=_PLAIN_FORMAT)
+                line = tqdm.format_meter(
+                    n, total, elapsed, prefix=desc, unit=unit, postfix=postfix, bar_format=_PLAIN_FORMAT
+                )
                 print(line, file=self.stream, flush=True)
 
     def tick(self) -> None:
@@ -256,9 +285,19 @@ class StepProgress:
             return
         self._next = now + SEND_EVERY_S
         elapsed = now - started
-        self._channel.post("step", {"epoch": epoch, "epochs": self._epochs, "step": step, "steps": self._steps, "elapsed": elapsed,
-                                    "loss": float(loss), "samples_per_s": step * self._samples_per_step / max(elapsed, 1e-9),
-                                    "wire_mb": wire_bytes() / 1e6})
+        self._channel.post(
+            "step",
+            {
+                "epoch": epoch,
+                "epochs": self._epochs,
+                "step": step,
+                "steps": self._steps,
+                "elapsed": elapsed,
+                "loss": float(loss),
+                "samples_per_s": step * self._samples_per_step / max(elapsed, 1e-9),
+                "wire_mb": wire_bytes() / 1e6,
+            },
+        )
 
 
 class Watch:

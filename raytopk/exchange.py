@@ -59,12 +59,43 @@ import torch.distributed as dist
 
 from raytopk import kernels
 from raytopk.compression import index_dtype, pack, select_topk, unpack
-from raytopk.cost_model import (ALGORITHMS, EXCHANGES, KEEP_FACTOR, Cost, Layout, Link, choose, cost, dense_allreduce_bytes,
-                                dense_network_bytes, inner_choice, selected, sharded_counts)
+from raytopk.cost_model import (
+    ALGORITHMS,
+    EXCHANGES,
+    KEEP_FACTOR,
+    Cost,
+    Layout,
+    Link,
+    choose,
+    cost,
+    dense_allreduce_bytes,
+    dense_network_bytes,
+    inner_choice,
+    selected,
+    sharded_counts,
+)
 
 # The cost model's names stay importable from here, where the exchanges they describe run.
-__all__ = ["EXCHANGES", "ALGORITHMS", "KEEP_FACTOR", "Link", "Layout", "Cost", "cost", "choose", "selected", "sharded_counts",
-           "dense_allreduce_bytes", "dense_network_bytes", "finite_at", "node_layout", "Exchanger", "allgather", "sharded", "completed"]
+__all__ = [
+    "EXCHANGES",
+    "ALGORITHMS",
+    "KEEP_FACTOR",
+    "Link",
+    "Layout",
+    "Cost",
+    "cost",
+    "choose",
+    "selected",
+    "sharded_counts",
+    "dense_allreduce_bytes",
+    "dense_network_bytes",
+    "finite_at",
+    "node_layout",
+    "Exchanger",
+    "allgather",
+    "sharded",
+    "completed",
+]
 
 _SENTINEL = -1  # an index slot that carries nothing (padding to a fixed size; fits int32 and int64 indices)
 
@@ -88,7 +119,9 @@ def node_layout(group, local_world_size: Optional[int] = None) -> Tuple[Layout, 
         local_rank, local_size = rank % local_world_size, local_world_size
     else:
         local_rank, local_size = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    )
     mine = torch.tensor([local_rank, local_size], dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(everyone, mine, group=group)
@@ -116,8 +149,13 @@ def _unpack_all(rows: torch.Tensor, count: int, numel: int, value_dtype):
     return rows[:, split:].reshape(-1).view(value_dtype), rows[:, :split].reshape(-1).view(index_dtype(numel))
 
 
-def _gather(payload: torch.Tensor, group, world_size: int, finish: Callable,
-            on_decoded: Optional[Callable[[float], None]] = None) -> torch.futures.Future:
+def _gather(
+    payload: torch.Tensor,
+    group,
+    world_size: int,
+    finish: Callable,
+    on_decoded: Optional[Callable[[float], None]] = None,
+) -> torch.futures.Future:
     """Start an all-gather of equal-size ``payload`` buffers; the future of ``finish(rows)``, every rank's buffer as a row.
 
     When the collective fails (a peer died mid-exchange), the future carries
@@ -157,7 +195,9 @@ def _staged(tensor: torch.Tensor, group) -> bool:
     return tensor.is_cuda and dist.get_backend(group) == "gloo"
 
 
-def _all_to_all(output: torch.Tensor, tensor: torch.Tensor, group, output_split_sizes=None, input_split_sizes=None) -> None:
+def _all_to_all(
+    output: torch.Tensor, tensor: torch.Tensor, group, output_split_sizes=None, input_split_sizes=None
+) -> None:
     """``all_to_all_single``, waited for (its caller's next stage needs it), staged through the host on gloo with CUDA."""
     if not _staged(tensor, group):
         dist.all_to_all_single(output, tensor, output_split_sizes, input_split_sizes, group=group, async_op=True).wait()
@@ -167,9 +207,18 @@ def _all_to_all(output: torch.Tensor, tensor: torch.Tensor, group, output_split_
     output.copy_(host)
 
 
-def allgather(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, value_dtype, group, out: torch.Tensor,
-              positions: Optional[Callable] = None, scale: float = 1.0, on_decoded: Optional[Callable[[float], None]] = None,
-              zeroed: bool = False):
+def allgather(
+    acc: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    value_dtype,
+    group,
+    out: torch.Tensor,
+    positions: Optional[Callable] = None,
+    scale: float = 1.0,
+    on_decoded: Optional[Callable[[float], None]] = None,
+    zeroed: bool = False,
+):
     """Every rank's ``k`` entries to every rank; ``out`` is their sum, exact.
 
     ``values`` may run past ``indices``: the extra values travel bare, at the
@@ -239,11 +288,23 @@ def _owner_sums(indices: torch.Tensor, values: torch.Tensor, dtype):
     """Distinct ``indices`` (sentinels dropped) and the exact sum of ``values`` at each."""
     valid = indices != _SENTINEL
     distinct, inverse = torch.unique(indices[valid].long(), return_inverse=True)
-    return distinct, torch.zeros(len(distinct), dtype=dtype, device=values.device).index_add_(0, inverse, values[valid].to(dtype))
+    return distinct, torch.zeros(len(distinct), dtype=dtype, device=values.device).index_add_(
+        0, inverse, values[valid].to(dtype)
+    )
 
 
-def sharded(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, value_dtype, group, out: torch.Tensor,
-            capacity: int, keep: int, scale: float = 1.0, on_decoded: Optional[Callable[[float], None]] = None):
+def sharded(
+    acc: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    value_dtype,
+    group,
+    out: torch.Tensor,
+    capacity: int,
+    keep: int,
+    scale: float = 1.0,
+    on_decoded: Optional[Callable[[float], None]] = None,
+):
     """Entries to their index's owner (``i % W``), owners sum and keep ``keep`` each, then one all-gather.
 
     Algorithm, on each of ``W`` ranks:
@@ -278,7 +339,11 @@ def sharded(acc: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, valu
 
     distinct, sums = _owner_sums(got_indices, got_values, acc.dtype)
     kept = min(keep, len(distinct))
-    top = torch.topk(sums.abs(), kept, sorted=False).indices if kept < len(distinct) else torch.arange(kept, device=acc.device)
+    top = (
+        torch.topk(sums.abs(), kept, sorted=False).indices
+        if kept < len(distinct)
+        else torch.arange(kept, device=acc.device)
+    )
     keep_indices = torch.full((keep,), _SENTINEL, dtype=idx_dtype, device=acc.device)
     keep_values = torch.zeros(keep, dtype=value_dtype, device=acc.device)
     keep_indices[:kept] = distinct[top].to(idx_dtype)
@@ -317,8 +382,16 @@ class Exchanger:
     rank on every node.
     """
 
-    def __init__(self, exchange: str, group, link: Link, capacity_factor: float, local_world_size: Optional[int] = None,
-                 on_decoded: Optional[Callable[[float], None]] = None, keep_factor: float = KEEP_FACTOR):
+    def __init__(
+        self,
+        exchange: str,
+        group,
+        link: Link,
+        capacity_factor: float,
+        local_world_size: Optional[int] = None,
+        on_decoded: Optional[Callable[[float], None]] = None,
+        keep_factor: float = KEEP_FACTOR,
+    ):
         self.exchange, self.group, self.link = exchange, group, link
         self.capacity_factor, self.keep_factor = capacity_factor, keep_factor
         self.on_decoded = on_decoded  # receives the CPU seconds each gather's decoding took
@@ -327,7 +400,9 @@ class Exchanger:
         if self.world_size > 1:
             self.layout, why_flat = node_layout(group, local_world_size)
             if exchange == "hierarchical" and why_flat:
-                raise ValueError(f"exchange='hierarchical' needs the same number of ranks on every node, numbered node by node: {why_flat}")
+                raise ValueError(
+                    f"exchange='hierarchical' needs the same number of ranks on every node, numbered node by node: {why_flat}"
+                )
         local, nodes = self.layout.local_world_size, self.layout.nodes
         self.intra = self.group if nodes == 1 else None
         self.inter = self.group if local == 1 else None
@@ -335,13 +410,17 @@ class Exchanger:
             ranks = dist.get_process_group_ranks(group)
             node, local_rank = divmod(dist.get_rank(group), local)
             self.intra = dist.new_group([ranks[node * local + i] for i in range(local)], use_local_synchronization=True)
-            self.inter = dist.new_group([ranks[n * local + local_rank] for n in range(nodes)], use_local_synchronization=True)
+            self.inter = dist.new_group(
+                [ranks[n * local + local_rank] for n in range(nodes)], use_local_synchronization=True
+            )
 
     def pick(self, numel: int, k: int, value_bytes: int) -> str:
         """The algorithm for one group of ``numel`` entries with ``k`` selected (``auto`` decides here)."""
         if self.exchange != "auto":
             return self.exchange
-        return choose(self.layout, numel, k, value_bytes, self.link, self.capacity_factor, self.keep_factor)  # cached by shape
+        return choose(
+            self.layout, numel, k, value_bytes, self.link, self.capacity_factor, self.keep_factor
+        )  # cached by shape
 
     def selected(self, algorithm: str, k: int) -> int:
         """Entries this rank selects to spend a budget of ``k`` by a flat ``algorithm`` over the whole group."""
@@ -353,8 +432,16 @@ class Exchanger:
             return 0.0
         if algorithm == "allgather":  # one ring: any payload, per-layer and dense parts included
             return sent * self.layout.nodes / self.world_size
-        return cost(algorithm, self.layout, numel, k, value_bytes, link=self.link, capacity_factor=self.capacity_factor,
-                    keep_factor=self.keep_factor).network_bytes
+        return cost(
+            algorithm,
+            self.layout,
+            numel,
+            k,
+            value_bytes,
+            link=self.link,
+            capacity_factor=self.capacity_factor,
+            keep_factor=self.keep_factor,
+        ).network_bytes
 
     def dense_network_bytes(self, nbytes: float) -> float:
         """This rank's share of what DDP's ring allreduce of ``nbytes`` sends across node cards."""
@@ -364,7 +451,9 @@ class Exchanger:
         """Exchange ``acc`` by ``algorithm`` with a budget of ``k``: the future of ``(out, cleared, touched)``, and the bytes sent."""
         if algorithm == "allgather":
             values, indices = select_topk(acc, self.selected(algorithm, k))
-            return allgather(acc, values, indices, value_dtype, self.group, out, scale=scale, on_decoded=self.on_decoded)
+            return allgather(
+                acc, values, indices, value_dtype, self.group, out, scale=scale, on_decoded=self.on_decoded
+            )
         if algorithm == "sharded":
             chosen = self.selected(algorithm, k)
             values, indices = select_topk(acc, chosen)
@@ -406,21 +495,35 @@ class Exchanger:
             node_sum = acc.clone()
         shard_k = math.ceil(k / local)
         entry = value_dtype.itemsize + index_dtype(numel).itemsize
-        inner, _, result_entries = inner_choice(nodes, shard_k, entry, self.link, self.capacity_factor, self.keep_factor, local)
+        inner, _, result_entries = inner_choice(
+            nodes, shard_k, entry, self.link, self.capacity_factor, self.keep_factor, local
+        )
         node_out = torch.zeros_like(node_sum)
         cleared = touched = torch.empty(0, dtype=torch.long, device=acc.device)
         if end > start:  # every rank of the stage across nodes has the same shard: all skip it or none
-            chosen = shard_k if inner == "none" else selected(inner, shard_k, nodes, self.capacity_factor, self.keep_factor)
+            chosen = (
+                shard_k if inner == "none" else selected(inner, shard_k, nodes, self.capacity_factor, self.keep_factor)
+            )
             values, indices = select_topk(node_sum, min(chosen, end - start))
             if inner == "none":
                 future, inner_sent = _local_only(node_sum, values, indices, value_dtype, node_out)
             elif inner == "allgather":
-                future, inner_sent = allgather(node_sum, values, indices, value_dtype, self.inter, node_out,
-                                               on_decoded=self.on_decoded)
+                future, inner_sent = allgather(
+                    node_sum, values, indices, value_dtype, self.inter, node_out, on_decoded=self.on_decoded
+                )
             else:
                 capacity, keep = sharded_counts(chosen, nodes, self.capacity_factor, self.keep_factor)
-                future, inner_sent = sharded(node_sum, values, indices, value_dtype, self.inter, node_out, capacity, keep,
-                                             on_decoded=self.on_decoded)
+                future, inner_sent = sharded(
+                    node_sum,
+                    values,
+                    indices,
+                    value_dtype,
+                    self.inter,
+                    node_out,
+                    capacity,
+                    keep,
+                    on_decoded=self.on_decoded,
+                )
             _, cleared, touched = future.wait()
             sent += inner_sent
         acc.zero_()

@@ -162,7 +162,9 @@ class TopKState:
             _check_number("warmup_ratio", warmup_ratio, 0.0, 1.0, "(0, 1]")
         _check_count("warmup_steps", warmup_steps)
         if warmup_steps and warmup_ratio is None:
-            raise ValueError(f"warmup_steps needs warmup_ratio (the ratio the warm-up starts from), got warmup_steps={warmup_steps} alone")
+            raise ValueError(
+                f"warmup_steps needs warmup_ratio (the ratio the warm-up starts from), got warmup_steps={warmup_steps} alone"
+            )
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
         if clip_norm is not None:
@@ -176,8 +178,9 @@ class TopKState:
             raise ValueError(f"per_layer=True sends with exchange='allgather' (or 'auto'), got exchange={exchange!r}")
         _check_number("capacity_factor", capacity_factor, 1.0 - 1e-12, math.inf, "[1, inf)")
         _check_number("keep_factor", keep_factor, 1.0 - 1e-12, math.inf, "[1, inf)")
-        if local_world_size is not None and (isinstance(local_world_size, bool) or not isinstance(local_world_size, int)
-                                             or local_world_size < 1):
+        if local_world_size is not None and (
+            isinstance(local_world_size, bool) or not isinstance(local_world_size, int) or local_world_size < 1
+        ):
             raise ValueError(f"local_world_size must be an integer >= 1 or None, got {local_world_size!r}")
         if link is not None and not isinstance(link, Link):
             raise ValueError(f"link must be a raytopk.exchange.Link, got {link!r}")
@@ -226,7 +229,14 @@ class TopKState:
         # Cumulative counters, read by training loops and benchmarks.
         # network_bytes: this rank's share of what crossed its node's network card (0 on one node);
         # dense_network_bytes: the same for DDP's ring allreduce of the same steps.
-        self.stats = {"steps": 0, "bytes_sent": 0, "dense_bytes": 0, "network_bytes": 0, "dense_network_bytes": 0, "hook_s": 0.0}
+        self.stats = {
+            "steps": 0,
+            "bytes_sent": 0,
+            "dense_bytes": 0,
+            "network_bytes": 0,
+            "dense_network_bytes": 0,
+            "hook_s": 0.0,
+        }
         self._stats_lock = threading.Lock()
         # The C kernels of CPU buckets are built now (once per machine), not in the first backward pass.
         if dist.is_initialized() and dist.get_backend(process_group) != "nccl":
@@ -282,8 +292,13 @@ class TopKState:
             **{key: getattr(self, key) for key in _SETTINGS},
             "iter": self.iter,
             "stats": dict(self.stats),
-            **{kind: {**{names[p]: t.detach().cpu().clone() for p, t in self._by_param(kind).items()},
-                      **{name: t.clone() for name, t in self._unplaced[kind].items()}} for kind in _KINDS},
+            **{
+                kind: {
+                    **{names[p]: t.detach().cpu().clone() for p, t in self._by_param(kind).items()},
+                    **{name: t.clone() for name, t in self._unplaced[kind].items()},
+                }
+                for kind in _KINDS
+            },
             "buckets": layout,
         }
 
@@ -322,13 +337,17 @@ class TopKState:
                 if saved is None:
                     continue
                 if saved.shape != p.shape:
-                    raise ValueError(f"checkpoint residual {name} has shape {tuple(saved.shape)}, but this model's parameter "
-                                     f"{name} has {tuple(p.shape)}{self._load_hint()}")
+                    raise ValueError(
+                        f"checkpoint residual {name} has shape {tuple(saved.shape)}, but this model's parameter "
+                        f"{name} has {tuple(p.shape)}{self._load_hint()}"
+                    )
                 self._pending[kind][p] = saved
         params = {name: p for p, name in self._names().items()}
         ready = [(i, names) for i, names in self._unplaced_layout if all(name in params for name in names)]
-        self._placed_layout = sorted(self._placed_layout + [(i, tuple(params[name] for name in names)) for i, names in ready],
-                                     key=lambda placed: placed[0])
+        self._placed_layout = sorted(
+            self._placed_layout + [(i, tuple(params[name] for name in names)) for i, names in ready],
+            key=lambda placed: placed[0],
+        )
         self._unplaced_layout = [(i, names) for i, names in self._unplaced_layout if (i, names) not in ready]
 
     @property
@@ -339,12 +358,16 @@ class TopKState:
         """Once every parameter is known: a loaded checkpoint must have found all of its own."""
         left = sorted(name for kind in _KINDS for name in self._unplaced[kind])
         if left:
-            raise ValueError(f"checkpoint has residuals for parameters this model does not have: {left[:5]}{self._load_hint()}")
+            raise ValueError(
+                f"checkpoint has residuals for parameters this model does not have: {left[:5]}{self._load_hint()}"
+            )
 
     def _load_hint(self) -> str:
         if self.module is not None:
             return ""
-        return "; load it into the model it was saved from, or give TopKState module= to name residuals by parameter name"
+        return (
+            "; load it into the model it was saved from, or give TopKState module= to name residuals by parameter name"
+        )
 
     def _by_param(self, kind: str) -> Dict[torch.Tensor, torch.Tensor]:
         """Every residual (``kind="residuals"``) or velocity, placed in a bucket or pending, one tensor per parameter."""
@@ -360,7 +383,11 @@ class TopKState:
         """This bucket's memory; rebuilt, residuals carried per parameter, when DDP changed the layout."""
         params = tuple(bucket.parameters())
         memory = self._buckets.get(bucket.index())
-        if memory is not None and len(memory.params) == len(params) and all(a is b for a, b in zip(memory.params, params)):
+        if (
+            memory is not None
+            and len(memory.params) == len(params)
+            and all(a is b for a, b in zip(memory.params, params))
+        ):
             return memory
         placed = {p for m in self._buckets.values() for p in m.params}
         if memory is not None or placed.intersection(params):
@@ -377,7 +404,9 @@ class TopKState:
         with self._stats_lock:
             self.stats["hook_s"] += seconds
 
-    def _count(self, bucket: dist.GradBucket, world_size: int, sent: float, network: Optional[float], seconds: float) -> None:
+    def _count(
+        self, bucket: dist.GradBucket, world_size: int, sent: float, network: Optional[float], seconds: float
+    ) -> None:
         """Add one bucket: ``sent`` bytes on the wire (``network`` of them across node cards; ``None``: as dense DDP's),
         against what DDP's ring allreduce would have sent."""
         nbytes = bucket.buffer().numel() * bucket.buffer().element_size()
@@ -441,7 +470,9 @@ def load_rank_state(state: TopKState, saved: List[dict], group: Optional[dist.Pr
         state.load_state_dict(saved[dist.get_rank(group)])
         return {}
     state.load_state_dict(redistribute(saved, world_size))
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    )
     restored, error = state.state_dict(), torch.zeros((), dtype=torch.float64, device="cpu")  # compared on the host
     for kind in _KINDS:
         for name, tensor in restored.get(kind, {}).items():
@@ -454,8 +485,20 @@ def load_rank_state(state: TopKState, saved: List[dict], group: Optional[dist.Pr
 
 # What a checkpoint holds per parameter, and the settings it records.
 _KINDS = ("residuals", "velocities")
-_SETTINGS = ("ratio", "value_dtype", "start_iter", "warmup_ratio", "warmup_steps", "momentum", "clip_norm", "per_layer", "dense_below",
-             "exchange", "capacity_factor", "keep_factor")
+_SETTINGS = (
+    "ratio",
+    "value_dtype",
+    "start_iter",
+    "warmup_ratio",
+    "warmup_steps",
+    "momentum",
+    "clip_norm",
+    "per_layer",
+    "dense_below",
+    "exchange",
+    "capacity_factor",
+    "keep_factor",
+)
 
 
 def _check_number(name, value, low, high, allowed) -> None:
@@ -491,7 +534,9 @@ class _BucketMemory:
 
         def flat(kind):
             pending = state._pending[kind]
-            return torch.cat([pending.pop(p).to(buffer).reshape(-1) if p in pending else buffer.new_zeros(p.numel()) for p in params])
+            return torch.cat(
+                [pending.pop(p).to(buffer).reshape(-1) if p in pending else buffer.new_zeros(p.numel()) for p in params]
+            )
 
         self.residual = flat("residuals")
         self.spare = torch.empty_like(self.residual)
@@ -513,7 +558,9 @@ class _BucketMemory:
         else:
             held = [saved for saved in state._saved_layout if all(p in spans for p in saved)]
             if len(held) > 1 and sum(len(saved) for saved in held) == len(params):
-                self.groups = [torch.cat([torch.arange(*spans[p], device=buffer.device) for p in saved]) for saved in held]
+                self.groups = [
+                    torch.cat([torch.arange(*spans[p], device=buffer.device) for p in saved]) for saved in held
+                ]
         if self.slices is not None:
             self.sizes = [end - start for start, end in self.slices]
         else:
@@ -521,7 +568,11 @@ class _BucketMemory:
 
     def accumulate(self, buffer: torch.Tensor, momentum: float) -> torch.Tensor:
         """Write ``residual + (momentum * velocity + buffer)`` into ``spare`` (the new velocity into its spare)."""
-        added = buffer if self.velocity is None else torch.add(buffer, self.velocity, alpha=momentum, out=self.velocity_spare)
+        added = (
+            buffer
+            if self.velocity is None
+            else torch.add(buffer, self.velocity, alpha=momentum, out=self.velocity_spare)
+        )
         return torch.add(added, self.residual, out=self.spare)
 
     def accumulate_select(self, buffer: torch.Tensor, momentum: float, ks: List[int]):
@@ -553,8 +604,12 @@ class _BucketMemory:
         else:
             picks = [select_topk(acc[group], k) for group, k in zip(self.groups, ks)]
             indices = [group[i.long()] for group, (_, i) in zip(self.groups, picks)]
-        values = torch.cat([v for v, _ in picks] + [acc[self.dense]]) if len(picks) > 1 or len(self.dense) else picks[0][0]
-        indices = indices[0] if len(indices) == 1 else torch.cat([self.dense[:0], *indices])  # none: every parameter dense
+        values = (
+            torch.cat([v for v, _ in picks] + [acc[self.dense]]) if len(picks) > 1 or len(self.dense) else picks[0][0]
+        )
+        indices = (
+            indices[0] if len(indices) == 1 else torch.cat([self.dense[:0], *indices])
+        )  # none: every parameter dense
         return values, indices.to(index_dtype(acc.numel()))
 
     def positions(self, indices: torch.Tensor) -> torch.Tensor:
@@ -628,12 +683,21 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     if state.module is None and not state._met_all:
         state._meet(bucket.parameters())
     if state._exchanger is None:
-        state._exchanger = Exchanger(state.exchange, group, state.link, state.capacity_factor, state.local_world_size,
-                                     state._add_hook_time, state.keep_factor)
+        state._exchanger = Exchanger(
+            state.exchange,
+            group,
+            state.link,
+            state.capacity_factor,
+            state.local_world_size,
+            state._add_hook_time,
+            state.keep_factor,
+        )
 
     if state.iter < state.start_iter:
         future = _dense_allreduce(buffer, group, world_size)
-        state._count(bucket, world_size, dense_allreduce_bytes(dense_bytes, world_size), None, time.thread_time() - started)
+        state._count(
+            bucket, world_size, dense_allreduce_bytes(dense_bytes, world_size), None, time.thread_time() - started
+        )
         return future
 
     memory = state._memory(bucket)
@@ -658,7 +722,9 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
             return mean
 
         future = _dense_allreduce(buffer, group, world_size).then(clear_memory)
-        state._count(bucket, world_size, dense_allreduce_bytes(dense_bytes, world_size), None, time.thread_time() - started)
+        state._count(
+            bucket, world_size, dense_allreduce_bytes(dense_bytes, world_size), None, time.thread_time() - started
+        )
         return future
 
     future, sent, network = _exchange(state, memory, buffer, ks, value_dtype, 1.0 / world_size)
@@ -674,7 +740,9 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     return future.then(keep_residual)
 
 
-def _exchange(state: TopKState, memory: "_BucketMemory", buffer: torch.Tensor, ks: List[int], value_dtype, scale: float):
+def _exchange(
+    state: TopKState, memory: "_BucketMemory", buffer: torch.Tensor, ks: List[int], value_dtype, scale: float
+):
     """Accumulate and exchange one bucket with budgets ``ks``: the future of ``(buffer, cleared, touched)`` (``buffer``: the
     sum times ``scale``), the bytes sent, and those of them that crossed a node's network card.
 
@@ -694,8 +762,18 @@ def _exchange(state: TopKState, memory: "_BucketMemory", buffer: torch.Tensor, k
         chosen = [exchanger.selected("allgather", k) for k in ks]
         acc, values, indices = memory.accumulate_select(buffer, state.momentum, chosen)
         positions = memory.positions if len(memory.dense) else None
-        future, sent = allgather(acc, values, indices, value_dtype, exchanger.group, buffer, positions, scale,
-                                 exchanger.on_decoded, zeroed=True)
+        future, sent = allgather(
+            acc,
+            values,
+            indices,
+            value_dtype,
+            exchanger.group,
+            buffer,
+            positions,
+            scale,
+            exchanger.on_decoded,
+            zeroed=True,
+        )
         return future, sent, exchanger.network_bytes("allgather", buffer.numel(), sum(ks), value_bytes, sent)
     acc, out = memory.accumulate(buffer, state.momentum), buffer
     if memory.groups is None:

@@ -36,7 +36,16 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["library", "usable", "accumulate", "accumulate_topk", "topk_sampled", "scatter_add_rows", "clear_at", "finite_at"]
+__all__ = [
+    "library",
+    "usable",
+    "accumulate",
+    "accumulate_topk",
+    "topk_sampled",
+    "scatter_add_rows",
+    "clear_at",
+    "finite_at",
+]
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.c")
 FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-ffp-contract=off"]
@@ -44,10 +53,43 @@ _MAX_NUMEL = 2**31 - 1
 _P = ctypes.c_void_p
 _SIGNATURES = {
     "accumulate": (None, [_P, _P, _P, ctypes.c_int64]),
-    "accumulate_topk": (ctypes.c_int64, [_P, _P, _P, ctypes.c_int64, _P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                         ctypes.c_int64, _P, _P, ctypes.c_int64, _P, _P]),
-    "topk_sampled": (ctypes.c_int64, [_P, ctypes.c_int64, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                      _P, _P, ctypes.c_int64, _P, _P]),
+    "accumulate_topk": (
+        ctypes.c_int64,
+        [
+            _P,
+            _P,
+            _P,
+            ctypes.c_int64,
+            _P,
+            _P,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            _P,
+            _P,
+            ctypes.c_int64,
+            _P,
+            _P,
+        ],
+    ),
+    "topk_sampled": (
+        ctypes.c_int64,
+        [
+            _P,
+            ctypes.c_int64,
+            _P,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            _P,
+            _P,
+            ctypes.c_int64,
+            _P,
+            _P,
+        ],
+    ),
     "scatter_add_rows": (None, [_P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, _P]),
     "clear_at": (None, [_P, _P, ctypes.c_int64]),
     "finite_at": (ctypes.c_int, [_P, _P, ctypes.c_int64]),
@@ -62,10 +104,14 @@ def library() -> Optional[ctypes.CDLL]:
     try:
         lib = ctypes.CDLL(_build())
     except (OSError, subprocess.SubprocessError) as error:
-        warnings.warn(f"raytopk: could not build its C kernels ({error}); the hook runs its slower PyTorch path. "
-                      f"They need a C compiler (cc, or the one CC names) and a writable cache ({_cache_dir()}, "
-                      f"else {_fallback_dir()}); "
-                      "RAYTOPK_KERNELS=0 silences this.", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"raytopk: could not build its C kernels ({error}); the hook runs its slower PyTorch path. "
+            f"They need a C compiler (cc, or the one CC names) and a writable cache ({_cache_dir()}, "
+            f"else {_fallback_dir()}); "
+            "RAYTOPK_KERNELS=0 silences this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     for name, (restype, argtypes) in _SIGNATURES.items():
         function = getattr(lib, name)
@@ -78,8 +124,11 @@ def _build() -> str:
     with open(SOURCE, "rb") as f:
         source = f.read()
     compiler = os.environ.get("CC", "cc")
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(),
-                                     platform.machine().encode(), sys.platform.encode()])).hexdigest()[:16]
+    key = hashlib.sha256(
+        b"\0".join(
+            [source, compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode(), sys.platform.encode()]
+        )
+    ).hexdigest()[:16]
     name = f"kernels-{key}.so"
     for cache in (_cache_dir(), _fallback_dir()):
         if os.path.exists(os.path.join(cache, name)):
@@ -107,8 +156,9 @@ def _build_into(cache: str, name: str, compiler: str) -> str:
         fd, scratch = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
         try:
-            built = subprocess.run([*shlex.split(compiler), *FLAGS, "-o", scratch, SOURCE], capture_output=True, text=True,
-                                   timeout=120)
+            built = subprocess.run(
+                [*shlex.split(compiler), *FLAGS, "-o", scratch, SOURCE], capture_output=True, text=True, timeout=120
+            )
             if built.returncode != 0:
                 raise OSError(f"{compiler} exited with {built.returncode}: {built.stderr.strip()[-300:]}")
             os.replace(scratch, path)
@@ -131,8 +181,13 @@ def _fallback_dir() -> str:
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether the kernels can take these tensors: every one contiguous float32 or int32 on the CPU, with
     fewer than 2**31 entries (the kernels' positions are int32), and the kernels built (never tried for others)."""
-    return all(t.is_cpu and t.dtype in (torch.float32, torch.int32) and t.is_contiguous() and t.numel() <= _MAX_NUMEL
-               for t in tensors) and library() is not None
+    return (
+        all(
+            t.is_cpu and t.dtype in (torch.float32, torch.int32) and t.is_contiguous() and t.numel() <= _MAX_NUMEL
+            for t in tensors
+        )
+        and library() is not None
+    )
 
 
 def accumulate(grad: torch.Tensor, residual: torch.Tensor, acc: torch.Tensor) -> None:
@@ -140,23 +195,57 @@ def accumulate(grad: torch.Tensor, residual: torch.Tensor, acc: torch.Tensor) ->
     library().accumulate(grad.data_ptr(), residual.data_ptr(), acc.data_ptr(), acc.numel())
 
 
-def accumulate_topk(grad: torch.Tensor, residual: torch.Tensor, acc: torch.Tensor, positions: np.ndarray,
-                    ranks: Tuple[int, int], k: int):
+def accumulate_topk(
+    grad: torch.Tensor, residual: torch.Tensor, acc: torch.Tensor, positions: np.ndarray, ranks: Tuple[int, int], k: int
+):
     """:func:`accumulate`, then :func:`topk_sampled` of ``acc`` sampled at ``positions`` (int64,
     ascending), with the filter done in the same pass: ``(values, indices)``, or ``None`` where it
     would fall back (``acc`` is written either way)."""
     sample = np.empty(positions.size, dtype=np.int32)
-    return _selected(acc.numel(), k, lambda found, scratch, capacity, indices, values: library().accumulate_topk(
-        grad.data_ptr(), residual.data_ptr(), acc.data_ptr(), acc.numel(), positions.ctypes.data, sample.ctypes.data,
-        positions.size, ranks[0], ranks[1], k, found, scratch, capacity, indices, values))
+    return _selected(
+        acc.numel(),
+        k,
+        lambda found, scratch, capacity, indices, values: library().accumulate_topk(
+            grad.data_ptr(),
+            residual.data_ptr(),
+            acc.data_ptr(),
+            acc.numel(),
+            positions.ctypes.data,
+            sample.ctypes.data,
+            positions.size,
+            ranks[0],
+            ranks[1],
+            k,
+            found,
+            scratch,
+            capacity,
+            indices,
+            values,
+        ),
+    )
 
 
 def topk_sampled(x: torch.Tensor, sample: np.ndarray, ranks: Tuple[int, int], k: int):
     """:func:`raytopk.compression._topk_above_sampled_threshold` for a float32 ``x``, in one call:
     ``(values, indices)``, or ``None`` where it would fall back. ``sample`` (int32 magnitudes) is reordered."""
-    return _selected(x.numel(), k, lambda found, scratch, capacity, indices, values: library().topk_sampled(
-        x.data_ptr(), x.numel(), sample.ctypes.data, sample.size, ranks[0], ranks[1], k, found, scratch, capacity,
-        indices, values))
+    return _selected(
+        x.numel(),
+        k,
+        lambda found, scratch, capacity, indices, values: library().topk_sampled(
+            x.data_ptr(),
+            x.numel(),
+            sample.ctypes.data,
+            sample.size,
+            ranks[0],
+            ranks[1],
+            k,
+            found,
+            scratch,
+            capacity,
+            indices,
+            values,
+        ),
+    )
 
 
 def _selected(n: int, k: int, select):
@@ -168,7 +257,7 @@ def _selected(n: int, k: int, select):
     capacity = n // 4 + 1024
     found, scratch = np.empty(capacity + 4, dtype=np.int32), np.empty(capacity, dtype=np.int32)
     payload = torch.empty(8 * k, dtype=torch.uint8, device="cpu")  # the C kernels run on CPU tensors only
-    indices, values = payload[: 4 * k].view(torch.int32), payload[4 * k:].view(torch.float32)
+    indices, values = payload[: 4 * k].view(torch.int32), payload[4 * k :].view(torch.float32)
     chosen = select(found.ctypes.data, scratch.ctypes.data, capacity, indices.data_ptr(), values.data_ptr())
     return None if chosen < 0 else (values, indices)
 
@@ -177,7 +266,9 @@ def scatter_add_rows(out: torch.Tensor, rows: torch.Tensor, k: int, scale: float
     """``out.index_add_(0, indices, values, alpha=scale)`` for each row of ``rows`` (a uint8 tensor, one
     :func:`~raytopk.compression.pack`-ed float32 payload of ``k`` int32 indices a row); every row's indices, as one tensor."""
     touched = torch.empty(rows.shape[0] * k, dtype=torch.int32, device="cpu")
-    library().scatter_add_rows(out.data_ptr(), rows.data_ptr(), rows.shape[0], rows.shape[1], k, scale, touched.data_ptr())
+    library().scatter_add_rows(
+        out.data_ptr(), rows.data_ptr(), rows.shape[0], rows.shape[1], k, scale, touched.data_ptr()
+    )
     return touched
 
 

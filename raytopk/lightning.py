@@ -50,8 +50,10 @@ class TopKCompression(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         model = trainer.strategy.model
         if not isinstance(model, DDP):
-            warnings.warn(f"TopKCompression: the strategy's model is a {type(model).__name__}, not DistributedDataParallel "
-                          "(one process, or another strategy); gradients are not compressed")
+            warnings.warn(
+                f"TopKCompression: the strategy's model is a {type(model).__name__}, not DistributedDataParallel "
+                "(one process, or another strategy); gradients are not compressed"
+            )
             return
         self.state = TopKState(self.ratio, module=pl_module, **self.options)
         model.register_comm_hook(self.state, topk_hook)

@@ -10,7 +10,13 @@ import importlib
 
 __all__ = ["MODELS", "build_model"]
 
-MODELS = {"simple_cnn": "SimpleCNN", "resnet20": "ResNet20", "resnet18": "small_resnet18", "resnet50": "small_resnet50", "vit": "SmallViT"}
+MODELS = {
+    "simple_cnn": "SimpleCNN",
+    "resnet20": "ResNet20",
+    "resnet18": "small_resnet18",
+    "resnet50": "small_resnet50",
+    "vit": "SmallViT",
+}
 
 
 def build_model(name: str, in_channels: int = 1, num_classes: int = 10, image_size: int = 28):

@@ -59,8 +59,12 @@ class ParquetSpec:
     @property
     def model_shape(self) -> dict:
         """What :func:`raytopk.models.build_model` needs, passed to the workers."""
-        return {"in_channels": self.image_shape[0], "image_size": self.image_shape[1], "num_classes": self.num_classes,
-                "train_rows": self.train_rows}
+        return {
+            "in_channels": self.image_shape[0],
+            "image_size": self.image_shape[1],
+            "num_classes": self.num_classes,
+            "train_rows": self.train_rows,
+        }
 
 
 def inspect(cfg) -> ParquetSpec:
@@ -71,16 +75,33 @@ def inspect(cfg) -> ParquetSpec:
         train_rows, test_rows = int(train_rows * (1 - fraction)), round(train_rows * fraction)
     source = cfg.test_path or cfg.data_path
     if train_rows == 0:
-        raise ConfigError(f"data_path: got {cfg.data_path!r}, which holds no rows; allowed: Parquet files with at least one row per worker")
+        raise ConfigError(
+            f"data_path: got {cfg.data_path!r}, which holds no rows; allowed: Parquet files with at least one row per worker"
+        )
     if test_rows == 0:
-        raise ConfigError(f"{'test_path' if cfg.test_path else 'test_fraction'}: the test split of {source!r} holds no rows; "
-                          "allowed: a test split with at least one row")
+        raise ConfigError(
+            f"{'test_path' if cfg.test_path else 'test_fraction'}: the test split of {source!r} holds no rows; "
+            "allowed: a test split with at least one row"
+        )
     if cfg.workers > train_rows:
-        raise ConfigError(f"workers: got {cfg.workers}, but {cfg.data_path} holds {train_rows} training rows; allowed: at most {train_rows}")
+        raise ConfigError(
+            f"workers: got {cfg.workers}, but {cfg.data_path} holds {train_rows} training rows; allowed: at most {train_rows}"
+        )
     shape, encoded, mean, std = _sample_images(cfg, fs, train_files[0])
     check_sizes(cfg, train_rows, f"{cfg.data_path} has {train_rows} training rows")
-    return ParquetSpec(fs, tuple(train_files), tuple(test_files), fraction, train_rows, test_rows, shape, max_label + 1, encoded,
-                       mean, std)
+    return ParquetSpec(
+        fs,
+        tuple(train_files),
+        tuple(test_files),
+        fraction,
+        train_rows,
+        test_rows,
+        shape,
+        max_label + 1,
+        encoded,
+        mean,
+        std,
+    )
 
 
 def _splits(cfg):
@@ -106,16 +127,27 @@ def _parquet_files(key: str, path: str):
     try:
         fs, root = pyarrow.fs.FileSystem.from_uri(resolve(path))
         kind = fs.get_file_info(root).type
-        found = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True)) if kind == pyarrow.fs.FileType.Directory else []
+        found = (
+            fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+            if kind == pyarrow.fs.FileType.Directory
+            else []
+        )
     except (pyarrow.ArrowException, OSError, ValueError) as err:
-        raise ConfigError(f"{key}: got {path!r}, which cannot be read ({str(err).splitlines()[0]}); {allowed}") from None
+        raise ConfigError(
+            f"{key}: got {path!r}, which cannot be read ({str(err).splitlines()[0]}); {allowed}"
+        ) from None
     if kind == pyarrow.fs.FileType.NotFound:
         raise ConfigError(f"{key}: got {path!r}, which does not exist; {allowed}")
     if kind == pyarrow.fs.FileType.File:
         return fs, posixpath.dirname(root), [root]
     hidden = ("_", ".")  # Spark's _SUCCESS and _metadata, editors' and writers' temporary files
-    files = sorted(f.path for f in found if f.type == pyarrow.fs.FileType.File and f.path.endswith(".parquet")
-                   and not any(part.startswith(hidden) for part in posixpath.relpath(f.path, root).split("/")))
+    files = sorted(
+        f.path
+        for f in found
+        if f.type == pyarrow.fs.FileType.File
+        and f.path.endswith(".parquet")
+        and not any(part.startswith(hidden) for part in posixpath.relpath(f.path, root).split("/"))
+    )
     if not files:
         raise ConfigError(f"{key}: got {path!r}, which holds no Parquet files (*.parquet); {allowed}")
     return fs, root, files
@@ -140,10 +172,13 @@ def _check_schema_and_count(cfg, fs, train_files, test_files):
         except ConfigError:
             raise
         except Exception as err:  # a truncated or foreign file: pyarrow's error says which part
-            raise ConfigError(f"data_path: {path} is not a readable Parquet file ({str(err).splitlines()[0]}); "
-                              "allowed: Parquet files") from None
+            raise ConfigError(
+                f"data_path: {path} is not a readable Parquet file ({str(err).splitlines()[0]}); allowed: Parquet files"
+            ) from None
         if low is not None and low < 0:
-            raise ConfigError(f"label_column: {cfg.label_column!r} in {path} holds {low}; allowed: class indices 0, 1, 2, ...")
+            raise ConfigError(
+                f"label_column: {cfg.label_column!r} in {path} holds {low}; allowed: class indices 0, 1, 2, ..."
+            )
         largest = max(largest, -1 if high is None else int(high))
     return sum(rows[p] for p in train_files), sum(rows[p] for p in test_files), largest
 
@@ -154,19 +189,26 @@ def _check_columns(cfg, path: str, schema) -> None:
     for key in ("image_column", "label_column"):
         name = getattr(cfg, key)
         if name not in schema.names:
-            raise ConfigError(f"{key}: got {name!r}, but {path} has no such column; allowed: one of {', '.join(schema.names)}")
+            raise ConfigError(
+                f"{key}: got {name!r}, but {path} has no such column; allowed: one of {', '.join(schema.names)}"
+            )
     label = schema.field(cfg.label_column).type
     if not t.is_integer(label):
         raise ConfigError(f"label_column: {cfg.label_column!r} in {path} holds {label}; allowed: integer class indices")
     image = schema.field(cfg.image_column).type
     numeric_list = (t.is_list(image) or t.is_large_list(image) or t.is_fixed_size_list(image)) and (
-        t.is_integer(image.value_type) or t.is_floating(image.value_type))
+        t.is_integer(image.value_type) or t.is_floating(image.value_type)
+    )
     if not (t.is_binary(image) or t.is_large_binary(image) or numeric_list):
-        raise ConfigError(f"image_column: {cfg.image_column!r} in {path} holds {image}; allowed: encoded images (PNG or JPEG bytes) "
-                          "or lists of numbers")
+        raise ConfigError(
+            f"image_column: {cfg.image_column!r} in {path} holds {image}; allowed: encoded images (PNG or JPEG bytes) "
+            "or lists of numbers"
+        )
     if numeric_list and cfg.image_shape is None:
-        raise ConfigError(f"image_shape: not set, but {cfg.image_column!r} in {path} holds lists of numbers; "
-                          "allowed: [C, H, W] with C*H*W values per image")
+        raise ConfigError(
+            f"image_shape: not set, but {cfg.image_column!r} in {path} holds lists of numbers; "
+            "allowed: [C, H, W] with C*H*W values per image"
+        )
 
 
 def _label_range(meta, column: str):
@@ -198,11 +240,15 @@ def _sample_images(cfg, fs, path: str):
         raise ConfigError(f"image_column: {cfg.image_column!r} in {path}: {err}") from None
     channels, height, width = images.shape[1:]
     if cfg.image_shape is not None and list(images.shape[1:]) != list(cfg.image_shape):
-        raise ConfigError(f"image_shape: got {cfg.image_shape}, but the images in {path} are {list(images.shape[1:])}; "
-                          "allowed: their shape, or leave it unset for encoded images")
+        raise ConfigError(
+            f"image_shape: got {cfg.image_shape}, but the images in {path} are {list(images.shape[1:])}; "
+            "allowed: their shape, or leave it unset for encoded images"
+        )
     if height != width:
-        raise ConfigError(f"image_shape: the images in {path} are {[channels, height, width]}; allowed: square images (H = W), "
-                          "which raytopk's models take")
+        raise ConfigError(
+            f"image_shape: the images in {path} are {[channels, height, width]}; allowed: square images (H = W), "
+            "which raytopk's models take"
+        )
     mean = images.mean(axis=(0, 2, 3))
     std = np.maximum(images.std(axis=(0, 2, 3)), 1e-6)  # a constant channel is centred, not divided by zero
     return (channels, height, width), encoded, tuple(float(m) for m in mean), tuple(float(s) for s in std)
@@ -221,8 +267,14 @@ def decode(column, image_shape, encoded: bool, mode: Optional[str]):
         flat = values.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
         size = math.prod(image_shape)
         if len(flat) != size * len(values):
-            lengths = set(values.value_lengths().to_pylist()) if hasattr(values, "value_lengths") else {len(flat) // max(len(values), 1)}
-            raise ValueError(f"image lists of {sorted(lengths)[0]} values, but image_shape {list(image_shape)} needs {size}")
+            lengths = (
+                set(values.value_lengths().to_pylist())
+                if hasattr(values, "value_lengths")
+                else {len(flat) // max(len(values), 1)}
+            )
+            raise ValueError(
+                f"image lists of {sorted(lengths)[0]} values, but image_shape {list(image_shape)} needs {size}"
+            )
         return flat.reshape(len(values), *image_shape)
     from PIL import Image
 
@@ -235,7 +287,9 @@ def decode(column, image_shape, encoded: bool, mode: Optional[str]):
         except Exception as err:  # PIL's errors for undecodable bytes are of several kinds
             raise ValueError(f"row {i} is not a PNG or JPEG image ({err})") from None
         if images and pixels.shape != images[0].shape:
-            raise ValueError(f"row {i} is {pixels.shape[:2]} pixels, the first image {images[0].shape[:2]}; allowed: images of one size")
+            raise ValueError(
+                f"row {i} is {pixels.shape[:2]} pixels, the first image {images[0].shape[:2]}; allowed: images of one size"
+            )
         images.append(pixels)
     stacked = np.stack(images) if images else np.zeros((0, 1, 1), np.float32)
     return stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)
@@ -246,7 +300,9 @@ def _in_test(row_hash, seed: int, fraction: float):
     import numpy as np
 
     with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as a hash mix should
-        mixed = (row_hash.astype(np.uint64) ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)) * np.uint64(0xBF58476D1CE4E5B9)
+        mixed = (row_hash.astype(np.uint64) ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)) * np.uint64(
+            0xBF58476D1CE4E5B9
+        )
     return (mixed >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
 
 
@@ -273,15 +329,34 @@ def datasets(cfg, spec: ParquetSpec) -> dict:
         if shuffled:
             # Seeded: one file order for every epoch (an epoch's own seed goes to the rows' shuffle), so a resumed
             # run sees the batches an uninterrupted one would.
-            shuffle = ("files" if cfg.shuffle_seed is None
-                       else ray.data.FileShuffleConfig(seed=cfg.shuffle_seed, reseed_after_execution=False))
-        ds = ray.data.read_parquet(list(files), filesystem=spec.filesystem, columns=[cfg.image_column, cfg.label_column],
-                                   include_row_hash=hashed, shuffle=shuffle)
+            shuffle = (
+                "files"
+                if cfg.shuffle_seed is None
+                else ray.data.FileShuffleConfig(seed=cfg.shuffle_seed, reseed_after_execution=False)
+            )
+        ds = ray.data.read_parquet(
+            list(files),
+            filesystem=spec.filesystem,
+            columns=[cfg.image_column, cfg.label_column],
+            include_row_hash=hashed,
+            shuffle=shuffle,
+        )
         mode = "L" if spec.image_shape[0] == 1 else "RGB"
         split = (cfg.seed, spec.test_fraction, want_test) if hashed else None
-        return ds.map_batches(_prepare, batch_format="pyarrow", fn_kwargs=dict(
-            image_column=cfg.image_column, label_column=cfg.label_column, image_shape=spec.image_shape, encoded=spec.encoded,
-            mode=mode, mean=spec.mean, std=spec.std, split=split))
+        return ds.map_batches(
+            _prepare,
+            batch_format="pyarrow",
+            fn_kwargs=dict(
+                image_column=cfg.image_column,
+                label_column=cfg.label_column,
+                image_shape=spec.image_shape,
+                encoded=spec.encoded,
+                mode=mode,
+                mean=spec.mean,
+                std=spec.std,
+                split=split,
+            ),
+        )
 
     return {"train": read(spec.train_files, False, True), "test": read(spec.test_files, True, False)}
 
@@ -297,7 +372,11 @@ def data_config(cfg):
     class Ingest(DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             rest = {name: ds for name, ds in datasets.items() if name != "test"}
-            shards = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs) if rest else [{} for _ in range(world_size)]
+            shards = (
+                super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+                if rest
+                else [{} for _ in range(world_size)]
+            )
             if "test" in datasets:
                 for shard, test in zip(shards, datasets["test"].streaming_split(world_size, equal=False)):
                     shard["test"] = test
@@ -316,7 +395,8 @@ def shard_batches(cfg, epoch: int, rank: int):
 
     seed = None if cfg.shuffle_seed is None else (cfg.shuffle_seed * 1_000_003 + epoch) * 1009 + rank
     for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=cfg.batch_size, drop_last=True, local_shuffle_buffer_size=SHUFFLE_ROWS, local_shuffle_seed=seed):
+        batch_size=cfg.batch_size, drop_last=True, local_shuffle_buffer_size=SHUFFLE_ROWS, local_shuffle_seed=seed
+    ):
         yield batch["x"], batch["y"]
 
 
@@ -328,8 +408,15 @@ def test_batches():
         yield batch["x"], batch["y"]
 
 
-def export(name: str, output: str, layout: str = "png", data_dir: str = "~/.cache/raytopk/data", download: bool = False,
-           rows_per_file: int = 20000, seed: int = 0) -> dict:
+def export(
+    name: str,
+    output: str,
+    layout: str = "png",
+    data_dir: str = "~/.cache/raytopk/data",
+    download: bool = False,
+    rows_per_file: int = 20000,
+    seed: int = 0,
+) -> dict:
     """Write built-in dataset ``name`` as Parquet under ``output``/train and ``output``/test; return the row counts.
 
     Rows are written in a seeded random order (built-in datasets are often
@@ -361,10 +448,13 @@ def export(name: str, output: str, layout: str = "png", data_dir: str = "~/.cach
         os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide the data from other users of a shared filesystem
         try:
             for part, start in enumerate(range(0, len(order), rows_per_file)):
-                rows = order[start:start + rows_per_file]
+                rows = order[start : start + rows_per_file]
                 column = _png_column(images[rows]) if layout == "png" else _list_column(images[rows])
-                pq.write_table(pa.table({"image": column, "label": pa.array(labels[rows], pa.int64())}),
-                               os.path.join(staging, f"part-{part:05d}.parquet"), row_group_size=4096)
+                pq.write_table(
+                    pa.table({"image": column, "label": pa.array(labels[rows], pa.int64())}),
+                    os.path.join(staging, f"part-{part:05d}.parquet"),
+                    row_group_size=4096,
+                )
             target = os.path.join(output, split)
             if os.path.exists(target):
                 shutil.rmtree(target)

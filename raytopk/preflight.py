@@ -46,9 +46,13 @@ def check_directory(key: str, path: str, written: bool = True) -> None:
     full = resolve(path)
     if os.path.exists(full):
         if not os.path.isdir(full):
-            raise ConfigError(f"{key}: got {path!r}, which is a file; allowed: a directory, or a path where one can be created")
+            raise ConfigError(
+                f"{key}: got {path!r}, which is a file; allowed: a directory, or a path where one can be created"
+            )
         if written and not _can_write_in(full):
-            raise ConfigError(f"{key}: got {path!r}, a directory this user cannot write in; allowed: a writable directory")
+            raise ConfigError(
+                f"{key}: got {path!r}, a directory this user cannot write in; allowed: a writable directory"
+            )
     elif written:
         _check_creatable(key, path, full)
 
@@ -66,7 +70,9 @@ def check_file(key: str, path: str) -> None:
     parent = os.path.dirname(full)
     if os.path.isdir(parent):
         if not _can_write_in(parent):
-            raise ConfigError(f"{key}: got {path!r}, in a directory this user cannot write in; allowed: a writable directory")
+            raise ConfigError(
+                f"{key}: got {path!r}, in a directory this user cannot write in; allowed: a writable directory"
+            )
     else:
         _check_creatable(key, path, parent)
 
@@ -77,7 +83,9 @@ def _check_creatable(key: str, path: str, full: str) -> None:
     if ancestor is None or not os.path.isdir(ancestor):
         raise ConfigError(f"{key}: got {path!r}, but {ancestor or full!r} is a file; allowed: a path under a directory")
     if not _can_write_in(ancestor):
-        raise ConfigError(f"{key}: got {path!r}, but this user cannot create anything in {ancestor}; allowed: a writable place")
+        raise ConfigError(
+            f"{key}: got {path!r}, but this user cannot create anything in {ancestor}; allowed: a writable place"
+        )
 
 
 def _can_write_in(directory: str) -> bool:
@@ -109,8 +117,10 @@ def _check_uri(key: str, uri: str, want_directory: bool) -> None:
     try:
         fs, inner = pyarrow.fs.FileSystem.from_uri(uri)
     except (pyarrow.ArrowException, ValueError) as err:
-        raise ConfigError(f"{key}: got {uri!r} ({str(err).splitlines()[0]}); allowed: a local path, or a URI pyarrow "
-                          "can open (s3://, gs://, file://, ...)") from None
+        raise ConfigError(
+            f"{key}: got {uri!r} ({str(err).splitlines()[0]}); allowed: a local path, or a URI pyarrow "
+            "can open (s3://, gs://, file://, ...)"
+        ) from None
     if not isinstance(fs, pyarrow.fs.LocalFileSystem):
         return
     kind = fs.get_file_info(inner).type

@@ -48,8 +48,14 @@ def rank_file(rank: int) -> str:
     return f"rank{rank}.pt"
 
 
-def prepare_model(model: torch.nn.Module, ratio: Optional[float] = 0.01, *, state: Optional[TopKState] = None,
-                  parallel_strategy_kwargs: Optional[dict] = None, **options) -> DDP:
+def prepare_model(
+    model: torch.nn.Module,
+    ratio: Optional[float] = 0.01,
+    *,
+    state: Optional[TopKState] = None,
+    parallel_strategy_kwargs: Optional[dict] = None,
+    **options,
+) -> DDP:
     """Move ``model`` to this worker's device and wrap it in DDP with raytopk's hook, whatever the worker count.
 
     Buckets: DDP makes its first bucket small (1 MB) so that its dense
@@ -80,8 +86,15 @@ def prepare_model(model: torch.nn.Module, ratio: Optional[float] = 0.01, *, stat
     elif options:
         raise ValueError(f"prepare_model: options {sorted(options)} need ratio= and no state=")
     # Gradients as views into DDP's buckets: no copy into the buckets and back each step.
-    ddp_kwargs = {"gradient_as_bucket_view": True, **({"bucket_cap_mb": SPARSE_BUCKET_CAP_MB} if state is not None else {})}
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{**ddp_kwargs, **(parallel_strategy_kwargs or {})})
+    ddp_kwargs = {
+        "gradient_as_bucket_view": True,
+        **({"bucket_cap_mb": SPARSE_BUCKET_CAP_MB} if state is not None else {}),
+    }
+    ddp = DDP(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        **{**ddp_kwargs, **(parallel_strategy_kwargs or {})},
+    )
     if state is not None:
         ddp.register_comm_hook(state, topk_hook)
         _STATES[ddp] = state
@@ -99,8 +112,10 @@ def save_state(model: DDP, directory: str, **extra) -> None:
     Every rank calls it on its own copy of the checkpoint directory; Ray Train merges them.
     """
     state = hook_state(model)
-    torch.save({"hook": state.state_dict() if state is not None else None, **extra},
-               os.path.join(directory, rank_file(dist.get_rank())))
+    torch.save(
+        {"hook": state.state_dict() if state is not None else None, **extra},
+        os.path.join(directory, rank_file(dist.get_rank())),
+    )
 
 
 def load_state(model: DDP, directory: str, map_location="cpu") -> dict:

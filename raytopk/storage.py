@@ -13,8 +13,19 @@ import posixpath
 import tempfile
 import time
 
-__all__ = ["is_uri", "resolve", "join", "exists", "list_dir", "read_bytes", "read_text", "replacing", "write_json", "write_figure",
-           "provenance"]
+__all__ = [
+    "is_uri",
+    "resolve",
+    "join",
+    "exists",
+    "list_dir",
+    "read_bytes",
+    "read_text",
+    "replacing",
+    "write_json",
+    "write_figure",
+    "provenance",
+]
 
 
 def is_uri(path: str) -> bool:

@@ -40,19 +40,21 @@ def trial_rows(grid, cfg: TrainConfig) -> list:
         epochs = m.get("epoch", 0)
         status = "error" if result.error else ("done" if epochs == job.epochs else f"stopped at epoch {epochs}")
         sent = m.get("bytes_sent")
-        rows.append({
-            "trial": m.get("trial_id") or os.path.basename(result.path),
-            "params": dict(result.config),
-            "status": status,
-            "epochs": epochs,
-            "test_accuracy": m.get("test_accuracy"),
-            "loss": m.get("loss"),
-            "bytes_sent": sent,
-            "wire_mb_per_worker": sent / m.get("workers", job.workers) / 1e6 if sent is not None else None,
-            "reduction": m.get("reduction"),
-            "job": {k: v for k, v in dataclasses.asdict(job).items() if v is not None},
-            "error": str(result.error).splitlines()[0] if result.error else None,
-        })
+        rows.append(
+            {
+                "trial": m.get("trial_id") or os.path.basename(result.path),
+                "params": dict(result.config),
+                "status": status,
+                "epochs": epochs,
+                "test_accuracy": m.get("test_accuracy"),
+                "loss": m.get("loss"),
+                "bytes_sent": sent,
+                "wire_mb_per_worker": sent / m.get("workers", job.workers) / 1e6 if sent is not None else None,
+                "reduction": m.get("reduction"),
+                "job": {k: v for k, v in dataclasses.asdict(job).items() if v is not None},
+                "error": str(result.error).splitlines()[0] if result.error else None,
+            }
+        )
     return sorted(rows, key=lambda row: row["trial"])
 
 
@@ -87,17 +89,25 @@ def format_table(rows: list, best) -> str:
     lines = [header]
     for row in rows:
         acc, mb, red = row["test_accuracy"], row["wire_mb_per_worker"], row["reduction"]
-        lines.append([
-            "*" if best is not None and row["trial"] == best["trial"] else "",
-            row["trial"],
-            *(f"{row['params'][k]:.4g}" if isinstance(row["params"].get(k), float) else str(row["params"].get(k)) for k in keys),
-            f"{100 * acc:.2f}%" if acc is not None else "-",
-            f"{mb:.2f}" if mb is not None else "-",
-            f"{red:.1f}x" if red is not None else "-",
-            row["status"],
-        ])
+        lines.append(
+            [
+                "*" if best is not None and row["trial"] == best["trial"] else "",
+                row["trial"],
+                *(
+                    f"{row['params'][k]:.4g}" if isinstance(row["params"].get(k), float) else str(row["params"].get(k))
+                    for k in keys
+                ),
+                f"{100 * acc:.2f}%" if acc is not None else "-",
+                f"{mb:.2f}" if mb is not None else "-",
+                f"{red:.1f}x" if red is not None else "-",
+                row["status"],
+            ]
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))).rstrip() for line in lines)
+    return "\n".join(
+        "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))).rstrip()
+        for line in lines
+    )
 
 
 def _plot(rows: list, best, path: str, title: str) -> None:
@@ -117,19 +127,46 @@ def _plot(rows: list, best, path: str, title: str) -> None:
         if not group:
             continue
         colors = plt.cm.viridis(norm([row["job"]["lr"] for row in group]))
-        ax.scatter([row["wire_mb_per_worker"] for row in group], [100 * row["test_accuracy"] for row in group], s=55,
-                   facecolors=colors if marker_face is None else marker_face, edgecolors=colors, linewidths=1.5, label=label)
+        ax.scatter(
+            [row["wire_mb_per_worker"] for row in group],
+            [100 * row["test_accuracy"] for row in group],
+            s=55,
+            facecolors=colors if marker_face is None else marker_face,
+            edgecolors=colors,
+            linewidths=1.5,
+            label=label,
+        )
     front = pareto_front(rows)
     if front:
         xs, ys = [row["wire_mb_per_worker"] for row in front], [100 * row["test_accuracy"] for row in front]
         ax.step(xs, ys, where="post", color="tab:red", linewidth=1)
-        ax.scatter(xs, ys, s=140, facecolors="none", edgecolors="tab:red", linewidths=1.2, label="Pareto front (finished trials)")
+        ax.scatter(
+            xs,
+            ys,
+            s=140,
+            facecolors="none",
+            edgecolors="tab:red",
+            linewidths=1.2,
+            label="Pareto front (finished trials)",
+        )
     if best is not None:
-        ax.scatter([best["wire_mb_per_worker"]], [100 * best["test_accuracy"]], marker="*", s=320, facecolors="none",
-                   edgecolors="black", label=f"chosen: ratio {best['job']['ratio']:.3g}, lr {best['job']['lr']:.3g}")
+        ax.scatter(
+            [best["wire_mb_per_worker"]],
+            [100 * best["test_accuracy"]],
+            marker="*",
+            s=320,
+            facecolors="none",
+            edgecolors="black",
+            label=f"chosen: ratio {best['job']['ratio']:.3g}, lr {best['job']['lr']:.3g}",
+        )
     for row in shown:
-        ax.annotate(f"{row['job']['ratio']:.2g}", (row["wire_mb_per_worker"], 100 * row["test_accuracy"]),
-                    textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.annotate(
+            f"{row['job']['ratio']:.2g}",
+            (row["wire_mb_per_worker"], 100 * row["test_accuracy"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=7,
+        )
     ax.set_xscale("log")
     plain = FuncFormatter(lambda value, _: f"{value:g}")
     ax.xaxis.set_major_formatter(plain)
@@ -150,18 +187,35 @@ def write_results(directory: str, rows: list, sweep, cfg: TrainConfig, command: 
     import yaml
 
     best = pick_best(rows, sweep)
-    selection = {"select": sweep.select, "metric": sweep.metric, "mode": sweep.mode,
-                 "max_mb_per_worker": sweep.max_mb_per_worker, "within_points": sweep.within_points}
-    write_json(join(directory, TRIALS_FILE),
-               {"sweep": sweep.name, **provenance(command), **selection, "best": best["trial"] if best else None, "trials": rows})
+    selection = {
+        "select": sweep.select,
+        "metric": sweep.metric,
+        "mode": sweep.mode,
+        "max_mb_per_worker": sweep.max_mb_per_worker,
+        "within_points": sweep.within_points,
+    }
+    write_json(
+        join(directory, TRIALS_FILE),
+        {
+            "sweep": sweep.name,
+            **provenance(command),
+            **selection,
+            "best": best["trial"] if best else None,
+            "trials": rows,
+        },
+    )
     with replacing(join(directory, TABLE_FILE)) as temporary, open(temporary, "w") as f:
         f.write(format_table(rows, best) + "\n")
     if best is not None:
         with replacing(join(directory, BEST_FILE)) as temporary, open(temporary, "w") as f:
-            f.write(f"# Best trial {best['trial']} of sweep {sweep.name} (select: {sweep.select}): "
-                    f"test accuracy {100 * best['test_accuracy']:.2f}%, {best['wire_mb_per_worker']:.2f} wire MB per worker.\n"
-                    f"# Train it with: raytopk train --config {BEST_FILE}\n")
+            f.write(
+                f"# Best trial {best['trial']} of sweep {sweep.name} (select: {sweep.select}): "
+                f"test accuracy {100 * best['test_accuracy']:.2f}%, {best['wire_mb_per_worker']:.2f} wire MB per worker.\n"
+                f"# Train it with: raytopk train --config {BEST_FILE}\n"
+            )
             yaml.safe_dump(best["job"], f, sort_keys=False)
     if any(row["test_accuracy"] is not None for row in rows):
-        _plot(rows, best, join(directory, PLOT_FILE), f"{sweep.name}: {cfg.model} on {cfg.dataset}, {cfg.workers} workers")
+        _plot(
+            rows, best, join(directory, PLOT_FILE), f"{sweep.name}: {cfg.model} on {cfg.dataset}, {cfg.workers} workers"
+        )
     return best

@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from raytopk.config import PARQUET, ConfigError, TrainConfig, default_run_name, resolved, run_identity
 from raytopk.console import Channel, Console, StepProgress, Watch, start_ray, worker_failures_line
-from raytopk.data import DATASETS, load_dataset
 from raytopk.cost_model import Layout, Link, dense_allreduce_bytes, dense_network_bytes
+from raytopk.data import DATASETS, load_dataset
 from raytopk.exchange import node_layout
 from raytopk.hook import TopKState
 from raytopk.models import build_model
@@ -37,7 +37,9 @@ from raytopk.storage import exists, is_uri, join, provenance, read_bytes, read_t
 __all__ = ["train_loop_per_worker", "build_trainer", "run", "RunInterrupted", "bytes_line"]
 
 MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
-STORAGE_PROBE = ".storage_probe"  # the driver writes a token here in a local run directory; every worker must read it back
+STORAGE_PROBE = (
+    ".storage_probe"  # the driver writes a token here in a local run directory; every worker must read it back
+)
 NOT_SHARED = "is not seen from the node of worker"  # in the error a worker raises when it cannot
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the run's finished checkpoints
 
@@ -70,8 +72,12 @@ def train_loop_per_worker(config: dict) -> None:
     state = _hook_state(cfg, model, optimizer, micro_batches // cfg.accumulate) if cfg.compress else None
     _check_storage_seen(cfg, storage_token, rank, channel)
     # A DDP model even for one worker, with the hook when compressing (what users' own Ray loops call too).
-    ddp = prepare_model(model, ratio=None, state=state,
-                        parallel_strategy_kwargs={"bucket_cap_mb": cfg.bucket_cap_mb} if cfg.bucket_cap_mb else None)
+    ddp = prepare_model(
+        model,
+        ratio=None,
+        state=state,
+        parallel_strategy_kwargs={"bucket_cap_mb": cfg.bucket_cap_mb} if cfg.bucket_cap_mb else None,
+    )
     if cfg.method == "fp16":  # the comparison PyTorch ships: every bucket allreduced as fp16
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 
@@ -90,7 +96,10 @@ def train_loop_per_worker(config: dict) -> None:
     # What DDP's ring allreduce sends per worker and step, in all and across node cards: the baseline every byte count is compared with.
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     layout = node_layout(dist.group.WORLD, cfg.ranks_per_node or None)[0] if world_size > 1 else Layout(1)
-    step_dense_bytes, step_dense_network = dense_allreduce_bytes(grad_bytes, world_size), dense_network_bytes(grad_bytes, layout)
+    step_dense_bytes, step_dense_network = (
+        dense_allreduce_bytes(grad_bytes, world_size),
+        dense_network_bytes(grad_bytes, layout),
+    )
     writer = _tensorboard(cfg, rank)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     progress = StepProgress(channel, rank, cfg.epochs, micro_batches, world_size * cfg.batch_size)
@@ -115,8 +124,13 @@ def train_loop_per_worker(config: dict) -> None:
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()  # no per-step device sync
-            progress.step(epoch + 1, batches, started, loss,  # this worker's bytes so far, read only when it posts
-                          lambda: _bytes_so_far(cfg, state, (steps_done + batches // cfg.accumulate) * step_dense_bytes, 0.0)[0])
+            progress.step(
+                epoch + 1,
+                batches,
+                started,
+                loss,  # this worker's bytes so far, read only when it posts
+                lambda: _bytes_so_far(cfg, state, (steps_done + batches // cfg.accumulate) * step_dense_bytes, 0.0)[0],
+            )
         scheduler.step()
         steps_done += batches // cfg.accumulate
         seconds = time.perf_counter() - started
@@ -142,7 +156,9 @@ def train_loop_per_worker(config: dict) -> None:
             "exchange": "+".join(sorted(state.algorithms)) if state is not None and state.algorithms else "dense",
         }
         if epoch == start_epoch:
-            metrics.update(resize)  # the first epoch after a resize says from what, and that the residuals' mean was kept
+            metrics.update(
+                resize
+            )  # the first epoch after a resize says from what, and that the residuals' mean was kept
         history.append(metrics)
         if writer is not None:
             for key, value in metrics.items():
@@ -151,7 +167,9 @@ def train_loop_per_worker(config: dict) -> None:
             writer.flush()
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
             with tempfile.TemporaryDirectory() as directory:
-                _save(directory, rank, world_size, epoch + 1, steps_done, history, cfg, ddp, optimizer, scheduler, scaler)
+                _save(
+                    directory, rank, world_size, epoch + 1, steps_done, history, cfg, ddp, optimizer, scheduler, scaler
+                )
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
@@ -206,12 +224,17 @@ def _check_storage_seen(cfg: TrainConfig, token, rank: int, channel: Channel) ->
     dist.all_gather_object(views, (ray.get_runtime_context().get_node_id(), seen))
     blind = [r for r, (_, ok) in enumerate(views) if not ok]
     if blind:
-        raise RuntimeError(f"checkpoint_dir: {cfg.checkpoint_dir} {NOT_SHARED} rank {blind[0]}; allowed on a cluster of several "
-                           "nodes: a URI (s3://, gs://) or a path every node mounts (NFS)")
+        raise RuntimeError(
+            f"checkpoint_dir: {cfg.checkpoint_dir} {NOT_SHARED} rank {blind[0]}; allowed on a cluster of several "
+            "nodes: a URI (s3://, gs://) or a path every node mounts (NFS)"
+        )
     nodes = len({node_id for node_id, _ in views})
     if rank == 0 and nodes > 1:
-        channel.post("say", f"raytopk: checkpoint_dir {cfg.checkpoint_dir} is a local path that the workers' {nodes} nodes all "
-                     "see (one shared file system), so they may save there")
+        channel.post(
+            "say",
+            f"raytopk: checkpoint_dir {cfg.checkpoint_dir} is a local path that the workers' {nodes} nodes all "
+            "see (one shared file system), so they may save there",
+        )
 
 
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -225,11 +248,19 @@ def _optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> torch.opt
 def _hook_state(cfg: TrainConfig, model, optimizer, steps_per_epoch: int) -> TopKState:
     """The hook's state for ``cfg``: epochs of sparsity warm-up become optimizer steps."""
     state = TopKState(
-        cfg.ratio, cfg.start_iter, value_dtype=cfg.value_dtype, module=model,
-        warmup_ratio=cfg.warmup_ratio, warmup_steps=cfg.warmup_epochs * steps_per_epoch,
-        momentum=cfg.momentum if cfg.momentum_correction else 0.0, clip_norm=cfg.clip_norm,
-        per_layer=cfg.per_layer, dense_below=cfg.dense_below,
-        exchange=cfg.exchange, capacity_factor=cfg.capacity_factor, keep_factor=cfg.keep_factor,
+        cfg.ratio,
+        cfg.start_iter,
+        value_dtype=cfg.value_dtype,
+        module=model,
+        warmup_ratio=cfg.warmup_ratio,
+        warmup_steps=cfg.warmup_epochs * steps_per_epoch,
+        momentum=cfg.momentum if cfg.momentum_correction else 0.0,
+        clip_norm=cfg.clip_norm,
+        per_layer=cfg.per_layer,
+        dense_below=cfg.dense_below,
+        exchange=cfg.exchange,
+        capacity_factor=cfg.capacity_factor,
+        keep_factor=cfg.keep_factor,
         link=Link(inter_gbps=cfg.link_gbps, inter_latency_us=cfg.link_latency_us),
         local_world_size=cfg.ranks_per_node or None,
     )
@@ -257,7 +288,9 @@ def _evaluate(model, loader, device):
 def _bytes_so_far(cfg: TrainConfig, state: Optional[TopKState], dense_bytes: float, dense_network: float):
     """This rank's ``(bytes_sent, dense_bytes, network_bytes, dense_network_bytes, hook_s)`` so far."""
     if state is not None:
-        return [state.stats[key] for key in ("bytes_sent", "dense_bytes", "network_bytes", "dense_network_bytes", "hook_s")]
+        return [
+            state.stats[key] for key in ("bytes_sent", "dense_bytes", "network_bytes", "dense_network_bytes", "hook_s")
+        ]
     share = 0.5 if cfg.method == "fp16" else 1.0
     return [share * dense_bytes, dense_bytes, share * dense_network, dense_network, 0.0]
 
@@ -281,8 +314,10 @@ def bytes_line(m: dict) -> str:
     workers = f"{m['workers']} worker{'s' if m['workers'] != 1 else ''}"
     wire = f"wire {m['bytes_sent'] / m['workers'] / 1e6:.2f} MB/worker ({m['exchange']}, {workers}"
     if m.get("nodes", 1) > 1:
-        return (f"{wire} on {m['nodes']} nodes)  across nodes {m['network_bytes'] / 1e6:.2f} MB "
-                f"(dense {m['dense_network_bytes'] / 1e6:.2f})  reduction {m['reduction']:.1f}x")
+        return (
+            f"{wire} on {m['nodes']} nodes)  across nodes {m['network_bytes'] / 1e6:.2f} MB "
+            f"(dense {m['dense_network_bytes'] / 1e6:.2f})  reduction {m['reduction']:.1f}x"
+        )
     return f"{wire}, one node)  reduction {m['reduction']:.1f}x"
 
 
@@ -305,11 +340,19 @@ def _save(directory, rank, world_size, epoch, steps, history, cfg, ddp, optimize
     save_state(ddp, directory, rng=torch.get_rng_state())  # this rank's residuals and random state
     if rank == 0:
         torch.save(ddp.module.state_dict(), os.path.join(directory, MODEL_FILE))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
-                   os.path.join(directory, OPTIMIZER_FILE))
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
+            os.path.join(directory, OPTIMIZER_FILE),
+        )
         # Every epoch's metrics so far, checkpointed or not: the summary's history, whatever Ray keeps.
-        meta = {"epoch": epoch, "steps": steps, "workers": world_size, "identity": run_identity(cfg), "metrics": history[-1],
-                "history": history}
+        meta = {
+            "epoch": epoch,
+            "steps": steps,
+            "workers": world_size,
+            "identity": run_identity(cfg),
+            "metrics": history[-1],
+            "history": history,
+        }
         with open(os.path.join(directory, META_FILE), "w") as f:
             json.dump(meta, f)
 
@@ -343,11 +386,16 @@ def _progress_callback(channel: Channel, epochs: int):
 
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0]
-            line = (f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}  test acc {100 * m['test_accuracy']:.2f}%  {bytes_line(m)}"
-                    f"  {m['train_s']:.1f} s")
+            line = (
+                f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}  test acc {100 * m['test_accuracy']:.2f}%  {bytes_line(m)}"
+                f"  {m['train_s']:.1f} s"
+            )
             if "resized_from" in m:
-                kept = (f"; residuals redistributed, their mean kept (largest difference {m['residual_mean_error']:.2g})"
-                        if "residual_mean_error" in m else "")
+                kept = (
+                    f"; residuals redistributed, their mean kept (largest difference {m['residual_mean_error']:.2g})"
+                    if "residual_mean_error" in m
+                    else ""
+                )
                 line = f"resized: {m['resized_from']} -> {m['workers']} workers from the last checkpoint; lr {m['lr']:.4g}{kept}\n{line}"
             channel.post("epoch", {"desc": f"epoch {m['epoch']}/{epochs}", "text": line}, wait=True)
 
@@ -380,13 +428,19 @@ def build_trainer(cfg: TrainConfig, callbacks=None, channel: Optional[Channel] =
         data = {"datasets": parquet.datasets(cfg, spec), "dataset_config": parquet.data_config(cfg)}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**dataclasses.asdict(cfg), "storage_token": _write_storage_probe(cfg), "channel": channel,
-                           **({"parquet_shape": spec.model_shape} if data else {})},
+        train_loop_config={
+            **dataclasses.asdict(cfg),
+            "storage_token": _write_storage_probe(cfg),
+            "channel": channel,
+            **({"parquet_shape": spec.model_shape} if data else {}),
+        },
         **data,
         torch_config=TorchConfig(backend=None if cfg.backend == "auto" else cfg.backend, timeout_s=300),
         scaling_config=ScalingConfig(
-            num_workers=(cfg.min_workers, cfg.workers) if cfg.min_workers else cfg.workers, use_gpu=cfg.use_gpu,
-            resources_per_worker=worker_resources(cfg), elastic_resize_monitor_interval_s=cfg.resize_interval_s,
+            num_workers=(cfg.min_workers, cfg.workers) if cfg.min_workers else cfg.workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=worker_resources(cfg),
+            elastic_resize_monitor_interval_s=cfg.resize_interval_s,
         ),
         run_config=RunConfig(
             name=cfg.name,
@@ -436,8 +490,11 @@ def run(cfg: TrainConfig, restart: bool = False, command: Optional[str] = None, 
     if previous is not None:
         path, meta = previous
         if meta["epoch"] >= cfg.epochs:
-            print(f"raytopk: {cfg.name} already finished {meta['epoch']} epochs; raise epochs to continue it, "
-                  "or --restart to train it again", flush=True)
+            print(
+                f"raytopk: {cfg.name} already finished {meta['epoch']} epochs; raise epochs to continue it, "
+                "or --restart to train it again",
+                flush=True,
+            )
             return _finish(cfg, _summary(cfg, meta, path, wall_s=0.0, command=command))
         print(f"raytopk: resuming {cfg.name} after epoch {meta['epoch']} from {path}", flush=True)
     _check_local(cfg)
@@ -463,7 +520,7 @@ def run(cfg: TrainConfig, restart: bool = False, command: Optional[str] = None, 
         shared = next((line for line in str(err).splitlines() if NOT_SHARED in line), None)
         if shared:  # the same on every retry: say it once, as the user error it is
             ray.shutdown()
-            raise ConfigError(shared[shared.index("checkpoint_dir:"):]) from None
+            raise ConfigError(shared[shared.index("checkpoint_dir:") :]) from None
         raise
     path, meta = _recorded_checkpoint(join(cfg.checkpoint_dir, cfg.name))
     return _finish(cfg, _summary(cfg, meta, path, time.time() - started, command))
@@ -473,8 +530,10 @@ def _what_runs(cfg: TrainConfig) -> str:
     """The line a run starts with: model, data, workers, what they exchange, where checkpoints go."""
     workers = f"{cfg.min_workers}-{cfg.workers}" if cfg.min_workers else str(cfg.workers)
     method = f"top-k {cfg.ratio:g} (exchange {cfg.exchange})" if cfg.compress else cfg.method_name
-    return (f"raytopk: training {cfg.model} on {cfg.dataset}, {workers} worker{'s' * (workers != '1')}, {method}; "
-            f"checkpoints in {join(cfg.checkpoint_dir, cfg.name)}")
+    return (
+        f"raytopk: training {cfg.model} on {cfg.dataset}, {workers} worker{'s' * (workers != '1')}, {method}; "
+        f"checkpoints in {join(cfg.checkpoint_dir, cfg.name)}"
+    )
 
 
 class RunInterrupted(Exception):
@@ -542,7 +601,9 @@ def latest_checkpoint(run_dir: str, cfg: TrainConfig):
     try:
         names = sorted({MODEL_FILE, OPTIMIZER_FILE} | {rank_file(r) for r in range(meta["workers"])})
     except (KeyError, TypeError) as err:
-        raise ConfigError(f"checkpoint {path}: unreadable {META_FILE} ({err!r}); allowed: --restart, or another name") from None
+        raise ConfigError(
+            f"checkpoint {path}: unreadable {META_FILE} ({err!r}); allowed: --restart, or another name"
+        ) from None
     ours, saved = run_identity(cfg), meta.get("identity", {})
     for key in sorted(set(ours) | set(saved)):
         if saved.get(key) != ours.get(key):
@@ -555,7 +616,9 @@ def latest_checkpoint(run_dir: str, cfg: TrainConfig):
             torch.load(io.BytesIO(read_bytes(join(path, name))), map_location="cpu", weights_only=True)
         except Exception as err:  # missing, truncated or foreign: any read or unpickling error
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ConfigError(f"checkpoint {join(path, name)}: cannot be loaded ({reason}); allowed: --restart, or another name") from None
+            raise ConfigError(
+                f"checkpoint {join(path, name)}: cannot be loaded ({reason}); allowed: --restart, or another name"
+            ) from None
     return path, meta
 
 
@@ -574,7 +637,9 @@ def _recorded_checkpoint(run_dir: str):
     try:
         return path, json.loads(read_text(join(path, META_FILE)))
     except (OSError, ValueError) as err:
-        raise ConfigError(f"checkpoint {path}: unreadable {META_FILE} ({err!r}); allowed: --restart, or another name") from None
+        raise ConfigError(
+            f"checkpoint {path}: unreadable {META_FILE} ({err!r}); allowed: --restart, or another name"
+        ) from None
 
 
 def _check_local(cfg: TrainConfig) -> None:
@@ -599,9 +664,15 @@ def _check_local(cfg: TrainConfig) -> None:
     if short:
         resource, need, got, each = short
         fits = int(got // each)
-        allowed = f"at most {fits} {key} at {each:g} {resource} each" if fits else f"a cluster whose nodes offer {resource} (--address)"
-        raise ConfigError(f"{key}: got {getattr(cfg, key)}, which need {need:g} {resource} in all, but this local Ray has {got:g}; "
-                          f"allowed: {allowed}")
+        allowed = (
+            f"at most {fits} {key} at {each:g} {resource} each"
+            if fits
+            else f"a cluster whose nodes offer {resource} (--address)"
+        )
+        raise ConfigError(
+            f"{key}: got {getattr(cfg, key)}, which need {need:g} {resource} in all, but this local Ray has {got:g}; "
+            f"allowed: {allowed}"
+        )
 
 
 def _say_if_waiting(cfg: TrainConfig) -> None:
@@ -612,8 +683,11 @@ def _say_if_waiting(cfg: TrainConfig) -> None:
     if short:
         resource, need, got, _ = short
         count = cfg.min_workers or cfg.workers
-        print(f"raytopk: waiting for nodes: {count} worker{'s' * (count != 1)} need{'s' * (count == 1)} {need:g} {resource} in all "
-              f"and this cluster has {got:g} now; an autoscaler adds nodes for them (ray job stop, or Ctrl+C, ends the wait)", flush=True)
+        print(
+            f"raytopk: waiting for nodes: {count} worker{'s' * (count != 1)} need{'s' * (count == 1)} {need:g} {resource} in all "
+            f"and this cluster has {got:g} now; an autoscaler adds nodes for them (ray job stop, or Ctrl+C, ends the wait)",
+            flush=True,
+        )
 
 
 def _shortfall(cfg: TrainConfig, have: dict):

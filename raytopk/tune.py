@@ -85,7 +85,9 @@ class SweepConfig:
         if self.select == "budget" and self.max_mb_per_worker is None:
             raise ConfigError("max_mb_per_worker: got null with select: budget; allowed: a number in (0, inf)")
         if not self.search_space:
-            raise ConfigError("search_space: got nothing; allowed: a mapping of job keys to distributions, e.g. ratio: {loguniform: [0.001, 0.1]}")
+            raise ConfigError(
+                "search_space: got nothing; allowed: a mapping of job keys to distributions, e.g. ratio: {loguniform: [0.001, 0.1]}"
+            )
 
 
 _MODES = {"test_accuracy": "max", "loss": "min"}
@@ -131,18 +133,24 @@ def load_sweep(path: str, overrides: Optional[dict] = None) -> tuple:
         elif key in job_keys:
             values["train"][key] = value
         else:
-            raise ConfigError(f"--set {key}: unknown key; allowed: sweep keys ({', '.join(sorted(sweep_keys))}) or job keys")
+            raise ConfigError(
+                f"--set {key}: unknown key; allowed: sweep keys ({', '.join(sorted(sweep_keys))}) or job keys"
+            )
     try:
         sweep = from_mapping(SweepConfig, values, path)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}" if not str(err).startswith(path) else str(err)) from None
     if not sweep.base:
         raise ConfigError(f"{path}: base: missing; allowed: the path of a job YAML, e.g. ../jobs/mnist5k_topk.yaml")
-    base_path = sweep.base if os.path.isabs(sweep.base) else os.path.join(os.path.dirname(os.path.abspath(path)), sweep.base)
+    base_path = (
+        sweep.base if os.path.isabs(sweep.base) else os.path.join(os.path.dirname(os.path.abspath(path)), sweep.base)
+    )
     base = read_yaml_mapping(base_path)
     for key in _NOT_SWEPT:
         if key in sweep.train or key in sweep.search_space:
-            raise ConfigError(f"{path}: {key}: set per trial by the sweep; allowed in train and search_space: other job keys")
+            raise ConfigError(
+                f"{path}: {key}: set per trial by the sweep; allowed in train and search_space: other job keys"
+            )
     try:
         cfg = from_mapping(TrainConfig, {**base, **sweep.train}, f"{base_path} with train")
     except ConfigError as err:
@@ -159,15 +167,23 @@ def _check_space(path: str, sweep: SweepConfig, cfg: TrainConfig) -> None:
         if key not in kinds:
             raise ConfigError(f"{where}: unknown job key; allowed: {', '.join(sorted(set(kinds) - set(_NOT_SWEPT)))}")
         if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in _DISTRIBUTIONS):
-            raise ConfigError(f"{where}: got {spec!r}; allowed: one of {', '.join(_DISTRIBUTIONS)} with its values, e.g. {{loguniform: [0.001, 0.1]}}")
+            raise ConfigError(
+                f"{where}: got {spec!r}; allowed: one of {', '.join(_DISTRIBUTIONS)} with its values, e.g. {{loguniform: [0.001, 0.1]}}"
+            )
         name, values = next(iter(spec.items()))
         needs, is_range = _DISTRIBUTIONS[name]
         if is_range:
-            numbers = isinstance(values, list) and len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            numbers = (
+                isinstance(values, list)
+                and len(values) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            )
             if not numbers or not values[0] < values[1] or (name == "loguniform" and values[0] <= 0):
                 raise ConfigError(f"{where}: {name} got {values!r}; allowed: {needs}")
             if kinds[key] is not float:
-                raise ConfigError(f"{where}: {name} samples real numbers but {key} takes {'an integer' if kinds[key] is int else 'other values'}; use choice or grid")
+                raise ConfigError(
+                    f"{where}: {name} samples real numbers but {key} takes {'an integer' if kinds[key] is int else 'other values'}; use choice or grid"
+                )
         elif not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: {name} got {values!r}; allowed: {needs}")
         if name == "grid" and sweep.search_alg != "random":
@@ -178,7 +194,9 @@ def _check_space(path: str, sweep: SweepConfig, cfg: TrainConfig) -> None:
             except ConfigError as err:
                 raise ConfigError(f"{where}: {err}") from None
     if sweep.scheduler == "asha" and sweep.grace_period > cfg.epochs:
-        raise ConfigError(f"{path}: grace_period: got {sweep.grace_period}; allowed: at most the trials' epochs ({cfg.epochs})")
+        raise ConfigError(
+            f"{path}: grace_period: got {sweep.grace_period}; allowed: at most the trials' epochs ({cfg.epochs})"
+        )
 
 
 def sweep_dir(sweep: SweepConfig) -> str:
@@ -201,8 +219,12 @@ def train_trial(sampled: dict, base: dict, trials_dir: str) -> None:
 def _param_space(sweep: SweepConfig) -> dict:
     from ray import tune
 
-    make = {"loguniform": lambda v: tune.loguniform(*v), "uniform": lambda v: tune.uniform(*v),
-            "choice": tune.choice, "grid": tune.grid_search}
+    make = {
+        "loguniform": lambda v: tune.loguniform(*v),
+        "uniform": lambda v: tune.uniform(*v),
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+    }
     return {key: make[name](values) for key, spec in sweep.search_space.items() for name, values in spec.items()}
 
 
@@ -218,10 +240,12 @@ def _search_alg(sweep: SweepConfig):
     """The searcher; it holds the concurrency limit itself (Tune ignores ``max_concurrent_trials`` for generators)."""
     if sweep.search_alg == "optuna":
         try:
-            from ray.tune.search.optuna import OptunaSearch
             import optuna  # noqa: F401  (OptunaSearch fails late without it)
+            from ray.tune.search.optuna import OptunaSearch
         except ImportError:
-            raise ConfigError("search_alg: got 'optuna' but optuna is not installed; install it with: pip install 'raytopk[optuna]'") from None
+            raise ConfigError(
+                "search_alg: got 'optuna' but optuna is not installed; install it with: pip install 'raytopk[optuna]'"
+            ) from None
         from ray.tune.search import ConcurrencyLimiter
 
         searcher = OptunaSearch(seed=sweep.seed)
@@ -237,7 +261,9 @@ def _scheduler(sweep: SweepConfig, epochs: int):
     from ray.tune.schedulers import ASHAScheduler
 
     # Epochs, not Tune's training_iteration, which restarts at 1 when a trial resumes from a checkpoint.
-    return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
+    return ASHAScheduler(
+        time_attr="epoch", max_t=epochs, grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor
+    )
 
 
 @contextlib.contextmanager
@@ -284,15 +310,25 @@ def _trial_progress(total: int, epochs: int):
         def on_trial_complete(self, iteration, trials, trial, **info):
             m = trial.last_result or {}
             reached = m.get("epoch", 0)
-            end = f"epoch {reached}/{epochs}" if reached == epochs else f"stopped by the scheduler at epoch {reached}/{epochs}"
-            numbers = (f"  test acc {100 * m['test_accuracy']:.2f}%  wire {m['bytes_sent'] / m['workers'] / 1e6:.2f} MB/worker"
-                       if "test_accuracy" in m else "")
+            end = (
+                f"epoch {reached}/{epochs}"
+                if reached == epochs
+                else f"stopped by the scheduler at epoch {reached}/{epochs}"
+            )
+            numbers = (
+                f"  test acc {100 * m['test_accuracy']:.2f}%  wire {m['bytes_sent'] / m['workers'] / 1e6:.2f} MB/worker"
+                if "test_accuracy" in m
+                else ""
+            )
             self._say(trial, f"{end}{numbers}")
             self._update(trials, ended=trial)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             error = trial.get_pickled_error()
-            self._say(trial, f"failed: {error_line(error) if error else 'see its error file'}; full error in {trial.error_file}")
+            self._say(
+                trial,
+                f"failed: {error_line(error) if error else 'see its error file'}; full error in {trial.error_file}",
+            )
             self._update(trials, ended=trial)
 
         def on_experiment_end(self, trials, **info):
@@ -304,13 +340,21 @@ def _trial_progress(total: int, epochs: int):
             return self._console
 
         def _say(self, trial, text: str) -> None:
-            sampled = "  ".join(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}" for key, value in trial.config.items())
+            sampled = "  ".join(
+                f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}"
+                for key, value in trial.config.items()
+            )
             self._show().say(f"trial {trial.trial_id}  {sampled}  {text}")
 
         def _update(self, trials, ended=None) -> None:
-            done = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")} | ({ended.trial_id} if ended else set())
+            done = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")} | (
+                {ended.trial_id} if ended else set()
+            )
             running = sum(t.status == "RUNNING" for t in trials if t.trial_id not in done)
-            best = max((t.last_result["test_accuracy"] for t in trials if "test_accuracy" in (t.last_result or {})), default=None)
+            best = max(
+                (t.last_result["test_accuracy"] for t in trials if "test_accuracy" in (t.last_result or {})),
+                default=None,
+            )
             postfix = f"{running} running" + (f", best test acc {100 * best:.2f}%" if best is not None else "")
             self._show().update("trials", len(done), total, time.monotonic() - self._started, postfix, unit="ended")
 
@@ -321,8 +365,14 @@ def _saved_form(sweep: SweepConfig, cfg: TrainConfig) -> dict:
     return json.loads(json.dumps({"sweep": dataclasses.asdict(sweep), "base_job": dataclasses.asdict(cfg)}))
 
 
-def run_sweep(sweep: SweepConfig, cfg: TrainConfig, resume: bool = False, address: Optional[str] = None,
-              command: Optional[str] = None, verbose: bool = False):
+def run_sweep(
+    sweep: SweepConfig,
+    cfg: TrainConfig,
+    resume: bool = False,
+    address: Optional[str] = None,
+    command: Optional[str] = None,
+    verbose: bool = False,
+):
     """Run (or with ``resume`` continue) the sweep on Ray; return ``(rows, best)`` as in :mod:`raytopk.sweep_results`.
 
     ``command``, the command line that asked for the sweep, is recorded in ``trials.json``.
@@ -337,9 +387,13 @@ def run_sweep(sweep: SweepConfig, cfg: TrainConfig, resume: bool = False, addres
         if not exists(saved_path):
             raise ConfigError(f"--resume: no sweep to resume at {directory}; run without --resume to start it")
         if json.loads(read_text(saved_path)) != _saved_form(sweep, cfg):
-            raise ConfigError(f"--resume: the sweep file or its base job changed since {directory} started; restore them or set another name")
+            raise ConfigError(
+                f"--resume: the sweep file or its base job changed since {directory} started; restore them or set another name"
+            )
     elif exists(saved_path):
-        raise ConfigError(f"name: a sweep {sweep.name!r} already exists at {directory}; allowed: --resume to continue it, or another name (--set name=...)")
+        raise ConfigError(
+            f"name: a sweep {sweep.name!r} already exists at {directory}; allowed: --resume to continue it, or another name (--set name=...)"
+        )
     import ray  # after the checks above, so a bad sweep is refused before Ray loads
     from ray import tune
 
@@ -347,8 +401,11 @@ def run_sweep(sweep: SweepConfig, cfg: TrainConfig, resume: bool = False, addres
 
     if not ray.is_initialized():
         start_ray(address or cfg.address, verbose, num_cpus=local_ray_cpus(cfg, address))
-    print(f"raytopk: sweep {sweep.name}: {_trial_count(sweep)} trials of {cfg.model} on {cfg.dataset} over "
-          f"{', '.join(sweep.search_space)}, {cfg.epochs} epochs each; results in {directory}", flush=True)
+    print(
+        f"raytopk: sweep {sweep.name}: {_trial_count(sweep)} trials of {cfg.model} on {cfg.dataset} over "
+        f"{', '.join(sweep.search_space)}, {cfg.epochs} epochs each; results in {directory}",
+        flush=True,
+    )
 
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, base=dataclasses.asdict(resolved(cfg)), trials_dir=join(directory, "trials")),
@@ -367,8 +424,12 @@ def run_sweep(sweep: SweepConfig, cfg: TrainConfig, resume: bool = False, addres
                 scheduler=_scheduler(sweep, cfg.epochs),
                 num_samples=sweep.num_samples,
             ),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=resolve(sweep.storage_path), verbose=int(verbose),
-                                      callbacks=[_trial_progress(_trial_count(sweep), cfg.epochs)]),
+            run_config=tune.RunConfig(
+                name=sweep.name,
+                storage_path=resolve(sweep.storage_path),
+                verbose=int(verbose),
+                callbacks=[_trial_progress(_trial_count(sweep), cfg.epochs)],
+            ),
         )
         write_json(saved_path, _saved_form(sweep, cfg))
     with _tune_output(verbose):
@@ -377,8 +438,10 @@ def run_sweep(sweep: SweepConfig, cfg: TrainConfig, resume: bool = False, addres
     saved = tune.ExperimentAnalysis(directory).trials
     finished = sum(trial.status in ("TERMINATED", "ERROR") for trial in saved)
     if finished < _trial_count(sweep):
-        raise SweepInterrupted(f"sweep {sweep.name!r} interrupted with {finished} of {_trial_count(sweep)} trials finished; "
-                               f"its state is saved in {directory}; continue it with --resume")
+        raise SweepInterrupted(
+            f"sweep {sweep.name!r} interrupted with {finished} of {_trial_count(sweep)} trials finished; "
+            f"its state is saved in {directory}; continue it with --resume"
+        )
     rows = trial_rows(grid, cfg)
     best = write_results(directory, rows, sweep, cfg, command)
     return rows, best

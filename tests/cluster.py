@@ -19,8 +19,17 @@ import urllib.error
 import urllib.request
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-_PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port",
-               "--metrics-export-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port")
+_PORT_FLAGS = (
+    "--port",
+    "--dashboard-port",
+    "--ray-client-server-port",
+    "--node-manager-port",
+    "--object-manager-port",
+    "--metrics-export-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+)
 
 
 def free_ports(count: int) -> list:
@@ -40,9 +49,14 @@ def free_ports(count: int) -> list:
 # node is noticed in seconds, not half a minute, the GCS checks each node every second and gives up after 3 misses;
 # and a worker group that cannot be placed (it counted a node that just died) gives up after 20 s and is re-planned.
 FAKE_GCS = "127.0.0.1:6379"
-FAKE_CLUSTER_ENV = {"RAY_FAKE_CLUSTER": "1", "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-                    "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "1000",
-                    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
+FAKE_CLUSTER_ENV = {
+    "RAY_FAKE_CLUSTER": "1",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+    "RAY_health_check_initial_delay_ms": "1000",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20",
+}
 
 
 def one_gpu_nodes(cluster_yaml: str, directory: str, max_nodes: int) -> str:
@@ -52,7 +66,9 @@ def one_gpu_nodes(cluster_yaml: str, directory: str, max_nodes: int) -> str:
 
     with open(cluster_yaml) as f:
         config = yaml.safe_load(f)
-    config["available_node_types"] = {name: spec for name, spec in config["available_node_types"].items() if name != "gpu_4x"}
+    config["available_node_types"] = {
+        name: spec for name, spec in config["available_node_types"].items() if name != "gpu_4x"
+    }
     config["available_node_types"]["gpu_1x"]["max_workers"] = config["max_workers"] = max_nodes
     path = os.path.join(directory, f"one_gpu_nodes_{max_nodes}.yaml")
     with open(path, "w") as f:
@@ -87,7 +103,9 @@ def kill_tree(pid: int) -> list:
 
 def lose_node(node_id: str) -> list:
     """Lose a node of a fake cluster as a machine is lost: :func:`kill_tree` its raylet. Returns the pids."""
-    found = subprocess.run(["pgrep", "-f", f"raylet .*--node_id={node_id}"], capture_output=True, text=True).stdout.split()
+    found = subprocess.run(
+        ["pgrep", "-f", f"raylet .*--node_id={node_id}"], capture_output=True, text=True
+    ).stdout.split()
     if len(found) != 1:
         raise RuntimeError(f"expected one raylet for node {node_id}, found {found}")
     return kill_tree(int(found[0]))
@@ -98,8 +116,13 @@ def joined_node(env: dict, *args, prefix=()):
     """A node joined to the cluster at :data:`FAKE_GCS` by hand (``ray start --address``, ``args`` after it), as a user
     adds a machine; ``prefix`` runs before it (e.g. a mount namespace). Stopped, with what it started, on exit."""
     command = " ".join([RAY, "start", f"--address={FAKE_GCS}", "--disable-usage-stats", "--block", *args])
-    node = subprocess.Popen([*prefix, "sh", "-c", f"exec {command}"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    node = subprocess.Popen(
+        [*prefix, "sh", "-c", f"exec {command}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         yield node
     finally:
@@ -123,8 +146,13 @@ def fake_cluster(config: str, timeout: float = 120):
 
     Yields what :func:`local_head` yields; the GCS is at :data:`FAKE_GCS`. Only one runs at a time on a machine.
     """
-    with local_head(num_cpus=0, timeout=timeout, gcs_port=6379, extra_env=FAKE_CLUSTER_ENV,
-                    extra_args=(f"--autoscaling-config={config}",)) as head:
+    with local_head(
+        num_cpus=0,
+        timeout=timeout,
+        gcs_port=6379,
+        extra_env=FAKE_CLUSTER_ENV,
+        extra_args=(f"--autoscaling-config={config}",),
+    ) as head:
         yield head
 
 
@@ -141,10 +169,23 @@ def local_head(num_cpus: int = 2, timeout: float = 120, gcs_port=None, extra_env
     ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
     if gcs_port is not None:
         ports["--port"] = gcs_port
-    command = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-               "--include-dashboard=true", f"--num-cpus={num_cpus}", f"--temp-dir={temp}", "--disable-usage-stats",
-               *(f"{flag}={port}" for flag, port in ports.items()), *extra_args]
-    head = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    command = [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true",
+        f"--num-cpus={num_cpus}",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+        *(f"{flag}={port}" for flag, port in ports.items()),
+        *extra_args,
+    ]
+    head = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     address = f"http://127.0.0.1:{ports['--dashboard-port']}"
     try:
         _wait_for_jobs_api(address, env, head, timeout)
@@ -170,7 +211,9 @@ def _wait_for_jobs_api(address: str, env: dict, head, timeout: float) -> None:
 
 def _api(address: str, env: dict, path: str, method: str = "GET"):
     with open(env["RAY_AUTH_TOKEN_PATH"]) as f:
-        request = urllib.request.Request(f"{address}{path}", method=method, headers={"Authorization": f"Bearer {f.read()}"})
+        request = urllib.request.Request(
+            f"{address}{path}", method=method, headers={"Authorization": f"Bearer {f.read()}"}
+        )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read() or b"null")
 
@@ -192,7 +235,11 @@ def _stop_jobs(address: str, env: dict, timeout: float = 60) -> None:
     """Stop every job still running on the head: their drivers run in sessions of their own, outside the head's group."""
 
     def running():
-        return [job["submission_id"] for job in list_jobs(address, env) if job.get("submission_id") and job["status"] in ("PENDING", "RUNNING")]
+        return [
+            job["submission_id"]
+            for job in list_jobs(address, env)
+            if job.get("submission_id") and job["status"] in ("PENDING", "RUNNING")
+        ]
 
     try:
         for submission_id in running():

@@ -16,8 +16,9 @@ import pytest
 import torch
 import yaml
 
-from cluster import FAKE_GCS, fake_cluster, joined_node, lose_node, one_gpu_nodes, ray_list
 from raytopk.train import MODEL_FILE, SNAPSHOT_FILE
+
+from cluster import FAKE_GCS, fake_cluster, joined_node, lose_node, one_gpu_nodes, ray_list
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CLUSTER = ROOT / "clusters" / "local.yaml"
@@ -39,8 +40,21 @@ def _lose_node_of_a_worker(head) -> str:
 def _train(head, checkpoint_dir, name, *flags):
     """``raytopk train`` against the fake cluster's GCS, as a user on the head runs it (started, not waited for)."""
     env = dict(head[1], RAY_ADDRESS=FAKE_GCS)
-    command = [sys.executable, "-m", "raytopk", "train", "--config", str(ROOT / "jobs" / "local_cluster.yaml"),
-               "--checkpoint-dir", str(checkpoint_dir), "--name", name, "--output", str(checkpoint_dir / f"{name}.json"), *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "raytopk",
+        "train",
+        "--config",
+        str(ROOT / "jobs" / "local_cluster.yaml"),
+        "--checkpoint-dir",
+        str(checkpoint_dir),
+        "--name",
+        name,
+        "--output",
+        str(checkpoint_dir / f"{name}.json"),
+        *flags,
+    ]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
 
 
@@ -87,10 +101,28 @@ def test_a_job_scales_the_cluster_up_from_zero_and_its_nodes_go_when_idle(tmp_pa
     with fake_cluster(str(LOCAL_CLUSTER)) as head:
         assert _worker_nodes(head) == []
         summary = tmp_path / "summary.json"
-        done = subprocess.run([sys.executable, str(ROOT / "submit.py"), "jobs/local_cluster.yaml", "--address", head[0],
-                               "--set", "epochs=2", "--set", "max_train_batches=10", "--set", f"checkpoint_dir={tmp_path}",
-                               "--set", f"output={summary}"],
-                              capture_output=True, text=True, timeout=420, env=head[1], cwd=ROOT)
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "submit.py"),
+                "jobs/local_cluster.yaml",
+                "--address",
+                head[0],
+                "--set",
+                "epochs=2",
+                "--set",
+                "max_train_batches=10",
+                "--set",
+                f"checkpoint_dir={tmp_path}",
+                "--set",
+                f"output={summary}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=420,
+            env=head[1],
+            cwd=ROOT,
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         result = json.loads(summary.read_text())
         assert result["epochs"] == 2 and [m["epoch"] for m in result["history"]] == [1, 2]
@@ -126,7 +158,9 @@ def test_elastic_run_goes_on_without_a_lost_node_and_grows_when_a_node_joins(tmp
     it, and its last checkpoint holds the history."""
     epochs = 1000
     with fake_cluster(one_gpu_nodes(str(LOCAL_CLUSTER), str(tmp_path), 3)) as head:
-        process = _train(head, tmp_path, "elastic", "--epochs", str(epochs), "--max-train-batches", "4", "--resize-interval-s", "10")
+        process = _train(
+            head, tmp_path, "elastic", "--epochs", str(epochs), "--max-train-batches", "4", "--resize-interval-s", "10"
+        )
         lines = []
         _wait_for(process, rf"epoch 3/{epochs} .*3 workers", lines, timeout=240)
         _lose_node_of_a_worker(head)
@@ -135,7 +169,9 @@ def test_elastic_run_goes_on_without_a_lost_node_and_grows_when_a_node_joins(tmp
         with joined_node(head[1], "--num-cpus=1", "--resources='{\"fake_gpu\": 1}'"):
             # A joining node's log monitor forwards the shared log's old lines again: count only epochs after the shrink.
             grown = re.compile(rf"epoch (\d+)/{epochs} .*3 workers")
-            while len({m[1] for line in lines if (m := grown.search(line)) and int(m[1]) > shrunk}) < 3:  # the first at 3, 2 more
+            while (
+                len({m[1] for line in lines if (m := grown.search(line)) and int(m[1]) > shrunk}) < 3
+            ):  # the first at 3, 2 more
                 _wait_for(process, grown.pattern, lines, timeout=240)
             process.send_signal(signal.SIGINT)
             text = _finish(process, lines, timeout=120, returncode=130)
@@ -150,11 +186,15 @@ def test_elastic_run_goes_on_without_a_lost_node_and_grows_when_a_node_joins(tmp
     for m in history:  # the mean residual the new group holds is the saved workers' mean, to float32 rounding
         assert m.get("residual_mean_error", 0.0) < 1e-6, m
         # The linear rule: the job's lr (0.05) is for 3 workers; a group of W uses W/3 of it, on the same cosine schedule.
-        assert m["lr"] == pytest.approx(0.05 * m["workers"] / 3 * 0.5 * (1 + math.cos(math.pi * m["epoch"] / epochs))), m
+        assert m["lr"] == pytest.approx(
+            0.05 * m["workers"] / 3 * 0.5 * (1 + math.cos(math.pi * m["epoch"] / epochs))
+        ), m
     # Bytes keep counting across resizes; each epoch that trained was printed once (no epoch trained twice).
     assert all(b["bytes_sent"] > a["bytes_sent"] for a, b in zip(history, history[1:]))
     printed = _epoch_lines(text)  # the epoch after the last checkpoint may have been printed as Ctrl+C came
-    assert sorted(printed)[: len(history)] == list(range(1, len(history) + 1)) and all(len(seen) == 1 for seen in printed.values()), printed
+    assert sorted(printed)[: len(history)] == list(range(1, len(history) + 1)) and all(
+        len(seen) == 1 for seen in printed.values()
+    ), printed
     assert "resized: 3 -> 2 workers" in text and "resized: 2 -> 3 workers" in text
 
 
@@ -184,20 +224,38 @@ def test_fixed_size_run_restarts_on_the_replacement_node_and_ends_as_if_uninterr
 def test_a_sweep_spreads_its_trials_over_the_nodes_the_autoscaler_brings_up(spare_nodes, tmp_path):
     head = spare_nodes
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({
-        "base": str(ROOT / "jobs" / "local_cluster.yaml"),
-        "train": {"epochs": 2, "workers": 1, "min_workers": 0, "max_train_batches": 10},
-        "search_space": {"ratio": {"grid": [0.01, 0.001]}}, "scheduler": "none", "num_samples": 1, "max_concurrent_trials": 2,
-        "storage_path": str(tmp_path / "runs"), "name": "spread",
-    }))
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(ROOT / "jobs" / "local_cluster.yaml"),
+                "train": {"epochs": 2, "workers": 1, "min_workers": 0, "max_train_batches": 10},
+                "search_space": {"ratio": {"grid": [0.01, 0.001]}},
+                "scheduler": "none",
+                "num_samples": 1,
+                "max_concurrent_trials": 2,
+                "storage_path": str(tmp_path / "runs"),
+                "name": "spread",
+            }
+        )
+    )
     before = {actor["actor_id"] for actor in ray_list(*head, "actors", "class_name=RayTrainWorker")}
-    done = subprocess.run([sys.executable, "-m", "raytopk", "tune", str(sweep), "--address", FAKE_GCS],
-                          capture_output=True, text=True, timeout=420, env=head[1], cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "raytopk", "tune", str(sweep), "--address", FAKE_GCS],
+        capture_output=True,
+        text=True,
+        timeout=420,
+        env=head[1],
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((tmp_path / "runs" / "spread" / "trials.json").read_text())["trials"]
     assert [row["status"] for row in rows] == ["done", "done"]
-    ours = [actor for actor in ray_list(*head, "actors", "class_name=RayTrainWorker") if actor["actor_id"] not in before]
-    assert len(ours) == 2 and len({actor["node_id"] for actor in ours}) == 2, ours  # one worker per trial, each on its own node
+    ours = [
+        actor for actor in ray_list(*head, "actors", "class_name=RayTrainWorker") if actor["actor_id"] not in before
+    ]
+    assert len(ours) == 2 and len({actor["node_id"] for actor in ours}) == 2, (
+        ours
+    )  # one worker per trial, each on its own node
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a node with its own file system needs a mount namespace (root)")
@@ -207,15 +265,49 @@ def test_a_local_checkpoint_dir_that_a_node_cannot_see_is_refused_in_one_line(sp
     head = spare_nodes
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
-    mount = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"mount -t tmpfs tmpfs {checkpoints} && exec \"$0\" \"$@\""]
+    mount = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f'mount -t tmpfs tmpfs {checkpoints} && exec "$0" "$@"',
+    ]
     with joined_node(head[1], "--num-cpus=1", "--resources='{\"elsewhere\": 1}'", prefix=mount):
         _wait_for_node(head, "elsewhere")
         done = subprocess.run(
-            [sys.executable, "-m", "raytopk", "train", "--config", str(ROOT / "jobs" / "local_cluster.yaml"), "--workers", "1",
-             "--min-workers", "0", "--max-failures", "0", "--epochs", "1", "--set", "resources_per_worker={elsewhere: 1}",
-             "--checkpoint-dir", str(checkpoints), "--name", "unseen"],
-            capture_output=True, text=True, timeout=300, env=dict(head[1], RAY_ADDRESS=FAKE_GCS), cwd=ROOT)
+            [
+                sys.executable,
+                "-m",
+                "raytopk",
+                "train",
+                "--config",
+                str(ROOT / "jobs" / "local_cluster.yaml"),
+                "--workers",
+                "1",
+                "--min-workers",
+                "0",
+                "--max-failures",
+                "0",
+                "--epochs",
+                "1",
+                "--set",
+                "resources_per_worker={elsewhere: 1}",
+                "--checkpoint-dir",
+                str(checkpoints),
+                "--name",
+                "unseen",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=dict(head[1], RAY_ADDRESS=FAKE_GCS),
+            cwd=ROOT,
+        )
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last == (f"raytopk: error: checkpoint_dir: {checkpoints} is not seen from the node of worker rank 0; allowed on a "
-                    "cluster of several nodes: a URI (s3://, gs://) or a path every node mounts (NFS)"), done.stderr[-3000:]
+    assert last == (
+        f"raytopk: error: checkpoint_dir: {checkpoints} is not seen from the node of worker rank 0; allowed on a "
+        "cluster of several nodes: a URI (s3://, gs://) or a path every node mounts (NFS)"
+    ), done.stderr[-3000:]

@@ -28,33 +28,60 @@ ROOT = Path(__file__).resolve().parent.parent
         ({"epochs": -1}, "epochs: got -1; allowed: a number in [1, inf)"),
         ({"compress": "yes"}, "compress: got 'yes'; allowed: true or false"),
         ({"method": "powersgd"}, "method: got 'powersgd'; allowed: topk, dense, fp16"),
-        ({"method": "fp16", "per_layer": True}, "per_layer: set, but compress is false; allowed: only with compress: true"),
+        (
+            {"method": "fp16", "per_layer": True},
+            "per_layer: set, but compress is false; allowed: only with compress: true",
+        ),
         ({"lr": float("inf")}, "lr: got inf; allowed: a number in (0, inf)"),
         ({"amp": "fp8"}, "amp: got 'fp8'; allowed: none, bf16, fp16"),
         ({"amp": "fp16"}, "amp: got 'fp16' without use_gpu; allowed on CPU: none, bf16"),
         ({"accumulate": 0}, "accumulate: got 0; allowed: a number in [1, inf)"),
-        ({"accumulate": 8, "max_train_batches": 4}, "accumulate: got 8, more than max_train_batches 4; allowed: at most max_train_batches"),
+        (
+            {"accumulate": 8, "max_train_batches": 4},
+            "accumulate: got 8, more than max_train_batches 4; allowed: at most max_train_batches",
+        ),
         ({"compress": True, "warmup_ratio": 1.5}, "warmup_ratio: got 1.5; allowed: a number in (0, 1]"),
-        ({"compress": True, "warmup_epochs": 2}, "warmup_epochs: got 2, but warmup_ratio is null; allowed: set warmup_ratio too"),
+        (
+            {"compress": True, "warmup_epochs": 2},
+            "warmup_epochs: got 2, but warmup_ratio is null; allowed: set warmup_ratio too",
+        ),
         ({"compress": True, "clip_norm": 0}, "clip_norm: got 0; allowed: a number in (0, inf)"),
         ({"per_layer": True}, "per_layer: set, but compress is false; allowed: only with compress: true"),
-        ({"compress": True, "momentum_correction": True, "optimizer": "adamw"},
-         "momentum_correction: true with optimizer 'adamw'; allowed: only with optimizer: sgd"),
-        ({"compress": True, "momentum_correction": True, "momentum": 0.0},
-         "momentum: got 0.0 with momentum_correction; allowed: a number in (0, 1)"),
+        (
+            {"compress": True, "momentum_correction": True, "optimizer": "adamw"},
+            "momentum_correction: true with optimizer 'adamw'; allowed: only with optimizer: sgd",
+        ),
+        (
+            {"compress": True, "momentum_correction": True, "momentum": 0.0},
+            "momentum: got 0.0 with momentum_correction; allowed: a number in (0, 1)",
+        ),
         ({"exchange": "ring"}, "exchange: got 'ring'; allowed: auto, allgather, sharded, hierarchical"),
-        ({"min_workers": 3, "workers": 2}, "min_workers: got 3, more than workers 2; allowed: 0 (always workers) or 1 to workers"),
+        (
+            {"min_workers": 3, "workers": 2},
+            "min_workers: got 3, more than workers 2; allowed: 0 (always workers) or 1 to workers",
+        ),
         ({"min_workers": -1}, "min_workers: got -1; allowed: a number in [0, inf)"),
         ({"resize_interval_s": 0}, "resize_interval_s: got 0; allowed: a number in (0, inf)"),
         ({"resources_per_worker": "fake_gpu"}, "resources_per_worker: got 'fake_gpu'; allowed: a mapping or null"),
-        ({"resources_per_worker": {"GPU": 1}}, "resources_per_worker: got {'GPU': 1}; allowed: custom resource names (CPU and GPU "
-         "come from cpus_per_worker and use_gpu) with numbers > 0"),
-        ({"resources_per_worker": {"fake_gpu": -1}}, "resources_per_worker: got {'fake_gpu': -1}; allowed: custom resource names (CPU and GPU "
-         "come from cpus_per_worker and use_gpu) with numbers > 0"),
-        ({"resources_per_worker": {"fake_gpu": "one"}}, "resources_per_worker: got {'fake_gpu': 'one'}; allowed: custom resource names (CPU and GPU "
-         "come from cpus_per_worker and use_gpu) with numbers > 0"),
-        ({"compress": True, "per_layer": True, "exchange": "sharded"},
-         "exchange: got 'sharded' with per_layer: true; allowed with per_layer: auto, allgather"),
+        (
+            {"resources_per_worker": {"GPU": 1}},
+            "resources_per_worker: got {'GPU': 1}; allowed: custom resource names (CPU and GPU "
+            "come from cpus_per_worker and use_gpu) with numbers > 0",
+        ),
+        (
+            {"resources_per_worker": {"fake_gpu": -1}},
+            "resources_per_worker: got {'fake_gpu': -1}; allowed: custom resource names (CPU and GPU "
+            "come from cpus_per_worker and use_gpu) with numbers > 0",
+        ),
+        (
+            {"resources_per_worker": {"fake_gpu": "one"}},
+            "resources_per_worker: got {'fake_gpu': 'one'}; allowed: custom resource names (CPU and GPU "
+            "come from cpus_per_worker and use_gpu) with numbers > 0",
+        ),
+        (
+            {"compress": True, "per_layer": True, "exchange": "sharded"},
+            "exchange: got 'sharded' with per_layer: true; allowed with per_layer: auto, allgather",
+        ),
         ({"capacity_factor": 0.9}, "capacity_factor: got 0.9; allowed: a number in [1, inf)"),
         ({"link_gbps": 0}, "link_gbps: got 0; allowed: a number in (0, inf)"),
         ({"link_latency_us": -1}, "link_latency_us: got -1; allowed: a number in [0, inf)"),
@@ -94,9 +121,15 @@ def test_yaml_then_flags(tmp_path):
 def test_method_names_the_comparison_and_sets_compress():
     """``method`` wins over ``compress`` (a job file's ``compress: true`` run as ``--method dense`` for comparison);
     unset, ``compress`` decides, and names and checkpoints of such jobs stay as they were."""
-    assert [(c.compress, c.method) for c in (load_config(method="topk"), load_config(compress=True, method="dense"),
-                                             load_config(compress=True, method="fp16"), load_config(compress=True))] == [
-        (True, "topk"), (False, "dense"), (False, "fp16"), (True, None)]
+    assert [
+        (c.compress, c.method)
+        for c in (
+            load_config(method="topk"),
+            load_config(compress=True, method="dense"),
+            load_config(compress=True, method="fp16"),
+            load_config(compress=True),
+        )
+    ] == [(True, "topk"), (False, "dense"), (False, "fp16"), (True, None)]
     assert default_run_name(load_config(method="topk")) == default_run_name(load_config(compress=True))
     assert "-fp16-" in default_run_name(load_config(method="fp16"))
     assert default_run_name(load_config(method="fp16")) != default_run_name(load_config(method="dense"))
@@ -122,16 +155,30 @@ def test_every_shipped_job_is_valid():
         (["--backend", "mpi"], "backend: got 'mpi'; allowed: auto, gloo, nccl"),
         (["--epochs", "-1"], "epochs: got -1"),
         (["--workers", "64", "--batch-size", "8"], "workers: got 64, which need 64 CPU in all"),
-        (["--workers", "64", "--min-workers", "8", "--batch-size", "8"], "min_workers: got 8, which need 8 CPU in all, but this local Ray has 2; allowed: at most 2"),
+        (
+            ["--workers", "64", "--min-workers", "8", "--batch-size", "8"],
+            "min_workers: got 8, which need 8 CPU in all, but this local Ray has 2; allowed: at most 2",
+        ),
         (["--set", "resources_per_worker={a: ["], "--set resources_per_worker: got '{a: [', which is not YAML"),
-        (["--resources-per-worker", "{fake_gpu: 1}"],
-         "workers: got 2, which need 2 fake_gpu in all, but this local Ray has 0; allowed: a cluster whose nodes offer fake_gpu"),
-        (["--dataset", "mnist", "--data-dir", "/nonexistent/raytopk-data"], "MNIST not found or unreadable under /nonexistent/raytopk-data"),
+        (
+            ["--resources-per-worker", "{fake_gpu: 1}"],
+            "workers: got 2, which need 2 fake_gpu in all, but this local Ray has 0; allowed: a cluster whose nodes offer fake_gpu",
+        ),
+        (
+            ["--dataset", "mnist", "--data-dir", "/nonexistent/raytopk-data"],
+            "MNIST not found or unreadable under /nonexistent/raytopk-data",
+        ),
         (["--name", "../other-job"], "name: got '../other-job'; allowed: up to 200 letters, digits"),
         (["--name", ".hidden"], "name: got '.hidden'; allowed:"),
         (["--name", "a/b"], "name: got 'a/b'; allowed:"),
-        (["--batch-size", "2001"], "batch_size: got 2001, more than a worker's share (mnist5k has 4000 training images, 2000 per worker"),
-        (["--batch-size", "1000", "--accumulate", "3"], "accumulate: got 3, more than the 2 batches an epoch holds per worker"),
+        (
+            ["--batch-size", "2001"],
+            "batch_size: got 2001, more than a worker's share (mnist5k has 4000 training images, 2000 per worker",
+        ),
+        (
+            ["--batch-size", "1000", "--accumulate", "3"],
+            "accumulate: got 3, more than the 2 batches an epoch holds per worker",
+        ),
         (["--save-every", "4", "--epochs", "3"], "save_every: got 4, more than epochs 3; allowed: 1 to 3"),
         (["--workers", "4001", "--batch-size", "1"], "workers: got 4001, but mnist5k has 4000 training images"),
     ],
@@ -139,7 +186,9 @@ def test_every_shipped_job_is_valid():
 def test_cli_user_errors_are_one_line_exit_2(args, fragment, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "raytopk", "train", *args, "--checkpoint-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("raytopk: error: "), done.stderr
@@ -156,17 +205,43 @@ def test_paths_are_checked_before_ray_starts_and_nothing_is_left(tmp_path):
     cases = [
         (["--checkpoint-dir", str(a_file)], f"checkpoint_dir: got '{a_file}', which is a file; allowed: a directory"),
         (["--checkpoint-dir", str(a_file / "runs")], f"'{a_file}' is a file; allowed: a path under a directory"),
-        (["--checkpoint-dir", "nosuch://bucket/runs"], "checkpoint_dir: got 'nosuch://bucket/runs' (Unrecognized filesystem"),
+        (
+            ["--checkpoint-dir", "nosuch://bucket/runs"],
+            "checkpoint_dir: got 'nosuch://bucket/runs' (Unrecognized filesystem",
+        ),
         (["--checkpoint-dir", "/proc/raytopk-runs"], "but this user cannot create anything in /proc"),
-        (["--checkpoint-dir", str(runs), "--output", str(tmp_path)], f"output: got '{tmp_path}', which is a directory; allowed: a file path"),
-        (["--checkpoint-dir", str(runs), "--output", str(a_file / "s.json")], f"output: got '{a_file / 's.json'}', but '{a_file}' is a file"),
-        (["--checkpoint-dir", str(runs), "--dataset", "mnist", "--data-dir", str(a_file)], f"data_dir: got '{a_file}', which is a file"),
+        (
+            ["--checkpoint-dir", str(runs), "--output", str(tmp_path)],
+            f"output: got '{tmp_path}', which is a directory; allowed: a file path",
+        ),
+        (
+            ["--checkpoint-dir", str(runs), "--output", str(a_file / "s.json")],
+            f"output: got '{a_file / 's.json'}', but '{a_file}' is a file",
+        ),
+        (
+            ["--checkpoint-dir", str(runs), "--dataset", "mnist", "--data-dir", str(a_file)],
+            f"data_dir: got '{a_file}', which is a file",
+        ),
     ]
     for args, fragment in cases:
-        done = subprocess.run([sys.executable, "-m", "raytopk", "train", *args], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "raytopk", "train", *args], capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and fragment in done.stderr, (args, done.stderr)
-    sweep = subprocess.run([sys.executable, "-m", "raytopk", "tune", str(ROOT / "tune_configs" / "mnist5k_ratio_lr.yaml"),
-                            "--set", f"storage_path={a_file}"], capture_output=True, text=True, timeout=120)
+    sweep = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raytopk",
+            "tune",
+            str(ROOT / "tune_configs" / "mnist5k_ratio_lr.yaml"),
+            "--set",
+            f"storage_path={a_file}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert sweep.returncode == 2 and f"storage_path: got '{a_file}', which is a file" in sweep.stderr, sweep.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"] and a_file.read_text() == ""
 

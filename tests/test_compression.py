@@ -29,10 +29,19 @@ def test_same_set_as_torch_topk(numel, fraction):
     "make, k",
     [
         (lambda n, g: torch.randn(n, generator=g) ** 7, 10_000),  # heavy tails
-        (lambda n, g: torch.where(torch.rand(n, generator=g) < 0.995, 0.0, torch.randn(n, generator=g)), 2_000),  # ~5,000 nonzero
+        (
+            lambda n, g: torch.where(torch.rand(n, generator=g) < 0.995, 0.0, torch.randn(n, generator=g)),
+            2_000,
+        ),  # ~5,000 nonzero
         (lambda n, g: torch.linspace(-1, 1, n), 10_000),  # sorted: neighbours share magnitudes
-        (lambda n, g: torch.cat([torch.zeros(n - 50), 1e6 * torch.randn(50, generator=g)]), 20),  # few spikes at the end
-        (lambda n, g: -torch.rand(n, generator=g), 10_000),  # all negative: the largest magnitudes are the smallest values
+        (
+            lambda n, g: torch.cat([torch.zeros(n - 50), 1e6 * torch.randn(50, generator=g)]),
+            20,
+        ),  # few spikes at the end
+        (
+            lambda n, g: -torch.rand(n, generator=g),
+            10_000,
+        ),  # all negative: the largest magnitudes are the smallest values
     ],
 )
 def test_fast_path_exact_on_hard_distributions(make, k):
@@ -47,8 +56,10 @@ def test_fast_path_exact_on_hard_distributions(make, k):
 
 def _no_full_topk(monkeypatch):
     """Make the fallback to a full ``torch.topk`` fail the test: the sampled path must answer alone."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("select_topk fell back to a full torch.topk")
+
     monkeypatch.setattr(torch, "topk", refuse)
 
 
@@ -164,16 +175,18 @@ def test_pack_unpack_round_trip(name, k):
 def test_pack_returns_entries_already_laid_out_as_a_payload_without_a_copy():
     k = 5
     payload = torch.empty(8 * k, dtype=torch.uint8)
-    indices, values = payload[: 4 * k].view(torch.int32), payload[4 * k:].view(torch.float32)
+    indices, values = payload[: 4 * k].view(torch.int32), payload[4 * k :].view(torch.float32)
     indices.copy_(torch.tensor([3, 1, 4, 15, 9], dtype=torch.int32))
     values.copy_(torch.randn(k))
     copied = torch.cat([indices.view(torch.uint8), values.view(torch.uint8)])
     packed = pack(values, indices, torch.float32)
     assert packed.data_ptr() == payload.data_ptr() and torch.equal(packed, copied)
     # Entries in one buffer but not in pack's order, or sent in another dtype, are copied.
-    swapped_values, swapped_indices = payload[: 4 * k].view(torch.float32), payload[4 * k:].view(torch.int32)
+    swapped_values, swapped_indices = payload[: 4 * k].view(torch.float32), payload[4 * k :].view(torch.int32)
     swapped = pack(swapped_values, swapped_indices, torch.float32)
-    assert swapped.data_ptr() != payload.data_ptr() and torch.equal(swapped, torch.cat([payload[4 * k:], payload[: 4 * k]]))
+    assert swapped.data_ptr() != payload.data_ptr() and torch.equal(
+        swapped, torch.cat([payload[4 * k :], payload[: 4 * k]])
+    )
     halved = pack(values, indices, torch.float16)
     assert torch.equal(halved, torch.cat([indices.view(torch.uint8), values.half().view(torch.uint8)]))
 
@@ -182,14 +195,19 @@ def test_past_two_to_the_31_entries_indices_are_int64_on_the_wire():
     """A bucket of 2**31 entries or more: indices take 8 bytes; pack and unpack carry positions above int32's range."""
     numel = 2**31 + 5
     assert index_dtype(2**31 - 1) == torch.int32 and index_dtype(numel) == torch.int64
-    assert payload_bytes(10, numel, torch.float16) == 10 * (8 + 2) and payload_bytes(10, 2**31 - 1, torch.float16) == 10 * (4 + 2)
+    assert payload_bytes(10, numel, torch.float16) == 10 * (8 + 2) and payload_bytes(
+        10, 2**31 - 1, torch.float16
+    ) == 10 * (4 + 2)
     indices = torch.tensor([0, 2**31 - 1, 2**31, numel - 1], dtype=torch.int64)
     values = torch.tensor([1.5, -2.0, 3.25, -4.5])
     buffer = pack(values, indices, torch.bfloat16)
     assert buffer.numel() == payload_bytes(4, numel, torch.bfloat16)
     got_values, got_indices = unpack(buffer, 4, numel, torch.bfloat16)
-    assert got_indices.dtype == torch.int64 and torch.equal(got_indices, indices) and torch.equal(got_values.float(), values)
-
+    assert (
+        got_indices.dtype == torch.int64
+        and torch.equal(got_indices, indices)
+        and torch.equal(got_values.float(), values)
+    )
 
 
 @pytest.mark.parametrize("numel", [7, 1000, 40_000, 300_001])

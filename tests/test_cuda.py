@@ -52,7 +52,9 @@ def test_hook_on_nccl_applies_topk_and_keeps_the_rest(nccl_group, value_dtype):
     full = torch.autograd.grad(reference, list(model.parameters()))
     torch.nn.functional.cross_entropy(ddp(x), y).backward()
     applied = torch.cat([p.grad.flatten() for p in model.parameters()])
-    residual = torch.cat([state.state_dict()["residuals"][name].flatten().cuda() for name, _ in model.named_parameters()])
+    residual = torch.cat(
+        [state.state_dict()["residuals"][name].flatten().cuda() for name, _ in model.named_parameters()]
+    )
     whole = torch.cat([g.flatten() for g in full])
     assert 0 < int((applied != 0).sum()) <= 0.02 * whole.numel() + 16
     # The residual keeps what fp16 or bf16 rounded off the sent values, so nothing but fp32 rounding is lost.
@@ -93,9 +95,13 @@ def test_a_non_finite_step_on_nccl_keeps_the_memory_without_waiting_for_the_gpu(
     ddp.register_comm_hook(state, raytopk.topk_hook)
     x, y = torch.randn(32, 256, device="cuda"), torch.randint(10, (32,), device="cuda")
     _host_waited_for_the_gpu(plain, x, y)
-    assert not _host_waited_for_the_gpu(plain, x, y), "plain DDP's backward waited for the GPU: the check below means nothing"
+    assert not _host_waited_for_the_gpu(plain, x, y), (
+        "plain DDP's backward waited for the GPU: the check below means nothing"
+    )
     # Sparse steps fill the memory, so that a finite step through the dense fallback changes it (it empties it).
-    for step, (step_ratio, poisoned) in enumerate([(0.01, False), (ratio, False), (0.01, False), (ratio, True), (ratio, False)]):
+    for step, (step_ratio, poisoned) in enumerate(
+        [(0.01, False), (ratio, False), (0.01, False), (ratio, True), (ratio, False)]
+    ):
         state.ratio = step_ratio
         before = state.state_dict()
         ddp.zero_grad()
@@ -103,8 +109,11 @@ def test_a_non_finite_step_on_nccl_keeps_the_memory_without_waiting_for_the_gpu(
         after = state.state_dict()
         assert not (step >= 2 and waited), f"step {step}: the hook made the host wait for the GPU"
         if step:
-            same = all(torch.equal(before[kind][name], after[kind][name]) for kind in ("residuals", "velocities")
-                       for name in before[kind])
+            same = all(
+                torch.equal(before[kind][name], after[kind][name])
+                for kind in ("residuals", "velocities")
+                for name in before[kind]
+            )
             assert same == poisoned, f"step {step}: memory {'changed' if not same else 'unchanged'}"
 
 

@@ -15,14 +15,26 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import raytopk
+
 from ranks import run_ranks
 from test_exchange import _as_nodes, _integer_acc
 from test_hook import _train
 
 PACKAGE = os.path.dirname(raytopk.__file__)
 TORCH = os.path.dirname(torch.__file__)
-FACTORIES = {torch.arange, torch.empty, torch.full, torch.ones, torch.zeros, torch.tensor, torch.rand, torch.randn,
-             torch.randint, torch.eye, torch.linspace}
+FACTORIES = {
+    torch.arange,
+    torch.empty,
+    torch.full,
+    torch.ones,
+    torch.zeros,
+    torch.tensor,
+    torch.rand,
+    torch.randn,
+    torch.randint,
+    torch.eye,
+    torch.linspace,
+}
 
 
 class RequireDevice(TorchFunctionMode):
@@ -63,8 +75,14 @@ def _every_exchange_under_the_guard(rank, world_size, local_world_size):
                 future.wait()
         # The hook: DGC's options, fp16 values, a resume (its first step selects over the saved buckets), each exchange.
         for exchange in algorithms:
-            options = {"exchange": exchange, "momentum": 0.9, "warmup_ratio": 0.3, "warmup_steps": 2, "clip_norm": 5.0,
-                       "value_dtype": "fp16"}
+            options = {
+                "exchange": exchange,
+                "momentum": 0.9,
+                "warmup_ratio": 0.3,
+                "warmup_steps": 2,
+                "clip_norm": 5.0,
+                "value_dtype": "fp16",
+            }
             _, checkpoint, _ = _train(rank, 5, 0, cap_mb=0.005, options=options)
             _train(rank, 2, 4, cap_mb=0.005, saved=checkpoint, options=options)
     return True

@@ -53,7 +53,11 @@ def _shown(sources) -> set:
     for source in sources:
         path = ROOT / source
         text = path.read_text()
-        values = set(_leaves(json.loads(text))) if path.suffix == ".json" else {float(t.replace(",", "")) for t in NUMBER.findall(text)}
+        values = (
+            set(_leaves(json.loads(text)))
+            if path.suffix == ".json"
+            else {float(t.replace(",", "")) for t in NUMBER.findall(text)}
+        )
         for value in values:
             for scaled in (value, 100 * value, value / 1e6, 1000 * value):
                 shown.update(f"{scaled:.{decimals}f}" for decimals in range(5))
@@ -74,11 +78,19 @@ def test_every_number_in_a_table_is_in_the_result_file_it_names(page, sources, h
     missing = [path for path in sources if not (ROOT / path).is_file()]
     assert not missing, f"{page.name} names result files that are not committed: {missing}"
     shown = _shown(sources)
-    numbers = [(row[0], number.replace(",", "").lstrip("+"), cell) for row in rows for cell in row for number in NUMBER.findall(cell)]
+    numbers = [
+        (row[0], number.replace(",", "").lstrip("+"), cell)
+        for row in rows
+        for cell in row
+        for number in NUMBER.findall(cell)
+    ]
     found = [float(number) for _, number, _ in numbers if number in shown]
     # A speed-up ("17.6x") may be worked out from two numbers of the table; anything else must be in the file.
-    absent = [(label, number) for label, number, cell in numbers
-              if number not in shown and not (f"{number}x" in cell.replace(",", "") and _a_quotient(number, found))]
+    absent = [
+        (label, number)
+        for label, number, cell in numbers
+        if number not in shown and not (f"{number}x" in cell.replace(",", "") and _a_quotient(number, found))
+    ]
     assert not absent, f"{page.name}: numbers of the table headed {header} found in none of {sources}: {absent}"
 
 

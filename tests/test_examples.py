@@ -50,7 +50,9 @@ def test_ray_train_loop_example_trains_sparse_and_resumes_every_rank_exactly(tmp
     two = _ray_loop(tmp_path, "--epochs", "2", "--name", "resumed")
     # The third epoch (long after the two dense warm-up steps): at most 3% of dense DDP's bytes at ratio 0.01.
     assert straight["bytes_sent"] - two["bytes_sent"] <= 0.03 * (straight["dense_bytes"] - two["dense_bytes"])
-    assert _ray_loop(tmp_path, "--epochs", "3", "--name", "resumed") == straight  # Ray resumed it: same accuracy, bytes, steps
+    assert (
+        _ray_loop(tmp_path, "--epochs", "3", "--name", "resumed") == straight
+    )  # Ray resumed it: same accuracy, bytes, steps
     a, b = _latest_checkpoint(tmp_path / "straight"), _latest_checkpoint(tmp_path / "resumed")
     for name in ("model.pt", "rank0.pt", "rank1.pt"):  # the weights, and each rank's residual, bit for bit
         x, y = torch.load(a / name, weights_only=True), torch.load(b / name, weights_only=True)

@@ -10,12 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ranks import run_ranks
-from test_hook import _train
 from raytopk import TopKState, topk_hook
 from raytopk.compression import select_topk
 from raytopk.cost_model import Layout, Link, accurate_exchanges, choose, cost, selected, sharded_counts
 from raytopk.exchange import Exchanger, sharded
+
+from ranks import run_ranks
+from test_hook import _train
 
 # (world size, ranks per node): flat groups, one node, and two nodes of two.
 LAYOUTS = [(2, 1), (3, 1), (4, 1), (2, 2), (4, 2)]
@@ -64,8 +65,10 @@ def _decoding_reported(rank, world_size, algorithm, local_world_size):
     return seconds
 
 
-@pytest.mark.parametrize("algorithm, world_size, local_world_size",
-                         [("allgather", 2, 1), ("sharded", 3, 1), ("hierarchical", 2, 1), ("hierarchical", 4, 2)])
+@pytest.mark.parametrize(
+    "algorithm, world_size, local_world_size",
+    [("allgather", 2, 1), ("sharded", 3, 1), ("hierarchical", 2, 1), ("hierarchical", 4, 2)],
+)
 def test_every_gather_reports_how_long_its_decoding_took(algorithm, world_size, local_world_size):
     """What the hook adds to ``stats["hook_s"]`` when a gather lands (its scatter-adds), from every exchange."""
     for seconds in run_ranks(_decoding_reported, world_size, algorithm, local_world_size):
@@ -81,14 +84,19 @@ def _invariant(rank, world_size, algorithm, local_world_size):
         out, _, _ = _run(algorithm, acc, k, local_world_size, capacity_factor=1.0)
         residuals = _gather_all(acc).sum(0)
         assert torch.equal(_gather_all(out), out.expand(world_size, -1)), "ranks got different updates"
-        assert torch.equal(residuals + out, total), f"lost {float((total - residuals - out).abs().max())} at numel {numel}"
+        assert torch.equal(residuals + out, total), (
+            f"lost {float((total - residuals - out).abs().max())} at numel {numel}"
+        )
         results.append(int((out != 0).sum()))
     return results
 
 
-@pytest.mark.parametrize("algorithm, world_size, local_world_size",
-                         [(a, w, 1) for a in ("allgather", "sharded") for w in (2, 3, 4)] + [("allgather", 4, 2), ("sharded", 4, 2)]
-                         + [("hierarchical", w, local) for w, local in LAYOUTS])
+@pytest.mark.parametrize(
+    "algorithm, world_size, local_world_size",
+    [(a, w, 1) for a in ("allgather", "sharded") for w in (2, 3, 4)]
+    + [("allgather", 4, 2), ("sharded", 4, 2)]
+    + [("hierarchical", w, local) for w, local in LAYOUTS],
+)
 def test_error_feedback_loses_nothing(algorithm, world_size, local_world_size):
     updated = run_ranks(_invariant, world_size, algorithm, local_world_size)
     assert all(count > 0 for count in updated[0]), "the exchange sent nothing: the test did not exercise it"
@@ -110,7 +118,9 @@ def _keep_everything(rank, world_size, algorithm, local_world_size):
         assert torch.equal(torch.sort(cleared).values, torch.sort(indices.long()).values), "a sent entry was not used"
     dist.all_reduce(sparse)
     assert torch.equal(out, sparse)
-    assert not acc.count_nonzero() if algorithm == "hierarchical" else torch.equal(acc[cleared], torch.zeros(len(cleared)))
+    assert (
+        not acc.count_nonzero() if algorithm == "hierarchical" else torch.equal(acc[cleared], torch.zeros(len(cleared)))
+    )
     return True
 
 
@@ -127,10 +137,14 @@ def test_hierarchical_selecting_everything_equals_a_dense_allreduce(world_size, 
 def _bytes_as_modelled(rank, world_size, algorithm, local_world_size):
     numel, k = 5000, 50
     _, _, sent = _run(algorithm, _integer_acc(rank, numel, 3), k, local_world_size)
-    return sent, cost(algorithm, Layout(world_size, local_world_size if algorithm == "hierarchical" else 1), numel, k).bytes_sent
+    return sent, cost(
+        algorithm, Layout(world_size, local_world_size if algorithm == "hierarchical" else 1), numel, k
+    ).bytes_sent
 
 
-@pytest.mark.parametrize("algorithm, world_size, local_world_size", [("allgather", 3, 1), ("sharded", 4, 1), ("hierarchical", 4, 2)])
+@pytest.mark.parametrize(
+    "algorithm, world_size, local_world_size", [("allgather", 3, 1), ("sharded", 4, 1), ("hierarchical", 4, 2)]
+)
 def test_counted_bytes_are_the_cost_models(algorithm, world_size, local_world_size):
     for sent, modelled in run_ranks(_bytes_as_modelled, world_size, algorithm, local_world_size):
         assert sent == modelled
@@ -141,7 +155,9 @@ def test_counted_bytes_are_the_cost_models(algorithm, world_size, local_world_si
 
 def _model():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    return torch.nn.Sequential(
+        torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4)
+    )
 
 
 def _loss(model, rank, step):
@@ -159,7 +175,9 @@ def _hook_conserves_mass(rank, world_size, exchange, local_world_size):
     model = _model()
     ddp = DDP(model, bucket_cap_mb=0.005)
     # With no latency, bytes alone decide what auto picks: sharded at 4 flat ranks.
-    state = TopKState(ratio=0.05, start_iter=1, module=model, exchange=exchange, link=Link(inter_latency_us=0, intra_latency_us=0))
+    state = TopKState(
+        ratio=0.05, start_iter=1, module=model, exchange=exchange, link=Link(inter_latency_us=0, intra_latency_us=0)
+    )
     ddp.register_comm_hook(state, topk_hook)
     applied = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
     mean_grads = torch.zeros_like(applied)
@@ -179,7 +197,9 @@ def _hook_conserves_mass(rank, world_size, exchange, local_world_size):
     return state.algorithms, state.stats
 
 
-@pytest.mark.parametrize("exchange, world_size, local_world_size", [("sharded", 3, 1), ("hierarchical", 4, 2), ("auto", 4, 1)])
+@pytest.mark.parametrize(
+    "exchange, world_size, local_world_size", [("sharded", 3, 1), ("hierarchical", 4, 2), ("auto", 4, 1)]
+)
 def test_hook_conserves_the_gradient_with_each_exchange(exchange, world_size, local_world_size):
     for algorithms, stats in run_ranks(_hook_conserves_mass, world_size, exchange, local_world_size):
         expected = "sharded" if exchange == "auto" else exchange
@@ -200,10 +220,16 @@ def _resume(rank, world_size, exchange, local_world_size, options):
 DGC_FP16 = {"momentum": 0.9, "warmup_ratio": 0.3, "warmup_steps": 4, "clip_norm": 5.0, "value_dtype": "fp16"}
 
 
-@pytest.mark.parametrize("exchange, world_size, local_world_size, options", [
-    ("allgather", 2, 1, {}), ("sharded", 3, 1, {}), ("hierarchical", 4, 2, {}),
-    ("sharded", 3, 1, DGC_FP16), ("hierarchical", 4, 2, DGC_FP16),
-])
+@pytest.mark.parametrize(
+    "exchange, world_size, local_world_size, options",
+    [
+        ("allgather", 2, 1, {}),
+        ("sharded", 3, 1, {}),
+        ("hierarchical", 4, 2, {}),
+        ("sharded", 3, 1, DGC_FP16),
+        ("hierarchical", 4, 2, DGC_FP16),
+    ],
+)
 def test_resume_is_exact_with_each_exchange(exchange, world_size, local_world_size, options):
     for equal, used in run_ranks(_resume, world_size, exchange, local_world_size, options):
         assert equal and used == {exchange}
@@ -230,7 +256,10 @@ def test_every_flat_exchange_sends_the_ratios_share_of_dense_bytes_at_any_worker
     numel, k = 4_000_000, 40_000
     for name in ("allgather", "sharded"):
         for w in (2, 3, 8, 64, 1024):
-            share = cost(name, Layout(w), numel, k, keep_factor=keep_factor).bytes_sent / cost("dense", Layout(w), numel, k).bytes_sent
+            share = (
+                cost(name, Layout(w), numel, k, keep_factor=keep_factor).bytes_sent
+                / cost("dense", Layout(w), numel, k).bytes_sent
+            )
             assert 0.0195 < share <= 0.02 * (1 + w / k), (name, w, share)
 
 
@@ -254,12 +283,15 @@ def test_sharded_counts_give_each_destination_headroom():
     assert selected("sharded", 40_000, 8, 1.25, 3.0) == 18823 and selected("allgather", 40_000, 8) == 10_000
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"exchange": "ring"}, "exchange must be one of auto, allgather, sharded, hierarchical, got 'ring'"),
-    ({"exchange": "sharded", "per_layer": True}, "per_layer=True sends with exchange='allgather'"),
-    ({"capacity_factor": 0.5}, r"capacity_factor must be a number in \[1, inf\), got 0.5"),
-    ({"link": {"inter_gbps": 1}}, "link must be a raytopk.exchange.Link"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"exchange": "ring"}, "exchange must be one of auto, allgather, sharded, hierarchical, got 'ring'"),
+        ({"exchange": "sharded", "per_layer": True}, "per_layer=True sends with exchange='allgather'"),
+        ({"capacity_factor": 0.5}, r"capacity_factor must be a number in \[1, inf\), got 0.5"),
+        ({"link": {"inter_gbps": 1}}, "link must be a raytopk.exchange.Link"),
+    ],
+)
 def test_bad_exchange_settings_are_value_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TopKState(ratio=0.01, **kwargs)
@@ -297,7 +329,11 @@ def _generated_invariant(rank, world_size, algorithm, local_world_size, cases, v
 def _exchange_cases(draw):
     world_size, local_world_size = draw(st.sampled_from(LAYOUTS))
     algorithm = draw(st.sampled_from(["allgather", "sharded"] + (["hierarchical"] if local_world_size > 1 else [])))
-    cases = draw(st.lists(st.integers(1, 5000).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, n))), min_size=1, max_size=6))
+    cases = draw(
+        st.lists(
+            st.integers(1, 5000).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, n))), min_size=1, max_size=6
+        )
+    )
     return world_size, local_world_size, algorithm, cases, draw(st.sampled_from(["fp32", "fp16", "bf16"]))
 
 
@@ -307,12 +343,21 @@ def test_generated_exchanges_lose_nothing_and_count_what_they_send(case):
     world_size, local_world_size, algorithm, cases, value_dtype = case
     sent = run_ranks(_generated_invariant, world_size, algorithm, local_world_size, cases, value_dtype)
     assert all(isinstance(b, (int, float)) and b >= 0 for rank in sent for b in rank)
-    item = torch.finfo({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[value_dtype]).bits // 8 + 4
-    if algorithm == "allgather":  # every rank sends its selection, 2k / W entries (index and value), to each of the others
-        assert [b for b in sent[0]] == [(world_size - 1) * max(1, 2 * k // world_size) * item for _, k in cases], (sent[0], cases)
+    item = (
+        torch.finfo({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[value_dtype]).bits // 8 + 4
+    )
+    if (
+        algorithm == "allgather"
+    ):  # every rank sends its selection, 2k / W entries (index and value), to each of the others
+        assert [b for b in sent[0]] == [(world_size - 1) * max(1, 2 * k // world_size) * item for _, k in cases], (
+            sent[0],
+            cases,
+        )
     if algorithm != "hierarchical":  # ratio's promise: 2k (W - 1) / W entries, up to one more per peer and stage
         for rank_sent in sent:
-            assert all(b <= (2 * k / world_size + 2) * (world_size - 1) * item for b, (_, k) in zip(rank_sent, cases)), (rank_sent, cases)
+            assert all(
+                b <= (2 * k / world_size + 2) * (world_size - 1) * item for b, (_, k) in zip(rank_sent, cases)
+            ), (rank_sent, cases)
 
 
 # behaviours a hand-made breakage once slipped past: each tested on its own ----------------
@@ -365,13 +410,19 @@ def _odd_budget_on_two_levels(rank, world_size, local_world_size, k):
     _as_nodes(local_world_size)
     numel, nodes, node = 1000, world_size // local_world_size, rank // local_world_size
     acc = torch.zeros(numel)
-    acc[node::nodes] = torch.arange(numel // nodes, 0, -1).float() / (1 + rank % local_world_size)  # no ties within a node
+    acc[node::nodes] = torch.arange(numel // nodes, 0, -1).float() / (
+        1 + rank % local_world_size
+    )  # no ties within a node
     out, _, sent = _run("hierarchical", acc, k, local_world_size)
     modelled = cost("hierarchical", Layout(world_size, local_world_size), numel, k)
     shard_k = math.ceil(k / local_world_size)  # each local rank's share, rounded up
-    per_shard = shard_k if nodes == 1 else selected(
-        "allgather" if nodes <= 2 else "sharded", shard_k, nodes)
-    return sent, modelled.bytes_sent, int((out != 0).sum()), local_world_size * nodes * per_shard if nodes <= 2 else None
+    per_shard = shard_k if nodes == 1 else selected("allgather" if nodes <= 2 else "sharded", shard_k, nodes)
+    return (
+        sent,
+        modelled.bytes_sent,
+        int((out != 0).sum()),
+        local_world_size * nodes * per_shard if nodes <= 2 else None,
+    )
 
 
 @pytest.mark.parametrize("world_size, local_world_size, k", [(2, 2, 7), (4, 2, 7), (4, 2, 13), (6, 3, 11)])

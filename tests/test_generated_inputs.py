@@ -20,14 +20,24 @@ from raytopk.config import ConfigError, TrainConfig, load_config
 
 KEYS = [f.name for f in dataclasses.fields(TrainConfig)]
 # Derandomized: every CI run tries the same inputs, so a failure there reproduces exactly here.
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None, derandomize=True)
+SETTINGS = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None, derandomize=True
+)
 
 # Anything YAML can hold: numbers of every kind (NaN, inf, huge), text, unicode, nesting.
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=20), st.sampled_from(["sgd", "adamw", "fp16", "bf16", "auto", "sharded", "mnist5k", "simple_cnn", "vit", "../x", ".x"]),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.sampled_from(["sgd", "adamw", "fp16", "bf16", "auto", "sharded", "mnist5k", "simple_cnn", "vit", "../x", ".x"]),
 )
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
 # Keys mostly real, sometimes not (a typo, another type).
 keys = st.one_of(st.sampled_from(KEYS), st.text(min_size=1, max_size=12))
 
@@ -68,10 +78,25 @@ def test_generated_yaml_documents_are_accepted_or_refused_in_one_line(tmp_path):
         st.dictionaries(keys, values, max_size=5).map(lambda d: yaml.safe_dump(d, allow_unicode=True)),
         values.map(lambda v: yaml.safe_dump(v, allow_unicode=True)),  # lists, scalars: not a mapping
         st.text(max_size=60),  # anything at all
-        st.integers(1, 700).map(lambda depth: "[" * depth + "]" * depth),  # deep nesting: from about 500 levels the parser's RecursionError
-        st.sampled_from(["epochs: 1e999", "ratio: .nan", "lr: -.inf", "batch_size: 99999999999999999999999",
-                         "model: !!python/object/apply:os.system [echo hi]", "ratio: !custom 1", "? [a, b]\n: 1",
-                         "epochs: &a 1\nlr: *a", "name: \u00e9t\u00e9", "\ufeffepochs: 2", "a: b: c", "epochs: [1, 2"]),
+        st.integers(1, 700).map(
+            lambda depth: "[" * depth + "]" * depth
+        ),  # deep nesting: from about 500 levels the parser's RecursionError
+        st.sampled_from(
+            [
+                "epochs: 1e999",
+                "ratio: .nan",
+                "lr: -.inf",
+                "batch_size: 99999999999999999999999",
+                "model: !!python/object/apply:os.system [echo hi]",
+                "ratio: !custom 1",
+                "? [a, b]\n: 1",
+                "epochs: &a 1\nlr: *a",
+                "name: \u00e9t\u00e9",
+                "\ufeffepochs: 2",
+                "a: b: c",
+                "epochs: [1, 2",
+            ]
+        ),
         st.binary(max_size=40).map(lambda b: b.decode("latin-1")),
     )
 
@@ -99,12 +124,18 @@ def test_nesting_deeper_than_the_parser_recurses_is_refused_in_one_line(depth, t
 
 def test_generated_set_pairs_are_accepted_or_refused_in_one_line():
     refused = set()
-    pairs = st.lists(st.one_of(
-        st.tuples(st.sampled_from(KEYS), st.text(max_size=15)).map("=".join),
-        st.tuples(st.sampled_from(KEYS), values.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip())).map("=".join),
-        st.text(max_size=20),  # no '=' at all, or an empty key
-        st.tuples(st.sampled_from(KEYS), st.integers(1, 700)).map(lambda kd: f"{kd[0]}={'[' * kd[1]}{']' * kd[1]}"),
-    ), min_size=1, max_size=4)
+    pairs = st.lists(
+        st.one_of(
+            st.tuples(st.sampled_from(KEYS), st.text(max_size=15)).map("=".join),
+            st.tuples(
+                st.sampled_from(KEYS), values.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip())
+            ).map("=".join),
+            st.text(max_size=20),  # no '=' at all, or an empty key
+            st.tuples(st.sampled_from(KEYS), st.integers(1, 700)).map(lambda kd: f"{kd[0]}={'[' * kd[1]}{']' * kd[1]}"),
+        ),
+        min_size=1,
+        max_size=4,
+    )
 
     @SETTINGS
     @given(pairs)
@@ -123,11 +154,15 @@ def valid_jobs(draw):
     batch_size = draw(st.integers(1, shard))
     epochs = draw(st.integers(1, 50))
     job = {
-        "workers": workers, "batch_size": batch_size, "epochs": epochs,
+        "workers": workers,
+        "batch_size": batch_size,
+        "epochs": epochs,
         "accumulate": draw(st.integers(1, min(8, shard // batch_size))),
         "save_every": draw(st.integers(1, epochs)),
-        "ratio": draw(st.floats(1e-6, 1.0)), "lr": draw(st.floats(1e-6, 10.0)),
-        "compress": draw(st.booleans()), "model": draw(st.sampled_from(["simple_cnn", "resnet18", "vit"])),
+        "ratio": draw(st.floats(1e-6, 1.0)),
+        "lr": draw(st.floats(1e-6, 10.0)),
+        "compress": draw(st.booleans()),
+        "model": draw(st.sampled_from(["simple_cnn", "resnet18", "vit"])),
         "exchange": draw(st.sampled_from(["auto", "allgather", "sharded", "hierarchical"])),
         "value_dtype": draw(st.sampled_from(["fp32", "fp16", "bf16"])),
         "name": draw(st.none() | st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,30}", fullmatch=True)),

@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ranks import run_ranks
 from raytopk import TopKState, topk_hook
 from raytopk.cost_model import KEEP_FACTOR
+
+from ranks import run_ranks
 
 
 def _model(seed=0, hidden=32, depth=1):
@@ -83,8 +84,12 @@ def test_a_ratio_whose_payload_outweighs_the_bucket_is_plain_ddp_on_the_wire(rat
 def _memory_of(state, model):
     """Residuals and velocities, flat in parameter order (zeros before the first step)."""
     saved = state.state_dict()
-    return {kind: torch.cat([saved[kind].get(name, torch.zeros_like(p)).reshape(-1) for name, p in model.named_parameters()])
-            for kind in ("residuals", "velocities")}
+    return {
+        kind: torch.cat(
+            [saved[kind].get(name, torch.zeros_like(p)).reshape(-1) for name, p in model.named_parameters()]
+        )
+        for kind in ("residuals", "velocities")
+    }
 
 
 def _dense_fallback_memory(rank, world_size):
@@ -113,7 +118,9 @@ def _dense_fallback_memory(rank, world_size):
     sent = _flat_grad(local) + before["residuals"] + 0.9 * before["velocities"]  # u = m u + g, then u + residual
     dist.all_reduce(sent)
     torch.testing.assert_close(_flat_grad(model), sent / world_size, rtol=1e-5, atol=1e-6)
-    assert not bool(after["residuals"].any()) and not bool(after["velocities"].any()), "the dense step left memory behind"
+    assert not bool(after["residuals"].any()) and not bool(after["velocities"].any()), (
+        "the dense step left memory behind"
+    )
     return True
 
 
@@ -149,7 +156,11 @@ def _sharded_reference(accs, s, keep_factor, capacity_factor=1.25):
     routed = []
     for acc in accs:
         chosen = torch.topk(acc.abs(), s).indices
-        fits = [c for o in range(world_size) for c in sorted(chosen[chosen % world_size == o].tolist(), key=lambda i: -abs(acc[i]))[:capacity]]
+        fits = [
+            c
+            for o in range(world_size)
+            for c in sorted(chosen[chosen % world_size == o].tolist(), key=lambda i: -abs(acc[i]))[:capacity]
+        ]
         routed.append(torch.tensor(fits, dtype=torch.long))
     sums = torch.zeros(n)
     for acc, fits in zip(accs, routed):
@@ -191,7 +202,9 @@ def _against_reference(rank, world_size, ratio, value_dtype, start_iter, options
     n = sum(p.numel() for p in model.parameters())
     spans, start = [], 0
     for shape in shapes:
-        spans.append((start, start + shape.numel(), len(shape) <= 1 or shape.numel() < options.get("dense_below", 1024)))
+        spans.append(
+            (start, start + shape.numel(), len(shape) <= 1 or shape.numel() < options.get("dense_below", 1024))
+        )
         start += shape.numel()
     momentum, clip = options.get("momentum", 0.0), options.get("clip_norm")
     residuals, velocities = torch.zeros(world_size, n), torch.zeros(world_size, n)
@@ -221,11 +234,17 @@ def _against_reference(rank, world_size, ratio, value_dtype, start_iter, options
                 if options["exchange"] == "sharded":
                     continue
                 if options.get("per_layer"):
-                    chosen = torch.cat([
-                        torch.arange(lo, hi) if dense else
-                        lo + torch.topk(acc[lo:hi].abs(), _allgather_k(math.ceil(current * (hi - lo)), world_size)).indices
-                        for lo, hi, dense in spans
-                    ])
+                    chosen = torch.cat(
+                        [
+                            torch.arange(lo, hi)
+                            if dense
+                            else lo
+                            + torch.topk(
+                                acc[lo:hi].abs(), _allgather_k(math.ceil(current * (hi - lo)), world_size)
+                            ).indices
+                            for lo, hi, dense in spans
+                        ]
+                    )
                 else:
                     chosen = torch.topk(acc.abs(), _allgather_k(budget, world_size)).indices
                 sent = torch.zeros(n)
@@ -262,8 +281,20 @@ def _against_reference(rank, world_size, ratio, value_dtype, start_iter, options
         (3, 0.02, "fp32", 0, {"clip_norm": 0.05}),
         (2, 0.05, "fp32", 0, {"per_layer": True, "dense_below": 100}),
         (2, 0.5, "fp16", 0, {"per_layer": True}),  # every parameter small: all dense, as fp16 values
-        (2, 0.01, "fp16", 1, {"warmup_ratio": 0.3, "warmup_steps": 2, "momentum": 0.5, "clip_norm": 0.1, "per_layer": True,
-                              "dense_below": 100}),
+        (
+            2,
+            0.01,
+            "fp16",
+            1,
+            {
+                "warmup_ratio": 0.3,
+                "warmup_steps": 2,
+                "momentum": 0.5,
+                "clip_norm": 0.1,
+                "per_layer": True,
+                "dense_below": 100,
+            },
+        ),
         # The sharded exchange, where owners keep fewer sums than they receive: momentum correction masks the
         # velocity exactly where a rank's entry reached the update.
         (3, 0.05, "fp32", 0, {"exchange": "sharded", "momentum": 0.9}),
@@ -352,8 +383,9 @@ def _train_and_balance(rank, world_size, model, cap_mb, steps, **options):
 
 
 def _mass_conservation(rank, world_size):
-    balance, mean_grads, residual, sizes, _ = _train_and_balance(rank, world_size, _model(hidden=64, depth=4), 0.01, 8,
-                                                                 ratio=0.01, start_iter=1)
+    balance, mean_grads, residual, sizes, _ = _train_and_balance(
+        rank, world_size, _model(hidden=64, depth=4), 0.01, 8, ratio=0.01, start_iter=1
+    )
     torch.testing.assert_close(balance, mean_grads, rtol=1e-5, atol=1e-6)
     assert residual.abs().sum() > 0, "nothing was held back: the test did not exercise compression"
     buckets_per_step = sum(1 for it, _ in sizes if it == 5)
@@ -387,7 +419,13 @@ def _training_cases(draw):
     options["exchange"] = draw(st.sampled_from(["allgather", "auto"] + ([] if options["per_layer"] else ["sharded"])))
     if draw(st.booleans()):
         options.update(warmup_ratio=draw(st.sampled_from([0.25, 1.0])), warmup_steps=draw(st.integers(1, 3)))
-    return world_size, draw(st.sampled_from([16, 40, 64])), draw(st.integers(0, 3)), draw(st.sampled_from([0.001, 0.01, 25])), options
+    return (
+        world_size,
+        draw(st.sampled_from([16, 40, 64])),
+        draw(st.integers(0, 3)),
+        draw(st.sampled_from([0.001, 0.01, 25])),
+        options,
+    )
 
 
 @settings(max_examples=10, deadline=None, database=None, derandomize=True)
@@ -498,8 +536,10 @@ def _stats(rank, world_size, value_dtype):
     ring = 2 * (world_size - 1) / world_size  # of the bucket, per rank, in a ring allreduce
     dense = [int(ring * n * 4) for _, n in sizes]
     # a ring all-gather: each rank passes on the W - 1 payloads of the others, each of 2k / W entries
-    expected_sent = sum(d if it < 2 else (world_size - 1) * max(1, 2 * math.ceil(0.01 * n) // world_size) * (value_bytes + 4)
-                        for (it, n), d in zip(sizes, dense))
+    expected_sent = sum(
+        d if it < 2 else (world_size - 1) * max(1, 2 * math.ceil(0.01 * n) // world_size) * (value_bytes + 4)
+        for (it, n), d in zip(sizes, dense)
+    )
     assert state.stats["bytes_sent"] == expected_sent
     assert state.stats["dense_bytes"] == sum(dense)
     assert sum(n for _, n in sizes) == 5 * sum(p.numel() for p in model.parameters())
@@ -562,7 +602,9 @@ def _amp_overflow(rank, world_size):
         after = state.state_dict()["residuals"]
         same_weights = all(torch.equal(a, p) for a, p in zip(weights, model.parameters()))
         if skip:
-            assert same_weights and all(torch.equal(residuals[k], after[k]) for k in residuals), f"skipped step {step} changed state"
+            assert same_weights and all(torch.equal(residuals[k], after[k]) for k in residuals), (
+                f"skipped step {step} changed state"
+            )
         else:
             assert not same_weights and all(bool(torch.isfinite(v).all()) for v in after.values())
     return skipped
@@ -642,9 +684,19 @@ def test_bad_ratio_names_value_and_range(ratio):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"start_iter": -1}, {"start_iter": 1.5}, {"value_dtype": "int8"}, {"warmup_ratio": 0}, {"warmup_ratio": 2.0},
-        {"warmup_steps": 3}, {"warmup_steps": -1}, {"momentum": 1.0}, {"momentum": -0.1}, {"clip_norm": 0},
-        {"clip_norm": float("inf")}, {"per_layer": "yes"}, {"dense_below": -5},
+        {"start_iter": -1},
+        {"start_iter": 1.5},
+        {"value_dtype": "int8"},
+        {"warmup_ratio": 0},
+        {"warmup_ratio": 2.0},
+        {"warmup_steps": 3},
+        {"warmup_steps": -1},
+        {"momentum": 1.0},
+        {"momentum": -0.1},
+        {"clip_norm": 0},
+        {"clip_norm": float("inf")},
+        {"per_layer": "yes"},
+        {"dense_below": -5},
     ],
 )
 def test_bad_settings_are_value_errors(kwargs):
@@ -690,6 +742,7 @@ def test_a_checkpoint_naming_parameters_the_model_lacks_is_refused_at_load():
     saved = TopKState(ratio=0.01, module=model).state_dict()
     saved["residuals"] = {"0.weight": torch.zeros(32, 16), "encoder.gone.weight": torch.zeros(3)}
     saved["buckets"] = [["0.weight", "encoder.gone.weight"]]
-    with pytest.raises(ValueError, match=r"residuals for parameters this model does not have: \['encoder.gone.weight'\]"):
+    with pytest.raises(
+        ValueError, match=r"residuals for parameters this model does not have: \['encoder.gone.weight'\]"
+    ):
         TopKState(ratio=0.01, module=_model()).load_state_dict(saved)
-

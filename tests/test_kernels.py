@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ranks import run_ranks
 from raytopk import TopKState, kernels, topk_hook
 from raytopk.compression import accumulate_topk, pack, select_topk
+
+from ranks import run_ranks
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="the C kernels could not be built here")
 
@@ -36,9 +37,15 @@ def _tensors():
     non_finite[[5, 700, 65_536]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
     signed_zeros = torch.where(torch.rand(40_000, generator=g) < 0.5, -0.0, 0.0)
     signed_zeros[::997] = torch.randn(len(signed_zeros[::997]), generator=g)
-    return {"normal": torch.randn(421_642, generator=g), "heavy tails": torch.randn(262_147, generator=g) ** 5,
-            "ties": ties, "mostly zero": mostly_zero, "non-finite": non_finite, "signed zeros": signed_zeros,
-            "small": torch.randn(5_000, generator=g)}
+    return {
+        "normal": torch.randn(421_642, generator=g),
+        "heavy tails": torch.randn(262_147, generator=g) ** 5,
+        "ties": ties,
+        "mostly zero": mostly_zero,
+        "non-finite": non_finite,
+        "signed zeros": signed_zeros,
+        "small": torch.randn(5_000, generator=g),
+    }
 
 
 @pytest.mark.parametrize("name", list(_tensors()))
@@ -64,7 +71,11 @@ def test_accumulate_topk_is_bit_identical_with_and_without_kernels(name, monkeyp
     runs = []
     for use in (True, False):
         g, acc = grad.clone(), torch.empty_like(grad)
-        selected = accumulate_topk(g, residual, acc, k) if use else _without_kernels(monkeypatch, accumulate_topk, g, residual, acc, k)
+        selected = (
+            accumulate_topk(g, residual, acc, k)
+            if use
+            else _without_kernels(monkeypatch, accumulate_topk, g, residual, acc, k)
+        )
         runs.append((g, acc, *selected))
     for ours, theirs in zip(*runs):
         assert torch.equal(_bits(ours), _bits(theirs))
@@ -75,7 +86,9 @@ def test_accumulate_topk_is_bit_identical_with_and_without_kernels(name, monkeyp
 def test_accumulate_topk_writes_its_entries_as_the_payload_pack_returns():
     grad, residual = _tensors()["normal"], torch.zeros(421_642)
     values, indices = accumulate_topk(grad.clone(), residual, torch.empty_like(grad), 4_217)
-    assert pack(values, indices, torch.float32).data_ptr() == indices.data_ptr(), "packing the kernel's result copies nothing"
+    assert pack(values, indices, torch.float32).data_ptr() == indices.data_ptr(), (
+        "packing the kernel's result copies nothing"
+    )
 
 
 def test_decoding_kernels_match_index_add_and_isfinite():
@@ -101,13 +114,20 @@ def test_decoding_kernels_match_index_add_and_isfinite():
 
 def _build(tmp_path, **env):
     """Build (or not) in a fresh process and cache; what it printed, and whether the kernels loaded."""
-    code = ("import warnings; warnings.simplefilter('always')\n"
-            "import torch; from raytopk import kernels; from raytopk.compression import select_topk\n"
-            "x = torch.randn(100_000); v, i = select_topk(x, 1_000)\n"
-            "assert set(i.tolist()) == set(torch.topk(x.abs(), 1_000).indices.tolist())\n"
-            "print('loaded' if kernels.library() else 'not loaded')\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path), **env})
+    code = (
+        "import warnings; warnings.simplefilter('always')\n"
+        "import torch; from raytopk import kernels; from raytopk.compression import select_topk\n"
+        "x = torch.randn(100_000); v, i = select_topk(x, 1_000)\n"
+        "assert set(i.tolist()) == set(torch.topk(x.abs(), 1_000).indices.tolist())\n"
+        "print('loaded' if kernels.library() else 'not loaded')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path), **env},
+    )
     assert run.returncode == 0, run.stderr
     return run.stdout + run.stderr
 
@@ -128,13 +148,20 @@ def test_kernels_are_built_once_into_the_cache(tmp_path):
 def test_workers_of_one_node_build_once_and_an_unwritable_cache_falls_back_to_the_temporary_directory(tmp_path):
     """Four processes start at once with a cache they cannot create (under a file): one compiles, all load it."""
     log, cc = tmp_path / "compiles.log", tmp_path / "cc"
-    cc.write_text(f"#!/bin/sh\necho run >> {log}\nsleep 1\nexec cc \"$@\"\n")
+    cc.write_text(f'#!/bin/sh\necho run >> {log}\nsleep 1\nexec cc "$@"\n')
     cc.chmod(0o755)
     (tmp_path / "home").write_text("a file, so no cache directory can be made under it")
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "home" / "cache"), "TMPDIR": str(tmp_path / "tmp"), "CC": str(cc)}
+    env = {
+        **os.environ,
+        "XDG_CACHE_HOME": str(tmp_path / "home" / "cache"),
+        "TMPDIR": str(tmp_path / "tmp"),
+        "CC": str(cc),
+    }
     (tmp_path / "tmp").mkdir()
     code = "from raytopk import kernels; print('loaded' if kernels.library() else 'not loaded')"
-    runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    runs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(4)
+    ]
     assert [run.communicate(timeout=120)[0].strip() for run in runs] == ["loaded"] * 4
     assert log.read_text().count("run") == 1
     assert len(_libraries(tmp_path / "tmp" / f"raytopk-{os.getuid()}" / "kernels")) == 1
@@ -177,12 +204,16 @@ def _train(rank, world_size, kernels_on, options):
     for step in range(6):
         g = torch.Generator().manual_seed(100 * step + rank)
         optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(ddp(torch.randn(16, 64, generator=g)), torch.randint(10, (16,), generator=g)).backward()
+        torch.nn.functional.cross_entropy(
+            ddp(torch.randn(16, 64, generator=g)), torch.randint(10, (16,), generator=g)
+        ).backward()
         optimizer.step()
     assert (kernels.library() is not None) == kernels_on
     # As bytes: tensors would cross to the parent through this process's shared memory, gone when it exits.
-    return ([p.detach().numpy().tobytes() for p in model.parameters()],
-            {name: r.numpy().tobytes() for name, r in state.state_dict()["residuals"].items()})
+    return (
+        [p.detach().numpy().tobytes() for p in model.parameters()],
+        {name: r.numpy().tobytes() for name, r in state.state_dict()["residuals"].items()},
+    )
 
 
 @pytest.mark.parametrize("options", [{}, {"exchange": "sharded"}], ids=["allgather", "sharded"])
@@ -193,5 +224,6 @@ def test_training_is_bit_identical_with_and_without_kernels(options):
     for (weights, residuals), (weights_off, residuals_off) in zip(on, off):
         assert weights == weights_off
         assert residuals == residuals_off
-        assert any(torch.frombuffer(bytearray(r), dtype=torch.float32).any() for r in residuals.values()), \
+        assert any(torch.frombuffer(bytearray(r), dtype=torch.float32).any() for r in residuals.values()), (
             "nothing was held back: the test did not compress"
+        )

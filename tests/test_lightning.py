@@ -23,7 +23,9 @@ def test_lightning_callback_compresses_on_cpu_and_resumes_every_rank_exactly(tmp
     two = _run("--epochs", "2", "--checkpoint-dir", str(tmp_path / "resumed"))
     assert two["epochs"] == 2
     # The third epoch (long after the two dense warm-up steps): at most 3% of dense DDP's bytes at ratio 0.01.
-    assert straight["raytopk/bytes_sent"] - two["raytopk/bytes_sent"] <= 0.03 * (straight["raytopk/dense_bytes"] - two["raytopk/dense_bytes"])
+    assert straight["raytopk/bytes_sent"] - two["raytopk/bytes_sent"] <= 0.03 * (
+        straight["raytopk/dense_bytes"] - two["raytopk/dense_bytes"]
+    )
     resumed = _run("--epochs", "3", "--checkpoint-dir", str(tmp_path / "resumed"), "--resume")
     assert resumed == straight
     a = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=False)
@@ -36,7 +38,7 @@ def test_lightning_callback_compresses_on_cpu_and_resumes_every_rank_exactly(tmp
         assert torch.equal(value, b["state_dict"][key]), key
 
 
-PYTORCH_LIGHTNING_SCRIPT = '''
+PYTORCH_LIGHTNING_SCRIPT = """
 import json, sys
 sys.modules["lightning"] = None  # a machine with only the older package: "import lightning" fails
 import pytorch_lightning as pl
@@ -63,7 +65,7 @@ trainer.fit(Regression(), DataLoader(data, batch_size=16))
 if trainer.global_rank == 0:
     print(json.dumps({"optimizer_steps": trainer.global_step, "hook_steps": compression.state.stats["steps"],
                       "base": type(compression).__mro__[1].__module__}), flush=True)
-'''
+"""
 
 
 def test_callback_works_where_only_pytorch_lightning_is_installed(tmp_path):

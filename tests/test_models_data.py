@@ -40,7 +40,9 @@ def test_resnet20_is_cifars_twenty_layer_network():
 
 
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown model 'vgg'; known models: resnet18, resnet20, resnet50, simple_cnn, vit"):
+    with pytest.raises(
+        ValueError, match="unknown model 'vgg'; known models: resnet18, resnet20, resnet50, simple_cnn, vit"
+    ):
         build_model("vgg")
 
 

@@ -36,13 +36,19 @@ def test_the_hooks_velocity_through_it_is_momentum_sgd_with_weight_decay():
     dense = _params()
     _train(torch.optim.SGD(dense, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY), dense, gradients)
     corrected = _params()
-    _train(MomentumCorrectedSGD(corrected, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY), corrected, gradients,
-           [torch.zeros_like(p) for p in corrected])
+    _train(
+        MomentumCorrectedSGD(corrected, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
+        corrected,
+        gradients,
+        [torch.zeros_like(p) for p in corrected],
+    )
     for a, b in zip(corrected, dense):
         torch.testing.assert_close(a, b)
     # Plain SGD after the hook's momentum gives the weight decay none: a different model.
     plain = _params()
-    _train(torch.optim.SGD(plain, lr=LR, weight_decay=WEIGHT_DECAY), plain, gradients, [torch.zeros_like(p) for p in plain])
+    _train(
+        torch.optim.SGD(plain, lr=LR, weight_decay=WEIGHT_DECAY), plain, gradients, [torch.zeros_like(p) for p in plain]
+    )
     assert max(float((a - b).detach().abs().max()) for a, b in zip(plain, dense)) > 1e-3
 
 
@@ -62,11 +68,14 @@ def test_a_resumed_optimizer_continues_exactly():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("keys, message", [
-    ({"lr": -1.0, "momentum": 0.9}, "lr: got -1.0; allowed: a number >= 0"),
-    ({"lr": 0.1, "momentum": 0.0}, "momentum: got 0.0; allowed: a number in (0, 1), the hook's momentum"),
-    ({"lr": 0.1, "momentum": 0.9, "weight_decay": -0.1}, "weight_decay: got -0.1; allowed: a number >= 0"),
-])
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"lr": -1.0, "momentum": 0.9}, "lr: got -1.0; allowed: a number >= 0"),
+        ({"lr": 0.1, "momentum": 0.0}, "momentum: got 0.0; allowed: a number in (0, 1), the hook's momentum"),
+        ({"lr": 0.1, "momentum": 0.9, "weight_decay": -0.1}, "weight_decay: got -0.1; allowed: a number >= 0"),
+    ],
+)
 def test_bad_settings_name_the_value_and_what_is_allowed(keys, message):
     with pytest.raises(ValueError) as error:
         MomentumCorrectedSGD(_params(), **keys)
@@ -81,7 +90,10 @@ def test_momentum_correction_accepts_only_optimizers_that_apply_its_momentum_onc
     wrong = [
         (torch.optim.SGD(params, lr=0.1, momentum=0.9), "SGD with momentum 0.9, weight_decay 0"),
         (torch.optim.SGD(params, lr=0.1, weight_decay=1e-4), "SGD with momentum 0, weight_decay 0.0001"),
-        (MomentumCorrectedSGD(params, lr=0.1, momentum=0.5), "MomentumCorrectedSGD with momentum 0.5, weight_decay 0.0"),
+        (
+            MomentumCorrectedSGD(params, lr=0.1, momentum=0.5),
+            "MomentumCorrectedSGD with momentum 0.5, weight_decay 0.0",
+        ),
         (torch.optim.AdamW(params), "AdamW with momentum None, weight_decay 0.01"),
     ]
     for optimizer, got in wrong:

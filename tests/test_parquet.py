@@ -34,10 +34,16 @@ def _cfg(data_path, **overrides):
 def test_export_round_trips_the_pixels_and_inspect_reads_the_dataset(exported, layout, shape):
     spec = inspect(_cfg(exported[layout], image_shape=shape))
     assert spec.image_shape == (1, 28, 28) and spec.num_classes == 10 and spec.encoded == (layout == "png")
-    assert (spec.train_rows, spec.test_rows, spec.test_fraction) == (4000, 1000, None)  # train/ and test/ are the splits
+    assert (spec.train_rows, spec.test_rows, spec.test_fraction) == (
+        4000,
+        1000,
+        None,
+    )  # train/ and test/ are the splits
     # the sample's mean and std are MNIST's well-known ones: of pixels in [0, 1] from PNG, of the stored values from lists
     scale = 1.0 if layout == "png" else 255.0
-    assert spec.mean[0] / scale == pytest.approx(0.1307, abs=0.01) and spec.std[0] / scale == pytest.approx(0.3081, abs=0.01)
+    assert spec.mean[0] / scale == pytest.approx(0.1307, abs=0.01) and spec.std[0] / scale == pytest.approx(
+        0.3081, abs=0.01
+    )
     table = pq.read_table(os.path.join(exported[layout], "test"))
     images, labels = pixels("mnist5k", "")["test"]
     got = decode(table.column("image"), (1, 28, 28), layout == "png", "L")
@@ -90,29 +96,62 @@ LISTS = [[0.5] * 4 for _ in range(8)]
 @pytest.mark.parametrize(
     "columns, overrides, message",
     [
-        ({"picture": LISTS, "label": list(range(8))}, {"image_shape": [1, 2, 2]},
-         "image_column: got 'image', but {path}/part.parquet has no such column; allowed: one of picture, label"),
-        ({"image": LISTS, "y": list(range(8))}, {"image_shape": [1, 2, 2]},
-         "label_column: got 'label', but {path}/part.parquet has no such column; allowed: one of image, y"),
-        ({"image": LISTS, "label": [0.5] * 8}, {"image_shape": [1, 2, 2]},
-         "label_column: 'label' in {path}/part.parquet holds double; allowed: integer class indices"),
-        ({"image": ["a"] * 8, "label": list(range(8))}, {},
-         "image_column: 'image' in {path}/part.parquet holds string; allowed: encoded images (PNG or JPEG bytes) or lists of numbers"),
-        ({"image": LISTS, "label": list(range(8))}, {},
-         "image_shape: not set, but 'image' in {path}/part.parquet holds lists of numbers; allowed: [C, H, W] with C*H*W values per image"),
-        ({"image": LISTS, "label": list(range(8))}, {"image_shape": [1, 3, 3]},
-         "image_column: 'image' in {path}/part.parquet: image lists of 4 values, but image_shape [1, 3, 3] needs 9"),
-        ({"image": [[0.5] * 8] * 8, "label": list(range(8))}, {"image_shape": [1, 2, 4]},
-         "image_shape: the images in {path}/part.parquet are [1, 2, 4]; allowed: square images (H = W), which raytopk's models take"),
-        ({"image": LISTS, "label": [-1] + list(range(7))}, {"image_shape": [1, 2, 2]},
-         "label_column: 'label' in {path}/part.parquet holds -1; allowed: class indices 0, 1, 2, ..."),
-        ({"image": pa.array([], pa.list_(pa.float32())), "label": pa.array([], pa.int64())}, {"image_shape": [1, 2, 2]},
-         "data_path: got '{path}', which holds no rows; allowed: Parquet files with at least one row per worker"),
-        ({"image": LISTS, "label": list(range(8))}, {"image_shape": [1, 2, 2], "workers": 8, "batch_size": 1},
-         "workers: got 8, but {path} holds 7 training rows; allowed: at most 7"),
-        ({"image": LISTS, "label": list(range(8))}, {"image_shape": [1, 2, 2], "batch_size": 8},
-         "batch_size: got 8, more than a worker's share ({path} has 7 training rows, 4 per worker with 2 workers), "
-         "so no worker would train a step; allowed: at most 4"),
+        (
+            {"picture": LISTS, "label": list(range(8))},
+            {"image_shape": [1, 2, 2]},
+            "image_column: got 'image', but {path}/part.parquet has no such column; allowed: one of picture, label",
+        ),
+        (
+            {"image": LISTS, "y": list(range(8))},
+            {"image_shape": [1, 2, 2]},
+            "label_column: got 'label', but {path}/part.parquet has no such column; allowed: one of image, y",
+        ),
+        (
+            {"image": LISTS, "label": [0.5] * 8},
+            {"image_shape": [1, 2, 2]},
+            "label_column: 'label' in {path}/part.parquet holds double; allowed: integer class indices",
+        ),
+        (
+            {"image": ["a"] * 8, "label": list(range(8))},
+            {},
+            "image_column: 'image' in {path}/part.parquet holds string; allowed: encoded images (PNG or JPEG bytes) or lists of numbers",
+        ),
+        (
+            {"image": LISTS, "label": list(range(8))},
+            {},
+            "image_shape: not set, but 'image' in {path}/part.parquet holds lists of numbers; allowed: [C, H, W] with C*H*W values per image",
+        ),
+        (
+            {"image": LISTS, "label": list(range(8))},
+            {"image_shape": [1, 3, 3]},
+            "image_column: 'image' in {path}/part.parquet: image lists of 4 values, but image_shape [1, 3, 3] needs 9",
+        ),
+        (
+            {"image": [[0.5] * 8] * 8, "label": list(range(8))},
+            {"image_shape": [1, 2, 4]},
+            "image_shape: the images in {path}/part.parquet are [1, 2, 4]; allowed: square images (H = W), which raytopk's models take",
+        ),
+        (
+            {"image": LISTS, "label": [-1] + list(range(7))},
+            {"image_shape": [1, 2, 2]},
+            "label_column: 'label' in {path}/part.parquet holds -1; allowed: class indices 0, 1, 2, ...",
+        ),
+        (
+            {"image": pa.array([], pa.list_(pa.float32())), "label": pa.array([], pa.int64())},
+            {"image_shape": [1, 2, 2]},
+            "data_path: got '{path}', which holds no rows; allowed: Parquet files with at least one row per worker",
+        ),
+        (
+            {"image": LISTS, "label": list(range(8))},
+            {"image_shape": [1, 2, 2], "workers": 8, "batch_size": 1},
+            "workers: got 8, but {path} holds 7 training rows; allowed: at most 7",
+        ),
+        (
+            {"image": LISTS, "label": list(range(8))},
+            {"image_shape": [1, 2, 2], "batch_size": 8},
+            "batch_size: got 8, more than a worker's share ({path} has 7 training rows, 4 per worker with 2 workers), "
+            "so no worker would train a step; allowed: at most 4",
+        ),
     ],
 )
 def test_bad_data_is_one_line_naming_it(bad, columns, overrides, message):
@@ -123,7 +162,9 @@ def test_bad_data_is_one_line_naming_it(bad, columns, overrides, message):
 
 
 def test_bad_paths_and_keys(tmp_path, bad):
-    with pytest.raises(ConfigError, match=r"^data_path: got '\S+', which does not exist; allowed: a directory, a file or a URI"):
+    with pytest.raises(
+        ConfigError, match=r"^data_path: got '\S+', which does not exist; allowed: a directory, a file or a URI"
+    ):
         check_paths(_cfg(str(tmp_path / "missing")))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.csv").write_text("a,b\n")
@@ -134,11 +175,15 @@ def test_bad_paths_and_keys(tmp_path, bad):
         check_paths(_cfg(str(tmp_path / "broken.parquet")))
     with pytest.raises(ConfigError, match=r"^data_path: not set, but dataset is 'parquet'"):
         load_config(dataset="parquet")
-    with pytest.raises(ConfigError, match=r"^data_path: set, but dataset is 'mnist5k'; allowed: only with dataset: parquet"):
+    with pytest.raises(
+        ConfigError, match=r"^data_path: set, but dataset is 'mnist5k'; allowed: only with dataset: parquet"
+    ):
         load_config(data_path=str(tmp_path))
     with pytest.raises(ConfigError, match=r"^test_fraction: got 1; allowed: a number in \(0, 1\)"):
         _cfg(str(tmp_path), test_fraction=1)
-    with pytest.raises(ConfigError, match=r"^image_shape: got \[28, 28\]; allowed: \[C, H, W\], three positive integers"):
+    with pytest.raises(
+        ConfigError, match=r"^image_shape: got \[28, 28\]; allowed: \[C, H, W\], three positive integers"
+    ):
         _cfg(str(tmp_path), image_shape=[28, 28])
     path = bad("declared", image=[b"\x89PNG not an image"] * 20, label=list(range(20)))
     with pytest.raises(ConfigError, match=r"^image_column: 'image' in \S+: row 0 is not a PNG or JPEG image"):
@@ -148,25 +193,51 @@ def test_bad_paths_and_keys(tmp_path, bad):
 def test_the_command_line_refuses_bad_data_in_one_line_before_ray(tmp_path, bad):
     path = bad("data", image=LISTS, label=[0.5] * 8)
     runs = tmp_path / "runs"
-    done = subprocess.run([sys.executable, "-m", "raytopk", "train", "--set", "dataset=parquet", "--set", f"data_path={path}",
-                           "--set", "image_shape=[1, 2, 2]", "--checkpoint-dir", str(runs)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raytopk",
+            "train",
+            "--set",
+            "dataset=parquet",
+            "--set",
+            f"data_path={path}",
+            "--set",
+            "image_shape=[1, 2, 2]",
+            "--checkpoint-dir",
+            str(runs),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.strip().splitlines() == [f"raytopk: error: label_column: 'label' in {path}/part.parquet holds double; "
-                                                "allowed: integer class indices"]
+    assert done.stderr.strip().splitlines() == [
+        f"raytopk: error: label_column: 'label' in {path}/part.parquet holds double; allowed: integer class indices"
+    ]
     assert not runs.exists(), "nothing is written for a refused job"
 
 
 def test_export_refuses_in_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     for args, line in (
-        (["--dataset", "imagenet", "--output", str(tmp_path / "out")],
-         "raytopk: error: dataset: got 'imagenet'; allowed: cifar10, fashion_mnist, mnist, mnist5k"),
-        (["--dataset", "mnist5k", "--output", str(tmp_path / "out"), "--layout", "jpeg"],
-         "raytopk: error: layout: got 'jpeg'; allowed: png, list"),
-        (["--dataset", "mnist5k", "--output", str(tmp_path / "file")],
-         f"raytopk: error: output: got '{tmp_path / 'file'}', which is a file; allowed: a directory, or a path where one can be created"),
+        (
+            ["--dataset", "imagenet", "--output", str(tmp_path / "out")],
+            "raytopk: error: dataset: got 'imagenet'; allowed: cifar10, fashion_mnist, mnist, mnist5k",
+        ),
+        (
+            ["--dataset", "mnist5k", "--output", str(tmp_path / "out"), "--layout", "jpeg"],
+            "raytopk: error: layout: got 'jpeg'; allowed: png, list",
+        ),
+        (
+            ["--dataset", "mnist5k", "--output", str(tmp_path / "file")],
+            f"raytopk: error: output: got '{tmp_path / 'file'}', which is a file; allowed: a directory, or a path where one can be created",
+        ),
     ):
-        done = subprocess.run([sys.executable, "-m", "raytopk", "export", *args], capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-m", "raytopk", "export", *args], capture_output=True, text=True, timeout=60
+        )
         assert (done.returncode, done.stderr.strip()) == (2, line)
     assert not (tmp_path / "out").exists()
 
@@ -174,29 +245,79 @@ def test_export_refuses_in_one_line(tmp_path):
 def _train(data_path, tmp_path, *flags, timeout=300):
     """``raytopk train`` on Parquet as a user runs it; its summary, or the failure's output."""
     output = tmp_path / "summary.json"
-    done = subprocess.run([sys.executable, "-m", "raytopk", "train", "--set", "dataset=parquet", "--set", f"data_path={data_path}",
-                           "--workers", "2", "--batch-size", "32", "--checkpoint-dir", str(tmp_path / "runs"), "--output", str(output),
-                           *flags], capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raytopk",
+            "train",
+            "--set",
+            "dataset=parquet",
+            "--set",
+            f"data_path={data_path}",
+            "--workers",
+            "2",
+            "--batch-size",
+            "32",
+            "--checkpoint-dir",
+            str(tmp_path / "runs"),
+            "--output",
+            str(output),
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return json.loads(output.read_text()), done.stdout
 
 
 def test_training_on_exported_lists_through_ray_data(exported, tmp_path):
     """The driver reads through Ray Data, the workers iterate their equal shards, every test row is counted."""
-    summary, _ = _train(exported["list"], tmp_path, "--set", "image_shape=[1, 28, 28]", "--compress", "--epochs", "2",
-                        "--set", "max_train_batches=30")
-    assert summary["dataset"] == "parquet" and summary["test_accuracy"] > 0.6  # 60 steps; an untrained model stays near 10%
+    summary, _ = _train(
+        exported["list"],
+        tmp_path,
+        "--set",
+        "image_shape=[1, 28, 28]",
+        "--compress",
+        "--epochs",
+        "2",
+        "--set",
+        "max_train_batches=30",
+    )
+    assert (
+        summary["dataset"] == "parquet" and summary["test_accuracy"] > 0.6
+    )  # 60 steps; an untrained model stays near 10%
     # every rank trained the same number of steps, each epoch: the byte counts of the second epoch double the first's
     assert summary["dense_bytes"] == 2 * summary["history"][0]["dense_bytes"]
-    assert summary["test_accuracy"] * 1000 == pytest.approx(round(summary["test_accuracy"] * 1000))  # 1,000 test rows, each once
+    assert summary["test_accuracy"] * 1000 == pytest.approx(
+        round(summary["test_accuracy"] * 1000)
+    )  # 1,000 test rows, each once
     assert sorted(f for f in os.listdir(summary["checkpoint"]) if f.startswith("rank")) == ["rank0.pt", "rank1.pt"]
 
 
 @pytest.mark.integrations  # the issue's check, as a user runs it: exported digits train as well as the built-in ones
 def test_exported_digits_reach_the_built_in_accuracy(exported, tmp_path):
-    built_in = subprocess.run([sys.executable, "-m", "raytopk", "train", "--workers", "2", "--epochs", "3", "--checkpoint-dir",
-                               str(tmp_path / "runs"), "--output", str(tmp_path / "built_in.json")], capture_output=True, text=True,
-                              timeout=300)
+    built_in = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raytopk",
+            "train",
+            "--workers",
+            "2",
+            "--epochs",
+            "3",
+            "--checkpoint-dir",
+            str(tmp_path / "runs"),
+            "--output",
+            str(tmp_path / "built_in.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built_in.returncode == 0, built_in.stderr[-3000:]
     reference = json.loads((tmp_path / "built_in.json").read_text())["test_accuracy"]
     own, _ = _train(exported["png"], tmp_path, "--epochs", "3", "--batch-size", "64")
@@ -215,12 +336,30 @@ def test_killed_driver_resumes_parquet_run_exactly(exported, tmp_path):
 
     flags = ["--compress", "--epochs", "2", "--set", "shuffle_seed=7", "--set", "image_shape=[1, 28, 28]"]
     straight, _ = _train(exported["list"], tmp_path / "straight", *flags)
-    command = [sys.executable, "-m", "raytopk", "train", "--set", "dataset=parquet", "--set", f"data_path={exported['list']}",
-               "--workers", "2", "--batch-size", "32", "--checkpoint-dir", str(tmp_path / "killed" / "runs"), *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "raytopk",
+        "train",
+        "--set",
+        "dataset=parquet",
+        "--set",
+        f"data_path={exported['list']}",
+        "--workers",
+        "2",
+        "--batch-size",
+        "32",
+        "--checkpoint-dir",
+        str(tmp_path / "killed" / "runs"),
+        *flags,
+    ]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 240
-        while not glob.glob(str(tmp_path / "killed" / "runs" / "*" / "checkpoint_manager_snapshot.json")) and time.time() < deadline:
+        while (
+            not glob.glob(str(tmp_path / "killed" / "runs" / "*" / "checkpoint_manager_snapshot.json"))
+            and time.time() < deadline
+        ):
             time.sleep(0.2)
         assert driver.poll() is None, "the run finished before it could be killed"
     finally:

@@ -27,8 +27,14 @@ def head():
 
 def _submit(head, *args, env=None, timeout=420):
     address, head_env = head
-    return subprocess.run([sys.executable, str(ROOT / "submit.py"), *args, "--address", address],
-                          capture_output=True, text=True, timeout=timeout, env=env or head_env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "submit.py"), *args, "--address", address],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or head_env,
+        cwd=ROOT,
+    )
 
 
 def _jobs(head) -> int:
@@ -80,10 +86,33 @@ def test_ray_job_submit_cli_runs_the_same_job(head, tmp_path):
     address, env = head
     summary = tmp_path / "cli.json"
     done = subprocess.run(
-        [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-         "python", "-m", "raytopk", "train", "--config", "jobs/smoke.yaml", "--epochs", "1", "--checkpoint-dir", str(tmp_path),
-         "--output", str(summary)],
-        capture_output=True, text=True, timeout=420, env=env, cwd=ROOT,
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            "-m",
+            "raytopk",
+            "train",
+            "--config",
+            "jobs/smoke.yaml",
+            "--epochs",
+            "1",
+            "--checkpoint-dir",
+            str(tmp_path),
+            "--output",
+            str(summary),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=420,
+        env=env,
+        cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout.lower()
@@ -94,9 +123,25 @@ def test_ray_job_submit_cli_runs_the_same_job(head, tmp_path):
 def test_a_sweep_with_more_trials_than_cpus_queues_and_finishes(head, tmp_path):
     """Three 1-CPU trials, no concurrency limit, on the 2-CPU head: the third waits for a free CPU. Also the Optuna
     searcher: its samples stay inside the search space's bounds."""
-    done = _submit(head, "tune_configs/mnist5k_ratio_lr.yaml", "--set", "num_samples=3", "--set", "epochs=1",
-                   "--set", "max_train_batches=5", "--set", "search_alg=optuna", "--set", f"storage_path={tmp_path}",
-                   "--set", "name=submitted", "--set", "max_concurrent_trials=0", timeout=600)
+    done = _submit(
+        head,
+        "tune_configs/mnist5k_ratio_lr.yaml",
+        "--set",
+        "num_samples=3",
+        "--set",
+        "epochs=1",
+        "--set",
+        "max_train_batches=5",
+        "--set",
+        "search_alg=optuna",
+        "--set",
+        f"storage_path={tmp_path}",
+        "--set",
+        "name=submitted",
+        "--set",
+        "max_concurrent_trials=0",
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((tmp_path / "submitted" / "trials.json").read_text())["trials"]
     assert len(rows) == 3 and all(row["status"] == "done" for row in rows)
@@ -109,18 +154,45 @@ def test_six_jobs_submitted_at_once_all_queue_and_finish(head, tmp_path):
     address, env = head
     ids = [f"load{i}-{os.getpid()}" for i in range(6)]
     submitters = [
-        subprocess.Popen([sys.executable, str(ROOT / "submit.py"), "jobs/smoke.yaml", "--address", address, "--no-wait",
-                          "--submission-id", job_id, "--set", f"name={job_id}", "--set", "epochs=1", "--set", "max_train_batches=5",
-                          "--set", f"checkpoint_dir={tmp_path}", "--set", f"output={tmp_path / job_id}.json"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "submit.py"),
+                "jobs/smoke.yaml",
+                "--address",
+                address,
+                "--no-wait",
+                "--submission-id",
+                job_id,
+                "--set",
+                f"name={job_id}",
+                "--set",
+                "epochs=1",
+                "--set",
+                "max_train_batches=5",
+                "--set",
+                f"checkpoint_dir={tmp_path}",
+                "--set",
+                f"output={tmp_path / job_id}.json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
         for job_id in ids
     ]
     for submitter in submitters:
         assert submitter.wait(timeout=300) == 0, submitter.stdout.read()[-2000:]
     deadline = time.time() + 1200
     while time.time() < deadline:
-        statuses = {job["submission_id"]: job["status"] for job in list_jobs(address, env) if job.get("submission_id") in ids}
-        if len(statuses) == len(ids) and all(status in ("SUCCEEDED", "FAILED", "STOPPED") for status in statuses.values()):
+        statuses = {
+            job["submission_id"]: job["status"] for job in list_jobs(address, env) if job.get("submission_id") in ids
+        }
+        if len(statuses) == len(ids) and all(
+            status in ("SUCCEEDED", "FAILED", "STOPPED") for status in statuses.values()
+        ):
             break
         time.sleep(5)
     assert statuses == {job_id: "SUCCEEDED" for job_id in ids}, statuses
@@ -132,14 +204,25 @@ def test_a_job_wanting_more_than_the_cluster_holds_says_it_waits(head, tmp_path)
     """A cluster may grow (an autoscaler, or ``ray start`` on another machine): the job waits for nodes, and says so."""
     address, env = head
     job_id = f"too-big-{os.getpid()}"
-    done = _submit(head, "jobs/smoke.yaml", "--no-wait", "--submission-id", job_id, "--set", "workers=8",
-                   "--set", f"checkpoint_dir={tmp_path}")
+    done = _submit(
+        head,
+        "jobs/smoke.yaml",
+        "--no-wait",
+        "--submission-id",
+        job_id,
+        "--set",
+        "workers=8",
+        "--set",
+        f"checkpoint_dir={tmp_path}",
+    )
     assert done.returncode == 0, done.stderr
     try:
         deadline = time.time() + 180
         while "raytopk: waiting for nodes" not in job_logs(address, env, job_id) and time.time() < deadline:
             time.sleep(2)
-        assert "raytopk: waiting for nodes: 8 workers need 4 CPU in all and this cluster has 2 now" in job_logs(address, env, job_id)
+        assert "raytopk: waiting for nodes: 8 workers need 4 CPU in all and this cluster has 2 now" in job_logs(
+            address, env, job_id
+        )
         assert {job["submission_id"]: job["status"] for job in list_jobs(address, env)}[job_id] == "RUNNING"
     finally:
         stop_job(address, env, job_id)
@@ -147,8 +230,18 @@ def test_a_job_wanting_more_than_the_cluster_holds_says_it_waits(head, tmp_path)
 
 @pytest.mark.faults
 def test_a_failing_job_exits_nonzero_with_its_status_and_last_lines(head, tmp_path):
-    done = _submit(head, "jobs/smoke.yaml", "--set", "dataset=mnist", "--set", f"data_dir={tmp_path / 'empty'}",
-                   "--set", f"checkpoint_dir={tmp_path}", "--set", "max_failures=0")
+    done = _submit(
+        head,
+        "jobs/smoke.yaml",
+        "--set",
+        "dataset=mnist",
+        "--set",
+        f"data_dir={tmp_path / 'empty'}",
+        "--set",
+        f"checkpoint_dir={tmp_path}",
+        "--set",
+        "max_failures=0",
+    )
     assert done.returncode == 1
     assert "ended FAILED; its last log lines:" in done.stderr
 
@@ -169,15 +262,27 @@ def test_the_head_runs_jobs_only_from_loopback_and_serves_nothing_else_without_t
             ours.append((ip.strip("[]").removeprefix("::ffff:"), port))
     dashboard_port = address.rsplit(":", 1)[1]
     assert [ip for ip, port in ours if port == dashboard_port] == ["127.0.0.1"], ours
-    node_ip = subprocess.run([sys.executable, "-c", "from ray._private.services import get_node_ip_address as ip; print(ip())"],
-                             capture_output=True, text=True, check=True).stdout.strip()
-    answers = {f"{ip}:{port}": _answer_without_token(node_ip if ip == node_ip else "127.0.0.1", port)
-               for ip, port in ours if ip != "127.0.0.1"}
+    node_ip = subprocess.run(
+        [sys.executable, "-c", "from ray._private.services import get_node_ip_address as ip; print(ip())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    answers = {
+        f"{ip}:{port}": _answer_without_token(node_ip if ip == node_ip else "127.0.0.1", port)
+        for ip, port in ours
+        if ip != "127.0.0.1"
+    }
     assert answers and set(answers.values()) <= {"401", "metrics", "grpc"}, answers
     client = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     client.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)
-    refused = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{node_ip}:{gcs_port}')"],
-                             capture_output=True, text=True, env=client, timeout=120)
+    refused = subprocess.run(
+        [sys.executable, "-c", f"import ray; ray.init(address='{node_ip}:{gcs_port}')"],
+        capture_output=True,
+        text=True,
+        env=client,
+        timeout=120,
+    )
     assert refused.returncode != 0 and "Failed to connect to Ray cluster" in refused.stderr, refused.stderr[-2000:]
 
 
@@ -234,8 +339,13 @@ def test_wrong_token_is_refused_clearly_and_never_printed(head):
 
 def test_unreachable_cluster_is_one_line(tmp_path):
     (port,) = free_ports(1)
-    done = subprocess.run([sys.executable, str(ROOT / "submit.py"), "jobs/smoke.yaml", "--address", f"http://127.0.0.1:{port}"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "submit.py"), "jobs/smoke.yaml", "--address", f"http://127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert f"cannot reach a Ray cluster at http://127.0.0.1:{port}" in done.stderr
 
@@ -254,7 +364,9 @@ def test_cluster_yaml_passes_rays_schema_and_scales_gpu_nodes_from_zero():
     # Nothing beyond Ray's own SSH rule is opened to the internet, and the dashboard binds to loopback.
     assert raw["provider"]["security_group"]["IpPermissions"] == []
     assert all("--dashboard-host=127.0.0.1" in c for c in raw["head_start_ray_commands"] if "ray start" in c)
-    assert "/home/ray/raytopk" in raw["file_mounts"] and any("pip install" in c and "/home/ray/raytopk" in c for c in raw["setup_commands"])
+    assert "/home/ray/raytopk" in raw["file_mounts"] and any(
+        "pip install" in c and "/home/ray/raytopk" in c for c in raw["setup_commands"]
+    )
 
 
 def test_a_cluster_yaml_typo_is_caught_by_the_schema(tmp_path):

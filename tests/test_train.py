@@ -17,13 +17,13 @@ import pytest
 import ray
 import torch
 
-from cluster import kill_tree
 from raytopk.config import ConfigError, TrainConfig, load_config
 from raytopk.data import DatasetError
 from raytopk.models import build_model
 from raytopk.ray import hook_state, prepare_model, rank_file
 from raytopk.train import MODEL_FILE, SNAPSHOT_FILE, _hook_state, _optimizer, _restore, run
 
+from cluster import kill_tree
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,17 @@ def local_ray():
 
 
 def _cfg(tmp_path, name, **overrides):
-    values = dict(dataset="mnist5k", epochs=2, batch_size=32, workers=2, compress=True, ratio=0.01,
-                  checkpoint_dir=str(tmp_path), name=name, max_failures=2)
+    values = dict(
+        dataset="mnist5k",
+        epochs=2,
+        batch_size=32,
+        workers=2,
+        compress=True,
+        ratio=0.01,
+        checkpoint_dir=str(tmp_path),
+        name=name,
+        max_failures=2,
+    )
     values.update(overrides)
     return load_config(**values)
 
@@ -57,13 +66,18 @@ def test_compressed_run_reports_checkpoints_and_tensorboard(straight):
     assert straight["epochs"] == 2 and straight["test_accuracy"] > 0.8
     # 124 steps, 2 of them dense: at most 50x (4 bytes an entry of DDP's ring against 1% of 8), about 28x with the
     # dense steps; int64 indices (12 bytes) would give under 20x, a dense exchange 1x.
-    assert 25 < straight["reduction"] < 50 and straight["bytes_sent"] * straight["reduction"] == pytest.approx(straight["dense_bytes"])
+    assert 25 < straight["reduction"] < 50 and straight["bytes_sent"] * straight["reduction"] == pytest.approx(
+        straight["dense_bytes"]
+    )
     # one local node: nothing crosses a network card, and the reduction shown is rank to rank
     assert straight["nodes"] == 1 and straight["network_bytes"] == straight["dense_network_bytes"] == 0
     assert os.path.isfile(os.path.join(os.path.dirname(straight["run_dir"]), "summary.json"))
     files = set(os.listdir(straight["checkpoint"]))
     assert {MODEL_FILE, "optimizer.pt", "meta.json", rank_file(0), rank_file(1)} <= files
-    residuals = [torch.load(os.path.join(straight["checkpoint"], rank_file(r)), weights_only=True)["hook"]["residuals"] for r in (0, 1)]
+    residuals = [
+        torch.load(os.path.join(straight["checkpoint"], rank_file(r)), weights_only=True)["hook"]["residuals"]
+        for r in (0, 1)
+    ]
     name = next(iter(residuals[0]))
     assert residuals[0][name].abs().sum() > 0 and not torch.equal(residuals[0][name], residuals[1][name])
     assert glob.glob(os.path.join(straight["run_dir"], "tensorboard", "events.out.tfevents.*"))
@@ -72,7 +86,9 @@ def test_compressed_run_reports_checkpoints_and_tensorboard(straight):
 def test_elastic_run_records_every_epoch_with_its_workers(local_ray, tmp_path):
     """Elastic (min_workers) on a local Ray that holds every worker: it trains with all of them, and the summary's
     history keeps all three epochs although only the last checkpoint is kept."""
-    summary = run(_cfg(tmp_path, "elastic", epochs=3, max_train_batches=4, keep_checkpoints=1, min_workers=1, ranks_per_node=1))
+    summary = run(
+        _cfg(tmp_path, "elastic", epochs=3, max_train_batches=4, keep_checkpoints=1, min_workers=1, ranks_per_node=1)
+    )
     assert [m["epoch"] for m in summary["history"]] == [1, 2, 3]
     assert [m["workers"] for m in summary["history"]] == [2, 2, 2] and summary["workers"] == 2
     assert len([p for p in glob.glob(os.path.join(summary["run_dir"], "checkpoint_*")) if os.path.isdir(p)]) == 1
@@ -105,7 +121,10 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes_the_same(local_ray,
     from ray.util.state import list_actors
 
     def train_workers():
-        return {actor.actor_id: actor for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000)}
+        return {
+            actor.actor_id: actor
+            for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000)
+        }
 
     before = train_workers()
     outcome = {}
@@ -131,19 +150,60 @@ def test_accumulation_runs_the_hook_once_per_step_under_bf16_autocast_with_every
     # Dense (start_iter beyond the run) so every hook call sends the whole model: the bytes count the calls.
     # The DGC keys travel through the job config into the hook and the optimizer (check_optimizer runs on each worker);
     # their arithmetic is tested against a reference in test_hook.py.
-    summary = run(_cfg(tmp_path, "accumulate", model="vit", epochs=1, max_train_batches=6, accumulate=3, amp="bf16", start_iter=100,
-                       warmup_ratio=0.25, warmup_epochs=1, momentum_correction=True, momentum=0.7, clip_norm=5.0, per_layer=True,
-                       dense_below=256, ratio=0.02, value_dtype="bf16", exchange="allgather"))
+    summary = run(
+        _cfg(
+            tmp_path,
+            "accumulate",
+            model="vit",
+            epochs=1,
+            max_train_batches=6,
+            accumulate=3,
+            amp="bf16",
+            start_iter=100,
+            warmup_ratio=0.25,
+            warmup_epochs=1,
+            momentum_correction=True,
+            momentum=0.7,
+            clip_norm=5.0,
+            per_layer=True,
+            dense_below=256,
+            ratio=0.02,
+            value_dtype="bf16",
+            exchange="allgather",
+        )
+    )
     model_bytes = 4 * sum(p.numel() for p in build_model("vit").parameters())
     assert summary["bytes_sent"] == summary["dense_bytes"] == 2 * 2 * model_bytes  # 6 / 3 steps, 2 workers
     assert 0 < summary["loss"] < 10
     # What each worker's hook ran with, as its checkpoint records it: every key from the job, warm-up epochs as steps.
     for rank in range(2):
         hook = torch.load(os.path.join(summary["checkpoint"], rank_file(rank)), weights_only=True)["hook"]
-        assert {key: hook[key] for key in ("ratio", "start_iter", "value_dtype", "warmup_ratio", "warmup_steps", "momentum",
-                                           "clip_norm", "per_layer", "dense_below", "exchange")} == {
-            "ratio": 0.02, "start_iter": 100, "value_dtype": "bf16", "warmup_ratio": 0.25, "warmup_steps": 2, "momentum": 0.7,
-            "clip_norm": 5.0, "per_layer": True, "dense_below": 256, "exchange": "allgather"}
+        assert {
+            key: hook[key]
+            for key in (
+                "ratio",
+                "start_iter",
+                "value_dtype",
+                "warmup_ratio",
+                "warmup_steps",
+                "momentum",
+                "clip_norm",
+                "per_layer",
+                "dense_below",
+                "exchange",
+            )
+        } == {
+            "ratio": 0.02,
+            "start_iter": 100,
+            "value_dtype": "bf16",
+            "warmup_ratio": 0.25,
+            "warmup_steps": 2,
+            "momentum": 0.7,
+            "clip_norm": 5.0,
+            "per_layer": True,
+            "dense_below": 256,
+            "exchange": "allgather",
+        }
         assert hook["iter"] == 2  # one hook call per optimizer step
 
 
@@ -160,13 +220,21 @@ def test_method_fp16_runs_pytorchs_fp16_hook_and_counts_half_the_bytes(local_ray
 
 def _files(directory):
     """Every file under ``directory`` with its bytes: to prove nothing was touched."""
-    return {path: open(path, "rb").read() for path in glob.glob(os.path.join(directory, "**", "*"), recursive=True) if os.path.isfile(path)}
+    return {
+        path: open(path, "rb").read()
+        for path in glob.glob(os.path.join(directory, "**", "*"), recursive=True)
+        if os.path.isfile(path)
+    }
 
 
 def test_rerun_of_a_finished_run_returns_it_without_training(local_ray, straight, tmp_path):
     before = _files(straight["run_dir"])
     again = run(_cfg(os.path.dirname(straight["run_dir"]), "straight", output=str(tmp_path / "again.json")))
-    assert again["history"] == straight["history"] and again["epochs"] == 2 and again["test_accuracy"] == straight["test_accuracy"]
+    assert (
+        again["history"] == straight["history"]
+        and again["epochs"] == 2
+        and again["test_accuracy"] == straight["test_accuracy"]
+    )
     assert _files(straight["run_dir"]) == before
     with open(tmp_path / "again.json") as f:  # the summary it promised, though nothing trained
         assert json.load(f)["test_accuracy"] == straight["test_accuracy"]
@@ -174,8 +242,28 @@ def test_rerun_of_a_finished_run_returns_it_without_training(local_ray, straight
 
 def _raytopk_train(checkpoint_dir, name, *flags, timeout=120):
     """``raytopk train`` on the straight run's job (the same keys as ``_cfg``), plus ``flags``."""
-    command = [sys.executable, "-m", "raytopk", "train", "--dataset", "mnist5k", "--epochs", "2", "--batch-size", "32",
-               "--workers", "2", "--compress", "--ratio", "0.01", "--checkpoint-dir", str(checkpoint_dir), "--name", name, *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "raytopk",
+        "train",
+        "--dataset",
+        "mnist5k",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--workers",
+        "2",
+        "--compress",
+        "--ratio",
+        "0.01",
+        "--checkpoint-dir",
+        str(checkpoint_dir),
+        "--name",
+        name,
+        *flags,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
@@ -183,7 +271,11 @@ def _raytopk_train(checkpoint_dir, name, *flags, timeout=120):
 @pytest.mark.parametrize(
     "flags, damage, message",
     [
-        (["--model", "vit"], None, "model: got 'vit', but run copy was trained with 'simple_cnn'; allowed: the same value"),
+        (
+            ["--model", "vit"],
+            None,
+            "model: got 'vit', but run copy was trained with 'simple_cnn'; allowed: the same value",
+        ),
         (["--ratio", "0.05"], None, "ratio: got 0.05, but run copy was trained with 0.01; allowed: the same value"),
         (["--no-compress"], None, "compress: got False, but run copy was trained with True"),
         ([], "model.pt", "model.pt: cannot be loaded"),
@@ -218,7 +310,9 @@ class _Payload:
 def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(straight, tmp_path):
     shutil.copytree(straight["run_dir"], tmp_path / "planted")
     marker = tmp_path / "it-ran"
-    torch.save({"conv.weight": _Payload(marker)}, tmp_path / "planted" / os.path.basename(straight["checkpoint"]) / MODEL_FILE)
+    torch.save(
+        {"conv.weight": _Payload(marker)}, tmp_path / "planted" / os.path.basename(straight["checkpoint"]) / MODEL_FILE
+    )
     done = _raytopk_train(tmp_path, "planted", "--epochs", "3")
     assert done.returncode == 2 and "model.pt: cannot be loaded (Weights only load failed" in done.stderr, done.stderr
     assert not marker.exists()
@@ -243,7 +337,10 @@ def test_a_checkpoint_cut_off_mid_write_is_never_resumed_from(straight, tmp_path
 
 
 def test_more_workers_than_a_local_ray_holds_is_refused(local_ray, tmp_path):
-    with pytest.raises(ConfigError, match=r"workers: got 8, which need 8 CPU in all, but this local Ray has 2; allowed: at most 2 workers"):
+    with pytest.raises(
+        ConfigError,
+        match=r"workers: got 8, which need 8 CPU in all, but this local Ray has 2; allowed: at most 2 workers",
+    ):
         run(_cfg(tmp_path, "too-big", workers=8))
 
 
@@ -264,7 +361,10 @@ def _buckets_per_step(config):
 
     seen = set()
     counts = {}
-    for setting, kwargs in (("topk", {}), ("topk, bucket_cap_mb 1", {"parallel_strategy_kwargs": {"bucket_cap_mb": 1}})):
+    for setting, kwargs in (
+        ("topk", {}),
+        ("topk, bucket_cap_mb 1", {"parallel_strategy_kwargs": {"bucket_cap_mb": 1}}),
+    ):
         ddp = prepare_model(build_model("simple_cnn"), ratio=0.01, start_iter=0, **kwargs)
         counts[setting] = buckets(ddp, hook_state(ddp))
     dense = prepare_model(build_model("simple_cnn"), ratio=None)
@@ -281,8 +381,11 @@ def test_prepare_model_exchanges_a_small_model_as_one_bucket_with_the_hook_and_t
     from ray.train.torch import TorchTrainer
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
-    result = TorchTrainer(_buckets_per_step, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
-                          run_config=RunConfig(storage_path=str(tmp_path), name="buckets")).fit()
+    result = TorchTrainer(
+        _buckets_per_step,
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(storage_path=str(tmp_path), name="buckets"),
+    ).fit()
     assert result.return_value == {"topk": 1, "topk, bucket_cap_mb 1": 2, "dense": 2}
 
 
@@ -297,7 +400,9 @@ def _restore_and_keep_the_hook_state(config):
     state = _hook_state(cfg, model, optimizer, steps_per_epoch=1)
     ddp = prepare_model(model, ratio=None, state=state)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
-    _restore(config["checkpoint"], ddp, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"))
+    _restore(
+        config["checkpoint"], ddp, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu")
+    )
     torch.save(state.state_dict(), os.path.join(config["out"], f"rank{ray.train.get_context().get_world_rank()}.pt"))
 
 
@@ -309,9 +414,12 @@ def _restored_at(workers, job, checkpoint, storage) -> list:
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
     out = storage / f"restored{workers}"
     out.mkdir()
-    TorchTrainer(_restore_and_keep_the_hook_state, train_loop_config={"job": job, "checkpoint": checkpoint, "out": str(out)},
-                 scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
-                 run_config=RunConfig(storage_path=str(storage), name=f"restore{workers}")).fit()
+    TorchTrainer(
+        _restore_and_keep_the_hook_state,
+        train_loop_config={"job": job, "checkpoint": checkpoint, "out": str(out)},
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(storage_path=str(storage), name=f"restore{workers}"),
+    ).fit()
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(workers)]
 
 
@@ -322,7 +430,10 @@ def test_resume_at_another_worker_count_gives_every_worker_the_saved_mean(local_
     the saved sum. (Rank 0's own residual, or a sum, would be far off.) Then the loop resumes it for real at 1 worker."""
     first = run(_cfg(tmp_path, "rescaled", epochs=1, momentum_correction=True))
     saved = [torch.load(os.path.join(first["checkpoint"], rank_file(r)), weights_only=True)["hook"] for r in range(2)]
-    job = {key: value for key, value in dataclasses.asdict(_cfg(tmp_path, "rescaled", epochs=1, momentum_correction=True)).items()}
+    job = {
+        key: value
+        for key, value in dataclasses.asdict(_cfg(tmp_path, "rescaled", epochs=1, momentum_correction=True)).items()
+    }
     for workers in (1, 3):
         restored = _restored_at(workers, job, first["checkpoint"], tmp_path)
         for kind in ("residuals", "velocities"):
@@ -333,7 +444,9 @@ def test_resume_at_another_worker_count_gives_every_worker_the_saved_mean(local_
                 for rank in restored:
                     torch.testing.assert_close(rank[kind][name], mean, rtol=0, atol=1e-7)
         for counter in ("bytes_sent", "dense_bytes"):
-            assert sum(rank["stats"][counter] for rank in restored) == pytest.approx(sum(sd["stats"][counter] for sd in saved), rel=1e-9)
+            assert sum(rank["stats"][counter] for rank in restored) == pytest.approx(
+                sum(sd["stats"][counter] for sd in saved), rel=1e-9
+            )
     second = run(_cfg(tmp_path, "rescaled", workers=1, momentum_correction=True))
     assert second["epochs"] == 2 and second["workers"] == 1
     resumed = second["history"][1]
@@ -360,8 +473,25 @@ def _recorded_checkpoint(storage) -> bool:
 @pytest.mark.faults
 def test_killed_driver_rerun_resumes_and_restart_starts_over(straight, tmp_path):
     """SIGKILL the whole ``raytopk train`` (driver and the local Ray it started) mid-run; the same command resumes."""
-    command = [sys.executable, "-m", "raytopk", "train", "--dataset", "mnist5k", "--epochs", "2", "--batch-size", "32",
-               "--workers", "2", "--compress", "--ratio", "0.01", "--checkpoint-dir", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "raytopk",
+        "train",
+        "--dataset",
+        "mnist5k",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--workers",
+        "2",
+        "--compress",
+        "--ratio",
+        "0.01",
+        "--checkpoint-dir",
+        str(tmp_path),
+    ]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 180
@@ -375,14 +505,18 @@ def test_killed_driver_rerun_resumes_and_restart_starts_over(straight, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "resuming" in rerun.stdout and "after epoch 1" in rerun.stdout, rerun.stdout[-2000:]
     (run_dir,) = glob.glob(str(tmp_path / "simple_cnn-mnist5k-topk0.01-*"))
-    latest = max((p for p in glob.glob(os.path.join(run_dir, "checkpoint_*")) if os.path.isdir(p)), key=os.path.getmtime)
+    latest = max(
+        (p for p in glob.glob(os.path.join(run_dir, "checkpoint_*")) if os.path.isdir(p)), key=os.path.getmtime
+    )
     for key, value in _weights(straight["checkpoint"]).items():
         assert torch.equal(_weights(latest)[key], value), key
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "already finished 2 epochs" in again.stdout
     fresh = subprocess.run(command + ["--epochs", "1", "--restart"], capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
-    assert len(glob.glob(str(tmp_path / "simple_cnn-mnist5k-topk0.01-*"))) == 2, "--restart did not start a new run beside the old"
+    assert len(glob.glob(str(tmp_path / "simple_cnn-mnist5k-topk0.01-*"))) == 2, (
+        "--restart did not start a new run beside the old"
+    )
 
 
 def _tree(pid) -> set:
@@ -392,9 +526,26 @@ def _tree(pid) -> set:
 
 @pytest.mark.faults
 def test_ctrl_c_exits_130_names_the_checkpoint_and_the_command_and_leaves_no_ray(tmp_path):
-    command = [sys.executable, "-m", "raytopk", "train", "--dataset", "mnist5k", "--epochs", "40", "--batch-size", "32",
-               "--workers", "2", "--compress", "--checkpoint-dir", str(tmp_path)]
-    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "raytopk",
+        "train",
+        "--dataset",
+        "mnist5k",
+        "--epochs",
+        "40",
+        "--batch-size",
+        "32",
+        "--workers",
+        "2",
+        "--compress",
+        "--checkpoint-dir",
+        str(tmp_path),
+    ]
+    driver = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     started = set()
     try:
         deadline = time.time() + 180
@@ -408,14 +559,24 @@ def test_ctrl_c_exits_130_names_the_checkpoint_and_the_command_and_leaves_no_ray
             kill_tree(driver.pid)
     assert driver.returncode == 130, err[-2000:]
     line = err.strip().splitlines()[-1]
-    match = re.fullmatch(r"raytopk: interrupted; last complete checkpoint: (\S+) \(epoch (\d+)\); resume with: raytopk (.+)", line)
+    match = re.fullmatch(
+        r"raytopk: interrupted; last complete checkpoint: (\S+) \(epoch (\d+)\); resume with: raytopk (.+)", line
+    )
     assert match, line
     assert os.path.isdir(match[1]) and shlex.split(match[3]) == command[3:]
     deadline = time.time() + 30
-    while (left := [p for p in started if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]) and time.time() < deadline:
+    while (
+        left := [
+            p for p in started if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"
+        ]
+    ) and time.time() < deadline:
         time.sleep(0.5)
     assert not left, f"left running: {left}"
     epoch = int(match[2])
-    resumed = subprocess.run([sys.executable, "-m", "raytopk", *shlex.split(match[3]), "--epochs", str(epoch + 1)],
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "raytopk", *shlex.split(match[3]), "--epochs", str(epoch + 1)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0 and f"after epoch {epoch} from {match[1]}" in resumed.stdout, resumed.stdout[-2000:]

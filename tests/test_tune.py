@@ -21,8 +21,13 @@ SMOKE = str(ROOT / "jobs" / "smoke.yaml")
 
 
 def _write(tmp_path, name="sweep", **values):
-    spec = {"base": SMOKE, "train": {"epochs": 2, "cpus_per_worker": 0.5},
-            "search_space": {"ratio": {"choice": [0.01, 0.001]}}, "num_samples": 1, "storage_path": str(tmp_path / "runs")}
+    spec = {
+        "base": SMOKE,
+        "train": {"epochs": 2, "cpus_per_worker": 0.5},
+        "search_space": {"ratio": {"choice": [0.01, 0.001]}},
+        "num_samples": 1,
+        "storage_path": str(tmp_path / "runs"),
+    }
     spec.update(values)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -30,7 +35,9 @@ def _write(tmp_path, name="sweep", **values):
 
 
 def _tune(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "raytopk", "tune", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "raytopk", "tune", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 def test_every_shipped_sweep_is_valid():
@@ -44,14 +51,35 @@ def test_every_shipped_sweep_is_valid():
 @pytest.mark.parametrize(
     "values, fragment",
     [
-        ({"search_space": {"ratio": {"loguniform": [0, 0.1]}}}, "search_space.ratio: loguniform got [0, 0.1]; allowed: [low, high] with 0 < low < high"),
-        ({"search_space": {"ratio": {"uniform": [0.1, 0.01]}}}, "search_space.ratio: uniform got [0.1, 0.01]; allowed: [low, high] with low < high"),
-        ({"search_space": {"ratio": {"loguniform": [0.001, 2]}}}, "search_space.ratio: ratio: got 2; allowed: a number in (0, 1]"),
+        (
+            {"search_space": {"ratio": {"loguniform": [0, 0.1]}}},
+            "search_space.ratio: loguniform got [0, 0.1]; allowed: [low, high] with 0 < low < high",
+        ),
+        (
+            {"search_space": {"ratio": {"uniform": [0.1, 0.01]}}},
+            "search_space.ratio: uniform got [0.1, 0.01]; allowed: [low, high] with low < high",
+        ),
+        (
+            {"search_space": {"ratio": {"loguniform": [0.001, 2]}}},
+            "search_space.ratio: ratio: got 2; allowed: a number in (0, 1]",
+        ),
         ({"search_space": {"lr": {"choice": [0.1, -1]}}}, "search_space.lr: lr: got -1; allowed: a number in (0, inf)"),
-        ({"search_space": {"ratio": {"normal": [0.01, 0.1]}}}, "search_space.ratio: got {'normal': [0.01, 0.1]}; allowed: one of loguniform, uniform, choice, grid"),
-        ({"search_space": {"ratio": {"choice": []}}}, "search_space.ratio: choice got []; allowed: a non-empty list of values"),
-        ({"search_space": {"ratoi": {"choice": [0.1]}}}, "search_space.ratoi: unknown job key; allowed: accumulate, amp, backend, batch_size"),
-        ({"search_space": {"epochs": {"uniform": [1, 3]}}}, "search_space.epochs: uniform samples real numbers but epochs takes an integer; use choice or grid"),
+        (
+            {"search_space": {"ratio": {"normal": [0.01, 0.1]}}},
+            "search_space.ratio: got {'normal': [0.01, 0.1]}; allowed: one of loguniform, uniform, choice, grid",
+        ),
+        (
+            {"search_space": {"ratio": {"choice": []}}},
+            "search_space.ratio: choice got []; allowed: a non-empty list of values",
+        ),
+        (
+            {"search_space": {"ratoi": {"choice": [0.1]}}},
+            "search_space.ratoi: unknown job key; allowed: accumulate, amp, backend, batch_size",
+        ),
+        (
+            {"search_space": {"epochs": {"uniform": [1, 3]}}},
+            "search_space.epochs: uniform samples real numbers but epochs takes an integer; use choice or grid",
+        ),
         ({"search_space": {"model": {"choice": ["vgg"]}}}, "search_space.model: model: got 'vgg'; allowed: resnet18"),
         ({"search_space": {"name": {"choice": ["a"]}}}, "name: set per trial by the sweep"),
         ({"search_space": {}}, "search_space: got nothing"),
@@ -90,10 +118,23 @@ def test_cli_bad_sweep_is_one_line_exit_2(tmp_path):
 
 
 def _row(trial, acc, mb, status="done"):
-    return {"trial": trial, "status": status, "test_accuracy": acc, "loss": 1 - acc, "bytes_sent": mb * 2e6, "wire_mb_per_worker": mb}
+    return {
+        "trial": trial,
+        "status": status,
+        "test_accuracy": acc,
+        "loss": 1 - acc,
+        "bytes_sent": mb * 2e6,
+        "wire_mb_per_worker": mb,
+    }
 
 
-ROWS = [_row("a", 0.970, 40.0), _row("b", 0.968, 10.0), _row("c", 0.960, 2.0), _row("d", 0.950, 5.0), _row("e", 0.990, 1.0, "stopped at epoch 1")]
+ROWS = [
+    _row("a", 0.970, 40.0),
+    _row("b", 0.968, 10.0),
+    _row("c", 0.960, 2.0),
+    _row("d", 0.950, 5.0),
+    _row("e", 0.990, 1.0, "stopped at epoch 1"),
+]
 
 
 @pytest.mark.parametrize(
@@ -125,8 +166,14 @@ def test_pareto_front_keeps_only_undominated_finished_trials():
 
 @pytest.mark.integrations  # a whole sweep, then its best job trained: Ray Tune as users run it
 def test_sweep_writes_table_best_job_and_plot_and_the_best_job_trains(tmp_path):
-    path = _write(tmp_path, search_space={"ratio": {"grid": [0.01, 0.001]}, "lr": {"loguniform": [0.01, 0.1]}},
-                  scheduler="asha", grace_period=1, reduction_factor=2, max_concurrent_trials=2)
+    path = _write(
+        tmp_path,
+        search_space={"ratio": {"grid": [0.01, 0.001]}, "lr": {"loguniform": [0.01, 0.1]}},
+        scheduler="asha",
+        grace_period=1,
+        reduction_factor=2,
+        max_concurrent_trials=2,
+    )
     done = _tune(path)
     assert done.returncode == 0, done.stderr[-3000:]
     directory = tmp_path / "runs" / "sweep"
@@ -137,7 +184,9 @@ def test_sweep_writes_table_best_job_and_plot_and_the_best_job_trains(tmp_path):
     best = next(row for row in rows if row["trial"] == results["best"])
     # 40 steps of SimpleCNN reach 60-80% here; a model the sweep never updated stays near 10%.
     assert best["status"] == "done" and best["epochs"] == 2 and 0.5 < best["test_accuracy"] <= 1
-    assert 0 < best["bytes_sent"] < best["epochs"] * 2 * 20 * 4 * 421642  # below dense: 2 workers x 20 steps x fp32 params
+    assert (
+        0 < best["bytes_sent"] < best["epochs"] * 2 * 20 * 4 * 421642
+    )  # below dense: 2 workers x 20 steps x fp32 params
     table = (directory / TABLE_FILE).read_text()
     assert table in done.stdout and f"*  {best['trial']}" in table
     assert (directory / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -145,9 +194,24 @@ def test_sweep_writes_table_best_job_and_plot_and_the_best_job_trains(tmp_path):
     job = load_config(str(directory / BEST_FILE))
     assert job == load_config(**best["job"]) and job.ratio == best["params"]["ratio"] and job.lr == best["params"]["lr"]
     trained = subprocess.run(
-        [sys.executable, "-m", "raytopk", "train", "--config", str(directory / BEST_FILE), "--epochs", "1",
-         "--checkpoint-dir", str(tmp_path / "best"), "--output", str(tmp_path / "best.json")],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "raytopk",
+            "train",
+            "--config",
+            str(directory / BEST_FILE),
+            "--epochs",
+            "1",
+            "--checkpoint-dir",
+            str(tmp_path / "best"),
+            "--output",
+            str(tmp_path / "best.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     summary = json.loads((tmp_path / "best.json").read_text())
@@ -163,9 +227,20 @@ def test_sweep_on_parquet_data(tmp_path):
     from raytopk.parquet import export
 
     export("mnist5k", str(tmp_path / "digits"), "list")
-    path = _write(tmp_path, name="own", train={"epochs": 1, "cpus_per_worker": 0.5, "dataset": "parquet",
-                                              "data_path": str(tmp_path / "digits"), "image_shape": [1, 28, 28]},
-                  search_space={"ratio": {"grid": [0.01, 0.001]}}, scheduler="none", max_concurrent_trials=1)
+    path = _write(
+        tmp_path,
+        name="own",
+        train={
+            "epochs": 1,
+            "cpus_per_worker": 0.5,
+            "dataset": "parquet",
+            "data_path": str(tmp_path / "digits"),
+            "image_shape": [1, 28, 28],
+        },
+        search_space={"ratio": {"grid": [0.01, 0.001]}},
+        scheduler="none",
+        max_concurrent_trials=1,
+    )
     done = _tune(path)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "runs" / "own" / TRIALS_FILE).read_text())["trials"]
@@ -177,13 +252,24 @@ def test_sweep_on_parquet_data(tmp_path):
 @pytest.mark.faults
 def test_interrupted_sweep_resumes_each_trial_from_its_checkpoint(tmp_path):
     """Stored through a URI (as on S3 in a cluster): Tune's state, the trials' checkpoints and the results."""
-    path = _write(tmp_path, name="resumable", train={"epochs": 3, "cpus_per_worker": 0.5},
-                  search_space={"ratio": {"grid": [0.01, 0.001]}}, scheduler="none", max_concurrent_trials=1,
-                  storage_path=f"file://{tmp_path / 'runs'}")
+    path = _write(
+        tmp_path,
+        name="resumable",
+        train={"epochs": 3, "cpus_per_worker": 0.5},
+        search_space={"ratio": {"grid": [0.01, 0.001]}},
+        scheduler="none",
+        max_concurrent_trials=1,
+        storage_path=f"file://{tmp_path / 'runs'}",
+    )
     directory = tmp_path / "runs" / "resumable"
     assert _tune(path, "--resume").returncode == 2  # nothing to resume yet
-    process = subprocess.Popen([sys.executable, "-m", "raytopk", "tune", path], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "raytopk", "tune", path],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 240
         while not glob.glob(str(directory / "trials" / "*" / "checkpoint_*")) and time.time() < deadline:
@@ -205,4 +291,3 @@ def test_interrupted_sweep_resumes_each_trial_from_its_checkpoint(tmp_path):
     first = sorted(glob.glob(str(directory / "train_trial_*" / "result.json")))[0]
     epochs = [json.loads(line)["epoch"] for line in open(first)]
     assert epochs[-1] == 3 and epochs[0] > 1, epochs  # continued from a checkpoint, not from epoch 1
-
