@@ -1,5 +1,6 @@
 # make demo: the embedded default job, dense vs top-k 1%, on a local Ray.
-# make test: the test suite; make test-integrations: the examples and framework integrations, run for real;
+# make test: ruff (lint and format check), then the test suite;
+# make test-integrations: the examples and framework integrations, run for real;
 # make test-faults: the long fault and recovery tests.
 # Each creates .venv and installs the project first.
 PYTHON ?= python3
@@ -18,6 +19,8 @@ demo: $(BIN)/raytopk
 	$(BIN)/raytopk bench --config jobs/mnist5k_topk.yaml --checkpoint-dir runs --output runs/demo.json --restart
 
 test: $(BIN)/raytopk
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -m "not faults and not integrations"
 
 test-integrations: $(BIN)/raytopk

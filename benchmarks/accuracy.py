@@ -306,7 +306,8 @@ def format_table(table: list) -> str:
     exchanges = any(r.get("gap_to_allgather") is not None for r in table)
     header = "vs all-gather (points)" if exchanges else "vs dense (points)"
     lines = [
-        f"| suite | optimizer | method | seeds | test accuracy % | {header} | wire MB / worker | across nodes MB | reduction |",
+        f"| suite | optimizer | method | seeds | test accuracy % | {header} "
+        "| wire MB / worker | across nodes MB | reduction |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table:

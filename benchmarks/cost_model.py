@@ -98,7 +98,8 @@ def main() -> None:
         print(
             f"\nResNet-50, ratio {args.ratio}, {gbps} Gbit/s between nodes: modelled ms per step (MB sent per worker)\n"
         )
-        # auto: the fastest of the exchanges measured not to cost accuracy for the layout (raytopk.cost_model.accurate_exchanges)
+        # auto: the fastest of the exchanges measured not to cost accuracy for the layout
+        # (raytopk.cost_model.accurate_exchanges)
         print("| workers | " + " | ".join(ALGORITHMS) + " | fastest | auto |")
         print("|---:|" + "---:|" * len(ALGORITHMS) + "---|---|")
         for w in WORKERS:
@@ -111,7 +112,8 @@ def main() -> None:
     print("\nCrossovers (the first worker count, of powers of two, where the first is faster than the second):")
     for c in found:
         print(
-            f"  {c['gbps']} Gbit/s: {c['faster']} < {c['than']} from {c['from_workers'] or 'never (up to 1024)'} workers"
+            f"  {c['gbps']} Gbit/s: {c['faster']} < {c['than']} "
+            f"from {c['from_workers'] or 'never (up to 1024)'} workers"
         )
     write_json(
         args.output,

@@ -6,9 +6,9 @@ its one-"GPU" node type, at most 3 nodes). Once it trains with 3 workers, one wo
 lost (its raylet and every process under it SIGKILLed at once). The autoscaler cannot replace it
 (the dead node keeps its place on this provider while the run asks for 3), so the run goes on with
 2 workers from its last checkpoint; then a node joins by hand, as a user adds a machine, and the
-run grows back to 3. Before it, the same job at a fixed 3 workers on the same cluster, uninterrupted. Per epoch: workers, learning rate, bytes on the
-wire, test accuracy; at each resize, how far the mean residual of the new group is from the
-saved one. The link is loopback on one machine (the CPU is the bottleneck here, not the network).
+run grows back to 3. Before it, the same job at a fixed 3 workers on the same cluster, uninterrupted. Per epoch:
+workers, learning rate, bytes on the wire, test accuracy; at each resize, how far the mean residual of the new group is
+from the saved one. The link is loopback on one machine (the CPU is the bottleneck here, not the network).
 
 Reproduce (from the repository root; the head takes port 6379)::
 
@@ -137,7 +137,8 @@ def main() -> None:
         counts = [m["workers"] for m in run["epochs"]]
         print(
             f"{name:<14} test acc {100 * run['test_accuracy']:.2f}%  wire {run['bytes_sent'] / 1e6:.1f} MB  "
-            f"epochs at 3/2/1 workers: {counts.count(3)}/{counts.count(2)}/{counts.count(1)}  wall {run['wall_s']:.0f} s"
+            f"epochs at 3/2/1 workers: {counts.count(3)}/{counts.count(2)}/{counts.count(1)}  "
+            f"wall {run['wall_s']:.0f} s"
         )
 
 

@@ -60,9 +60,9 @@ def selection_rows(device: torch.device, sizes, repeats: int) -> list:
         row = {
             "numel": n,
             "k": k,
-            "abs_ms": 1e3 * median_s(lambda: x.abs(), device, repeats),
-            "torch_topk_ms": 1e3 * median_s(lambda: torch.topk(x.abs(), k, sorted=False), device, repeats),
-            "select_topk_ms": 1e3 * median_s(lambda: select_topk(x, k), device, repeats),
+            "abs_ms": 1e3 * median_s(lambda x=x: x.abs(), device, repeats),
+            "torch_topk_ms": 1e3 * median_s(lambda x=x: torch.topk(x.abs(), k, sorted=False), device, repeats),
+            "select_topk_ms": 1e3 * median_s(lambda x=x: select_topk(x, k), device, repeats),
             "exact": torch.equal(chosen.long().sort().values, expected.sort().values),
         }
         rows.append(row)

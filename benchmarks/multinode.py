@@ -327,7 +327,7 @@ def main() -> None:
     parser.add_argument(
         "--layouts",
         nargs="+",
-        default=[f"{n}x{l}" for n, l in LAYOUTS],
+        default=[f"{nodes}x{per_node}" for nodes, per_node in LAYOUTS],
         help="nodes x ranks per node, e.g. 4x2 (default: 2x2 4x1 4x2)",
     )
     parser.add_argument("--numel", type=int, default=1 << 22, help="entries of the synthetic bucket")
@@ -362,8 +362,8 @@ def main() -> None:
             f"{report['latency_us_per_message']:.0f} us, inside a node {report['intra_gbps']:.1f} Gbit/s)"
         )
         print(
-            "| exchange | measured ms | unshaped ms | link adds ms | model: link adds ms | ratio | counted MB | wire MB | wire / modelled "
-            "| counted across nodes MB | wire across nodes MB | wire / counted across |"
+            "| exchange | measured ms | unshaped ms | link adds ms | model: link adds ms | ratio | counted MB "
+            "| wire MB | wire / modelled | counted across nodes MB | wire across nodes MB | wire / counted across |"
         )
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name in EXCHANGES:
@@ -376,10 +376,10 @@ def main() -> None:
             across, counted_across = e["wire_bytes_between_nodes_per_exchange"], e["counted_network_bytes_per_exchange"]
             e["wire_over_counted_network"] = across / counted_across if counted_across else None
             print(
-                f"| {name} | {1000 * e['median_s']:.1f} | {1000 * e['median_unshaped_s']:.1f} | {1000 * link_adds:.1f} | "
-                f"{1000 * m['link_seconds']:.1f} | {e['link_adds_over_model']:.2f} | {e['counted_bytes_per_exchange'] / 1e6:.3f} | "
-                f"{wire / 1e6:.3f} | {e['wire_over_model_bytes']:.3f} | {counted_across / 1e6:.3f} | {across / 1e6:.3f} | "
-                f"{e['wire_over_counted_network'] or 0:.3f} |"
+                f"| {name} | {1000 * e['median_s']:.1f} | {1000 * e['median_unshaped_s']:.1f} | "
+                f"{1000 * link_adds:.1f} | {1000 * m['link_seconds']:.1f} | {e['link_adds_over_model']:.2f} | "
+                f"{e['counted_bytes_per_exchange'] / 1e6:.3f} | {wire / 1e6:.3f} | {e['wire_over_model_bytes']:.3f} | "
+                f"{counted_across / 1e6:.3f} | {across / 1e6:.3f} | {e['wire_over_counted_network'] or 0:.3f} |"
             )
         dense = report["steps"]["dense"]["median_step_s"]
         print("| training step | median ms | vs dense | exchange used |")
@@ -387,7 +387,8 @@ def main() -> None:
         for method in HOOK_METHODS:
             s = report["steps"][method]
             print(
-                f"| {method} | {1000 * s['median_step_s']:.1f} | {dense / s['median_step_s']:.1f}x | {'+'.join(s['exchange_chosen'])} |"
+                f"| {method} | {1000 * s['median_step_s']:.1f} | {dense / s['median_step_s']:.1f}x | "
+                f"{'+'.join(s['exchange_chosen'])} |"
             )
     write_json(
         args.output,
@@ -395,7 +396,10 @@ def main() -> None:
             "command": " ".join([COMMAND] + sys.argv[1:]),
             "torch": torch.__version__,
             "host": f"one machine, {os.cpu_count()} CPUs",
-            "network": f"each node a network namespace; card: veth into a bridge, MTU 9000, tc tbf {args.rate}; inside a node: loopback",
+            "network": (
+                f"each node a network namespace; card: veth into a bridge, MTU 9000, tc tbf {args.rate}; "
+                "inside a node: loopback"
+            ),
             "bottleneck": "the shaped card; see each layout's step times (dense vs top-k) for the CPU's share",
             "numel": args.numel,
             "ratio": args.ratio,

@@ -103,7 +103,8 @@ class Floor:
 
 def floor_hook(state: Floor, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """``acc = gradient + residual`` into a spare, then the bucket zeroed (the memory floor) or, with
-    ``state.send``, filled with every rank's first ``k`` entries of ``acc`` by the hook's all-gather (the exchange floor)."""
+    ``state.send``, filled with every rank's first ``k`` entries of ``acc`` by the hook's all-gather (the exchange
+    floor)."""
     started = time.thread_time()
     buffer = bucket.buffer()
     key = (bucket.index(), buffer.numel())  # DDP rebuilds its buckets after the first step
@@ -248,9 +249,11 @@ def main() -> None:
         row["rounds"] = rounds
         rows.append(row)
         print(
-            f"| {model_name} | {row['parameters']:,} | {1e3 * row['dense_step_s']:.1f} | {1e3 * row['topk_step_s']:.1f} | "
+            f"| {model_name} | {row['parameters']:,} | {1e3 * row['dense_step_s']:.1f} | "
+            f"{1e3 * row['topk_step_s']:.1f} | "
             f"{1e3 * row['hook_s']:.2f} | {100 * row['hook_fraction']:.1f}% | {1e3 * row['pytorch_path_step_s']:.1f} | "
-            f"{1e3 * row['pytorch_path_hook_s']:.2f} | {100 * row['pytorch_path_hook_fraction']:.1f}% | {1e3 * row['floor_s']:.2f} | "
+            f"{1e3 * row['pytorch_path_hook_s']:.2f} | {100 * row['pytorch_path_hook_fraction']:.1f}% | "
+            f"{1e3 * row['floor_s']:.2f} | "
             f"{100 * row['floor_fraction']:.1f}% | {1e3 * row['exchange_floor_s']:.2f} | "
             f"{100 * row['exchange_floor_fraction']:.1f}% |",
             flush=True,

@@ -1,4 +1,5 @@
-"""A soak of a local Ray head: many short jobs through ``submit.py``, a few at a time, some failing and some stopped on purpose.
+"""A soak of a local Ray head: many short jobs through ``submit.py``, a few at a time, some failing and some stopped on
+purpose.
 
 What is run: a fresh ``ray start --head`` on loopback (2 CPUs, token auth, as the tests
 start it). ``--jobs`` jobs of ``jobs/smoke.yaml`` (1 epoch, 3 batches, 2 workers of half a CPU)
@@ -53,7 +54,8 @@ def kinds(jobs: int) -> list:
 
 
 def head_processes(token_path: str) -> list:
-    """Pids of the processes whose environment names this head's token file: the head's, its jobs' and their workers'."""
+    """Pids of the processes whose environment names this head's token file: the head's, its jobs' and their
+    workers'."""
     marker = f"RAY_AUTH_TOKEN_PATH={token_path}".encode()
     found = []
     for entry in os.listdir("/proc"):
@@ -256,7 +258,7 @@ def _memory(samples: list, warm: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=30)
     parser.add_argument("--parallel", type=int, default=3)
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "soak.json"))
@@ -267,7 +269,8 @@ def main(argv=None) -> int:
     write_json(args.output, result)
     memory = result["memory_mb"]["both"]
     print(
-        f"{args.jobs} jobs, {args.parallel} at a time, {result['wall_s']:.0f} s; all as expected: {result['all_as_expected']}; "
+        f"{args.jobs} jobs, {args.parallel} at a time, {result['wall_s']:.0f} s; all as expected: "
+        f"{result['all_as_expected']}; "
         f"GCS + raylet RSS {memory['start']} -> {memory['warm']} (warm) -> {memory['end']} MB (growth after warm-up "
         f"{memory['growth_after_warm']} MB); processes idle {result['processes']['idle_before']} -> "
         f"{result['processes']['idle_after']}, left after stop {result['processes']['left_after_stop']}"

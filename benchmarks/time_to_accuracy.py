@@ -114,7 +114,8 @@ def train(args, link: str, method: str, storage: str) -> dict:
 
 
 def summarize(runs: list, target: float) -> list:
-    """One row per link and method (medians over its repeats), against dense on the same link and dense with no limit."""
+    """One row per link and method (medians over its repeats), against dense on the same link and dense with no
+    limit."""
     groups = {}
     for r in runs:
         groups.setdefault((r["link"], r["method"]), []).append(r)
@@ -143,14 +144,16 @@ def summarize(runs: list, target: float) -> list:
 
 def format_table(rows: list) -> str:
     lines = [
-        "| link | method | samples/s | of dense, no limit | vs dense, same link | s to target | final accuracy % | wire MB/worker |",
+        "| link | method | samples/s | of dense, no limit | vs dense, same link | s to target | final accuracy % | "
+        "wire MB/worker |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         reached = "not reached" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.1f}"
         lines.append(
             f"| {r['link']} | {r['method']} | {r['samples_per_s']:.0f} | {_ratio(r['of_dense_unlimited'])} | "
-            f"{_ratio(r['vs_dense_same_link'])} | {reached} | {100 * r['final_accuracy']:.2f} | {r['wire_mb_per_worker']:.2f} |"
+            f"{_ratio(r['vs_dense_same_link'])} | {reached} | {100 * r['final_accuracy']:.2f} | "
+            f"{r['wire_mb_per_worker']:.2f} |"
         )
     return "\n".join(lines)
 

@@ -154,13 +154,15 @@ def run_in_namespace(args) -> None:
 
     print(f"\n{MODEL}, {params:,} parameters, {args.steps} steps, loopback unshaped, every worker its own node\n")
     print(
-        f"| workers | method | exchange | wire MB/step | % of dense | share / {min(args.workers)} workers' | counted MB/step | counted / wire |"
+        f"| workers | method | exchange | wire MB/step | % of dense | share / {min(args.workers)} workers' "
+        "| counted MB/step | counted / wire |"
     )
     print("|---:|---|---|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
-            f"| {row['workers']} | {row['method']} | {'+'.join(row['exchange'])} | {row['wire_bytes_per_step'] / 1e6:.3f} | "
-            f"{row['percent_of_dense']:.2f} | {row['share_over_fewest_workers']:.2f} | {row['counted_bytes_per_step'] / 1e6:.3f} | "
+            f"| {row['workers']} | {row['method']} | {'+'.join(row['exchange'])} | "
+            f"{row['wire_bytes_per_step'] / 1e6:.3f} | {row['percent_of_dense']:.2f} | "
+            f"{row['share_over_fewest_workers']:.2f} | {row['counted_bytes_per_step'] / 1e6:.3f} | "
             f"{row['counted_over_wire']:.3f} |"
         )
 

@@ -1,4 +1,5 @@
-"""Hugging Face Accelerate with raytopk: ``raytopk.accelerate.attach`` on the prepared model, with gradient accumulation.
+"""Hugging Face Accelerate with raytopk: ``raytopk.accelerate.attach`` on the prepared model, with gradient
+accumulation.
 
     torchrun --standalone --nproc_per_node 2 examples/accelerate_mnist.py --epochs 3 --checkpoint-dir runs/accelerate
 
@@ -23,7 +24,7 @@ from raytopk.models import build_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--checkpoint-dir", default="runs/accelerate")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")

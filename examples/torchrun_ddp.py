@@ -90,7 +90,8 @@ def main() -> None:
 
 
 def save(directory, rank, epoch, steps, model, optimizer, state) -> None:
-    """Each rank writes its hook state and random state; then rank 0 the model, optimizer and epoch (meta.json, last)."""
+    """Each rank writes its hook state and random state; then rank 0 the model, optimizer and epoch (meta.json,
+    last)."""
     os.makedirs(directory, exist_ok=True)
     torch.save({"hook": state.state_dict(), "rng": torch.get_rng_state()}, os.path.join(directory, f"rank{rank}.pt"))
     dist.barrier()

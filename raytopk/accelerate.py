@@ -26,7 +26,8 @@ __all__ = ["attach"]
 
 
 def attach(accelerator, model: torch.nn.Module, ratio: float = 0.01, **options) -> Optional[TopKState]:
-    """Register raytopk's hook on ``model`` (what ``accelerator.prepare`` returned); return its :class:`~raytopk.TopKState`.
+    """Register raytopk's hook on ``model`` (what ``accelerator.prepare`` returned); return its
+    :class:`~raytopk.TopKState`.
 
     ``options`` are any other ``TopKState`` options. Without DDP (one
     process) there is nothing to compress: it warns and returns None.

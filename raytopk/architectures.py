@@ -76,7 +76,8 @@ class _BasicBlock(nn.Module):
 
 
 class ResNet20(nn.Module):
-    """CIFAR's ResNet-20 (He et al., 2016, section 4.2): the residual network of DGC's and many compression papers' CIFAR runs.
+    """CIFAR's ResNet-20 (He et al., 2016, section 4.2): the residual network of DGC's and many compression papers'
+    CIFAR runs.
 
     A 3x3 convolution to 16 channels, then three stages of three basic blocks
     at 16, 32 and 64 channels (the second and third halve the resolution),

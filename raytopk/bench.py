@@ -1,4 +1,5 @@
-"""What ``raytopk bench`` shows of its runs (the same job dense and with top-k): a table, and a plot beside ``--output``."""
+"""What ``raytopk bench`` shows of its runs (the same job dense and with top-k): a table, and a plot beside
+``--output``."""
 
 import posixpath
 

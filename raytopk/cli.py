@@ -23,13 +23,20 @@ _FLAG_HELP = {
     "model": " | ".join(MODELS),
     "dataset": " | ".join([*DATASETS, "parquet"]) + " (parquet: your own files, see --data-path)",
     "data_path": "dataset: parquet: a directory, a file or a URI (s3://, gs://) of Parquet files",
-    "test_path": "dataset: parquet: the test split's files (else data_path's test/ directory, else --test-fraction of its rows)",
+    "test_path": (
+        "dataset: parquet: the test split's files (else data_path's test/ directory, else --test-fraction of its rows)"
+    ),
     "image_shape": "dataset: parquet: [C, H, W] of images stored as lists of numbers, as YAML: '[1, 28, 28]'",
     "compress": "send only the top-k gradient entries (raytopk's hook)",
-    "method": "topk | dense | fp16: what the workers exchange (fp16: PyTorch's fp16_compress_hook, for comparison); sets --compress",
+    "method": (
+        "topk | dense | fp16: what the workers exchange (fp16: PyTorch's fp16_compress_hook, for comparison); "
+        "sets --compress"
+    ),
     "ratio": "fraction of entries sent per bucket, in (0, 1]",
     "workers": "number of Ray Train workers (the most, with --min-workers)",
-    "min_workers": "elastic training: run with anywhere from this many to --workers workers, resizing as nodes come and go",
+    "min_workers": (
+        "elastic training: run with anywhere from this many to --workers workers, resizing as nodes come and go"
+    ),
     "resources_per_worker": "custom Ray resources each worker needs, as YAML: '{fake_gpu: 1}'",
     "exchange": "auto | allgather | sharded | hierarchical: how entries cross the network (auto: by cost model)",
     "address": "Ray cluster address (else RAY_ADDRESS, else a local Ray)",
@@ -60,7 +67,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _yaml_value(text: str):
-    """``text`` read as YAML (``2`` is an int, ``true`` a bool, ``{a: 1}`` a mapping); a ConfigError if it is not YAML."""
+    """``text`` read as YAML (``2`` is an int, ``true`` a bool, ``{a: 1}`` a mapping); a ConfigError if it is not
+    YAML."""
     import yaml
 
     try:
@@ -244,7 +252,8 @@ def main(argv=None) -> int:
         print(f"raytopk: error: {err}", file=sys.stderr)
         return 2
     except Exception as stop:
-        # raytopk.train imports PyTorch and Ray, so they are imported here, once a run was started, not before a job is checked.
+        # raytopk.train imports PyTorch and Ray, so they are imported here, once a run was started, not before a job is
+        # checked.
         from ray.train import TrainingFailedError
 
         from raytopk.console import failure_report

@@ -115,7 +115,8 @@ def _sampled(x: torch.Tensor, k: int) -> bool:
 
 
 def _torch_topk(x: torch.Tensor, k: int):
-    """``torch.topk``'s exact set, with the tie rule of every path: among entries tied at the k-th magnitude, the lowest positions."""
+    """``torch.topk``'s exact set, with the tie rule of every path: among entries tied at the k-th magnitude, the lowest
+    positions."""
     magnitude = x.abs()
     if x.device.type != "cpu":  # one stable sort keeps ties in position order, and the host never waits
         indices = torch.sort(magnitude, descending=True, stable=True).indices[:k]
@@ -236,7 +237,8 @@ def _sample_size(n: int) -> int:
 
 @functools.lru_cache(maxsize=32)
 def _sample_positions(n: int, k: int) -> np.ndarray:
-    """Where :func:`_topk_above_sampled_threshold` samples a tensor of ``n`` entries: the same for every call with ``(n, k)``.
+    """Where :func:`_topk_above_sampled_threshold` samples a tensor of ``n`` entries: the same for every call with
+    ``(n, k)``.
 
     A run of _SAMPLE_RUN entries at a random place in each of _SAMPLE_SIZE / _SAMPLE_RUN
     equal strata: stratified like the gradient's layout, and a few thousand memory pages

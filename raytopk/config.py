@@ -63,9 +63,8 @@ class TrainConfig:
     seed: int = 0
     # How to compress.
     compress: bool = False
-    method: Optional[str] = (
-        None  # topk | dense | fp16 (PyTorch's fp16_compress_hook); sets compress; unset: compress decides
-    )
+    # topk | dense | fp16 (PyTorch's fp16_compress_hook); sets compress; unset: compress decides
+    method: Optional[str] = None
     ratio: float = 0.01
     start_iter: int = 2
     value_dtype: str = "fp32"
@@ -83,9 +82,8 @@ class TrainConfig:
     link_gbps: float = 1.0  # auto's cost model: bandwidth between nodes ...
     link_latency_us: float = 50.0  # ... and latency per message
     ranks_per_node: int = 0  # the exchange's node layout; 0: as Ray Train places the workers
-    bucket_cap_mb: Optional[float] = (
-        None  # DDP's buckets; unset: 25 MB each with the hook (raytopk.ray.prepare_model), else DDP's defaults
-    )
+    # DDP's buckets; unset: 25 MB each with the hook (raytopk.ray.prepare_model), else DDP's defaults
+    bucket_cap_mb: Optional[float] = None
     # Precision and batching.
     amp: str = "none"  # torch.autocast: bf16 (CPU or GPU) or fp16 (GPU, with a GradScaler)
     accumulate: int = 1  # micro-batches per optimizer step (DDP no_sync between)
@@ -175,7 +173,8 @@ def check_sizes(cfg: "TrainConfig", train_size: int, what: str) -> None:
 
 
 def _check_own_data(cfg: "TrainConfig") -> None:
-    """The Parquet keys: ``data_path`` with ``dataset: parquet`` and only then; a test fraction that leaves both splits rows."""
+    """The Parquet keys: ``data_path`` with ``dataset: parquet`` and only then; a test fraction that leaves both splits
+    rows."""
     if cfg.dataset == PARQUET and not cfg.data_path:
         raise ConfigError(
             "data_path: not set, but dataset is 'parquet'; allowed: a directory, a file or a URI of Parquet files"
@@ -374,7 +373,8 @@ def read_yaml_mapping(path: str) -> dict:
 
 # Keys that say where and how long a run goes, not what it trains: a rerun may change them and still resume.
 # How entries cross the network is among them: a residual is what was not used, whichever exchange ran
-# (and auto's choice changes with the worker count anyway); so are DDP's buckets, whose residuals are kept per parameter.
+# (and auto's choice changes with the worker count anyway); so are DDP's buckets, whose residuals are kept per
+# parameter.
 _NOT_IDENTITY = {
     "exchange",
     "capacity_factor",

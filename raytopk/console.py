@@ -144,7 +144,8 @@ class Console:
                 self._bar.refresh()
 
     def done(self, desc: str, text: str) -> None:
-        """The line that ends phase ``desc`` (an epoch): its bar goes, the line stays (a later phase's bar stays below it)."""
+        """The line that ends phase ``desc`` (an epoch): its bar goes, the line stays (a later phase's bar stays below
+        it)."""
         with self._lock:
             if desc != self._desc and self._bar is not None and self._bar.total is not None:
                 self.say(text)
@@ -160,7 +161,8 @@ class Console:
                 self._bar = tqdm(desc=desc, file=self.stream, leave=False, bar_format=_WAIT_FORMAT)
 
     def update(self, desc: str, n: int, total: int, elapsed: float, postfix: str, unit: str = "step") -> None:
-        """Progress ``n`` of ``total`` ``unit`` in phase ``desc`` (a new phase starts a new bar), ``elapsed`` seconds into it."""
+        """Progress ``n`` of ``total`` ``unit`` in phase ``desc`` (a new phase starts a new bar), ``elapsed`` seconds
+        into it."""
         with self._lock:
             if desc != self._desc or (self._bar is not None and n < self._bar.n):  # a new phase, or a restarted one
                 self.close()
@@ -215,7 +217,8 @@ class _Mailbox:
 
 
 class Channel:
-    """A run's events for the driver's console: ``(kind, payload)`` with kind ``step``, ``say``, ``epoch`` or ``failure``.
+    """A run's events for the driver's console: ``(kind, payload)`` with kind ``step``, ``say``, ``epoch`` or
+    ``failure``.
 
     The payload is a line of text, a step's numbers (``step``) or an epoch's
     ``{"desc": "epoch 2/3", "text": line}``.
@@ -275,7 +278,8 @@ class StepProgress:
             self._channel.post("say", text)
 
     def step(self, epoch: int, step: int, started: float, loss, wire_bytes) -> None:
-        """After micro-batch ``step`` of ``epoch`` (started at ``perf_counter()`` time ``started``): post, if it is time.
+        """After micro-batch ``step`` of ``epoch`` (started at ``perf_counter()`` time ``started``): post, if it is
+        time.
 
         ``loss`` (a tensor) is read, and ``wire_bytes()`` (this worker's bytes
         so far) called, only when posting: no device sync on the other steps.

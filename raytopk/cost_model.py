@@ -156,7 +156,8 @@ def _plus(*costs: Cost) -> Cost:
 def selected(
     algorithm: str, k: int, world_size: int, capacity_factor: float = 1.25, keep_factor: float = KEEP_FACTOR
 ) -> int:
-    """Entries each rank selects so that ``algorithm`` sends about ``2 k (W - 1) / W`` entries (the budget ``k``'s promise).
+    """Entries each rank selects so that ``algorithm`` sends about ``2 k (W - 1) / W`` entries (the budget ``k``'s
+    promise).
 
     All-gather sends ``W - 1`` copies of its selection: ``2k / W``. Sharded
     sends ``capacity_factor + keep_factor`` times ``(W - 1) / W`` of it:
@@ -174,7 +175,8 @@ def selected(
 def sharded_counts(
     selected: int, world_size: int, capacity_factor: float, keep_factor: float = KEEP_FACTOR
 ) -> Tuple[int, int]:
-    """``(capacity, keep)`` of the sharded exchange for ``selected`` entries per rank: slots per destination, sums kept per owner."""
+    """``(capacity, keep)`` of the sharded exchange for ``selected`` entries per rank: slots per destination, sums kept
+    per owner."""
     return max(1, math.ceil(capacity_factor * selected / world_size)), max(
         1, math.ceil(keep_factor * selected / world_size)
     )
@@ -212,7 +214,8 @@ def cost(
     local, nodes = layout.local_world_size, layout.nodes
     shard_k = math.ceil(k / local)
     on_node = Layout(local, local)
-    # Shards are ceil(numel / L) but the last; on average each rank sends (L - 1) / L of the bucket in the reduce-scatter.
+    # Shards are ceil(numel / L) but the last; on average each rank sends (L - 1) / L of the bucket in the
+    # reduce-scatter.
     scatter = _pairwise(on_node, link, numel * element_bytes / local)
     _, inner, result = inner_choice(nodes, shard_k, entry, link, capacity_factor, keep_factor, sharing=local)
     gather = _ring(on_node, link, local - 1, (local - 1) * result * (element_bytes + 4))

@@ -49,7 +49,8 @@ def _normalize(mean, std):
 
 
 def _mnist5k_pixels():
-    """``(images, labels, train)``: mnist5k's 5,000 digits as uint8 arrays (N x 28 x 28) and its fixed split as a mask."""
+    """``(images, labels, train)``: mnist5k's 5,000 digits as uint8 arrays (N x 28 x 28) and its fixed split as a
+    mask."""
     from importlib.resources import files
 
     import numpy as np

@@ -144,7 +144,8 @@ def node_layout(group, local_world_size: Optional[int] = None) -> Tuple[Layout, 
 
 
 def _unpack_all(rows: torch.Tensor, count: int, numel: int, value_dtype):
-    """Every peer's :func:`~raytopk.compression.pack`-ed ``count`` entries (one row each), concatenated: ``(values, indices)``."""
+    """Every peer's :func:`~raytopk.compression.pack`-ed ``count`` entries (one row each), concatenated:
+    ``(values, indices)``."""
     split = count * index_dtype(numel).itemsize
     return rows[:, split:].reshape(-1).view(value_dtype), rows[:, :split].reshape(-1).view(index_dtype(numel))
 
@@ -156,7 +157,8 @@ def _gather(
     finish: Callable,
     on_decoded: Optional[Callable[[float], None]] = None,
 ) -> torch.futures.Future:
-    """Start an all-gather of equal-size ``payload`` buffers; the future of ``finish(rows)``, every rank's buffer as a row.
+    """Start an all-gather of equal-size ``payload`` buffers; the future of ``finish(rows)``, every rank's buffer as a
+    row.
 
     When the collective fails (a peer died mid-exchange), the future carries
     gloo's error, and ``finish`` never reads the unfilled buffers.
@@ -198,7 +200,8 @@ def _staged(tensor: torch.Tensor, group) -> bool:
 def _all_to_all(
     output: torch.Tensor, tensor: torch.Tensor, group, output_split_sizes=None, input_split_sizes=None
 ) -> None:
-    """``all_to_all_single``, waited for (its caller's next stage needs it), staged through the host on gloo with CUDA."""
+    """``all_to_all_single``, waited for (its caller's next stage needs it), staged through the host on gloo with
+    CUDA."""
     if not _staged(tensor, group):
         dist.all_to_all_single(output, tensor, output_split_sizes, input_split_sizes, group=group, async_op=True).wait()
         return
@@ -401,7 +404,8 @@ class Exchanger:
             self.layout, why_flat = node_layout(group, local_world_size)
             if exchange == "hierarchical" and why_flat:
                 raise ValueError(
-                    f"exchange='hierarchical' needs the same number of ranks on every node, numbered node by node: {why_flat}"
+                    "exchange='hierarchical' needs the same number of ranks on every node, numbered node by node: "
+                    f"{why_flat}"
                 )
         local, nodes = self.layout.local_world_size, self.layout.nodes
         self.intra = self.group if nodes == 1 else None
@@ -427,7 +431,8 @@ class Exchanger:
         return selected(algorithm, k, self.world_size, self.capacity_factor, self.keep_factor)
 
     def network_bytes(self, algorithm: str, numel: int, k: int, value_bytes: int, sent: float) -> float:
-        """This rank's share of the ``sent`` bytes of one exchange that crossed its node's network card (see :class:`Cost`)."""
+        """This rank's share of the ``sent`` bytes of one exchange that crossed its node's network card (see
+        :class:`Cost`)."""
         if self.layout.nodes == 1:
             return 0.0
         if algorithm == "allgather":  # one ring: any payload, per-layer and dense parts included
@@ -448,7 +453,8 @@ class Exchanger:
         return dense_network_bytes(nbytes, self.layout)
 
     def run(self, algorithm: str, acc: torch.Tensor, k: int, value_dtype, out: torch.Tensor, scale: float = 1.0):
-        """Exchange ``acc`` by ``algorithm`` with a budget of ``k``: the future of ``(out, cleared, touched)``, and the bytes sent."""
+        """Exchange ``acc`` by ``algorithm`` with a budget of ``k``: the future of ``(out, cleared, touched)``, and the
+        bytes sent."""
         if algorithm == "allgather":
             values, indices = select_topk(acc, self.selected(algorithm, k))
             return allgather(

@@ -163,7 +163,8 @@ class TopKState:
         _check_count("warmup_steps", warmup_steps)
         if warmup_steps and warmup_ratio is None:
             raise ValueError(
-                f"warmup_steps needs warmup_ratio (the ratio the warm-up starts from), got warmup_steps={warmup_steps} alone"
+                "warmup_steps needs warmup_ratio (the ratio the warm-up starts from), "
+                f"got warmup_steps={warmup_steps} alone"
             )
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
@@ -370,7 +371,8 @@ class TopKState:
         )
 
     def _by_param(self, kind: str) -> Dict[torch.Tensor, torch.Tensor]:
-        """Every residual (``kind="residuals"``) or velocity, placed in a bucket or pending, one tensor per parameter."""
+        """Every residual (``kind="residuals"``) or velocity, placed in a bucket or pending, one tensor per
+        parameter."""
         by_param = dict(self._pending[kind])
         for memory in self._buckets.values():
             flat = memory.residual if kind == "residuals" else memory.velocity
@@ -576,7 +578,8 @@ class _BucketMemory:
         return torch.add(added, self.residual, out=self.spare)
 
     def accumulate_select(self, buffer: torch.Tensor, momentum: float, ks: List[int]):
-        """:meth:`accumulate`, :meth:`select`, and ``buffer`` zeroed (the update is added into it): ``(acc, values, indices)``.
+        """:meth:`accumulate`, :meth:`select`, and ``buffer`` zeroed (the update is added into it):
+        ``(acc, values, indices)``.
 
         A bucket of one group with no velocity and no dense entries is the
         common case, and :func:`~raytopk.compression.accumulate_topk` fuses it.
@@ -617,7 +620,8 @@ class _BucketMemory:
         return (torch.cat([indices, self.dense]) if len(self.dense) else indices).long()
 
     def commit(self, cleared: torch.Tensor, finite) -> None:
-        """If every rank's step arrived ``finite``: ``acc``, which the exchange turned into what it did not use, becomes the residual.
+        """If every rank's step arrived ``finite``: ``acc``, which the exchange turned into what it did not use, becomes
+        the residual.
 
         Momentum factor masking clears the velocity at ``cleared``, the
         positions whose entry the exchange used. ``finite`` is a ``bool``, or
@@ -743,8 +747,8 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
 def _exchange(
     state: TopKState, memory: "_BucketMemory", buffer: torch.Tensor, ks: List[int], value_dtype, scale: float
 ):
-    """Accumulate and exchange one bucket with budgets ``ks``: the future of ``(buffer, cleared, touched)`` (``buffer``: the
-    sum times ``scale``), the bytes sent, and those of them that crossed a node's network card.
+    """Accumulate and exchange one bucket with budgets ``ks``: the future of ``(buffer, cleared, touched)`` (``buffer``:
+    the sum times ``scale``), the bytes sent, and those of them that crossed a node's network card.
 
     All-gather takes every selection mode (per-layer, dense parameters, the
     saved groups of a resumed step) in one collective. Sharded and

@@ -264,7 +264,8 @@ def _selected(n: int, k: int, select):
 
 def scatter_add_rows(out: torch.Tensor, rows: torch.Tensor, k: int, scale: float) -> torch.Tensor:
     """``out.index_add_(0, indices, values, alpha=scale)`` for each row of ``rows`` (a uint8 tensor, one
-    :func:`~raytopk.compression.pack`-ed float32 payload of ``k`` int32 indices a row); every row's indices, as one tensor."""
+    :func:`~raytopk.compression.pack`-ed float32 payload of ``k`` int32 indices a row); every row's indices, as one
+    tensor."""
     touched = torch.empty(rows.shape[0] * k, dtype=torch.int32, device="cpu")
     library().scatter_add_rows(
         out.data_ptr(), rows.data_ptr(), rows.shape[0], rows.shape[1], k, scale, touched.data_ptr()

@@ -20,7 +20,8 @@ MODELS = {
 
 
 def build_model(name: str, in_channels: int = 1, num_classes: int = 10, image_size: int = 28):
-    """The model called ``name`` (a ``torch.nn.Module``), for images of ``in_channels`` x ``image_size`` x ``image_size``."""
+    """The model called ``name`` (a ``torch.nn.Module``), for images of ``in_channels`` x ``image_size`` x
+    ``image_size``."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
     builder = getattr(importlib.import_module("raytopk.architectures"), MODELS[name])

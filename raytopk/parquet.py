@@ -68,7 +68,8 @@ class ParquetSpec:
 
 
 def inspect(cfg) -> ParquetSpec:
-    """Check the job's Parquet files from their footers and first row group; a one-line ConfigError if they will not train."""
+    """Check the job's Parquet files from their footers and first row group; a one-line ConfigError if they will not
+    train."""
     fs, train_files, test_files, fraction = _splits(cfg)
     train_rows, test_rows, max_label = _check_schema_and_count(cfg, fs, train_files, test_files)
     if fraction is not None:
@@ -76,7 +77,8 @@ def inspect(cfg) -> ParquetSpec:
     source = cfg.test_path or cfg.data_path
     if train_rows == 0:
         raise ConfigError(
-            f"data_path: got {cfg.data_path!r}, which holds no rows; allowed: Parquet files with at least one row per worker"
+            f"data_path: got {cfg.data_path!r}, which holds no rows; "
+            "allowed: Parquet files with at least one row per worker"
         )
     if test_rows == 0:
         raise ConfigError(
@@ -85,7 +87,8 @@ def inspect(cfg) -> ParquetSpec:
         )
     if cfg.workers > train_rows:
         raise ConfigError(
-            f"workers: got {cfg.workers}, but {cfg.data_path} holds {train_rows} training rows; allowed: at most {train_rows}"
+            f"workers: got {cfg.workers}, but {cfg.data_path} holds {train_rows} training rows; allowed: at most "
+            f"{train_rows}"
         )
     shape, encoded, mean, std = _sample_images(cfg, fs, train_files[0])
     check_sizes(cfg, train_rows, f"{cfg.data_path} has {train_rows} training rows")
@@ -117,7 +120,8 @@ def _splits(cfg):
 
 
 def _parquet_files(key: str, path: str):
-    """``(filesystem, root, sorted Parquet files)`` under ``path`` (a file, a directory or a URI); a ConfigError if none."""
+    """``(filesystem, root, sorted Parquet files)`` under ``path`` (a file, a directory or a URI); a ConfigError if
+    none."""
     import pyarrow
     import pyarrow.fs
 
@@ -154,7 +158,8 @@ def _parquet_files(key: str, path: str):
 
 
 def _check_schema_and_count(cfg, fs, train_files, test_files):
-    """``(train rows, test rows, largest label)`` from the footers, each file's columns checked; the largest label from statistics."""
+    """``(train rows, test rows, largest label)`` from the footers, each file's columns checked; the largest label from
+    statistics."""
     import pyarrow.parquet as pq
 
     rows, largest = {}, -1
@@ -212,7 +217,8 @@ def _check_columns(cfg, path: str, schema) -> None:
 
 
 def _label_range(meta, column: str):
-    """``(min, max)`` of ``column`` over the file's row groups from their statistics, or ``(None, None)`` where any lacks them."""
+    """``(min, max)`` of ``column`` over the file's row groups from their statistics, or ``(None, None)`` where any
+    lacks them."""
     low = high = None
     for g in range(meta.num_row_groups):
         group = meta.row_group(g)
@@ -226,7 +232,8 @@ def _label_range(meta, column: str):
 
 
 def _sample_images(cfg, fs, path: str):
-    """``((C, H, W), encoded, mean, std)`` from up to :data:`SAMPLE_ROWS` images of the first file; a ConfigError if they do not fit."""
+    """``((C, H, W), encoded, mean, std)`` from up to :data:`SAMPLE_ROWS` images of the first file; a ConfigError if
+    they do not fit."""
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -288,7 +295,8 @@ def decode(column, image_shape, encoded: bool, mode: Optional[str]):
             raise ValueError(f"row {i} is not a PNG or JPEG image ({err})") from None
         if images and pixels.shape != images[0].shape:
             raise ValueError(
-                f"row {i} is {pixels.shape[:2]} pixels, the first image {images[0].shape[:2]}; allowed: images of one size"
+                f"row {i} is {pixels.shape[:2]} pixels, the first image {images[0].shape[:2]}; "
+                "allowed: images of one size"
             )
         images.append(pixels)
     stacked = np.stack(images) if images else np.zeros((0, 1, 1), np.float32)
@@ -296,7 +304,8 @@ def decode(column, image_shape, encoded: bool, mode: Optional[str]):
 
 
 def _in_test(row_hash, seed: int, fraction: float):
-    """Which rows (by Ray Data's row hash) belong to the test split: the hash mixed with ``seed``, below ``fraction``."""
+    """Which rows (by Ray Data's row hash) belong to the test split: the hash mixed with ``seed``, below
+    ``fraction``."""
     import numpy as np
 
     with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as a hash mix should
@@ -307,7 +316,8 @@ def _in_test(row_hash, seed: int, fraction: float):
 
 
 def _prepare(batch, image_column: str, label_column: str, image_shape, encoded: bool, mode: str, mean, std, split):
-    """Ray Data's map over a pyarrow batch: keep ``split``'s rows, decode and normalise the images, as ``{"x", "y"}``."""
+    """Ray Data's map over a pyarrow batch: keep ``split``'s rows, decode and normalise the images, as
+    ``{"x", "y"}``."""
     import numpy as np
 
     if split is not None:  # (seed, fraction, want_test): rows of a hashed split
@@ -362,7 +372,8 @@ def datasets(cfg, spec: ParquetSpec) -> dict:
 
 
 def data_config(cfg):
-    """Ray Train's ingest: equal training shards (every rank takes as many steps), order kept when ``shuffle_seed`` asks for it.
+    """Ray Train's ingest: equal training shards (every rank takes as many steps), order kept when ``shuffle_seed`` asks
+    for it.
 
     The test split is split too, unevenly: each rank counts what it
     evaluates and the counts are summed, so every test row is seen once.

@@ -102,7 +102,8 @@ def prepare_model(
 
 
 def hook_state(model: DDP) -> Optional[TopKState]:
-    """The :class:`~raytopk.TopKState` :func:`prepare_model` registered on ``model`` (its ``stats``: bytes, steps), or None."""
+    """The :class:`~raytopk.TopKState` :func:`prepare_model` registered on ``model`` (its ``stats``: bytes, steps), or
+    None."""
     return _STATES.get(model)
 
 

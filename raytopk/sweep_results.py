@@ -210,7 +210,8 @@ def write_results(directory: str, rows: list, sweep, cfg: TrainConfig, command: 
         with replacing(join(directory, BEST_FILE)) as temporary, open(temporary, "w") as f:
             f.write(
                 f"# Best trial {best['trial']} of sweep {sweep.name} (select: {sweep.select}): "
-                f"test accuracy {100 * best['test_accuracy']:.2f}%, {best['wire_mb_per_worker']:.2f} wire MB per worker.\n"
+                f"test accuracy {100 * best['test_accuracy']:.2f}%, "
+                f"{best['wire_mb_per_worker']:.2f} wire MB per worker.\n"
                 f"# Train it with: raytopk train --config {BEST_FILE}\n"
             )
             yaml.safe_dump(best["job"], f, sort_keys=False)

@@ -37,9 +37,8 @@ from raytopk.storage import exists, is_uri, join, provenance, read_bytes, read_t
 __all__ = ["train_loop_per_worker", "build_trainer", "run", "RunInterrupted", "bytes_line"]
 
 MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
-STORAGE_PROBE = (
-    ".storage_probe"  # the driver writes a token here in a local run directory; every worker must read it back
-)
+# The driver writes a token here in a local run directory; every worker must read it back.
+STORAGE_PROBE = ".storage_probe"
 NOT_SHARED = "is not seen from the node of worker"  # in the error a worker raises when it cannot
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the run's finished checkpoints
 
@@ -93,7 +92,8 @@ def train_loop_per_worker(config: dict) -> None:
         for group in optimizer.param_groups:
             group["initial_lr"], group["lr"] = base_lr, base_lr * schedule(start_epoch)
 
-    # What DDP's ring allreduce sends per worker and step, in all and across node cards: the baseline every byte count is compared with.
+    # What DDP's ring allreduce sends per worker and step, in all and across node cards: the baseline every byte count
+    # is compared with.
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     layout = node_layout(dist.group.WORLD, cfg.ranks_per_node or None)[0] if world_size > 1 else Layout(1)
     step_dense_bytes, step_dense_network = (
@@ -296,7 +296,8 @@ def _bytes_so_far(cfg: TrainConfig, state: Optional[TopKState], dense_bytes: flo
 
 
 def _byte_metrics(sent: float, dense: float, network: float, dense_network: float, nodes: int) -> dict:
-    """Byte counts summed over ranks, and the reduction users see: across node cards with several nodes, else rank to rank."""
+    """Byte counts summed over ranks, and the reduction users see: across node cards with several nodes, else rank to
+    rank."""
     wire_reduction = dense / sent if sent else 1.0  # one worker sends nothing either way
     return {
         "bytes_sent": int(sent),
@@ -310,7 +311,8 @@ def _byte_metrics(sent: float, dense: float, network: float, dense_network: floa
 
 
 def bytes_line(m: dict) -> str:
-    """The bytes part of an epoch or result line (metrics or a summary): the wire, across node cards with several nodes."""
+    """The bytes part of an epoch or result line (metrics or a summary): the wire, across node cards with several
+    nodes."""
     workers = f"{m['workers']} worker{'s' if m['workers'] != 1 else ''}"
     wire = f"wire {m['bytes_sent'] / m['workers'] / 1e6:.2f} MB/worker ({m['exchange']}, {workers}"
     if m.get("nodes", 1) > 1:
@@ -382,12 +384,14 @@ def _progress_callback(channel: Channel, epochs: int):
     from ray.train import UserCallback
 
     class EpochProgress(UserCallback):
-        """Runs on Ray Train's controller: each epoch's line (after a resize, that first) and each worker failure, to the console."""
+        """Runs on Ray Train's controller: each epoch's line (after a resize, that first) and each worker failure, to
+        the console."""
 
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0]
             line = (
-                f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}  test acc {100 * m['test_accuracy']:.2f}%  {bytes_line(m)}"
+                f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}  test acc {100 * m['test_accuracy']:.2f}%  "
+                f"{bytes_line(m)}"
                 f"  {m['train_s']:.1f} s"
             )
             if "resized_from" in m:
@@ -396,7 +400,10 @@ def _progress_callback(channel: Channel, epochs: int):
                     if "residual_mean_error" in m
                     else ""
                 )
-                line = f"resized: {m['resized_from']} -> {m['workers']} workers from the last checkpoint; lr {m['lr']:.4g}{kept}\n{line}"
+                line = (
+                    f"resized: {m['resized_from']} -> {m['workers']} workers from the last checkpoint; "
+                    f"lr {m['lr']:.4g}{kept}\n{line}"
+                )
             channel.post("epoch", {"desc": f"epoch {m['epoch']}/{epochs}", "text": line}, wait=True)
 
         def after_exception(self, run_context, worker_exceptions):
@@ -458,7 +465,8 @@ def worker_resources(cfg: TrainConfig) -> dict:
 
 
 def _write_storage_probe(cfg: TrainConfig):
-    """For a local ``checkpoint_dir``: a fresh token in the run directory, for :func:`_check_storage_seen`; None for a URI."""
+    """For a local ``checkpoint_dir``: a fresh token in the run directory, for :func:`_check_storage_seen`; None for a
+    URI."""
     if is_uri(cfg.checkpoint_dir):
         return None
     token = secrets.token_hex(16)
@@ -623,7 +631,8 @@ def latest_checkpoint(run_dir: str, cfg: TrainConfig):
 
 
 def _recorded_checkpoint(run_dir: str):
-    """``(path, meta)`` of the latest checkpoint in the run's snapshot, or None; a ConfigError if either cannot be read."""
+    """``(path, meta)`` of the latest checkpoint in the run's snapshot, or None; a ConfigError if either cannot be
+    read."""
     snapshot = join(run_dir, SNAPSHOT_FILE)
     if not exists(snapshot):
         return None
@@ -676,7 +685,8 @@ def _check_local(cfg: TrainConfig) -> None:
 
 
 def _say_if_waiting(cfg: TrainConfig) -> None:
-    """On a cluster, workers beyond what it holds now wait for nodes (an autoscaler's, or ``ray start`` elsewhere): say so."""
+    """On a cluster, workers beyond what it holds now wait for nodes (an autoscaler's, or ``ray start`` elsewhere): say
+    so."""
     import ray
 
     short = _shortfall(cfg, ray.cluster_resources())
@@ -684,14 +694,16 @@ def _say_if_waiting(cfg: TrainConfig) -> None:
         resource, need, got, _ = short
         count = cfg.min_workers or cfg.workers
         print(
-            f"raytopk: waiting for nodes: {count} worker{'s' * (count != 1)} need{'s' * (count == 1)} {need:g} {resource} in all "
-            f"and this cluster has {got:g} now; an autoscaler adds nodes for them (ray job stop, or Ctrl+C, ends the wait)",
+            f"raytopk: waiting for nodes: {count} worker{'s' * (count != 1)} need{'s' * (count == 1)} {need:g} "
+            f"{resource} in all and this cluster has {got:g} now; "
+            "an autoscaler adds nodes for them (ray job stop, or Ctrl+C, ends the wait)",
             flush=True,
         )
 
 
 def _shortfall(cfg: TrainConfig, have: dict):
-    """``(resource, needed, available, per worker)`` for the first resource the workers need more of than ``have``, or None.
+    """``(resource, needed, available, per worker)`` for the first resource the workers need more of than ``have``, or
+    None.
 
     An elastic run needs room for ``min_workers`` to start; a fixed one for ``workers``.
     """

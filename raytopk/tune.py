@@ -86,7 +86,8 @@ class SweepConfig:
             raise ConfigError("max_mb_per_worker: got null with select: budget; allowed: a number in (0, inf)")
         if not self.search_space:
             raise ConfigError(
-                "search_space: got nothing; allowed: a mapping of job keys to distributions, e.g. ratio: {loguniform: [0.001, 0.1]}"
+                "search_space: got nothing; allowed: a mapping of job keys to distributions, e.g. ratio: {loguniform: "
+                "[0.001, 0.1]}"
             )
 
 
@@ -168,7 +169,8 @@ def _check_space(path: str, sweep: SweepConfig, cfg: TrainConfig) -> None:
             raise ConfigError(f"{where}: unknown job key; allowed: {', '.join(sorted(set(kinds) - set(_NOT_SWEPT)))}")
         if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in _DISTRIBUTIONS):
             raise ConfigError(
-                f"{where}: got {spec!r}; allowed: one of {', '.join(_DISTRIBUTIONS)} with its values, e.g. {{loguniform: [0.001, 0.1]}}"
+                f"{where}: got {spec!r}; allowed: one of {', '.join(_DISTRIBUTIONS)} with its values, e.g. "
+                f"{{loguniform: [0.001, 0.1]}}"
             )
         name, values = next(iter(spec.items()))
         needs, is_range = _DISTRIBUTIONS[name]
@@ -182,7 +184,8 @@ def _check_space(path: str, sweep: SweepConfig, cfg: TrainConfig) -> None:
                 raise ConfigError(f"{where}: {name} got {values!r}; allowed: {needs}")
             if kinds[key] is not float:
                 raise ConfigError(
-                    f"{where}: {name} samples real numbers but {key} takes {'an integer' if kinds[key] is int else 'other values'}; use choice or grid"
+                    f"{where}: {name} samples real numbers but {key} takes "
+                    f"{'an integer' if kinds[key] is int else 'other values'}; use choice or grid"
                 )
         elif not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: {name} got {values!r}; allowed: {needs}")
@@ -293,7 +296,8 @@ def _trial_progress(total: int, epochs: int):
     from raytopk.console import Console, error_line
 
     class TrialProgress(tune.Callback):
-        """Saved with the sweep's state for ``--resume``: its console is made on first use, in the process that shows it."""
+        """Saved with the sweep's state for ``--resume``: its console is made on first use, in the process that shows
+        it."""
 
         def __init__(self):
             self._console, self._started = None, 0.0
@@ -388,11 +392,13 @@ def run_sweep(
             raise ConfigError(f"--resume: no sweep to resume at {directory}; run without --resume to start it")
         if json.loads(read_text(saved_path)) != _saved_form(sweep, cfg):
             raise ConfigError(
-                f"--resume: the sweep file or its base job changed since {directory} started; restore them or set another name"
+                f"--resume: the sweep file or its base job changed since {directory} started; "
+                "restore them or set another name"
             )
     elif exists(saved_path):
         raise ConfigError(
-            f"name: a sweep {sweep.name!r} already exists at {directory}; allowed: --resume to continue it, or another name (--set name=...)"
+            f"name: a sweep {sweep.name!r} already exists at {directory}; "
+            "allowed: --resume to continue it, or another name (--set name=...)"
         )
     import ray  # after the checks above, so a bad sweep is refused before Ray loads
     from ray import tune

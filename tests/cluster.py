@@ -232,7 +232,8 @@ def stop_job(address: str, env: dict, submission_id: str) -> None:
 
 
 def _stop_jobs(address: str, env: dict, timeout: float = 60) -> None:
-    """Stop every job still running on the head: their drivers run in sessions of their own, outside the head's group."""
+    """Stop every job still running on the head: their drivers run in sessions of their own, outside the head's
+    group."""
 
     def running():
         return [

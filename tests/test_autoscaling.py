@@ -167,7 +167,8 @@ def test_elastic_run_goes_on_without_a_lost_node_and_grows_when_a_node_joins(tmp
         _wait_for(process, rf"epoch \d+/{epochs} .*2 workers", lines, timeout=120)
         shrunk = max(int(m[1]) for line in lines if (m := re.search(rf"epoch (\d+)/{epochs} ", line)))
         with joined_node(head[1], "--num-cpus=1", "--resources='{\"fake_gpu\": 1}'"):
-            # A joining node's log monitor forwards the shared log's old lines again: count only epochs after the shrink.
+            # A joining node's log monitor forwards the shared log's old lines again: count only epochs after the
+            # shrink.
             grown = re.compile(rf"epoch (\d+)/{epochs} .*3 workers")
             while (
                 len({m[1] for line in lines if (m := grown.search(line)) and int(m[1]) > shrunk}) < 3
@@ -185,7 +186,8 @@ def test_elastic_run_goes_on_without_a_lost_node_and_grows_when_a_node_joins(tmp
     assert resizes == [(3, 2), (2, 3)], resizes
     for m in history:  # the mean residual the new group holds is the saved workers' mean, to float32 rounding
         assert m.get("residual_mean_error", 0.0) < 1e-6, m
-        # The linear rule: the job's lr (0.05) is for 3 workers; a group of W uses W/3 of it, on the same cosine schedule.
+        # The linear rule: the job's lr (0.05) is for 3 workers; a group of W uses W/3 of it, on the same cosine
+        # schedule.
         assert m["lr"] == pytest.approx(
             0.05 * m["workers"] / 3 * 0.5 * (1 + math.cos(math.pi * m["epoch"] / epochs))
         ), m

@@ -162,7 +162,8 @@ def test_every_shipped_job_is_valid():
         (["--set", "resources_per_worker={a: ["], "--set resources_per_worker: got '{a: [', which is not YAML"),
         (
             ["--resources-per-worker", "{fake_gpu: 1}"],
-            "workers: got 2, which need 2 fake_gpu in all, but this local Ray has 0; allowed: a cluster whose nodes offer fake_gpu",
+            "workers: got 2, which need 2 fake_gpu in all, but this local Ray has 0; allowed: a cluster whose nodes "
+            "offer fake_gpu",
         ),
         (
             ["--dataset", "mnist", "--data-dir", "/nonexistent/raytopk-data"],

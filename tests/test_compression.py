@@ -45,7 +45,8 @@ def test_same_set_as_torch_topk(numel, fraction):
     ],
 )
 def test_fast_path_exact_on_hard_distributions(make, k):
-    """k is below the count of nonzero entries, so only the true top-k magnitudes pass (not any k, nor the top-k values)."""
+    """k is below the count of nonzero entries, so only the true top-k magnitudes pass (not any k, nor the top-k
+    values)."""
     n = 1_000_000
     x = make(n, torch.Generator().manual_seed(1))
     assert int((x != 0).sum()) > k
@@ -65,7 +66,8 @@ def _no_full_topk(monkeypatch):
 
 @pytest.mark.parametrize("nonzero", [0, 1, 700, 9_999])
 def test_fewer_nonzero_entries_than_k_are_all_kept_then_the_first_zeros(nonzero, monkeypatch):
-    """A mostly-zero gradient (dead units, an embedding's unused rows): no full sort, and the tied zeros kept are the first ones."""
+    """A mostly-zero gradient (dead units, an embedding's unused rows): no full sort, and the tied zeros kept are the
+    first ones."""
     n, k = 1_000_000, 10_000
     where = torch.randperm(n, generator=torch.Generator().manual_seed(nonzero))[:nonzero]
     x = torch.zeros(n)
@@ -81,7 +83,8 @@ def test_fewer_nonzero_entries_than_k_are_all_kept_then_the_first_zeros(nonzero,
 
 
 def test_a_misleading_sample_gets_a_second_lower_threshold_not_a_full_sort(monkeypatch):
-    """The sampled entries are all large, so the first threshold lets too few pass; the second, four times lower in the sample, suffices."""
+    """The sampled entries are all large, so the first threshold lets too few pass; the second, four times lower in the
+    sample, suffices."""
     n, k = 1_000_000, 10_000
     generator = torch.Generator().manual_seed(2)
     sampled = torch.from_numpy(_sample_positions(n, k).astype(np.int64))

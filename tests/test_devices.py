@@ -1,4 +1,5 @@
-"""Every tensor raytopk's exchanges and hook make names its device: checked on CPU, so a GPU run never meets a CPU tensor.
+"""Every tensor raytopk's exchanges and hook make names its device: checked on CPU, so a GPU run never meets a CPU
+tensor.
 
 A tensor factory (``torch.zeros``, ``torch.arange``, ...) called without
 ``device=`` makes a CPU tensor whatever the bucket's device, and on CUDA the

@@ -48,7 +48,8 @@ def _leaves(value):
 
 
 def _shown(sources) -> set:
-    """Each number of the source files as a table may show it: as it is, as a percentage, in MB, in ms; to 0-4 decimals."""
+    """Each number of the source files as a table may show it: as it is, as a percentage, in MB, in ms; to 0-4
+    decimals."""
     shown = set()
     for source in sources:
         path = ROOT / source

@@ -1,4 +1,5 @@
-"""The examples run as the README says, on real processes: torchrun with gloo (no Ray), and a hand-written Ray Train loop."""
+"""The examples run as the README says, on real processes: torchrun with gloo (no Ray), and a hand-written Ray Train
+loop."""
 
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def test_ray_train_loop_example_trains_sparse_and_resumes_every_rank_exactly(tmp
 
 
 def test_ray_prepare_model_compresses_with_one_worker(tmp_path):
-    """Ray's own prepare_model gives one worker a bare model (no hook to register); raytopk's gives DDP with the hook."""
+    """Ray's own prepare_model gives one worker a bare model (no hook to register); raytopk's gives DDP with the
+    hook."""
     one = _ray_loop(tmp_path, "--epochs", "1", "--workers", "1", "--name", "one")
     assert one["hook_steps"] == one["optimizer_steps"] > 0

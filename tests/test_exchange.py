@@ -42,7 +42,8 @@ def _gather_all(tensor):
 
 
 def _run(algorithm, acc, k, local_world_size, capacity=None, keep=None, capacity_factor=1.25):
-    """One exchange of ``acc`` with a budget of ``k`` (or sharded's top-``k`` with explicit slots); returns ``out`` (the sum) and the cleared positions; ``acc`` becomes the residual."""
+    """One exchange of ``acc`` with a budget of ``k`` (or sharded's top-``k`` with explicit slots); returns ``out`` (the
+    sum) and the cleared positions; ``acc`` becomes the residual."""
     out = torch.zeros_like(acc)
     if algorithm == "sharded" and capacity is not None:
         values, indices = select_topk(acc, k)

@@ -148,7 +148,8 @@ def test_generated_set_pairs_are_accepted_or_refused_in_one_line():
 
 @st.composite
 def valid_jobs(draw):
-    """Configs inside every documented bound, consistent with each other (batch and accumulation fit mnist5k's shard)."""
+    """Configs inside every documented bound, consistent with each other (batch and accumulation fit mnist5k's
+    shard)."""
     workers = draw(st.integers(1, 4))
     shard = math.ceil(4000 / workers)
     batch_size = draw(st.integers(1, shard))

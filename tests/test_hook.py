@@ -55,7 +55,7 @@ def _recording_hook(sizes):
     return hook
 
 
-# a ratio whose payload outweighs the bucket is plain DDP ---------------------------------------------------------------
+# a ratio whose payload outweighs the bucket is plain DDP --------------------------------------------------------------
 
 
 def _dense_ratio_vs_ddp(rank, world_size, ratio, value_dtype):
@@ -145,7 +145,8 @@ def _allgather_k(budget, world_size):
 
 
 def _sharded_reference(accs, s, keep_factor, capacity_factor=1.25):
-    """The sharded exchange written out for every rank at once: ``(update sum, positions each rank's entry was used at)``.
+    """The sharded exchange written out for every rank at once:
+    ``(update sum, positions each rank's entry was used at)``.
 
     Each rank selects its top ``s``; index ``i`` goes to owner ``i % W`` (each
     owner's ``ceil(capacity_factor * s / W)`` largest per sender); owners sum
@@ -398,7 +399,8 @@ def test_error_feedback_conserves_mass_across_buckets():
 
 
 def _generated_training(rank, world_size, hidden, depth, cap_mb, options):
-    """Hypothesis's case through DDP: mass is conserved, and all-gather's bytes are counted exactly, bucket by bucket."""
+    """Hypothesis's case through DDP: mass is conserved, and all-gather's bytes are counted exactly, bucket by
+    bucket."""
     model = _model(seed=hidden, hidden=hidden, depth=depth)
     balance, mean_grads, _, sizes, state = _train_and_balance(rank, world_size, model, cap_mb, 5, **options)
     tolerance = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1e-2}[options["value_dtype"]]
@@ -579,7 +581,8 @@ def _non_finite(rank, world_size):
 
 
 def _amp_overflow(rank, world_size):
-    """bf16 autocast and a GradScaler whose first scales overflow: skipped steps change neither residuals nor weights."""
+    """bf16 autocast and a GradScaler whose first scales overflow: skipped steps change neither residuals nor
+    weights."""
     model = _model()
     ddp = DDP(model)
     state = TopKState(ratio=0.05, start_iter=0, module=model)
@@ -622,7 +625,8 @@ def test_non_finite_step_is_skipped_on_every_rank_and_spares_the_residual():
 
 @pytest.mark.parametrize("finite", [True, False])
 def test_a_finite_flag_left_on_the_device_commits_as_the_bool_does(finite):
-    """On a GPU the hook keeps the finite check a 0-dim tensor (the host never waits for it); the memory ends the same."""
+    """On a GPU the hook keeps the finite check a 0-dim tensor (the host never waits for it); the memory ends the
+    same."""
     from raytopk.hook import _BucketMemory
 
     params = (torch.nn.Parameter(torch.zeros(40)), torch.nn.Parameter(torch.zeros(3, 8)))

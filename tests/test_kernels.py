@@ -1,4 +1,5 @@
-"""The C kernels give the PyTorch path's results bit for bit, build where a compiler is, and step aside where none is."""
+"""The C kernels give the PyTorch path's results bit for bit, build where a compiler is, and step aside where none
+is."""
 
 import os
 import subprocess
@@ -192,7 +193,8 @@ def test_raytopk_kernels_0_turns_them_off_silently(tmp_path):
 
 
 def _train(rank, world_size, kernels_on, options):
-    """A few steps of DDP with the hook on a model whose bucket takes the sampled path; the weights and residuals after."""
+    """A few steps of DDP with the hook on a model whose bucket takes the sampled path; the weights and residuals
+    after."""
     os.environ["RAYTOPK_KERNELS"] = "1" if kernels_on else "0"
     kernels.library.cache_clear()  # importing this module to unpickle _train loaded them already
     torch.manual_seed(0)
@@ -218,7 +220,8 @@ def _train(rank, world_size, kernels_on, options):
 
 @pytest.mark.parametrize("options", [{}, {"exchange": "sharded"}], ids=["allgather", "sharded"])
 def test_training_is_bit_identical_with_and_without_kernels(options):
-    """Everything the hook does with them (accumulate, select, decode, check) against the PyTorch path, over real gloo."""
+    """Everything the hook does with them (accumulate, select, decode, check) against the PyTorch path, over real
+    gloo."""
     on = run_ranks(_train, 2, True, options)
     off = run_ranks(_train, 2, False, options)
     for (weights, residuals), (weights_off, residuals_off) in zip(on, off):

@@ -1,4 +1,5 @@
-"""raytopk.lightning.TopKCompression on a real Lightning Trainer: strategy="ddp", accelerator="cpu", devices=2 (gloo)."""
+"""raytopk.lightning.TopKCompression on a real Lightning Trainer: strategy="ddp", accelerator="cpu", devices=2
+(gloo)."""
 
 import sys
 
@@ -59,8 +60,9 @@ class Regression(pl.LightningModule):
 pl.seed_everything(0)
 data = TensorDataset(torch.randn(256, 64), torch.randn(256, 1))
 compression = TopKCompression(ratio=0.1)
-trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, callbacks=[compression])
+trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=1, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=[compression])
 trainer.fit(Regression(), DataLoader(data, batch_size=16))
 if trainer.global_rank == 0:
     print(json.dumps({"optimizer_steps": trainer.global_step, "hook_steps": compression.state.stats["steps"],

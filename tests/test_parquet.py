@@ -39,7 +39,8 @@ def test_export_round_trips_the_pixels_and_inspect_reads_the_dataset(exported, l
         1000,
         None,
     )  # train/ and test/ are the splits
-    # the sample's mean and std are MNIST's well-known ones: of pixels in [0, 1] from PNG, of the stored values from lists
+    # the sample's mean and std are MNIST's well-known ones: of pixels in [0, 1] from PNG, of the stored values from
+    # lists
     scale = 1.0 if layout == "png" else 255.0
     assert spec.mean[0] / scale == pytest.approx(0.1307, abs=0.01) and spec.std[0] / scale == pytest.approx(
         0.3081, abs=0.01
@@ -114,12 +115,14 @@ LISTS = [[0.5] * 4 for _ in range(8)]
         (
             {"image": ["a"] * 8, "label": list(range(8))},
             {},
-            "image_column: 'image' in {path}/part.parquet holds string; allowed: encoded images (PNG or JPEG bytes) or lists of numbers",
+            "image_column: 'image' in {path}/part.parquet holds string; allowed: encoded images (PNG or JPEG bytes) or "
+            "lists of numbers",
         ),
         (
             {"image": LISTS, "label": list(range(8))},
             {},
-            "image_shape: not set, but 'image' in {path}/part.parquet holds lists of numbers; allowed: [C, H, W] with C*H*W values per image",
+            "image_shape: not set, but 'image' in {path}/part.parquet holds lists of numbers; allowed: [C, H, W] with "
+            "C*H*W values per image",
         ),
         (
             {"image": LISTS, "label": list(range(8))},
@@ -129,7 +132,8 @@ LISTS = [[0.5] * 4 for _ in range(8)]
         (
             {"image": [[0.5] * 8] * 8, "label": list(range(8))},
             {"image_shape": [1, 2, 4]},
-            "image_shape: the images in {path}/part.parquet are [1, 2, 4]; allowed: square images (H = W), which raytopk's models take",
+            "image_shape: the images in {path}/part.parquet are [1, 2, 4]; allowed: square images (H = W), which "
+            "raytopk's models take",
         ),
         (
             {"image": LISTS, "label": [-1] + list(range(7))},
@@ -232,7 +236,8 @@ def test_export_refuses_in_one_line(tmp_path):
         ),
         (
             ["--dataset", "mnist5k", "--output", str(tmp_path / "file")],
-            f"raytopk: error: output: got '{tmp_path / 'file'}', which is a file; allowed: a directory, or a path where one can be created",
+            f"raytopk: error: output: got '{tmp_path / 'file'}', which is a file; "
+            "allowed: a directory, or a path where one can be created",
         ),
     ):
         done = subprocess.run(
@@ -326,8 +331,8 @@ def test_exported_digits_reach_the_built_in_accuracy(exported, tmp_path):
 
 @pytest.mark.faults
 def test_killed_driver_resumes_parquet_run_exactly(exported, tmp_path):
-    """With ``shuffle_seed`` a Parquet run's batches are fixed: a run whose driver was killed after epoch 1 and rerun ends
-    with the uninterrupted run's weights, which needs every rank's residuals back as they were."""
+    """With ``shuffle_seed`` a Parquet run's batches are fixed: a run whose driver was killed after epoch 1 and rerun
+    ends with the uninterrupted run's weights, which needs every rank's residuals back as they were."""
     import glob
 
     import torch

@@ -1,4 +1,5 @@
-"""Jobs on a real local cluster (``ray start --head``, token auth): submit.py and ``ray job submit``; cluster.yaml's schema."""
+"""Jobs on a real local cluster (``ray start --head``, token auth): submit.py and ``ray job submit``; cluster.yaml's
+schema."""
 
 import http.client
 import json
@@ -150,7 +151,8 @@ def test_a_sweep_with_more_trials_than_cpus_queues_and_finishes(head, tmp_path):
 
 @pytest.mark.faults
 def test_six_jobs_submitted_at_once_all_queue_and_finish(head, tmp_path):
-    """Load: six jobs at once on the 2-CPU head. Two train at a time (1 CPU each); the rest wait for workers, none fails or is lost."""
+    """Load: six jobs at once on the 2-CPU head. Two train at a time (1 CPU each); the rest wait for workers, none fails
+    or is lost."""
     address, env = head
     ids = [f"load{i}-{os.getpid()}" for i in range(6)]
     submitters = [

@@ -139,7 +139,8 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes_the_same(local_ray,
     os.kill(workers[0].pid, signal.SIGKILL)
     thread.join(timeout=300)
     assert outcome.get("epochs") == 2, "the run did not finish after the worker died"
-    # Ray Train started a second group of 2 workers after the first lost one: a restart, not a run that outlived the kill.
+    # Ray Train started a second group of 2 workers after the first lost one: a restart, not a run that outlived the
+    # kill.
     started = {actor_id: actor for actor_id, actor in train_workers().items() if actor_id not in before}
     assert len(started) == 4 and all(actor.state == "DEAD" for actor in started.values()), started
     for key, value in _weights(straight["checkpoint"]).items():
@@ -320,7 +321,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(straight
 
 @pytest.mark.faults
 def test_a_checkpoint_cut_off_mid_write_is_never_resumed_from(straight, tmp_path):
-    """What a crash while epoch 3 is being copied to storage leaves: a newer checkpoint directory, one file half written, that Ray never recorded."""
+    """What a crash while epoch 3 is being copied to storage leaves: a newer checkpoint directory, one file half
+    written, that Ray never recorded."""
     shutil.copytree(straight["run_dir"], tmp_path / "cut")
     recorded = tmp_path / "cut" / os.path.basename(straight["checkpoint"])
     partial = tmp_path / "cut" / "checkpoint_2999-01-01_00-00-00.000000"
@@ -350,7 +352,8 @@ def test_a_missing_dataset_is_refused_before_any_worker_starts(local_ray, tmp_pa
 
 
 def _buckets_per_step(config):
-    """A Ray Train loop: one backward through each of ``prepare_model``'s DDP models; how many buckets each exchanged."""
+    """A Ray Train loop: one backward through each of ``prepare_model``'s DDP models; how many buckets each
+    exchanged."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     def buckets(ddp, state=None):
@@ -375,7 +378,8 @@ def _buckets_per_step(config):
 
 def test_prepare_model_exchanges_a_small_model_as_one_bucket_with_the_hook_and_takes_ddp_options(local_ray, tmp_path):
     """SimpleCNN's 1.7 MB of gradients: DDP's default (a 1 MB first bucket) makes two buckets, each costing the hook a
-    selection and a collective; with the hook, prepare_model makes one, unless parallel_strategy_kwargs say otherwise."""
+    selection and a collective; with the hook, prepare_model makes one, unless parallel_strategy_kwargs say
+    otherwise."""
     from ray import cloudpickle
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -427,7 +431,8 @@ def _restored_at(workers, job, checkpoint, storage) -> list:
 def test_resume_at_another_worker_count_gives_every_worker_the_saved_mean(local_ray, tmp_path):
     """A real 2-worker checkpoint (momentum correction: residuals and velocities), restored by the loop's own code at 1
     and at 3 workers: each worker holds the saved workers' mean residual and velocity, and the byte counters sum to
-    the saved sum. (Rank 0's own residual, or a sum, would be far off.) Then the loop resumes it for real at 1 worker."""
+    the saved sum. (Rank 0's own residual, or a sum, would be far off.) Then the loop resumes it for real at 1
+    worker."""
     first = run(_cfg(tmp_path, "rescaled", epochs=1, momentum_correction=True))
     saved = [torch.load(os.path.join(first["checkpoint"], rank_file(r)), weights_only=True)["hook"] for r in range(2)]
     job = {

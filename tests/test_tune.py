@@ -1,4 +1,5 @@
-"""Sweeps: config checks, the pick of the best trial, and real sweeps on a local Ray (run, best-job round trip, resume)."""
+"""Sweeps: config checks, the pick of the best trial, and real sweeps on a local Ray (run, best-job round trip,
+resume)."""
 
 import glob
 import json
@@ -222,7 +223,8 @@ def test_sweep_writes_table_best_job_and_plot_and_the_best_job_trains(tmp_path):
     assert json.loads((directory / TRIALS_FILE).read_text()) == results
 
 
-@pytest.mark.integrations  # a sweep on one's own Parquet data: each trial's driver hands Ray Data's datasets to its trainer
+# A sweep on one's own Parquet data: each trial's driver hands Ray Data's datasets to its trainer.
+@pytest.mark.integrations
 def test_sweep_on_parquet_data(tmp_path):
     from raytopk.parquet import export
 
