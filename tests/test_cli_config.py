@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ({"ratio": float("nan")}, "ratio: got nan; allowed: a number in (0, 1]"),
         ({"ratio": "lots"}, "ratio: got 'lots'; allowed: a number"),
         ({"model": "vgg"}, "model: got 'vgg'; allowed: resnet18, resnet20, resnet50, simple_cnn, vit"),
-        ({"dataset": "imagenet"}, "dataset: got 'imagenet'; allowed: cifar10, fashion_mnist, mnist, mnist5k"),
+        ({"dataset": "imagenet"}, "dataset: got 'imagenet'; allowed: cifar10, fashion_mnist, mnist, mnist5k, parquet"),
         ({"optimizer": "adam"}, "optimizer: got 'adam'; allowed: sgd, adamw"),
         ({"backend": "mpi"}, "backend: got 'mpi'; allowed: auto, gloo, nccl"),
         ({"batch_size": 0}, "batch_size: got 0; allowed: a number in [1, inf)"),

@@ -278,6 +278,7 @@ def _train(data_path, tmp_path, *flags, timeout=300):
     return json.loads(output.read_text()), done.stdout
 
 
+@pytest.mark.integrations  # a whole run through Ray Data (about 80 s here); the faults suite's resume test trains too
 def test_training_on_exported_lists_through_ray_data(exported, tmp_path):
     """The driver reads through Ray Data, the workers iterate their equal shards, every test row is counted."""
     summary, _ = _train(
