@@ -1,4 +1,4 @@
-"""Paths a run will write or read, checked by the driver before Ray starts.
+"""What the driver checks before Ray starts: the paths a run will write or read, and the resources its workers need.
 
 The config's values are checked where they are parsed (:mod:`raytopk.config`);
 paths can only be checked where they will be used, so ``raytopk train`` and ``bench``
@@ -8,6 +8,10 @@ Each failure is one :class:`~raytopk.config.ConfigError` line naming the key, th
 path and what is allowed. Whether a place can be written is tried, not
 inferred from permission bits (root passes those, and a read-only or virtual
 filesystem does not show in them): an empty directory made and removed at once.
+
+Resources (:func:`check_local`, :func:`say_if_waiting`): on a local Ray, workers
+that could never get their CPUs or GPUs are refused in one line; on a cluster the
+run says it waits for nodes. What a worker asks for is :func:`worker_resources`.
 """
 
 import os
@@ -15,10 +19,18 @@ import tempfile
 from typing import Optional
 
 from raytopk.config import PARQUET, ConfigError
-from raytopk.data import DATASETS
+from raytopk.data import DATASETS, load_dataset
 from raytopk.storage import is_uri, resolve
 
-__all__ = ["check_paths", "check_directory", "check_file", "local_ray_cpus"]
+__all__ = [
+    "check_paths",
+    "check_directory",
+    "check_file",
+    "local_ray_cpus",
+    "check_local",
+    "say_if_waiting",
+    "worker_resources",
+]
 
 
 def check_paths(cfg) -> None:
@@ -142,3 +154,72 @@ def local_ray_cpus(cfg, address: Optional[str] = None) -> Optional[int]:
     if cfg.dataset != PARQUET or address or cfg.address or os.environ.get("RAY_ADDRESS"):
         return None
     return len(os.sched_getaffinity(0)) + 1
+
+
+def worker_resources(cfg) -> dict:
+    """What one worker asks Ray for: its CPUs, a GPU with ``use_gpu``, and any custom resources."""
+    return {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {}), **(cfg.resources_per_worker or {})}
+
+
+def check_local(cfg) -> None:
+    """On a local Ray (no address: nothing scales up, the data is here), refuse what can never run.
+
+    Too many workers would wait for resources forever, and a missing dataset
+    would fail on every worker and retry; both are one-line errors instead,
+    before Ray starts.
+    """
+    import ray
+    import torch
+
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
+        return
+    if not cfg.download and cfg.dataset != PARQUET:  # Parquet files were checked by check_paths
+        load_dataset(cfg.dataset, cfg.data_dir, False)  # a DatasetError says where it looked and what to do
+    if ray.is_initialized():
+        have = ray.cluster_resources()
+    else:  # what ray.init() will find on this machine
+        have = {"CPU": float(len(os.sched_getaffinity(0))), "GPU": float(torch.cuda.device_count())}
+    key = "min_workers" if cfg.min_workers else "workers"
+    short = _shortfall(cfg, have)
+    if short:
+        resource, need, got, each = short
+        fits = int(got // each)
+        allowed = (
+            f"at most {fits} {key} at {each:g} {resource} each"
+            if fits
+            else f"a cluster whose nodes offer {resource} (--address)"
+        )
+        raise ConfigError(
+            f"{key}: got {getattr(cfg, key)}, which need {need:g} {resource} in all, but this local Ray has {got:g}; "
+            f"allowed: {allowed}"
+        )
+
+
+def say_if_waiting(cfg) -> None:
+    """On a cluster, workers beyond what it holds now wait for nodes (an autoscaler's, or ``ray start`` elsewhere): say
+    so."""
+    import ray
+
+    short = _shortfall(cfg, ray.cluster_resources())
+    if short:
+        resource, need, got, _ = short
+        count = cfg.min_workers or cfg.workers
+        print(
+            f"raytopk: waiting for nodes: {count} worker{'s' * (count != 1)} need{'s' * (count == 1)} {need:g} "
+            f"{resource} in all and this cluster has {got:g} now; "
+            "an autoscaler adds nodes for them (ray job stop, or Ctrl+C, ends the wait)",
+            flush=True,
+        )
+
+
+def _shortfall(cfg, have: dict):
+    """``(resource, needed, available, per worker)`` for the first resource the workers need more of than ``have``, or
+    None.
+
+    An elastic run needs room for ``min_workers`` to start; a fixed one for ``workers``.
+    """
+    for resource, each in worker_resources(cfg).items():
+        need, got = (cfg.min_workers or cfg.workers) * each, have.get(resource, 0)
+        if need > got + 1e-9:
+            return resource, need, got, each
+    return None

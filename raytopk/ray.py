@@ -23,16 +23,14 @@ starts every rank from the saved ranks' mean residual
 (:func:`raytopk.hook.load_rank_state`). ``raytopk train`` runs on these same helpers.
 """
 
-import os
-import re
 import weakref
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from raytopk.hook import TopKState, load_rank_state, topk_hook
+from raytopk.checkpoint import load_rank, rank_file, save_rank
+from raytopk.hook import TopKState, topk_hook
 
 __all__ = ["prepare_model", "hook_state", "save_state", "load_state", "rank_file", "SPARSE_BUCKET_CAP_MB"]
 
@@ -41,11 +39,6 @@ __all__ = ["prepare_model", "hook_state", "save_state", "load_state", "rank_file
 SPARSE_BUCKET_CAP_MB = 25
 
 _STATES = weakref.WeakKeyDictionary()  # DDP model -> its TopKState, for save_state / load_state / hook_state
-
-
-def rank_file(rank: int) -> str:
-    """The checkpoint file holding one rank's hook state (its residuals) and what else :func:`save_state` was given."""
-    return f"rank{rank}.pt"
 
 
 def prepare_model(
@@ -112,34 +105,12 @@ def save_state(model: DDP, directory: str, **extra) -> None:
 
     Every rank calls it on its own copy of the checkpoint directory; Ray Train merges them.
     """
-    state = hook_state(model)
-    torch.save(
-        {"hook": state.state_dict() if state is not None else None, **extra},
-        os.path.join(directory, rank_file(dist.get_rank())),
-    )
+    save_rank(hook_state(model), directory, **extra)
 
 
 def load_state(model: DDP, directory: str, map_location="cpu") -> dict:
-    """Load what :func:`save_state` wrote for this rank; return its ``extra``.
+    """Load what :func:`save_state` wrote for this rank into ``model``'s hook; return its ``extra``.
 
-    From a checkpoint of another worker count, the hook state is the saved
-    ranks' mean and ``extra`` is saved rank ``rank % saved_count``'s; the returned
-    dict then also holds ``resized_from`` and ``residual_mean_error`` (see
-    :func:`raytopk.hook.load_rank_state`). Every rank must call it.
+    From a checkpoint of another worker count, see :func:`raytopk.checkpoint.load_rank`. Every rank must call it.
     """
-    world_size = dist.get_world_size()
-    saved_count = sum(1 for name in os.listdir(directory) if re.fullmatch(r"rank\d+\.pt", name))
-    if saved_count == 0:
-        raise FileNotFoundError(f"{directory} holds no {rank_file(0)}: not a checkpoint raytopk.ray.save_state wrote")
-
-    def load(rank):
-        return torch.load(os.path.join(directory, rank_file(rank)), map_location=map_location, weights_only=True)
-
-    extra = load(dist.get_rank() % saved_count)
-    hook, state = extra.pop("hook"), hook_state(model)
-    if state is None or hook is None:
-        return {**extra, **({"resized_from": saved_count} if saved_count != world_size else {})}
-    if saved_count == world_size:
-        state.load_state_dict(hook)
-        return extra
-    return {**extra, **load_rank_state(state, [load(r)["hook"] for r in range(saved_count)])}
+    return load_rank(hook_state(model), directory, map_location)

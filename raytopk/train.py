@@ -9,8 +9,6 @@ random state, so a resumed run continues exactly where this one stopped.
 
 import contextlib
 import dataclasses
-import io
-import json
 import math
 import os
 import secrets
@@ -22,7 +20,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from raytopk.config import PARQUET, ConfigError, TrainConfig, default_run_name, resolved, run_identity
+from raytopk.checkpoint import latest, recorded, restore, save
+from raytopk.checkpoint import meta as checkpoint_meta
+from raytopk.config import PARQUET, ConfigError, TrainConfig, default_run_name, resolved
 from raytopk.console import Channel, Console, StepProgress, Watch, start_ray, worker_failures_line
 from raytopk.cost_model import Layout, Link, dense_allreduce_bytes, dense_network_bytes
 from raytopk.data import DATASETS, load_dataset
@@ -30,21 +30,61 @@ from raytopk.exchange import node_layout
 from raytopk.hook import TopKState
 from raytopk.models import build_model
 from raytopk.optim import MomentumCorrectedSGD
-from raytopk.preflight import check_paths, local_ray_cpus
-from raytopk.ray import load_state, prepare_model, rank_file, save_state
-from raytopk.storage import exists, is_uri, join, provenance, read_bytes, read_text, write_json
+from raytopk.preflight import check_local, check_paths, local_ray_cpus, say_if_waiting, worker_resources
+from raytopk.ray import prepare_model
+from raytopk.storage import is_uri, join, provenance, read_text, write_json
 
 __all__ = ["train_loop_per_worker", "build_trainer", "run", "RunInterrupted", "bytes_line"]
 
-MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
 # The driver writes a token here in a local run directory; every worker must read it back.
 STORAGE_PROBE = ".storage_probe"
 NOT_SHARED = "is not seen from the node of worker"  # in the error a worker raises when it cannot
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the run's finished checkpoints
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """One worker's training: read top to bottom, it is the whole recipe."""
+    """One worker's training: set up, then each epoch train, measure, and report (with a checkpoint when due)."""
+    w = _setup(config)
+    for epoch in range(w.start_epoch, w.cfg.epochs):
+        started = time.perf_counter()
+        loss_sum, batches = _train_epoch(w, epoch, started)
+        w.scheduler.step()
+        w.steps_done += batches // w.cfg.accumulate
+        metrics = _epoch_metrics(w, epoch, loss_sum, batches, time.perf_counter() - started)
+        _report(w, epoch, metrics)
+    if w.writer is not None:
+        w.writer.close()
+
+
+@dataclasses.dataclass
+class _Worker:
+    """What one worker's loop carries from epoch to epoch."""
+
+    cfg: TrainConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    model: torch.nn.Module  # the plain module (evaluated without DDP) ...
+    ddp: torch.nn.Module  # ... and its DDP wrapper (trained), with the hook when compressing
+    state: Optional[TopKState]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    train_batches: object  # epoch -> iterable of (x, y)
+    test_batches: object  # () -> iterable of this rank's test share
+    micro_batches: int  # per epoch: whole optimizer steps of ``accumulate`` micro-batches each
+    nodes: int
+    step_dense_bytes: float  # what DDP's ring allreduce sends per step, in all and across node cards: the baselines
+    step_dense_network: float
+    progress: StepProgress
+    writer: object  # TensorBoard's SummaryWriter on rank 0 with ``tensorboard``, else None
+    start_epoch: int = 0
+    steps_done: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    resize: dict = dataclasses.field(default_factory=dict)
+
+
+def _setup(config: dict) -> _Worker:
+    """Data, model, optimizer, the DDP model with the hook, and where a checkpoint says the run stands."""
     import ray.train
     import ray.train.torch
 
@@ -63,14 +103,37 @@ def train_loop_per_worker(config: dict) -> None:
     # rate follows it linearly (Goyal et al.): ``lr`` is the rate for ``workers`` workers.
     base_lr = cfg.lr * world_size / cfg.workers
     optimizer = _optimizer(cfg, model, base_lr)
-    schedule = _schedule(cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    # Micro-batches per epoch: whole optimizer steps of ``accumulate`` micro-batches each.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     micro_batches = min(epoch_batches, cfg.max_train_batches or epoch_batches) // cfg.accumulate * cfg.accumulate
     state = _hook_state(cfg, model, optimizer, micro_batches // cfg.accumulate) if cfg.compress else None
     _check_storage_seen(cfg, storage_token, rank, channel)
-    # A DDP model even for one worker, with the hook when compressing (what users' own Ray loops call too).
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    layout = node_layout(dist.group.WORLD, cfg.ranks_per_node or None)[0] if world_size > 1 else Layout(1)
+    w = _Worker(
+        cfg=cfg, rank=rank, world_size=world_size, device=device, model=model, ddp=_ddp(cfg, model, state), state=state,
+        optimizer=optimizer, scheduler=scheduler, scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
+        train_batches=train_batches, test_batches=test_batches, micro_batches=micro_batches, nodes=layout.nodes,
+        step_dense_bytes=dense_allreduce_bytes(grad_bytes, world_size),
+        step_dense_network=dense_network_bytes(grad_bytes, layout),
+        progress=StepProgress(channel, rank, cfg.epochs, micro_batches, world_size * cfg.batch_size),
+        writer=_tensorboard(cfg, rank),
+    )  # fmt: skip
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            w.start_epoch, w.steps_done, w.history, w.resize = restore(
+                directory, state, model, optimizer, scheduler, w.scaler, device
+            )
+        # The schedule follows this run's epoch count (a finished run rerun with more epochs continues on
+        # it) and this group's size (a checkpoint of another worker count saved another base rate).
+        scheduler.base_lrs = [base_lr] * len(optimizer.param_groups)
+        for group in optimizer.param_groups:
+            group["initial_lr"], group["lr"] = base_lr, base_lr * _schedule(cfg)(w.start_epoch)
+    return w
+
+
+def _ddp(cfg: TrainConfig, model: torch.nn.Module, state: Optional[TopKState]) -> torch.nn.Module:
+    """A DDP model even for one worker, with the hook when compressing (what users' own Ray loops call too)."""
     ddp = prepare_model(
         model,
         ratio=None,
@@ -81,100 +144,81 @@ def train_loop_per_worker(config: dict) -> None:
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 
         ddp.register_comm_hook(None, fp16_compress_hook)
-    start_epoch, steps_done, history, resize = 0, 0, [], {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            start_epoch, steps_done, history, resize = _restore(directory, ddp, optimizer, scheduler, scaler, device)
-        # The schedule follows this run's epoch count (a finished run rerun with more epochs continues on
-        # it) and this group's size (a checkpoint of another worker count saved another base rate).
-        scheduler.base_lrs = [base_lr] * len(optimizer.param_groups)
-        for group in optimizer.param_groups:
-            group["initial_lr"], group["lr"] = base_lr, base_lr * schedule(start_epoch)
+    return ddp
 
-    # What DDP's ring allreduce sends per worker and step, in all and across node cards: the baseline every byte count
-    # is compared with.
-    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    layout = node_layout(dist.group.WORLD, cfg.ranks_per_node or None)[0] if world_size > 1 else Layout(1)
-    step_dense_bytes, step_dense_network = (
-        dense_allreduce_bytes(grad_bytes, world_size),
-        dense_network_bytes(grad_bytes, layout),
-    )
-    writer = _tensorboard(cfg, rank)
+
+def _train_epoch(w: _Worker, epoch: int, started: float):
+    """One epoch's steps; ``(summed loss as a tensor, micro-batches run)``. The hook runs on each step's last
+    micro-batch."""
+    cfg, device = w.cfg, w.device
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    progress = StepProgress(channel, rank, cfg.epochs, micro_batches, world_size * cfg.batch_size)
+    w.ddp.train()
+    loss_sum, batches = torch.zeros((), device=device), 0
+    w.optimizer.zero_grad(set_to_none=True)
+    for x, y in w.train_batches(epoch):
+        if batches == w.micro_batches:
+            break
+        x, y = x.to(device), y.to(device)
+        batches += 1
+        synchronize = batches % cfg.accumulate == 0  # the hook runs on this micro-batch's backward only
+        with contextlib.nullcontext() if synchronize else w.ddp.no_sync():
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = torch.nn.functional.cross_entropy(w.ddp(x), y)
+            w.scaler.scale(loss / cfg.accumulate).backward()
+        if synchronize:
+            w.scaler.step(w.optimizer)  # skips the step when the gradients are not finite
+            w.scaler.update()
+            w.optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()  # no per-step device sync
+        steps = w.steps_done + batches // cfg.accumulate
+        # this worker's bytes so far, read only when the progress posts
+        w.progress.step(epoch + 1, batches, started, loss, lambda: _bytes_so_far(w, steps, 0)[0])
+    return loss_sum, batches
 
-    for epoch in range(start_epoch, cfg.epochs):
-        started = time.perf_counter()
-        ddp.train()
-        loss_sum, batches = torch.zeros((), device=device), 0
-        optimizer.zero_grad(set_to_none=True)
-        for x, y in train_batches(epoch):
-            if batches == micro_batches:
-                break
-            x, y = x.to(device), y.to(device)
-            batches += 1
-            synchronize = batches % cfg.accumulate == 0  # the hook runs on this micro-batch's backward only
-            with contextlib.nullcontext() if synchronize else ddp.no_sync():
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss = torch.nn.functional.cross_entropy(ddp(x), y)
-                scaler.scale(loss / cfg.accumulate).backward()
-            if synchronize:
-                scaler.step(optimizer)  # skips the step when the gradients are not finite
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()  # no per-step device sync
-            progress.step(
-                epoch + 1,
-                batches,
-                started,
-                loss,  # this worker's bytes so far, read only when it posts
-                lambda: _bytes_so_far(cfg, state, (steps_done + batches // cfg.accumulate) * step_dense_bytes, 0.0)[0],
-            )
-        scheduler.step()
-        steps_done += batches // cfg.accumulate
-        seconds = time.perf_counter() - started
-        # The plain module: each rank's test shard may hold a different number of
-        # batches, and DDP's forward could start a collective the others never join.
-        correct, total = _evaluate(model, test_batches(), device)
 
-        # Bytes on the wire and across node cards, summed over workers: the hook's count, or dense DDP's
-        # (the baseline; half of it in fp16).
-        bytes_now = _bytes_so_far(cfg, state, steps_done * step_dense_bytes, steps_done * step_dense_network)
-        sums = _all_reduce_sum([loss_sum.item(), batches, correct, total, *bytes_now], device)
-        metrics = {
-            "epoch": epoch + 1,
-            "loss": sums[0] / max(sums[1], 1),
-            "test_accuracy": sums[2] / sums[3],
-            **_byte_metrics(*sums[4:8], layout.nodes),
-            "hook_s": sums[8] / world_size,
-            "samples_per_s": world_size * batches * cfg.batch_size / seconds,
-            "train_s": seconds,  # this epoch's training steps, evaluation and checkpoint left out
-            "workers": world_size,
-            "lr": optimizer.param_groups[0]["lr"],
-            # What auto chose (or the exchange set), this rank's buckets: e.g. "sharded" or "allgather+sharded".
-            "exchange": "+".join(sorted(state.algorithms)) if state is not None and state.algorithms else "dense",
-        }
-        if epoch == start_epoch:
-            metrics.update(
-                resize
-            )  # the first epoch after a resize says from what, and that the residuals' mean was kept
-        history.append(metrics)
-        if writer is not None:
-            for key, value in metrics.items():
-                if not isinstance(value, str):
-                    writer.add_scalar(key, value, epoch + 1)
-            writer.flush()
-        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-            with tempfile.TemporaryDirectory() as directory:
-                _save(
-                    directory, rank, world_size, epoch + 1, steps_done, history, cfg, ddp, optimizer, scheduler, scaler
-                )
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        else:
-            ray.train.report(metrics)
-    if writer is not None:
-        writer.close()
+def _epoch_metrics(w: _Worker, epoch: int, loss_sum, batches: int, seconds: float) -> dict:
+    """The epoch's metrics, summed over workers: loss, test accuracy, bytes (the hook's or dense DDP's), speed."""
+    # The plain module: each rank's test shard may hold a different number of
+    # batches, and DDP's forward could start a collective the others never join.
+    correct, total = _evaluate(w.model, w.test_batches(), w.device)
+    bytes_now = _bytes_so_far(w, w.steps_done, w.steps_done)
+    sums = _all_reduce_sum([loss_sum.item(), batches, correct, total, *bytes_now], w.device)
+    metrics = {
+        "epoch": epoch + 1,
+        "loss": sums[0] / max(sums[1], 1),
+        "test_accuracy": sums[2] / sums[3],
+        **_byte_metrics(*sums[4:8], w.nodes),
+        "hook_s": sums[8] / w.world_size,
+        "samples_per_s": w.world_size * batches * w.cfg.batch_size / seconds,
+        "train_s": seconds,  # this epoch's training steps, evaluation and checkpoint left out
+        "workers": w.world_size,
+        "lr": w.optimizer.param_groups[0]["lr"],
+        # What auto chose (or the exchange set), this rank's buckets: e.g. "sharded" or "allgather+sharded".
+        "exchange": "+".join(sorted(w.state.algorithms)) if w.state is not None and w.state.algorithms else "dense",
+    }
+    if epoch == w.start_epoch:  # the first epoch after a resize says from what, and that the residuals' mean was kept
+        metrics.update(w.resize)
+    return metrics
+
+
+def _report(w: _Worker, epoch: int, metrics: dict) -> None:
+    """Record the epoch (history, TensorBoard) and report it to Ray Train, with a checkpoint every ``save_every``."""
+    import ray.train
+
+    w.history.append(metrics)
+    if w.writer is not None:
+        for key, value in metrics.items():
+            if not isinstance(value, str):
+                w.writer.add_scalar(key, value, epoch + 1)
+        w.writer.flush()
+    if (epoch + 1) % w.cfg.save_every and epoch + 1 != w.cfg.epochs:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        training = {name: getattr(w, name).state_dict() for name in ("optimizer", "scheduler", "scaler")}
+        meta = checkpoint_meta(w.cfg, epoch + 1, w.steps_done, w.world_size, w.history)
+        save(directory, w.rank, w.state, w.model, training, meta)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
 def _data(cfg: TrainConfig, rank: int, world_size: int, parquet_shape: Optional[dict]):
@@ -285,14 +329,16 @@ def _evaluate(model, loader, device):
     return correct, total
 
 
-def _bytes_so_far(cfg: TrainConfig, state: Optional[TopKState], dense_bytes: float, dense_network: float):
-    """This rank's ``(bytes_sent, dense_bytes, network_bytes, dense_network_bytes, hook_s)`` so far."""
-    if state is not None:
-        return [
-            state.stats[key] for key in ("bytes_sent", "dense_bytes", "network_bytes", "dense_network_bytes", "hook_s")
-        ]
-    share = 0.5 if cfg.method == "fp16" else 1.0
-    return [share * dense_bytes, dense_bytes, share * dense_network, dense_network, 0.0]
+def _bytes_so_far(w: _Worker, steps: int, network_steps: int):
+    """This rank's ``(bytes_sent, dense_bytes, network_bytes, dense_network_bytes, hook_s)`` after ``steps`` steps:
+    the hook's count, or dense DDP's (the baseline; half of it in fp16) with ``network_steps`` steps across node cards.
+    """
+    if w.state is not None:
+        keys = ("bytes_sent", "dense_bytes", "network_bytes", "dense_network_bytes", "hook_s")
+        return [w.state.stats[key] for key in keys]
+    dense, dense_network = steps * w.step_dense_bytes, network_steps * w.step_dense_network
+    share = 0.5 if w.cfg.method == "fp16" else 1.0
+    return [share * dense, dense, share * dense_network, dense_network, 0.0]
 
 
 def _byte_metrics(sent: float, dense: float, network: float, dense_network: float, nodes: int) -> dict:
@@ -335,49 +381,6 @@ def _tensorboard(cfg: TrainConfig, rank: int):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=join(cfg.checkpoint_dir, cfg.name, "tensorboard"))
-
-
-def _save(directory, rank, world_size, epoch, steps, history, cfg, ddp, optimizer, scheduler, scaler) -> None:
-    """Write this rank's part of a checkpoint; Ray merges every rank's files into one directory."""
-    save_state(ddp, directory, rng=torch.get_rng_state())  # this rank's residuals and random state
-    if rank == 0:
-        torch.save(ddp.module.state_dict(), os.path.join(directory, MODEL_FILE))
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
-            os.path.join(directory, OPTIMIZER_FILE),
-        )
-        # Every epoch's metrics so far, checkpointed or not: the summary's history, whatever Ray keeps.
-        meta = {
-            "epoch": epoch,
-            "steps": steps,
-            "workers": world_size,
-            "identity": run_identity(cfg),
-            "metrics": history[-1],
-            "history": history,
-        }
-        with open(os.path.join(directory, META_FILE), "w") as f:
-            json.dump(meta, f)
-
-
-def _restore(directory, ddp, optimizer, scheduler, scaler, device) -> tuple:
-    """Load a checkpoint written by :func:`_save`; return ``(epoch, step, history, resize)`` to continue from.
-
-    A checkpoint saved by another number of workers is redistributed by
-    :func:`raytopk.ray.load_state`: every worker starts from the mean of the saved
-    residuals and from a saved rank's random state, and ``resize`` says from how
-    many workers, and how far the mean the workers now hold is from the saved one.
-    """
-    with open(os.path.join(directory, META_FILE)) as f:
-        meta = json.load(f)
-    ddp.module.load_state_dict(torch.load(os.path.join(directory, MODEL_FILE), map_location=device, weights_only=True))
-    saved = torch.load(os.path.join(directory, OPTIMIZER_FILE), map_location=device, weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    if saved.get("scaler"):
-        scaler.load_state_dict(saved["scaler"])
-    resize = load_state(ddp, directory)
-    torch.set_rng_state(resize.pop("rng"))
-    return meta["epoch"], meta["steps"], meta.get("history", [meta["metrics"]]), resize
 
 
 def _progress_callback(channel: Channel, epochs: int):
@@ -459,11 +462,6 @@ def build_trainer(cfg: TrainConfig, callbacks=None, channel: Optional[Channel] =
     )
 
 
-def worker_resources(cfg: TrainConfig) -> dict:
-    """What one worker asks Ray for: its CPUs, a GPU with ``use_gpu``, and any custom resources."""
-    return {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {}), **(cfg.resources_per_worker or {})}
-
-
 def _write_storage_probe(cfg: TrainConfig):
     """For a local ``checkpoint_dir``: a fresh token in the run directory, for :func:`_check_storage_seen`; None for a
     URI."""
@@ -494,7 +492,7 @@ def run(cfg: TrainConfig, restart: bool = False, command: Optional[str] = None, 
     check_paths(cfg)
     name = cfg.name or default_run_name(cfg)
     cfg = dataclasses.replace(cfg, name=f"{name}-restart-{time.strftime('%Y%m%d-%H%M%S')}" if restart else name)
-    previous = latest_checkpoint(join(cfg.checkpoint_dir, cfg.name), cfg)
+    previous = latest(join(cfg.checkpoint_dir, cfg.name), cfg)
     if previous is not None:
         path, meta = previous
         if meta["epoch"] >= cfg.epochs:
@@ -505,14 +503,14 @@ def run(cfg: TrainConfig, restart: bool = False, command: Optional[str] = None, 
             )
             return _finish(cfg, _summary(cfg, meta, path, wall_s=0.0, command=command))
         print(f"raytopk: resuming {cfg.name} after epoch {meta['epoch']} from {path}", flush=True)
-    _check_local(cfg)
+    check_local(cfg)
     console = Console()
     console.say(_what_runs(cfg))
     started = time.time()
     try:
         if not ray.is_initialized():
             start_ray(cfg.address, verbose, num_cpus=local_ray_cpus(cfg))
-        _say_if_waiting(cfg)
+        say_if_waiting(cfg)
         channel = Channel.open()
         try:
             with Watch(channel, console, waiting="starting Ray Train's workers"):
@@ -523,14 +521,14 @@ def run(cfg: TrainConfig, restart: bool = False, command: Optional[str] = None, 
         # Ctrl+C: before the run, Python's KeyboardInterrupt; during it, Ray Train's own handler
         # aborts the run and Ray's ray.get raises SystemExit. Either way the run stopped here.
         ray.shutdown()  # the local Ray this command started goes with it; a cluster stays
-        raise RunInterrupted(cfg.name, _recorded_checkpoint(join(cfg.checkpoint_dir, cfg.name))) from None
+        raise RunInterrupted(cfg.name, recorded(join(cfg.checkpoint_dir, cfg.name))) from None
     except TrainingFailedError as err:
         shared = next((line for line in str(err).splitlines() if NOT_SHARED in line), None)
         if shared:  # the same on every retry: say it once, as the user error it is
             ray.shutdown()
             raise ConfigError(shared[shared.index("checkpoint_dir:") :]) from None
         raise
-    path, meta = _recorded_checkpoint(join(cfg.checkpoint_dir, cfg.name))
+    path, meta = recorded(join(cfg.checkpoint_dir, cfg.name))
     return _finish(cfg, _summary(cfg, meta, path, time.time() - started, command))
 
 
@@ -589,126 +587,3 @@ def _summary(cfg: TrainConfig, meta: dict, checkpoint, wall_s: float, command: O
         "checkpoint": checkpoint,
         "history": meta.get("history", [m]),
     }
-
-
-def latest_checkpoint(run_dir: str, cfg: TrainConfig):
-    """``(path, meta)`` of the checkpoint Ray Train will resume the run from, or None; a ConfigError if it cannot be.
-
-    Ray copies a checkpoint's files into ``run_dir`` one by one, and only when
-    every rank's copy has finished does it record the checkpoint in the run's
-    snapshot (:data:`SNAPSHOT_FILE`); a rerun resumes from the latest one
-    recorded there. So a crash during a copy leaves a directory that is never
-    read, and the previous checkpoint stays the one to resume. The recorded
-    one must train the same job (:func:`~raytopk.config.run_identity`) and
-    every file must load, checked here before any worker starts.
-    """
-    recorded = _recorded_checkpoint(run_dir)
-    if recorded is None:
-        return None
-    path, meta = recorded
-    try:
-        names = sorted({MODEL_FILE, OPTIMIZER_FILE} | {rank_file(r) for r in range(meta["workers"])})
-    except (KeyError, TypeError) as err:
-        raise ConfigError(
-            f"checkpoint {path}: unreadable {META_FILE} ({err!r}); allowed: --restart, or another name"
-        ) from None
-    ours, saved = run_identity(cfg), meta.get("identity", {})
-    for key in sorted(set(ours) | set(saved)):
-        if saved.get(key) != ours.get(key):
-            raise ConfigError(
-                f"{key}: got {ours.get(key)!r}, but run {cfg.name} was trained with {saved.get(key)!r}; "
-                "allowed: the same value to resume it, --restart to train from scratch, or another name"
-            )
-    for name in names:
-        try:
-            torch.load(io.BytesIO(read_bytes(join(path, name))), map_location="cpu", weights_only=True)
-        except Exception as err:  # missing, truncated or foreign: any read or unpickling error
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ConfigError(
-                f"checkpoint {join(path, name)}: cannot be loaded ({reason}); allowed: --restart, or another name"
-            ) from None
-    return path, meta
-
-
-def _recorded_checkpoint(run_dir: str):
-    """``(path, meta)`` of the latest checkpoint in the run's snapshot, or None; a ConfigError if either cannot be
-    read."""
-    snapshot = join(run_dir, SNAPSHOT_FILE)
-    if not exists(snapshot):
-        return None
-    try:
-        latest = json.loads(read_text(snapshot))["latest_checkpoint_result"]
-        if latest is None:
-            return None
-        path = join(run_dir, latest["checkpoint_dir_name"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"{snapshot}: unreadable ({err!r}); allowed: --restart, or another name") from None
-    try:
-        return path, json.loads(read_text(join(path, META_FILE)))
-    except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"checkpoint {path}: unreadable {META_FILE} ({err!r}); allowed: --restart, or another name"
-        ) from None
-
-
-def _check_local(cfg: TrainConfig) -> None:
-    """On a local Ray (no address: nothing scales up, the data is here), refuse what can never run.
-
-    Too many workers would wait for resources forever, and a missing dataset
-    would fail on every worker and retry; both are one-line errors instead,
-    before Ray starts.
-    """
-    import ray
-
-    if cfg.address or os.environ.get("RAY_ADDRESS"):
-        return
-    if not cfg.download and cfg.dataset != PARQUET:  # Parquet files were checked by check_paths
-        load_dataset(cfg.dataset, cfg.data_dir, False)  # a DatasetError says where it looked and what to do
-    if ray.is_initialized():
-        have = ray.cluster_resources()
-    else:  # what ray.init() will find on this machine
-        have = {"CPU": float(len(os.sched_getaffinity(0))), "GPU": float(torch.cuda.device_count())}
-    key = "min_workers" if cfg.min_workers else "workers"
-    short = _shortfall(cfg, have)
-    if short:
-        resource, need, got, each = short
-        fits = int(got // each)
-        allowed = (
-            f"at most {fits} {key} at {each:g} {resource} each"
-            if fits
-            else f"a cluster whose nodes offer {resource} (--address)"
-        )
-        raise ConfigError(
-            f"{key}: got {getattr(cfg, key)}, which need {need:g} {resource} in all, but this local Ray has {got:g}; "
-            f"allowed: {allowed}"
-        )
-
-
-def _say_if_waiting(cfg: TrainConfig) -> None:
-    """On a cluster, workers beyond what it holds now wait for nodes (an autoscaler's, or ``ray start`` elsewhere): say
-    so."""
-    import ray
-
-    short = _shortfall(cfg, ray.cluster_resources())
-    if short:
-        resource, need, got, _ = short
-        count = cfg.min_workers or cfg.workers
-        print(
-            f"raytopk: waiting for nodes: {count} worker{'s' * (count != 1)} need{'s' * (count == 1)} {need:g} "
-            f"{resource} in all and this cluster has {got:g} now; "
-            "an autoscaler adds nodes for them (ray job stop, or Ctrl+C, ends the wait)",
-            flush=True,
-        )
-
-
-def _shortfall(cfg: TrainConfig, have: dict):
-    """``(resource, needed, available, per worker)`` for the first resource the workers need more of than ``have``, or
-    None.
-
-    An elastic run needs room for ``min_workers`` to start; a fixed one for ``workers``.
-    """
-    for resource, each in worker_resources(cfg).items():
-        need, got = (cfg.min_workers or cfg.workers) * each, have.get(resource, 0)
-        if need > got + 1e-9:
-            return resource, need, got, each
-    return None

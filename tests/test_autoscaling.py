@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from raytopk.train import MODEL_FILE, SNAPSHOT_FILE
+from raytopk.checkpoint import MODEL_FILE, SNAPSHOT_FILE
 
 from cluster import FAKE_GCS, fake_cluster, joined_node, lose_node, one_gpu_nodes, ray_list
 

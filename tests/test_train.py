@@ -17,11 +17,12 @@ import pytest
 import ray
 import torch
 
+from raytopk.checkpoint import MODEL_FILE, SNAPSHOT_FILE, restore
 from raytopk.config import ConfigError, TrainConfig, load_config
 from raytopk.data import DatasetError
 from raytopk.models import build_model
 from raytopk.ray import hook_state, prepare_model, rank_file
-from raytopk.train import MODEL_FILE, SNAPSHOT_FILE, _hook_state, _optimizer, _restore, run
+from raytopk.train import _hook_state, _optimizer, run
 
 from cluster import kill_tree
 
@@ -395,7 +396,7 @@ def test_prepare_model_exchanges_a_small_model_as_one_bucket_with_the_hook_and_t
 
 def _restore_and_keep_the_hook_state(config):
     """A Ray Train loop that builds a worker as raytopk train does, restores a checkpoint through the loop's own
-    ``_restore`` and writes the hook state it got to ``out/rank{r}.pt``."""
+    ``restore`` and writes the hook state it got to ``out/rank{r}.pt``."""
     import ray.train
 
     cfg = TrainConfig(**config["job"])
@@ -404,9 +405,8 @@ def _restore_and_keep_the_hook_state(config):
     state = _hook_state(cfg, model, optimizer, steps_per_epoch=1)
     ddp = prepare_model(model, ratio=None, state=state)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
-    _restore(
-        config["checkpoint"], ddp, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu")
-    )
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    restore(config["checkpoint"], state, ddp.module, optimizer, scheduler, scaler, torch.device("cpu"))
     torch.save(state.state_dict(), os.path.join(config["out"], f"rank{ray.train.get_context().get_world_rank()}.pt"))
 
 
