@@ -485,74 +485,85 @@ class Exchanger:
         Rank ``j`` becomes the only keeper of shard ``j``: its residual is zero
         outside the shard and, inside, the node's sum minus what step 2 used.
         """
-        local, nodes = self.layout.local_world_size, self.layout.nodes
-        me = dist.get_rank(self.intra) if local > 1 else 0
-        numel, element = acc.numel(), acc.element_size()
+        local, numel = self.layout.local_world_size, acc.numel()
         shard = math.ceil(numel / local)
         bounds = [(min(j * shard, numel), min((j + 1) * shard, numel)) for j in range(local)]
-        start, end = bounds[me]
-        sent = 0
-        if local > 1:
-            received = torch.empty(local * (end - start), dtype=acc.dtype, device=acc.device)
-            _all_to_all(received, acc, self.intra, [end - start] * local, [e - s for s, e in bounds])
-            node_sum = received.view(local, end - start).sum(0)
-            sent += (numel - (end - start)) * element
-        else:
-            node_sum = acc.clone()
+        start, end = bounds[dist.get_rank(self.intra) if local > 1 else 0]
+        # Step 1
+        node_sum, sent = self._sum_on_node(acc, bounds, start, end)
+        # Step 2
         shard_k = math.ceil(k / local)
         entry = value_dtype.itemsize + index_dtype(numel).itemsize
         inner, _, result_entries = inner_choice(
-            nodes, shard_k, entry, self.link, self.capacity_factor, self.keep_factor, local
+            self.layout.nodes, shard_k, entry, self.link, self.capacity_factor, self.keep_factor, local
         )
         node_out = torch.zeros_like(node_sum)
         cleared = touched = torch.empty(0, dtype=torch.long, device=acc.device)
         if end > start:  # every rank of the stage across nodes has the same shard: all skip it or none
-            chosen = (
-                shard_k if inner == "none" else selected(inner, shard_k, nodes, self.capacity_factor, self.keep_factor)
-            )
-            values, indices = select_topk(node_sum, min(chosen, end - start))
-            if inner == "none":
-                future, inner_sent = _local_only(node_sum, values, indices, value_dtype, node_out)
-            elif inner == "allgather":
-                future, inner_sent = allgather(
-                    node_sum, values, indices, value_dtype, self.inter, node_out, on_decoded=self.on_decoded
-                )
-            else:
-                capacity, keep = sharded_counts(chosen, nodes, self.capacity_factor, self.keep_factor)
-                future, inner_sent = sharded(
-                    node_sum,
-                    values,
-                    indices,
-                    value_dtype,
-                    self.inter,
-                    node_out,
-                    capacity,
-                    keep,
-                    on_decoded=self.on_decoded,
-                )
-            _, cleared, touched = future.wait()
+            cleared, touched, inner_sent = self._across_nodes(inner, node_sum, shard_k, value_dtype, node_out)
             sent += inner_sent
         acc.zero_()
         acc[start:end] = node_sum
         if local == 1:
             torch.mul(node_out, scale, out=out)
             return completed(out, cleared, touched), sent
-        result_indices = torch.full((result_entries,), _SENTINEL, dtype=index_dtype(numel), device=acc.device)
-        result_values = torch.zeros(result_entries, dtype=acc.dtype, device=acc.device)
+        # Step 3
+        future, gather_sent = self._gather_on_node(node_out, touched, start, result_entries, numel, out, scale)
+        return future, sent + gather_sent
+
+    def _sum_on_node(self, acc: torch.Tensor, bounds: list, start: int, end: int):
+        """Step 1 of :meth:`_hierarchical`: this rank's shard ``acc[start:end]`` summed over its node (``bounds``: every
+        local rank's shard), and the bytes sent. One rank per node: ``acc`` itself (a copy), nothing sent."""
+        local = self.layout.local_world_size
+        if local == 1:
+            return acc.clone(), 0
+        received = torch.empty(local * (end - start), dtype=acc.dtype, device=acc.device)
+        _all_to_all(received, acc, self.intra, [end - start] * local, [e - s for s, e in bounds])
+        return received.view(local, end - start).sum(0), (acc.numel() - (end - start)) * acc.element_size()
+
+    def _across_nodes(self, inner: str, node_sum: torch.Tensor, shard_k: int, value_dtype, node_out: torch.Tensor):
+        """Step 2 of :meth:`_hierarchical`: exchange ``node_sum`` by ``inner`` with the same local rank on every node,
+        waited for. ``node_out`` receives the update and ``node_sum`` becomes the residual, as in any exchange;
+        returns ``(cleared, touched, bytes sent)``."""
+        nodes = self.layout.nodes
+        chosen = shard_k if inner == "none" else selected(inner, shard_k, nodes, self.capacity_factor, self.keep_factor)
+        values, indices = select_topk(node_sum, min(chosen, node_sum.numel()))
+        if inner == "none":
+            future, sent = _local_only(node_sum, values, indices, value_dtype, node_out)
+        elif inner == "allgather":
+            future, sent = allgather(
+                node_sum, values, indices, value_dtype, self.inter, node_out, on_decoded=self.on_decoded
+            )
+        else:
+            capacity, keep = sharded_counts(chosen, nodes, self.capacity_factor, self.keep_factor)
+            future, sent = sharded(
+                node_sum, values, indices, value_dtype, self.inter, node_out, capacity, keep, on_decoded=self.on_decoded
+            )
+        _, cleared, touched = future.wait()
+        return cleared, touched, sent
+
+    def _gather_on_node(
+        self, node_out: torch.Tensor, touched: torch.Tensor, start: int, entries: int, numel: int, out, scale: float
+    ):
+        """Step 3 of :meth:`_hierarchical`: all-gather each local rank's update of its shard (``node_out`` at the
+        ``touched`` positions, padded to ``entries``) and put them in place in ``out``, times ``scale``. Returns the
+        future of ``(out, positions, positions)`` and the bytes sent."""
+        local = self.layout.local_world_size
+        result_indices = torch.full((entries,), _SENTINEL, dtype=index_dtype(numel), device=node_out.device)
+        result_values = torch.zeros(entries, dtype=node_out.dtype, device=node_out.device)
         result_indices[: len(touched)] = touched + start
         result_values[: len(touched)] = node_out[touched]
-        payload = pack(result_values, result_indices, acc.dtype)
+        payload = pack(result_values, result_indices, node_out.dtype)
 
         def put_together(gathered):
-            all_values, all_indices = _unpack_all(gathered, result_entries, numel, acc.dtype)
+            all_values, all_indices = _unpack_all(gathered, entries, numel, node_out.dtype)
             valid = all_indices != _SENTINEL
             positions = all_indices[valid].long()
             out.zero_()
             out[positions] = all_values[valid] * scale  # a position touched twice carries the same sum twice
             return out, positions, positions
 
-        sent += (local - 1) * payload.numel()
-        return _gather(payload, self.intra, local, put_together, self.on_decoded), sent
+        return _gather(payload, self.intra, local, put_together, self.on_decoded), (local - 1) * payload.numel()
 
 
 def _as_positions(indices: torch.Tensor) -> torch.Tensor:

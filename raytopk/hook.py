@@ -154,37 +154,10 @@ class TopKState:
         link: Optional[Link] = None,
         local_world_size: Optional[int] = None,
     ):
-        _check_number("ratio", ratio, 0.0, 1.0, "(0, 1]")
-        _check_count("start_iter", start_iter)
-        if value_dtype not in VALUE_DTYPES:
-            raise ValueError(f"value_dtype must be one of {sorted(VALUE_DTYPES)}, got {value_dtype!r}")
-        if warmup_ratio is not None:
-            _check_number("warmup_ratio", warmup_ratio, 0.0, 1.0, "(0, 1]")
-        _check_count("warmup_steps", warmup_steps)
-        if warmup_steps and warmup_ratio is None:
-            raise ValueError(
-                "warmup_steps needs warmup_ratio (the ratio the warm-up starts from), "
-                f"got warmup_steps={warmup_steps} alone"
-            )
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
-        if clip_norm is not None:
-            _check_number("clip_norm", clip_norm, 0.0, math.inf, "(0, inf)")
-        if not isinstance(per_layer, bool):
-            raise ValueError(f"per_layer must be True or False, got {per_layer!r}")
-        _check_count("dense_below", dense_below)
-        if exchange not in EXCHANGES:
-            raise ValueError(f"exchange must be one of {', '.join(EXCHANGES)}, got {exchange!r}")
-        if per_layer and exchange in ("sharded", "hierarchical"):
-            raise ValueError(f"per_layer=True sends with exchange='allgather' (or 'auto'), got exchange={exchange!r}")
-        _check_number("capacity_factor", capacity_factor, 1.0 - 1e-12, math.inf, "[1, inf)")
-        _check_number("keep_factor", keep_factor, 1.0 - 1e-12, math.inf, "[1, inf)")
-        if local_world_size is not None and (
-            isinstance(local_world_size, bool) or not isinstance(local_world_size, int) or local_world_size < 1
-        ):
-            raise ValueError(f"local_world_size must be an integer >= 1 or None, got {local_world_size!r}")
-        if link is not None and not isinstance(link, Link):
-            raise ValueError(f"link must be a raytopk.exchange.Link, got {link!r}")
+        _check_compression(
+            ratio, start_iter, value_dtype, warmup_ratio, warmup_steps, momentum, clip_norm, per_layer, dense_below
+        )
+        _check_exchange(exchange, per_layer, capacity_factor, keep_factor, local_world_size, link)
 
         # Compression settings: what each step sends.
         self.ratio = float(ratio)
@@ -198,8 +171,8 @@ class TopKState:
         # What is accumulated: the gradient (clipped), or its velocity.
         self.momentum = float(momentum)
         self.clip_norm = None if clip_norm is None else float(clip_norm)
-        self.process_group = process_group
         # How entries cross the network; the Exchanger (node layout, subgroups) is built at the first step.
+        self.process_group = process_group
         self.exchange = "allgather" if per_layer else exchange
         self.capacity_factor = float(capacity_factor)
         self.keep_factor = float(keep_factor)
@@ -501,6 +474,47 @@ _SETTINGS = (
     "capacity_factor",
     "keep_factor",
 )
+
+
+def _check_compression(
+    ratio, start_iter, value_dtype, warmup_ratio, warmup_steps, momentum, clip_norm, per_layer, dense_below
+) -> None:
+    """Raise ``ValueError`` on the first of :class:`TopKState`'s compression settings that is out of range."""
+    _check_number("ratio", ratio, 0.0, 1.0, "(0, 1]")
+    _check_count("start_iter", start_iter)
+    if value_dtype not in VALUE_DTYPES:
+        raise ValueError(f"value_dtype must be one of {sorted(VALUE_DTYPES)}, got {value_dtype!r}")
+    if warmup_ratio is not None:
+        _check_number("warmup_ratio", warmup_ratio, 0.0, 1.0, "(0, 1]")
+    _check_count("warmup_steps", warmup_steps)
+    if warmup_steps and warmup_ratio is None:
+        raise ValueError(
+            "warmup_steps needs warmup_ratio (the ratio the warm-up starts from), "
+            f"got warmup_steps={warmup_steps} alone"
+        )
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+    if clip_norm is not None:
+        _check_number("clip_norm", clip_norm, 0.0, math.inf, "(0, inf)")
+    if not isinstance(per_layer, bool):
+        raise ValueError(f"per_layer must be True or False, got {per_layer!r}")
+    _check_count("dense_below", dense_below)
+
+
+def _check_exchange(exchange, per_layer, capacity_factor, keep_factor, local_world_size, link) -> None:
+    """Raise ``ValueError`` on the first of :class:`TopKState`'s exchange settings that is out of range."""
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {', '.join(EXCHANGES)}, got {exchange!r}")
+    if per_layer and exchange in ("sharded", "hierarchical"):
+        raise ValueError(f"per_layer=True sends with exchange='allgather' (or 'auto'), got exchange={exchange!r}")
+    _check_number("capacity_factor", capacity_factor, 1.0 - 1e-12, math.inf, "[1, inf)")
+    _check_number("keep_factor", keep_factor, 1.0 - 1e-12, math.inf, "[1, inf)")
+    if local_world_size is not None and (
+        isinstance(local_world_size, bool) or not isinstance(local_world_size, int) or local_world_size < 1
+    ):
+        raise ValueError(f"local_world_size must be an integer >= 1 or None, got {local_world_size!r}")
+    if link is not None and not isinstance(link, Link):
+        raise ValueError(f"link must be a raytopk.exchange.Link, got {link!r}")
 
 
 def _check_number(name, value, low, high, allowed) -> None:

@@ -111,17 +111,39 @@ def format_table(rows: list, best) -> str:
 
 
 def _plot(rows: list, best, path: str, title: str) -> None:
+    """Test accuracy against wire MB per worker: a point per trial (its colour the learning rate, its label the ratio),
+    hollow for trials ASHA stopped, with the Pareto front of the finished trials and the chosen one marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
-    from matplotlib.ticker import FuncFormatter
 
     shown = [row for row in rows if row["test_accuracy"] is not None]
     lrs = [row["job"]["lr"] for row in shown]
     norm = LogNorm(min(lrs), max(lrs) * 1.0001)
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    _plot_trials(ax, shown, norm)
+    _plot_front(ax, pareto_front(rows))
+    if best is not None:
+        _plot_chosen(ax, best)
+    for row in shown:
+        ax.annotate(
+            f"{row['job']['ratio']:.2g}",
+            (row["wire_mb_per_worker"], 100 * row["test_accuracy"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=7,
+        )
+    _set_axes(fig, ax, norm, title)
+    fig.tight_layout()
+    write_figure(path, fig)
+
+
+def _plot_trials(ax, shown: list, norm) -> None:
+    """The trials, coloured by learning rate: filled if they ran every epoch, hollow if ASHA stopped them."""
+    import matplotlib.pyplot as plt
+
     for finished, marker_face, label in ((True, None, "ran every epoch"), (False, "none", "stopped early by ASHA")):
         group = [row for row in shown if (row["status"] == "done") == finished]
         if not group:
@@ -136,37 +158,43 @@ def _plot(rows: list, best, path: str, title: str) -> None:
             linewidths=1.5,
             label=label,
         )
-    front = pareto_front(rows)
-    if front:
-        xs, ys = [row["wire_mb_per_worker"] for row in front], [100 * row["test_accuracy"] for row in front]
-        ax.step(xs, ys, where="post", color="tab:red", linewidth=1)
-        ax.scatter(
-            xs,
-            ys,
-            s=140,
-            facecolors="none",
-            edgecolors="tab:red",
-            linewidths=1.2,
-            label="Pareto front (finished trials)",
-        )
-    if best is not None:
-        ax.scatter(
-            [best["wire_mb_per_worker"]],
-            [100 * best["test_accuracy"]],
-            marker="*",
-            s=320,
-            facecolors="none",
-            edgecolors="black",
-            label=f"chosen: ratio {best['job']['ratio']:.3g}, lr {best['job']['lr']:.3g}",
-        )
-    for row in shown:
-        ax.annotate(
-            f"{row['job']['ratio']:.2g}",
-            (row["wire_mb_per_worker"], 100 * row["test_accuracy"]),
-            textcoords="offset points",
-            xytext=(5, 4),
-            fontsize=7,
-        )
+
+
+def _plot_front(ax, front: list) -> None:
+    """The Pareto front (:func:`pareto_front`) as a staircase through red rings; nothing when it is empty."""
+    if not front:
+        return
+    xs, ys = [row["wire_mb_per_worker"] for row in front], [100 * row["test_accuracy"] for row in front]
+    ax.step(xs, ys, where="post", color="tab:red", linewidth=1)
+    ax.scatter(
+        xs,
+        ys,
+        s=140,
+        facecolors="none",
+        edgecolors="tab:red",
+        linewidths=1.2,
+        label="Pareto front (finished trials)",
+    )
+
+
+def _plot_chosen(ax, best: dict) -> None:
+    """The chosen trial, as a black star labelled with its ratio and learning rate."""
+    ax.scatter(
+        [best["wire_mb_per_worker"]],
+        [100 * best["test_accuracy"]],
+        marker="*",
+        s=320,
+        facecolors="none",
+        edgecolors="black",
+        label=f"chosen: ratio {best['job']['ratio']:.3g}, lr {best['job']['lr']:.3g}",
+    )
+
+
+def _set_axes(fig, ax, norm, title: str) -> None:
+    """A log x axis with plain numbers, the axis labels and title, the learning rate's colour bar, legend and grid."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
     ax.set_xscale("log")
     plain = FuncFormatter(lambda value, _: f"{value:g}")
     ax.xaxis.set_major_formatter(plain)
@@ -178,8 +206,6 @@ def _plot(rows: list, best, path: str, title: str) -> None:
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="learning rate")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    write_figure(path, fig)
 
 
 def write_results(directory: str, rows: list, sweep, cfg: TrainConfig, command: Optional[str] = None):

@@ -387,19 +387,7 @@ def run_sweep(
     check_directory("storage_path", sweep.storage_path)
     directory = sweep_dir(sweep)
     saved_path = join(directory, SWEEP_FILE)
-    if resume:
-        if not exists(saved_path):
-            raise ConfigError(f"--resume: no sweep to resume at {directory}; run without --resume to start it")
-        if json.loads(read_text(saved_path)) != _saved_form(sweep, cfg):
-            raise ConfigError(
-                f"--resume: the sweep file or its base job changed since {directory} started; "
-                "restore them or set another name"
-            )
-    elif exists(saved_path):
-        raise ConfigError(
-            f"name: a sweep {sweep.name!r} already exists at {directory}; "
-            "allowed: --resume to continue it, or another name (--set name=...)"
-        )
+    _check_saved(sweep, cfg, resume, directory, saved_path)
     import ray  # after the checks above, so a bad sweep is refused before Ray loads
     from ray import tune
 
@@ -420,27 +408,62 @@ def run_sweep(
     if resume:
         tuner = tune.Tuner.restore(directory, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=_param_space(sweep),
-            tune_config=tune.TuneConfig(
-                metric=sweep.metric,
-                mode=sweep.mode,
-                search_alg=_search_alg(sweep),
-                scheduler=_scheduler(sweep, cfg.epochs),
-                num_samples=sweep.num_samples,
-            ),
-            run_config=tune.RunConfig(
-                name=sweep.name,
-                storage_path=resolve(sweep.storage_path),
-                verbose=int(verbose),
-                callbacks=[_trial_progress(_trial_count(sweep), cfg.epochs)],
-            ),
-        )
+        tuner = _new_tuner(trainable, sweep, cfg, verbose)
         write_json(saved_path, _saved_form(sweep, cfg))
     with _tune_output(verbose):
         grid = tuner.fit()
-    # Tune returns normally after Ctrl+C; the state it saved for a restore tells whether every trial ended.
+    _check_finished(sweep, directory)
+    rows = trial_rows(grid, cfg)
+    best = write_results(directory, rows, sweep, cfg, command)
+    return rows, best
+
+
+def _check_saved(sweep: SweepConfig, cfg: TrainConfig, resume: bool, directory: str, saved_path: str) -> None:
+    """Raise ``ConfigError`` unless the sweep's saved form at ``saved_path`` fits: absent for a new sweep, unchanged
+    for a resumed one."""
+    if resume:
+        if not exists(saved_path):
+            raise ConfigError(f"--resume: no sweep to resume at {directory}; run without --resume to start it")
+        if json.loads(read_text(saved_path)) != _saved_form(sweep, cfg):
+            raise ConfigError(
+                f"--resume: the sweep file or its base job changed since {directory} started; "
+                "restore them or set another name"
+            )
+    elif exists(saved_path):
+        raise ConfigError(
+            f"name: a sweep {sweep.name!r} already exists at {directory}; "
+            "allowed: --resume to continue it, or another name (--set name=...)"
+        )
+
+
+def _new_tuner(trainable, sweep: SweepConfig, cfg: TrainConfig, verbose: bool):
+    """A Tuner that starts the sweep: its search space, searcher, scheduler, storage and progress callback."""
+    from ray import tune
+
+    return tune.Tuner(
+        trainable,
+        param_space=_param_space(sweep),
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric,
+            mode=sweep.mode,
+            search_alg=_search_alg(sweep),
+            scheduler=_scheduler(sweep, cfg.epochs),
+            num_samples=sweep.num_samples,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep.name,
+            storage_path=resolve(sweep.storage_path),
+            verbose=int(verbose),
+            callbacks=[_trial_progress(_trial_count(sweep), cfg.epochs)],
+        ),
+    )
+
+
+def _check_finished(sweep: SweepConfig, directory: str) -> None:
+    """Raise :class:`SweepInterrupted` unless every trial ended: Tune returns normally after Ctrl+C, and the state
+    it saved for a restore tells."""
+    from ray import tune
+
     saved = tune.ExperimentAnalysis(directory).trials
     finished = sum(trial.status in ("TERMINATED", "ERROR") for trial in saved)
     if finished < _trial_count(sweep):
@@ -448,6 +471,3 @@ def run_sweep(
             f"sweep {sweep.name!r} interrupted with {finished} of {_trial_count(sweep)} trials finished; "
             f"its state is saved in {directory}; continue it with --resume"
         )
-    rows = trial_rows(grid, cfg)
-    best = write_results(directory, rows, sweep, cfg, command)
-    return rows, best
