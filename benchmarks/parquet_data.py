@@ -18,7 +18,7 @@ started and stopped per run):
 
 Reproduce (from the repository root; Fashion-MNIST from Debian's ``dataset-fashion-mnist``)::
 
-    python benchmarks/parquet_data.py --output benchmarks/results/parquet_data.json
+    python benchmarks/parquet_data.py --repeats 5
 """
 
 import argparse
@@ -125,7 +125,14 @@ def main():
     write_json(
         args.output,
         {
-            **provenance(COMMAND + (f" --output {args.output}" if args.output != parser.get_default("output") else "")),
+            **provenance(
+                COMMAND
+                + "".join(
+                    f" --{key} {getattr(args, key)}"
+                    for key in ("repeats", "scale", "output")
+                    if getattr(args, key) != parser.get_default(key)
+                )
+            ),
             "cpus": len(os.sched_getaffinity(0)),
             "speed": {
                 "setup": "fashion_mnist, simple_cnn, 2 workers, batch 64, topk 0.01, 1 epoch",
