@@ -131,6 +131,7 @@ def _check_quiet(text: str, lines: list) -> None:
     assert RESULT.match(lines[-1]), lines[-1]
 
 
+@pytest.mark.integrations  # a whole run under a pseudo-terminal; make test keeps the pipe's run
 def test_a_run_on_a_terminal_draws_a_bar_and_ends_with_the_result(tmp_path):
     returncode, raw = _on_a_terminal(_command(tmp_path))
     assert returncode == 0, raw[-3000:]
@@ -150,7 +151,7 @@ def test_a_run_on_a_pipe_writes_plain_lines_only(tmp_path):
     assert "\r" not in text and len(text.splitlines()) <= 15, text
 
 
-@pytest.mark.parametrize("verbose", [False, True])
+@pytest.mark.parametrize("verbose", [False, pytest.param(True, marks=pytest.mark.integrations)])
 def test_a_failing_worker_is_one_line_with_where_the_traceback_is(tmp_path, verbose):
     """A real failure on every worker: sharded slots for 1e12 times each worker's share cannot be allocated."""
     command = _command(
