@@ -214,7 +214,8 @@ def test_fixed_size_run_restarts_on_the_replacement_node_and_ends_as_if_uninterr
     _wait_for(process, r"epoch 2/6 ", lines, timeout=240)
     lost = _lose_node_of_a_worker(head)
     text = _finish(process, lines)
-    assert "RETRY" in text or "Error count: 1" in text, text[-3000:]  # it did fail and restart
+    # it did fail and restart: raytopk says so in one line (Ray's own RETRY lines stay in its log directory)
+    assert "Ray Train restarts the workers from the last checkpoint" in text, text[-3000:]
     history = _final_meta(tmp_path / "interrupted")["history"]
     assert [m["workers"] for m in history] == [3] * 6
     assert lost not in {node["node_id"] for node in _worker_nodes(head)}
