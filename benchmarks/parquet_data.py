@@ -35,7 +35,7 @@ from raytopk.storage import provenance, write_json
 COMMAND = "python benchmarks/parquet_data.py"
 
 
-def train(args, tmp, *sets, flags=()):
+def train(tmp, *sets):
     """One ``raytopk train`` run: its summary, and the driver's peak resident memory in MB."""
     output = os.path.join(tmp, "summary.json")
     command = [
@@ -50,7 +50,6 @@ def train(args, tmp, *sets, flags=()):
         "--output",
         output,
         "--restart",
-        *flags,
     ]
     for pair in sets:
         command += ["--set", pair]
@@ -87,11 +86,9 @@ def main():
         common = ["model=simple_cnn", "batch_size=64", "epochs=1", "method=topk", "ratio=0.01"]
         speed = {"torchvision": [], "parquet": []}
         for _ in range(args.repeats):
-            speed["torchvision"].append(
-                train(args, tmp, *common, "dataset=fashion_mnist")[0]["history"][0]["samples_per_s"]
-            )
+            speed["torchvision"].append(train(tmp, *common, "dataset=fashion_mnist")[0]["history"][0]["samples_per_s"])
             speed["parquet"].append(
-                train(args, tmp, *common, "dataset=parquet", f"data_path={fashion}")[0]["history"][0]["samples_per_s"]
+                train(tmp, *common, "dataset=parquet", f"data_path={fashion}")[0]["history"][0]["samples_per_s"]
             )
         median = {path: statistics.median(values) for path, values in speed.items()}
         print(
@@ -106,7 +103,7 @@ def main():
             shutil.copytree(os.path.join(fashion, "train"), os.path.join(scaled, "train", f"copy{copy}"))
         memory = []
         for path, rows in ((fashion, 60000), (scaled, 60000 * args.scale)):
-            summary, peak = train(args, tmp, *common, "dataset=parquet", f"data_path={path}", "max_train_batches=50")
+            summary, peak = train(tmp, *common, "dataset=parquet", f"data_path={path}", "max_train_batches=50")
             memory.append(
                 {"train_rows": rows, "driver_peak_mb": round(peak, 1), "test_accuracy": summary["test_accuracy"]}
             )
@@ -118,7 +115,7 @@ def main():
             ("parquet png", ["dataset=parquet", f"data_path={mnist5k}-png"]),
             ("parquet list", ["dataset=parquet", f"data_path={mnist5k}-list", "image_shape=[1, 28, 28]"]),
         ):
-            accuracy[label] = train(args, tmp, "epochs=3", *sets)[0]["test_accuracy"]
+            accuracy[label] = train(tmp, "epochs=3", *sets)[0]["test_accuracy"]
             print(f"mnist5k 3 epochs dense  {label}: {100 * accuracy[label]:.2f}%", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

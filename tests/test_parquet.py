@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from raytopk.checkpoint import MODEL_FILE, SNAPSHOT_FILE
 from raytopk.config import ConfigError, load_config
 from raytopk.data import pixels
 from raytopk.parquet import _in_test, decode, export, inspect
@@ -194,28 +195,17 @@ def test_bad_paths_and_keys(tmp_path, bad):
         check_paths(_cfg(path))
 
 
+def _train_command(data_path, runs, *flags):
+    """``raytopk train`` on the Parquet files at ``data_path``, 2 workers of batch 32, runs under ``runs``."""
+    return [sys.executable, "-m", "raytopk", "train", "--set", "dataset=parquet", "--set", f"data_path={data_path}",
+            "--workers", "2", "--batch-size", "32", "--checkpoint-dir", str(runs), *flags]  # fmt: skip
+
+
 def test_the_command_line_refuses_bad_data_in_one_line_before_ray(tmp_path, bad):
     path = bad("data", image=LISTS, label=[0.5] * 8)
     runs = tmp_path / "runs"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "raytopk",
-            "train",
-            "--set",
-            "dataset=parquet",
-            "--set",
-            f"data_path={path}",
-            "--set",
-            "image_shape=[1, 2, 2]",
-            "--checkpoint-dir",
-            str(runs),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    command = _train_command(path, runs, "--set", "image_shape=[1, 2, 2]")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
         f"raytopk: error: label_column: 'label' in {path}/part.parquet holds double; allowed: integer class indices"
@@ -250,30 +240,8 @@ def test_export_refuses_in_one_line(tmp_path):
 def _train(data_path, tmp_path, *flags, timeout=300):
     """``raytopk train`` on Parquet as a user runs it; its summary, or the failure's output."""
     output = tmp_path / "summary.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "raytopk",
-            "train",
-            "--set",
-            "dataset=parquet",
-            "--set",
-            f"data_path={data_path}",
-            "--workers",
-            "2",
-            "--batch-size",
-            "32",
-            "--checkpoint-dir",
-            str(tmp_path / "runs"),
-            "--output",
-            str(output),
-            *flags,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    command = _train_command(data_path, tmp_path / "runs", "--output", str(output), *flags)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return json.loads(output.read_text()), done.stdout
 
@@ -342,30 +310,11 @@ def test_killed_driver_resumes_parquet_run_exactly(exported, tmp_path):
 
     flags = ["--compress", "--epochs", "2", "--set", "shuffle_seed=7", "--set", "image_shape=[1, 28, 28]"]
     straight, _ = _train(exported["list"], tmp_path / "straight", *flags)
-    command = [
-        sys.executable,
-        "-m",
-        "raytopk",
-        "train",
-        "--set",
-        "dataset=parquet",
-        "--set",
-        f"data_path={exported['list']}",
-        "--workers",
-        "2",
-        "--batch-size",
-        "32",
-        "--checkpoint-dir",
-        str(tmp_path / "killed" / "runs"),
-        *flags,
-    ]
+    command = _train_command(exported["list"], tmp_path / "killed" / "runs", *flags)
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 240
-        while (
-            not glob.glob(str(tmp_path / "killed" / "runs" / "*" / "checkpoint_manager_snapshot.json"))
-            and time.time() < deadline
-        ):
+        while not glob.glob(str(tmp_path / "killed" / "runs" / "*" / SNAPSHOT_FILE)) and time.time() < deadline:
             time.sleep(0.2)
         assert driver.poll() is None, "the run finished before it could be killed"
     finally:
@@ -373,6 +322,6 @@ def test_killed_driver_resumes_parquet_run_exactly(exported, tmp_path):
         driver.wait()
     resumed, out = _train(exported["list"], tmp_path / "killed", *flags)
     assert "resuming" in out and "after epoch 1" in out, out[-2000:]
-    weights = [torch.load(os.path.join(s["checkpoint"], "model.pt"), weights_only=True) for s in (straight, resumed)]
+    weights = [torch.load(os.path.join(s["checkpoint"], MODEL_FILE), weights_only=True) for s in (straight, resumed)]
     for key, value in weights[0].items():
         assert torch.equal(weights[1][key], value), key
