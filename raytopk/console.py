@@ -233,10 +233,13 @@ class Channel:
 
     @classmethod
     def open(cls) -> "Channel":
-        """A channel with its own actor (no CPU), on the connected Ray."""
+        """A channel with its own actor (no CPU) on the driver's node, so that losing a worker's node leaves it
+        standing."""
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        return cls(ray.remote(num_cpus=0)(_Mailbox).remote())
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        return cls(ray.remote(num_cpus=0, scheduling_strategy=here)(_Mailbox).remote())
 
     def post(self, kind: str, payload, wait: bool = False) -> None:
         """Send an event; fire and forget unless ``wait`` (the call then returns once it is queued)."""

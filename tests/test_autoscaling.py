@@ -30,9 +30,14 @@ def _worker_nodes(head, state="ALIVE") -> list:
 
 
 def _lose_node_of_a_worker(head) -> str:
-    """Lose the node of a live training worker (:func:`cluster.lose_node`); return its id."""
+    """Lose the node of a live training worker (:func:`cluster.lose_node`); return its id.
+
+    The run's console channel lives on the driver's node (the head), so that this loss leaves it standing.
+    """
     workers = ray_list(*head, "actors", "class_name=RayTrainWorker", "state=ALIVE")
     assert workers, "no live training worker"
+    channels = {actor["node_id"] for actor in ray_list(*head, "actors", "class_name=_Mailbox", "state=ALIVE")}
+    assert channels == {node["node_id"] for node in ray_list(*head, "nodes") if node["is_head_node"]}, channels
     lose_node(workers[-1]["node_id"])
     return workers[-1]["node_id"]
 
