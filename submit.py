@@ -77,7 +77,7 @@ def entrypoint(config: str, sets: list, verbose: bool = False) -> str:
         load_sweep(config, overrides)
         command = ["python", "-m", "raytopk", "tune", relative]
     else:
-        load_config(config, **overrides)
+        load_config(config, overrides)
         command = ["python", "-m", "raytopk", "train", "--config", relative]
     for pair in sets:
         command += ["--set", pair]

@@ -161,7 +161,9 @@ def worker(args) -> None:
         ddp = DDP(model, gradient_as_bucket_view=True)  # as raytopk's training loop runs it
         state = None
         if method != "dense":
-            state = raytopk.TopKState(ratio=args.ratio, start_iter=2, exchange=method, link=link)
+            state = raytopk.TopKState(
+                ratio=args.ratio, start_iter=2, exchange=method, link_gbps=args.gbps, link_latency_us=latency_us
+            )
             ddp.register_comm_hook(state, raytopk.topk_hook)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         g = torch.Generator().manual_seed(rank)

@@ -11,10 +11,15 @@ check a job and refuse a bad one without importing PyTorch.
 
 import importlib
 
-__all__ = ["MomentumCorrectedSGD", "TopKState", "topk_hook"]
+__all__ = ["CompressionOptions", "MomentumCorrectedSGD", "TopKState", "topk_hook"]
 __version__ = "0.1.0"
 
-_HOME = {"TopKState": "raytopk.hook", "topk_hook": "raytopk.hook", "MomentumCorrectedSGD": "raytopk.optim"}
+_HOME = {
+    "CompressionOptions": "raytopk.options",
+    "TopKState": "raytopk.hook",
+    "topk_hook": "raytopk.hook",
+    "MomentumCorrectedSGD": "raytopk.optim",
+}
 
 
 def __getattr__(name: str):

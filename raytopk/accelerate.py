@@ -21,17 +21,27 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raytopk.hook import TopKState, gather_state_dicts, load_rank_state, topk_hook
+from raytopk.optim import check_optimizer
+from raytopk.options import CompressionOptions, options_from
 
 __all__ = ["attach"]
 
 
-def attach(accelerator, model: torch.nn.Module, ratio: float = 0.01, **options) -> Optional[TopKState]:
+def attach(
+    accelerator, model: torch.nn.Module, options: Optional[CompressionOptions] = None, **changes
+) -> Optional[TopKState]:
     """Register raytopk's hook on ``model`` (what ``accelerator.prepare`` returned); return its
     :class:`~raytopk.TopKState`.
 
-    ``options`` are any other ``TopKState`` options. Without DDP (one
+    ``options`` (a :class:`~raytopk.CompressionOptions`, ``None`` for its
+    defaults) and ``changes`` (options by name, ``ratio=0.01``) are the hook's.
+    With momentum correction, the optimizers the accelerator has prepared are
+    checked (:meth:`~raytopk.TopKState.check_optimizer`). Without DDP (one
     process) there is nothing to compress: it warns and returns None.
     """
+    options = options_from(options, **changes)
+    for optimizer in accelerator._optimizers:  # those it has prepared; AcceleratedOptimizer wraps the user's
+        check_optimizer(options.momentum, getattr(optimizer, "optimizer", optimizer))
     ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP model
     if not isinstance(ddp, DDP):
         warnings.warn(
@@ -39,7 +49,7 @@ def attach(accelerator, model: torch.nn.Module, ratio: float = 0.01, **options) 
             "(one process?); gradients are not compressed"
         )
         return None
-    state = TopKState(ratio, module=ddp.module, **options)
+    state = TopKState(options, module=ddp.module)
     ddp.register_comm_hook(state, topk_hook)
     accelerator.register_for_checkpointing(_EveryRank(state))
     return state

@@ -14,7 +14,7 @@ from dataclasses import fields
 from typing import Optional
 
 from raytopk import __version__
-from raytopk.config import ConfigError, TrainConfig, load_config
+from raytopk.config import DGC_OFF, ConfigError, TrainConfig, load_config
 from raytopk.data import DATASETS, DatasetError
 from raytopk.models import MODELS
 
@@ -32,13 +32,11 @@ _FLAG_HELP = {
         "topk | dense | fp16: what the workers exchange (fp16: PyTorch's fp16_compress_hook, for comparison); "
         "sets --compress"
     ),
-    "ratio": "fraction of entries sent per bucket, in (0, 1]",
     "workers": "number of Ray Train workers (the most, with --min-workers)",
     "min_workers": (
         "elastic training: run with anywhere from this many to --workers workers, resizing as nodes come and go"
     ),
     "resources_per_worker": "custom Ray resources each worker needs, as YAML: '{fake_gpu: 1}'",
-    "exchange": "auto | allgather | sharded | hierarchical: how entries cross the network (auto: by cost model)",
     "address": "Ray cluster address (else RAY_ADDRESS, else a local Ray)",
     "checkpoint_dir": "storage path for runs and checkpoints",
     "output": "write a JSON summary here",
@@ -53,7 +51,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_FLAG_HELP.get(f.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_help(f))
         else:
             kind = {
                 int: int,
@@ -63,7 +61,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 Optional[dict]: _yaml_value,
                 Optional[list]: _yaml_value,
             }.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=_FLAG_HELP.get(f.name))
+            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=_help(f))
+
+
+def _help(f) -> Optional[str]:
+    """A flag's help: a compression option's own (raytopk.options), else the line above."""
+    return f.metadata.get("help") or _FLAG_HELP.get(f.name)
 
 
 def _yaml_value(text: str):
@@ -79,20 +82,19 @@ def _yaml_value(text: str):
         raise ConfigError(f"got {text[:40]!r}..., nested too deeply to read") from None
 
 
-def _config(args) -> TrainConfig:
+def config_from_args(args) -> TrainConfig:
     """Defaults, then the YAML, then ``--set`` pairs, then the per-key flags; its paths checked (``run`` checks them
     too, but here a bad one is refused before PyTorch and Ray load)."""
     from raytopk.preflight import check_paths
 
-    overrides = parse_sets(args.set)
-    overrides.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None})
-    cfg = load_config(args.config, **overrides)
+    flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    cfg = load_config(args.config, parse_sets(args.set), **flags)
     check_paths(cfg)
     return cfg
 
 
 def _train(args) -> int:
-    cfg = _config(args)
+    cfg = config_from_args(args)
     from raytopk.train import bytes_line, run
 
     summary = run(cfg, restart=args.restart, command=args.command, verbose=args.verbose)
@@ -107,21 +109,11 @@ def _bench(args) -> int:
     from raytopk.bench import format_table, plot_path, write_plot
     from raytopk.storage import write_json
 
-    cfg = _config(args)  # its output path checked too, before either run trains
+    cfg = config_from_args(args)  # its output path checked too, before either run trains
     from raytopk.train import run
 
     # The dense row drops the compression-only settings (DGC's); SGD keeps its momentum there.
-    dense = dataclasses.replace(
-        cfg,
-        compress=False,
-        method=None,
-        output=None,
-        warmup_ratio=None,
-        warmup_epochs=0,
-        momentum_correction=False,
-        clip_norm=None,
-        per_layer=False,
-    )
+    dense = dataclasses.replace(cfg, compress=False, method=None, output=None, **DGC_OFF)
     rows = [
         run(job, restart=args.restart, command=args.command, verbose=args.verbose)
         for job in (dense, dataclasses.replace(cfg, compress=True, method=None, output=None))
@@ -203,7 +195,8 @@ def _export(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser: each command's flags, and the function that runs it (``args.func``)."""
     parser = argparse.ArgumentParser(prog="raytopk", description="Top-k compressed data-parallel training on Ray.")
     parser.add_argument("--version", action="version", version=f"raytopk {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -244,7 +237,11 @@ def main(argv=None) -> int:
     sub.add_argument("--data-dir", default=TrainConfig.data_dir, help="where torchvision's datasets are (as for train)")
     sub.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     sub.set_defaults(func=_export)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     args.command = shlex.join(["raytopk", *(sys.argv[1:] if argv is None else argv)])  # recorded in what it writes
     try:
         return args.func(args)

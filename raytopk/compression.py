@@ -27,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-from raytopk import kernels
+from raytopk import kernels, options
 
 __all__ = ["select_topk", "accumulate_topk", "index_dtype", "pack", "unpack", "payload_bytes"]
 
@@ -52,7 +52,8 @@ _BITS_DTYPE = {
     torch.float16: torch.int16,
     torch.bfloat16: torch.int16,
 }
-VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Each value dtype by its option name (raytopk.options).
+VALUE_DTYPES = {name: getattr(torch, dtype) for name, dtype in options.VALUE_DTYPES.items()}
 
 
 def index_dtype(numel: int) -> torch.dtype:

@@ -12,10 +12,11 @@ import re
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from raytopk.cost_model import EXCHANGES, KEEP_FACTOR
+from raytopk.options import JOB_FORMS, CompressionOptions, ConfigError, check_fields, type_ok
 
 __all__ = [
     "ConfigError",
+    "DGC_OFF",
     "PARQUET",
     "TrainConfig",
     "load_config",
@@ -31,13 +32,25 @@ __all__ = [
 PARQUET = "parquet"  # the dataset name of one's own Parquet files
 
 
-class ConfigError(ValueError):
-    """A bad config value; the message is meant for the user as it is."""
+def _job_keys(options) -> type:
+    """The fields of ``options`` (a dataclass) as job keys: the same names, defaults, checks and help, but
+    settable; those with a job form of their own (:data:`~raytopk.options.JOB_FORMS`) left out."""
+    keys = [
+        (f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+        for f in fields(options)
+        if f.name not in JOB_FORMS
+    ]
+    return dataclasses.make_dataclass("CompressionKeys", keys)
 
 
 @dataclass
-class TrainConfig:
-    """What to train, how to compress, where to run and save. Field docs are the YAML keys."""
+class TrainConfig(_job_keys(CompressionOptions)):
+    """What to train, how to compress, where to run and save. Field docs are the YAML keys.
+
+    How to compress: every :class:`~raytopk.options.CompressionOptions` field is
+    a key of its own (``ratio``, ``exchange``, ...), defined there; the two with a
+    job form are ``momentum_correction`` and ``warmup_epochs`` below.
+    """
 
     # What to train.
     model: str = "simple_cnn"
@@ -61,27 +74,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     lr_schedule: str = "cosine"
     seed: int = 0
-    # How to compress.
+    # How to compress (and the CompressionOptions keys).
     compress: bool = False
     # topk | dense | fp16 (PyTorch's fp16_compress_hook); sets compress; unset: compress decides
     method: Optional[str] = None
-    ratio: float = 0.01
-    start_iter: int = 2
-    value_dtype: str = "fp32"
-    # Deep Gradient Compression's techniques, each off by default (see TopKState).
-    warmup_ratio: Optional[float] = None  # the ratio decays from this to ``ratio`` ...
-    warmup_epochs: int = 0  # ... over these epochs
+    warmup_epochs: int = 0  # the sparsity warm-up's length (warmup_ratio), in epochs
     momentum_correction: bool = False  # SGD's momentum moves into the hook; the optimizer runs without
-    clip_norm: Optional[float] = None  # local gradient clipping to this global norm
-    per_layer: bool = False  # top-k per parameter; 1-D and small ones dense
-    dense_below: int = 1024
-    # How the selected entries cross the network (see raytopk.exchange).
-    exchange: str = "auto"  # auto | allgather | sharded | hierarchical
-    capacity_factor: float = 1.25  # sharded: slots per destination, as a multiple of its selection / workers
-    keep_factor: float = KEEP_FACTOR  # sharded: sums each owner keeps, as a multiple of its selection / workers
-    link_gbps: float = 1.0  # auto's cost model: bandwidth between nodes ...
-    link_latency_us: float = 50.0  # ... and latency per message
-    ranks_per_node: int = 0  # the exchange's node layout; 0: as Ray Train places the workers
     # DDP's buckets; unset: 25 MB each with the hook (raytopk.ray.prepare_model), else DDP's defaults
     bucket_cap_mb: Optional[float] = None
     # Precision and batching.
@@ -106,7 +104,7 @@ class TrainConfig:
     output: Optional[str] = None
 
     def __post_init__(self):
-        check_fields(self, _CHOICES, _RANGES)
+        check_fields(self, _CHOICES, _INTERVALS)
         from raytopk.data import DATASETS
         from raytopk.models import MODELS
 
@@ -117,6 +115,7 @@ class TrainConfig:
         if self.method is not None:  # the comparison methods by name: top-k is compress, the others are not
             self.compress = self.method == "topk"
         _check_combinations(self)
+        self.compression(steps_per_epoch=1)  # the options' own checks of their combinations
         _check_own_data(self)
         if self.dataset != PARQUET:  # a Parquet dataset's size is read from its files (raytopk.parquet.inspect)
             check_sizes(
@@ -128,6 +127,12 @@ class TrainConfig:
             raise ConfigError(
                 f"save_every: got {self.save_every}, more than epochs {self.epochs}; allowed: 1 to {self.epochs}"
             )
+
+    def compression(self, steps_per_epoch: int) -> CompressionOptions:
+        """The hook's options: the option keys, momentum correction's momentum, warm-up epochs as steps."""
+        keys = {f.name: getattr(self, f.name) for f in fields(CompressionOptions) if f.name not in JOB_FORMS}
+        momentum = self.momentum if self.momentum_correction else 0.0
+        return CompressionOptions(**keys, momentum=momentum, warmup_steps=self.warmup_epochs * steps_per_epoch)
 
     @property
     def method_name(self) -> str:
@@ -186,21 +191,25 @@ def _check_own_data(cfg: "TrainConfig") -> None:
     if not 0 < cfg.test_fraction < 1:
         raise ConfigError(f"test_fraction: got {cfg.test_fraction!r}; allowed: a number in (0, 1)")
     shape = cfg.image_shape
-    if shape is not None and not (len(shape) == 3 and all(_type_ok(n, int) and n > 0 for n in shape)):
+    if shape is not None and not (len(shape) == 3 and all(type_ok(n, int) and n > 0 for n in shape)):
         raise ConfigError(f"image_shape: got {shape!r}; allowed: [C, H, W], three positive integers")
+
+
+# Deep Gradient Compression's keys, each as it is when off: only a top-k job may turn one on.
+DGC_OFF = {
+    "warmup_ratio": None,
+    "warmup_epochs": 0,
+    "momentum_correction": False,
+    "clip_norm": None,
+    "per_layer": False,
+}
 
 
 def _check_combinations(cfg: "TrainConfig") -> None:
     """Settings that are valid alone but wrong together."""
-    dgc = {
-        "warmup_ratio": cfg.warmup_ratio is not None,
-        "momentum_correction": cfg.momentum_correction,
-        "clip_norm": cfg.clip_norm is not None,
-        "per_layer": cfg.per_layer,
-    }
-    if not cfg.compress and any(dgc.values()):
-        key = next(key for key, on in dgc.items() if on)
-        raise ConfigError(f"{key}: set, but compress is false; allowed: only with compress: true")
+    on = [key for key, off in DGC_OFF.items() if getattr(cfg, key) != off]
+    if not cfg.compress and on:
+        raise ConfigError(f"{on[0]}: set, but compress is false; allowed: only with compress: true")
     if cfg.warmup_epochs and cfg.warmup_ratio is None:
         raise ConfigError(
             f"warmup_epochs: got {cfg.warmup_epochs}, but warmup_ratio is null; allowed: set warmup_ratio too"
@@ -216,10 +225,6 @@ def _check_combinations(cfg: "TrainConfig") -> None:
             f"accumulate: got {cfg.accumulate}, more than max_train_batches {cfg.max_train_batches}; "
             "allowed: at most max_train_batches"
         )
-    if cfg.per_layer and cfg.exchange in ("sharded", "hierarchical"):
-        raise ConfigError(
-            f"exchange: got {cfg.exchange!r} with per_layer: true; allowed with per_layer: auto, allgather"
-        )
     if cfg.min_workers > cfg.workers:
         raise ConfigError(
             f"min_workers: got {cfg.min_workers}, more than workers {cfg.workers}; "
@@ -229,7 +234,7 @@ def _check_combinations(cfg: "TrainConfig") -> None:
         if (
             name in ("CPU", "GPU")
             or not isinstance(name, str)
-            or not _type_ok(amount, float)
+            or not type_ok(amount, float)
             or not 0 < amount < math.inf
         ):
             raise ConfigError(
@@ -243,87 +248,28 @@ def _check_combinations(cfg: "TrainConfig") -> None:
 _CHOICES = {
     "optimizer": ("sgd", "adamw"),
     "lr_schedule": ("cosine", "constant"),
-    "value_dtype": ("fp32", "fp16", "bf16"),
     "backend": ("auto", "gloo", "nccl"),
     "amp": ("none", "bf16", "fp16"),
-    "exchange": EXCHANGES,
     "method": ("topk", "dense", "fp16"),
 }
-# key -> (lowest allowed, whether the lowest is excluded, highest or None)
-_RANGES = {
-    "epochs": (1, False, None),
-    "batch_size": (1, False, None),
-    "max_train_batches": (0, False, None),
-    "lr": (0, True, None),
-    "momentum": (0, False, 1),
-    "weight_decay": (0, False, None),
-    "ratio": (0, True, 1),
-    "start_iter": (0, False, None),
-    "warmup_ratio": (0, True, 1),
-    "warmup_epochs": (0, False, None),
-    "clip_norm": (0, True, None),
-    "dense_below": (0, False, None),
-    "accumulate": (1, False, None),
-    "capacity_factor": (1, False, None),
-    "keep_factor": (1, False, None),
-    "link_gbps": (0, True, None),
-    "link_latency_us": (0, False, None),
-    "ranks_per_node": (0, False, None),
-    "bucket_cap_mb": (0, True, None),
-    "workers": (1, False, None),
-    "min_workers": (0, False, None),
-    "resize_interval_s": (0, True, None),
-    "cpus_per_worker": (0, False, None),
-    "save_every": (1, False, None),
-    "keep_checkpoints": (1, False, None),
-    "max_failures": (0, False, None),
+_INTERVALS = {
+    "epochs": "[1, inf)",
+    "batch_size": "[1, inf)",
+    "max_train_batches": "[0, inf)",
+    "lr": "(0, inf)",
+    "momentum": "[0, 1]",
+    "weight_decay": "[0, inf)",
+    "warmup_epochs": "[0, inf)",
+    "accumulate": "[1, inf)",
+    "bucket_cap_mb": "(0, inf)",
+    "workers": "[1, inf)",
+    "min_workers": "[0, inf)",
+    "resize_interval_s": "(0, inf)",
+    "cpus_per_worker": "[0, inf)",
+    "save_every": "[1, inf)",
+    "keep_checkpoints": "[1, inf)",
+    "max_failures": "[0, inf)",
 }
-
-
-def _type_ok(value, kind) -> bool:
-    if kind == Optional[str]:
-        return value is None or isinstance(value, str)
-    if kind == Optional[float]:
-        return value is None or _type_ok(value, float)
-    if kind == Optional[dict]:
-        return value is None or isinstance(value, dict)
-    if kind == Optional[list]:
-        return value is None or isinstance(value, list)
-    if kind == Optional[int]:
-        return value is None or _type_ok(value, int)
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-def _describe(kind) -> str:
-    names = {str: "a string", bool: "true or false", int: "an integer", float: "a number", dict: "a mapping"}
-    optional = {
-        Optional[float]: "a number or null",
-        Optional[dict]: "a mapping or null",
-        Optional[list]: "a list or null",
-        Optional[int]: "an integer or null",
-    }
-    return names.get(kind, optional.get(kind, "a string or null"))
-
-
-def check_fields(obj, choices: dict, ranges: dict) -> None:
-    """Check a config dataclass's field types, then ``choices`` (key -> allowed) and ``ranges``."""
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if not _type_ok(value, f.type):
-            raise ConfigError(f"{f.name}: got {value!r}; allowed: {_describe(f.type)}")
-        if f.name in choices and value is not None and value not in choices[f.name]:
-            raise ConfigError(f"{f.name}: got {value!r}; allowed: {', '.join(choices[f.name])}")
-        if f.name in ranges and value is not None:
-            low, open_low, high = ranges[f.name]
-            too_low = value <= low if open_low else value < low
-            if math.isnan(value) or math.isinf(value) or too_low or (high is not None and value > high):
-                bracket = "(" if open_low else "["
-                top = f"{high}]" if high is not None else "inf)"
-                raise ConfigError(f"{f.name}: got {value!r}; allowed: a number in {bracket}{low}, {top}")
 
 
 def from_mapping(cls, values: dict, source: str):
@@ -339,11 +285,14 @@ def _check_keys(cls, keys, source: str) -> None:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(known))}")
 
 
-def load_config(path: Optional[str] = None, **overrides) -> TrainConfig:
-    """A validated config: defaults, then the YAML file at ``path``, then ``overrides`` (not None)."""
+def load_config(path: Optional[str] = None, sets: Optional[dict] = None, **overrides) -> TrainConfig:
+    """A validated config: defaults, then the YAML file at ``path``, then ``sets`` (``--set`` pairs: a null there is
+    a value, as in the YAML), then ``overrides`` (flags: None is a flag not given)."""
     values = read_yaml_mapping(path) if path is not None else {}
     _check_keys(TrainConfig, values, path)
-    _check_keys(TrainConfig, overrides, "override")  # --set, or a caller's keyword
+    _check_keys(TrainConfig, sets or {}, "--set")
+    _check_keys(TrainConfig, overrides, "override")  # a flag, or a caller's keyword
+    values.update(sets or {})
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**values)
 

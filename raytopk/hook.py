@@ -11,6 +11,7 @@ cross (all-gather, sharded, or two levels across nodes) is
 ``torchrun`` included, can use the hook.
 """
 
+import dataclasses
 import math
 import threading
 import time
@@ -21,9 +22,10 @@ import torch.distributed as dist
 
 from raytopk import kernels
 from raytopk.compression import VALUE_DTYPES, accumulate_topk, index_dtype, payload_bytes, select_topk
-from raytopk.cost_model import EXCHANGES, KEEP_FACTOR, Link, dense_allreduce_bytes
+from raytopk.cost_model import Link, dense_allreduce_bytes
 from raytopk.exchange import Exchanger, allgather, completed, finite_at
-from raytopk.optim import MomentumCorrectedSGD
+from raytopk.optim import check_optimizer
+from raytopk.options import CompressionOptions, options_from
 
 __all__ = ["TopKState", "topk_hook", "redistribute", "gather_state_dicts", "load_rank_state"]
 
@@ -89,9 +91,9 @@ class TopKState:
        headroom for uneven indices); "hierarchical" reduces densely inside each
        node first and sends sparse entries only between nodes. "auto" (the
        default) picks per bucket by :func:`raytopk.cost_model.cost` from the
-       worker count, the node layout (``LOCAL_WORLD_SIZE``, as torchrun and Ray
-       Train set it), the bucket and ``link`` (a :class:`~raytopk.exchange.Link`
-       of bandwidths and latencies), among the exchanges measured to keep
+       worker count, the node layout (``ranks_per_node``, else
+       ``LOCAL_WORLD_SIZE`` as torchrun and Ray Train set it), the bucket and
+       the link between nodes (``link_gbps``, ``link_latency_us``), among the exchanges measured to keep
        accuracy for that layout. Every exchange keeps ``ratio``'s bytes; with
        many workers all-gather spends them on ``2 / W`` of the ratio per worker,
        sharded on a global top-k of summed selections (its owners keep
@@ -106,10 +108,10 @@ class TopKState:
     skipped step (non-finite values) keep the old state exactly.
 
     Args:
-        ratio: fraction of each bucket's entries to send, in (0, 1].
-        start_iter: number of dense allreduce iterations before compression.
+        options: the settings above, a :class:`~raytopk.CompressionOptions`
+            (where each one's default and allowed values are defined); ``None``
+            is its defaults.
         process_group: the group to communicate in; ``None`` means the default group.
-        value_dtype: "fp32", "fp16" or "bf16".
         module: the model the DDP wraps, optional. With it, :meth:`state_dict`
             names residuals by parameter name, so a checkpoint also loads into a
             DDP with another ``bucket_cap_mb`` or a model with the same names.
@@ -120,64 +122,20 @@ class TopKState:
             model repeats it. A checkpoint whose residuals do not fit the model
             (another shape, or parameters left over) is refused at the first
             step; pass ``module`` to load across models that share names.
-        warmup_ratio: the ratio of the first compressed step, in (0, 1]; ``None`` for no warm-up.
-        warmup_steps: compressed steps over which the ratio decays to ``ratio``.
-        momentum: momentum for momentum correction, in [0, 1); 0 turns it off.
-        clip_norm: the global gradient norm that local clipping keeps to; ``None`` for no clipping.
-        per_layer: select the top-k of each parameter instead of each bucket.
-        dense_below: with ``per_layer``, parameters with fewer entries (or 1-D) go dense.
-        exchange: "auto", "allgather", "sharded" or "hierarchical".
-        capacity_factor: slots per destination of the sharded exchange, as a multiple of its selection over ``W``; >= 1.
-        keep_factor: sums each sharded owner keeps, as a multiple of its selection over ``W``; >= 1.
-        link: network figures for ``exchange="auto"``; ``None`` is :class:`~raytopk.exchange.Link`'s defaults.
-        local_world_size: ranks per node, numbered node by node; ``None`` reads
-            ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` as torchrun and Ray Train set them.
+        **changes: options by name, over ``options``: ``TopKState(ratio=0.001, module=model)``.
     """
 
     def __init__(
         self,
-        ratio: float,
-        start_iter: int = 2,
-        process_group: Optional[dist.ProcessGroup] = None,
-        value_dtype: str = "fp32",
-        module: Optional[torch.nn.Module] = None,
+        options: Optional[CompressionOptions] = None,
         *,
-        warmup_ratio: Optional[float] = None,
-        warmup_steps: int = 0,
-        momentum: float = 0.0,
-        clip_norm: Optional[float] = None,
-        per_layer: bool = False,
-        dense_below: int = 1024,
-        exchange: str = "auto",
-        capacity_factor: float = 1.25,
-        keep_factor: float = KEEP_FACTOR,
-        link: Optional[Link] = None,
-        local_world_size: Optional[int] = None,
+        process_group: Optional[dist.ProcessGroup] = None,
+        module: Optional[torch.nn.Module] = None,
+        **changes,
     ):
-        _check_compression(
-            ratio, start_iter, value_dtype, warmup_ratio, warmup_steps, momentum, clip_norm, per_layer, dense_below
-        )
-        _check_exchange(exchange, per_layer, capacity_factor, keep_factor, local_world_size, link)
-
-        # Compression settings: what each step sends.
-        self.ratio = float(ratio)
-        self.value_dtype = value_dtype
-        self.per_layer = per_layer
-        self.dense_below = dense_below
-        # Warm-up: dense steps while DDP settles its buckets, then a decaying ratio.
-        self.start_iter = start_iter
-        self.warmup_ratio = None if warmup_ratio is None else float(warmup_ratio)
-        self.warmup_steps = warmup_steps
-        # What is accumulated: the gradient (clipped), or its velocity.
-        self.momentum = float(momentum)
-        self.clip_norm = None if clip_norm is None else float(clip_norm)
-        # How entries cross the network; the Exchanger (node layout, subgroups) is built at the first step.
+        # Compression settings, checked once (raytopk.options): what each step sends and how.
+        self.options = options_from(options, **changes)
         self.process_group = process_group
-        self.exchange = "allgather" if per_layer else exchange
-        self.capacity_factor = float(capacity_factor)
-        self.keep_factor = float(keep_factor)
-        self.link = link or Link()
-        self.local_world_size = local_world_size
         self._exchanger: Optional[Exchanger] = None
         # Buckets exchanged by each algorithm (what auto chose), counted for logs and benchmarks.
         self.algorithms: Dict[str, int] = {}
@@ -218,10 +176,11 @@ class TopKState:
 
     def current_ratio(self) -> float:
         """The ratio of this step: ``ratio``, or on the way to it during the sparsity warm-up."""
-        done = self.iter - self.start_iter
-        if self.warmup_ratio is None or done >= self.warmup_steps:
-            return self.ratio
-        return self.warmup_ratio * (self.ratio / self.warmup_ratio) ** (max(done, 0) / self.warmup_steps)
+        o = self.options
+        done = self.iter - o.start_iter
+        if o.warmup_ratio is None or done >= o.warmup_steps:
+            return o.ratio
+        return o.warmup_ratio * (o.ratio / o.warmup_ratio) ** (max(done, 0) / o.warmup_steps)
 
     def k_for(self, numel: int) -> int:
         """The budget of a group of ``numel`` this step: ``max(1, ceil(ratio * numel))`` entries.
@@ -233,26 +192,9 @@ class TopKState:
         return max(1, min(numel, math.ceil(self.current_ratio() * numel)))
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Raise ``ValueError`` if ``optimizer`` would apply momentum correction's momentum wrongly.
-
-        The momentum is already in the gradients that arrive, so the optimizer
-        must not apply it again, and weight decay must get it on its own:
-        :class:`~raytopk.optim.MomentumCorrectedSGD` with the same momentum, or
-        ``torch.optim.SGD`` with neither momentum nor weight decay.
-        """
-        if not self.momentum:
-            return
-        groups = optimizer.param_groups
-        if isinstance(optimizer, MomentumCorrectedSGD) and all(g["momentum"] == self.momentum for g in groups):
-            return
-        if type(optimizer) is torch.optim.SGD and not any(g["momentum"] or g["weight_decay"] for g in groups):
-            return
-        got = ", ".join(f"{key} {groups[0].get(key)!r}" for key in ("momentum", "weight_decay"))
-        raise ValueError(
-            f"momentum correction (momentum={self.momentum}) needs raytopk.MomentumCorrectedSGD with "
-            f"momentum={self.momentum} (weight decay allowed), or torch.optim.SGD with momentum=0 and weight_decay=0; "
-            f"got {type(optimizer).__name__} with {got}"
-        )
+        """Raise ``ValueError`` if ``optimizer`` would apply momentum correction's momentum wrongly
+        (:func:`raytopk.optim.check_optimizer`)."""
+        check_optimizer(self.options.momentum, optimizer)
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs: settings, step count, stats, residuals (and velocities) by parameter name."""
@@ -263,7 +205,7 @@ class TopKState:
             saved = [(i, [names[p] for p in params]) for i, params in self._placed_layout] + self._unplaced_layout
             layout = [bucket_names for _, bucket_names in sorted(saved, key=lambda placed: placed[0])]
         return {
-            **{key: getattr(self, key) for key in _SETTINGS},
+            **dataclasses.asdict(self.options),
             "iter": self.iter,
             "stats": dict(self.stats),
             **{
@@ -458,73 +400,8 @@ def load_rank_state(state: TopKState, saved: List[dict], group: Optional[dist.Pr
     return {"resized_from": len(saved), "residual_mean_error": error.item()}
 
 
-# What a checkpoint holds per parameter, and the settings it records.
+# What a checkpoint holds per parameter.
 _KINDS = ("residuals", "velocities")
-_SETTINGS = (
-    "ratio",
-    "value_dtype",
-    "start_iter",
-    "warmup_ratio",
-    "warmup_steps",
-    "momentum",
-    "clip_norm",
-    "per_layer",
-    "dense_below",
-    "exchange",
-    "capacity_factor",
-    "keep_factor",
-)
-
-
-def _check_compression(
-    ratio, start_iter, value_dtype, warmup_ratio, warmup_steps, momentum, clip_norm, per_layer, dense_below
-) -> None:
-    """Raise ``ValueError`` on the first of :class:`TopKState`'s compression settings that is out of range."""
-    _check_number("ratio", ratio, 0.0, 1.0, "(0, 1]")
-    _check_count("start_iter", start_iter)
-    if value_dtype not in VALUE_DTYPES:
-        raise ValueError(f"value_dtype must be one of {sorted(VALUE_DTYPES)}, got {value_dtype!r}")
-    if warmup_ratio is not None:
-        _check_number("warmup_ratio", warmup_ratio, 0.0, 1.0, "(0, 1]")
-    _check_count("warmup_steps", warmup_steps)
-    if warmup_steps and warmup_ratio is None:
-        raise ValueError(
-            "warmup_steps needs warmup_ratio (the ratio the warm-up starts from), "
-            f"got warmup_steps={warmup_steps} alone"
-        )
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
-    if clip_norm is not None:
-        _check_number("clip_norm", clip_norm, 0.0, math.inf, "(0, inf)")
-    if not isinstance(per_layer, bool):
-        raise ValueError(f"per_layer must be True or False, got {per_layer!r}")
-    _check_count("dense_below", dense_below)
-
-
-def _check_exchange(exchange, per_layer, capacity_factor, keep_factor, local_world_size, link) -> None:
-    """Raise ``ValueError`` on the first of :class:`TopKState`'s exchange settings that is out of range."""
-    if exchange not in EXCHANGES:
-        raise ValueError(f"exchange must be one of {', '.join(EXCHANGES)}, got {exchange!r}")
-    if per_layer and exchange in ("sharded", "hierarchical"):
-        raise ValueError(f"per_layer=True sends with exchange='allgather' (or 'auto'), got exchange={exchange!r}")
-    _check_number("capacity_factor", capacity_factor, 1.0 - 1e-12, math.inf, "[1, inf)")
-    _check_number("keep_factor", keep_factor, 1.0 - 1e-12, math.inf, "[1, inf)")
-    if local_world_size is not None and (
-        isinstance(local_world_size, bool) or not isinstance(local_world_size, int) or local_world_size < 1
-    ):
-        raise ValueError(f"local_world_size must be an integer >= 1 or None, got {local_world_size!r}")
-    if link is not None and not isinstance(link, Link):
-        raise ValueError(f"link must be a raytopk.exchange.Link, got {link!r}")
-
-
-def _check_number(name, value, low, high, allowed) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high or value == math.inf:
-        raise ValueError(f"{name} must be a number in {allowed}, got {value!r}")
-
-
-def _check_count(name, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
 class _BucketMemory:
@@ -556,8 +433,8 @@ class _BucketMemory:
 
         self.residual = flat("residuals")
         self.spare = torch.empty_like(self.residual)
-        self.velocity = flat("velocities") if state.momentum else None
-        self.velocity_spare = torch.empty_like(self.residual) if state.momentum else None
+        self.velocity = flat("velocities") if state.options.momentum else None
+        self.velocity_spare = torch.empty_like(self.residual) if state.options.momentum else None
         spans, start = {}, 0
         for p in params:
             spans[p] = (start, start + p.numel())
@@ -565,8 +442,8 @@ class _BucketMemory:
         idx_dtype = index_dtype(buffer.numel())
         self.slices, self.groups = None, None
         self.dense = torch.empty(0, dtype=idx_dtype, device=buffer.device)  # positions sent as bare values
-        if state.per_layer:
-            dense = [p.dim() <= 1 or p.numel() < state.dense_below for p in params]
+        if state.options.per_layer:
+            dense = [p.dim() <= 1 or p.numel() < state.options.dense_below for p in params]
             self.slices = [spans[p] for p, whole in zip(params, dense) if not whole]
             if any(dense):
                 whole = [torch.arange(*spans[p], device=buffer.device) for p, whole in zip(params, dense) if whole]
@@ -661,7 +538,7 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
 
     Algorithm, per bucket of ``n`` entries on each of ``W`` workers:
 
-    1. Before ``state.start_iter``: a plain dense allreduce of the mean, as DDP does.
+    1. Before ``state.options.start_iter``: a plain dense allreduce of the mean, as DDP does.
     2. With ``clip_norm``: scale the bucket down to norm ``clip_norm / sqrt(W)`` if above it.
     3. ``acc = bucket + residual`` (error feedback: this worker's own memory),
        written into the bucket's spare residual tensor. With ``momentum``:
@@ -669,7 +546,7 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     4. The budget is ``k = max(1, ceil(ratio * n))`` entries. Where sending k
        indices and values would cost at least as many bytes as the dense
        bucket (``ratio`` near 1), allreduce ``acc`` densely instead.
-    5. Exchange (:mod:`raytopk.exchange`; ``state.exchange``, or ``auto``'s
+    5. Exchange (:mod:`raytopk.exchange`; ``state.options.exchange``, or ``auto``'s
        choice): each exchange selects the entries of largest ``|acc|`` its
        share of the budget allows (per parameter with ``per_layer``, small ones
        dense), so every worker sends about ``2 k (W - 1) / W`` entries, as
@@ -701,17 +578,18 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     if state.module is None and not state._met_all:
         state._meet(bucket.parameters())
     if state._exchanger is None:
+        o = state.options
         state._exchanger = Exchanger(
-            state.exchange,
+            "allgather" if o.per_layer else o.exchange,
             group,
-            state.link,
-            state.capacity_factor,
-            state.local_world_size,
+            Link(inter_gbps=o.link_gbps, inter_latency_us=o.link_latency_us),
+            o.capacity_factor,
+            o.ranks_per_node or None,
             state._add_hook_time,
-            state.keep_factor,
+            o.keep_factor,
         )
 
-    if state.iter < state.start_iter:
+    if state.iter < state.options.start_iter:
         future = _dense_allreduce(buffer, group, world_size)
         state._count(
             bucket, world_size, dense_allreduce_bytes(dense_bytes, world_size), None, time.thread_time() - started
@@ -719,17 +597,17 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         return future
 
     memory = state._memory(bucket)
-    value_dtype = VALUE_DTYPES[state.value_dtype]
+    value_dtype = VALUE_DTYPES[state.options.value_dtype]
     ks = [state.k_for(size) for size in memory.sizes]
     k, dense = sum(ks), len(memory.dense)
-    if state.clip_norm is not None:
-        _clip(buffer, state.clip_norm / math.sqrt(world_size))
+    if state.options.clip_norm is not None:
+        _clip(buffer, state.options.clip_norm / math.sqrt(world_size))
 
     if payload_bytes(k, n, value_dtype, dense) >= dense_bytes:
         # Everything is sent: the residual (and with it the velocity, fully masked) empties.
         buffer.add_(memory.residual)
         if memory.velocity is not None:
-            buffer.add_(memory.velocity, alpha=state.momentum)
+            buffer.add_(memory.velocity, alpha=state.options.momentum)
 
         def clear_memory(fut: torch.futures.Future) -> torch.Tensor:
             mean = fut.value()
@@ -776,9 +654,9 @@ def _exchange(
     sizes = [buffer.numel() if g is None else len(g) for g in groups]
     picked = [exchanger.pick(size, k, value_bytes) for size, k in zip(sizes, ks)]
     _tally(state, picked)
-    if state.per_layer or all(name == "allgather" for name in picked):
+    if state.options.per_layer or all(name == "allgather" for name in picked):
         chosen = [exchanger.selected("allgather", k) for k in ks]
-        acc, values, indices = memory.accumulate_select(buffer, state.momentum, chosen)
+        acc, values, indices = memory.accumulate_select(buffer, state.options.momentum, chosen)
         positions = memory.positions if len(memory.dense) else None
         future, sent = allgather(
             acc,
@@ -793,7 +671,7 @@ def _exchange(
             zeroed=True,
         )
         return future, sent, exchanger.network_bytes("allgather", buffer.numel(), sum(ks), value_bytes, sent)
-    acc, out = memory.accumulate(buffer, state.momentum), buffer
+    acc, out = memory.accumulate(buffer, state.options.momentum), buffer
     if memory.groups is None:
         future, sent = exchanger.run(picked[0], acc, ks[0], value_dtype, out, scale)
         return future, sent, exchanger.network_bytes(picked[0], sizes[0], ks[0], value_bytes, sent)

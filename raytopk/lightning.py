@@ -17,10 +17,13 @@ Works with ``import lightning as L`` and, where that is what is installed, ``pyt
 """
 
 import warnings
+from typing import Optional
 
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raytopk.hook import TopKState, gather_state_dicts, load_rank_state, topk_hook
+from raytopk.optim import check_optimizer
+from raytopk.options import CompressionOptions, options_from
 
 try:
     from lightning.pytorch import Callback
@@ -36,18 +39,22 @@ class TopKCompression(Callback):
     """Top-k compression of DDP's gradient exchange for a Lightning ``Trainer`` (``strategy="ddp"``).
 
     Args:
-        ratio: fraction of each DDP bucket's entries sent, in (0, 1].
-        **options: any other :class:`~raytopk.TopKState` option (``start_iter``,
-            ``value_dtype``, ``exchange``, Deep Gradient Compression's, ...).
+        options: a :class:`~raytopk.CompressionOptions`; ``None`` is its defaults.
+        **changes: options by name, over ``options`` (``ratio``, ``exchange``, Deep Gradient Compression's, ...).
+
+    Bad options fail when the callback is built; with momentum correction, an
+    optimizer that would apply the momentum again fails when training starts
+    (:meth:`raytopk.TopKState.check_optimizer`).
     """
 
-    def __init__(self, ratio: float = 0.01, **options):
-        TopKState(ratio, **options)  # bad options fail here, when the Trainer is built
-        self.ratio, self.options = ratio, options
+    def __init__(self, options: Optional[CompressionOptions] = None, **changes):
+        self.options = options_from(options, **changes)
         self.state = None  # this rank's TopKState, once training starts
         self._loaded = None  # every rank's saved state, from a checkpoint, until the hook is registered
 
     def on_train_start(self, trainer, pl_module) -> None:
+        for optimizer in trainer.optimizers:
+            check_optimizer(self.options.momentum, optimizer)
         model = trainer.strategy.model
         if not isinstance(model, DDP):
             warnings.warn(
@@ -55,7 +62,7 @@ class TopKCompression(Callback):
                 "(one process, or another strategy); gradients are not compressed"
             )
             return
-        self.state = TopKState(self.ratio, module=pl_module, **self.options)
+        self.state = TopKState(self.options, module=pl_module)
         model.register_comm_hook(self.state, topk_hook)
         if self._loaded is not None:
             self._restore()

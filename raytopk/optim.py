@@ -65,3 +65,26 @@ class MomentumCorrectedSGD(torch.optim.Optimizer):
                     update = update.add(decay)
                 p.add_(update, alpha=-group["lr"])
         return loss
+
+
+def check_optimizer(momentum: float, optimizer: torch.optim.Optimizer) -> None:
+    """Raise ``ValueError`` if ``optimizer`` would apply momentum correction's ``momentum`` wrongly (0: no check).
+
+    The momentum is already in the gradients that arrive, so the optimizer
+    must not apply it again, and weight decay must get it on its own:
+    :class:`MomentumCorrectedSGD` with the same momentum, or
+    ``torch.optim.SGD`` with neither momentum nor weight decay.
+    """
+    if not momentum:
+        return
+    groups = optimizer.param_groups
+    if isinstance(optimizer, MomentumCorrectedSGD) and all(g["momentum"] == momentum for g in groups):
+        return
+    if type(optimizer) is torch.optim.SGD and not any(g["momentum"] or g["weight_decay"] for g in groups):
+        return
+    got = ", ".join(f"{key} {groups[0].get(key)!r}" for key in ("momentum", "weight_decay"))
+    raise ValueError(
+        f"momentum correction (momentum={momentum}) needs raytopk.MomentumCorrectedSGD with "
+        f"momentum={momentum} (weight decay allowed), or torch.optim.SGD with momentum=0 and weight_decay=0; "
+        f"got {type(optimizer).__name__} with {got}"
+    )

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raytopk.checkpoint import load_rank, rank_file, save_rank
 from raytopk.hook import TopKState, topk_hook
+from raytopk.options import CompressionOptions
 
 __all__ = ["prepare_model", "hook_state", "save_state", "load_state", "rank_file", "SPARSE_BUCKET_CAP_MB"]
 
@@ -43,9 +44,10 @@ _STATES = weakref.WeakKeyDictionary()  # DDP model -> its TopKState, for save_st
 
 def prepare_model(
     model: torch.nn.Module,
-    ratio: Optional[float] = 0.01,
+    ratio: Optional[float] = CompressionOptions.ratio,
     *,
     state: Optional[TopKState] = None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
     parallel_strategy_kwargs: Optional[dict] = None,
     **options,
 ) -> DDP:
@@ -65,19 +67,27 @@ def prepare_model(
         ratio: fraction of each DDP bucket's entries sent; ``None`` for plain DDP
             (a dense baseline that saves and loads the same checkpoints).
         state: a :class:`~raytopk.TopKState` built by hand, instead of ``ratio`` and ``options``.
+        optimizer: the optimizer of ``model``'s parameters, checked against the
+            hook's options (:meth:`~raytopk.TopKState.check_optimizer`); momentum
+            correction needs it.
         parallel_strategy_kwargs: keyword arguments for DDP, as in Ray's
             ``prepare_model`` (``bucket_cap_mb``, ``find_unused_parameters``, ...); they
             take precedence over the bucket size above.
-        **options: any other ``TopKState`` option (``start_iter``, ``value_dtype``, ``exchange``, ...).
+        **options: any other compression option by name (:class:`~raytopk.CompressionOptions`: ``start_iter``,
+            ``exchange``, ...).
     """
     import ray.train.torch
 
-    device = ray.train.torch.get_device()
-    model = model.to(device)
     if state is None and ratio is not None:
-        state = TopKState(ratio, module=model, **options)
+        state = TopKState(ratio=ratio, module=model, **options)
+        if state.options.momentum and optimizer is None:
+            raise ValueError("prepare_model: momentum correction needs optimizer=, to check it against the hook")
     elif options:
         raise ValueError(f"prepare_model: options {sorted(options)} need ratio= and no state=")
+    if state is not None and optimizer is not None:
+        state.check_optimizer(optimizer)
+    device = ray.train.torch.get_device()
+    model = model.to(device)
     # Gradients as views into DDP's buckets: no copy into the buckets and back each step.
     ddp_kwargs = {
         "gradient_as_bucket_view": True,

@@ -24,7 +24,7 @@ from raytopk.checkpoint import latest, recorded, restore, save
 from raytopk.checkpoint import meta as checkpoint_meta
 from raytopk.config import PARQUET, ConfigError, TrainConfig, default_run_name, resolved
 from raytopk.console import Channel, Console, StepProgress, Watch, start_ray, worker_failures_line
-from raytopk.cost_model import Layout, Link, dense_allreduce_bytes, dense_network_bytes
+from raytopk.cost_model import Layout, dense_allreduce_bytes, dense_network_bytes
 from raytopk.data import DATASETS, load_dataset
 from raytopk.exchange import node_layout
 from raytopk.hook import TopKState
@@ -291,23 +291,7 @@ def _optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> torch.opt
 
 def _hook_state(cfg: TrainConfig, model, optimizer, steps_per_epoch: int) -> TopKState:
     """The hook's state for ``cfg``: epochs of sparsity warm-up become optimizer steps."""
-    state = TopKState(
-        cfg.ratio,
-        cfg.start_iter,
-        value_dtype=cfg.value_dtype,
-        module=model,
-        warmup_ratio=cfg.warmup_ratio,
-        warmup_steps=cfg.warmup_epochs * steps_per_epoch,
-        momentum=cfg.momentum if cfg.momentum_correction else 0.0,
-        clip_norm=cfg.clip_norm,
-        per_layer=cfg.per_layer,
-        dense_below=cfg.dense_below,
-        exchange=cfg.exchange,
-        capacity_factor=cfg.capacity_factor,
-        keep_factor=cfg.keep_factor,
-        link=Link(inter_gbps=cfg.link_gbps, inter_latency_us=cfg.link_latency_us),
-        local_world_size=cfg.ranks_per_node or None,
-    )
+    state = TopKState(cfg.compression(steps_per_epoch), module=model)
     state.check_optimizer(optimizer)
     return state
 

@@ -78,7 +78,7 @@ class SweepConfig:
     storage_path: str = "~/raytopk_runs"
 
     def __post_init__(self):
-        check_fields(self, _CHOICES, _RANGES)
+        check_fields(self, _CHOICES, _INTERVALS)
         check_name("name", self.name)
         if self.mode != _MODES[self.metric]:
             raise ConfigError(f"mode: got {self.mode!r} for metric {self.metric}; allowed: {_MODES[self.metric]}")
@@ -99,13 +99,13 @@ _CHOICES = {
     "mode": ("max", "min"),
     "select": ("best", "budget", "within"),
 }
-_RANGES = {
-    "num_samples": (1, False, None),
-    "max_concurrent_trials": (0, False, None),
-    "grace_period": (1, False, None),
-    "reduction_factor": (1, True, None),
-    "max_mb_per_worker": (0, True, None),
-    "within_points": (0, False, 100),
+_INTERVALS = {
+    "num_samples": "[1, inf)",
+    "max_concurrent_trials": "[0, inf)",
+    "grace_period": "[1, inf)",
+    "reduction_factor": "(1, inf)",
+    "max_mb_per_worker": "(0, inf)",
+    "within_points": "[0, 100]",
 }
 # name -> (what its argument is, whether it samples numbers from a range)
 _DISTRIBUTIONS = {

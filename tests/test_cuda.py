@@ -1,6 +1,7 @@
 """The CUDA path: exact selection on the GPU and the hook in a one-rank NCCL group. Skipped without a GPU."""
 
 import copy
+import dataclasses
 import os
 import sys
 
@@ -102,7 +103,7 @@ def test_a_non_finite_step_on_nccl_keeps_the_memory_without_waiting_for_the_gpu(
     for step, (step_ratio, poisoned) in enumerate(
         [(0.01, False), (ratio, False), (0.01, False), (ratio, True), (ratio, False)]
     ):
-        state.ratio = step_ratio
+        state.options = dataclasses.replace(state.options, ratio=step_ratio)
         before = state.state_dict()
         ddp.zero_grad()
         waited = _host_waited_for_the_gpu(ddp, x, y, float("inf") if poisoned else 1.0)

@@ -176,9 +176,7 @@ def _hook_conserves_mass(rank, world_size, exchange, local_world_size):
     model = _model()
     ddp = DDP(model, bucket_cap_mb=0.005)
     # With no latency, bytes alone decide what auto picks: sharded at 4 flat ranks.
-    state = TopKState(
-        ratio=0.05, start_iter=1, module=model, exchange=exchange, link=Link(inter_latency_us=0, intra_latency_us=0)
-    )
+    state = TopKState(ratio=0.05, start_iter=1, module=model, exchange=exchange, link_latency_us=0)
     ddp.register_comm_hook(state, topk_hook)
     applied = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
     mean_grads = torch.zeros_like(applied)
@@ -287,10 +285,10 @@ def test_sharded_counts_give_each_destination_headroom():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"exchange": "ring"}, "exchange must be one of auto, allgather, sharded, hierarchical, got 'ring'"),
-        ({"exchange": "sharded", "per_layer": True}, "per_layer=True sends with exchange='allgather'"),
-        ({"capacity_factor": 0.5}, r"capacity_factor must be a number in \[1, inf\), got 0.5"),
-        ({"link": {"inter_gbps": 1}}, "link must be a raytopk.exchange.Link"),
+        ({"exchange": "ring"}, "exchange: got 'ring'; allowed: auto, allgather, sharded, hierarchical"),
+        ({"exchange": "sharded", "per_layer": True}, "exchange: got 'sharded' with per_layer: true; allowed"),
+        ({"capacity_factor": 0.5}, r"capacity_factor: got 0.5; allowed: a number in \[1, inf\)"),
+        ({"link": {"inter_gbps": 1}}, "link: not a compression option; allowed: capacity_factor"),
     ],
 )
 def test_bad_exchange_settings_are_value_errors(kwargs, message):
