@@ -45,7 +45,7 @@ def _lossless(rank: int, world_size: int, exchange: str, device: torch.device) -
         g = torch.Generator().manual_seed(seed * 100 + rank)
         acc = torch.randint(-60, 61, (numel,), generator=g).float().to(device)
         total, out = _summed(acc), torch.zeros_like(acc)
-        exchanger.run(exchange, acc, k, dtype, out)[0].wait()
+        exchanger.run(exchange, acc, k, dtype, out).future.wait()
         everyone = [torch.empty_like(out) for _ in range(world_size)]
         dist.all_gather(everyone, out)
         if not all(torch.equal(other, out) for other in everyone) or not torch.equal(_summed(acc) + out, total):

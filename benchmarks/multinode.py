@@ -127,7 +127,7 @@ def worker(args) -> None:
                 dist.all_reduce(acc)
                 rep_sent = 2 * (world_size - 1) / world_size * acc.numel() * 4
             else:
-                future, rep_sent = exchanger.run(algorithm, acc, k, torch.float32, out)
+                future, rep_sent, *_ = exchanger.run(algorithm, acc, k, torch.float32, out)
                 future.wait()
             elapsed = slowest(time.perf_counter() - started)
             if rep >= args.warmup:

@@ -52,7 +52,7 @@ launched in, and callbacks run on other threads.
 import math
 import os
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -141,6 +141,18 @@ def node_layout(group, local_world_size: Optional[int] = None) -> Tuple[Layout, 
 # ``cleared`` the positions where this rank's contribution was used (momentum
 # factor masking), ``touched`` every position the update may hold (repeats allowed):
 # ``out`` is zero everywhere else, so checking ``out[touched]`` checks all of it.
+
+
+class Exchanged(NamedTuple):
+    """What an exchange of one bucket returns, whichever algorithms ran (:meth:`Exchanger.exchange` and ``run``).
+
+    ``future`` gives ``(out, cleared, touched)`` (above) once the update is there.
+    """
+
+    future: torch.futures.Future
+    sent: float  # bytes this rank put on the wire
+    network: float  # of them, this rank's share of what crossed its node's network card
+    algorithms: List[str]  # the algorithm of each group exchanged
 
 
 def _unpack_all(rows: torch.Tensor, count: int, numel: int, value_dtype):
@@ -395,7 +407,7 @@ class Exchanger:
         on_decoded: Optional[Callable[[float], None]] = None,
         keep_factor: float = KEEP_FACTOR,
     ):
-        self.exchange, self.group, self.link = exchange, group, link
+        self.algorithm, self.group, self.link = exchange, group, link  # algorithm: one by name, or "auto"
         self.capacity_factor, self.keep_factor = capacity_factor, keep_factor
         self.on_decoded = on_decoded  # receives the CPU seconds each gather's decoding took
         self.world_size = dist.get_world_size(group)
@@ -420,8 +432,8 @@ class Exchanger:
 
     def pick(self, numel: int, k: int, value_bytes: int) -> str:
         """The algorithm for one group of ``numel`` entries with ``k`` selected (``auto`` decides here)."""
-        if self.exchange != "auto":
-            return self.exchange
+        if self.algorithm != "auto":
+            return self.algorithm
         return choose(
             self.layout, numel, k, value_bytes, self.link, self.capacity_factor, self.keep_factor
         )  # cached by shape
@@ -452,20 +464,63 @@ class Exchanger:
         """This rank's share of what DDP's ring allreduce of ``nbytes`` sends across node cards."""
         return dense_network_bytes(nbytes, self.layout)
 
+    def exchange(self, memory, buffer: torch.Tensor, ks: List[int], value_dtype, scale: float, momentum: float):
+        """Accumulate one bucket (``memory``, a :class:`~raytopk.residuals.BucketMemory`: gradient in ``buffer`` plus
+        residual) and exchange it with budgets ``ks``, one per group of its
+        :class:`~raytopk.residuals.Selection`: the algorithm for each group is
+        chosen here, and the update (times ``scale``) lands in ``buffer``.
+
+        All-gather takes every selection (per-layer, dense parameters, the
+        saved groups of a resumed step) in one collective, with accumulation
+        and selection fused where it can. Sharded and hierarchical route by
+        position in the bucket, so on the first step after a resume each saved
+        group is exchanged on its own, as the bucket it was in the
+        uninterrupted run.
+        """
+        selection, value_bytes = memory.selection, value_dtype.itemsize
+        picked = [self.pick(size, k, value_bytes) for size, k in zip(selection.sizes, ks)]
+        if all(name == "allgather" for name in picked):
+            chosen = [self.selected("allgather", k) for k in ks]
+            acc, values, indices = memory.accumulate_select(buffer, momentum, chosen)
+            positions = selection.positions if len(selection.dense) else None
+            future, sent = allgather(
+                acc, values, indices, value_dtype, self.group, buffer, positions, scale, self.on_decoded, zeroed=True
+            )
+            network = self.network_bytes("allgather", buffer.numel(), sum(ks), value_bytes, sent)
+            return Exchanged(future, sent, network, picked)
+        acc = memory.accumulate(buffer, momentum)
+        if selection.groups is None:
+            return self.run(picked[0], acc, ks[0], value_dtype, buffer, scale)
+        cleared, touched, sent, network = [], [], 0, 0.0
+        for group, k, name in zip(selection.groups, ks, picked):
+            part, part_out = acc[group], torch.zeros(len(group), dtype=buffer.dtype, device=buffer.device)
+            result = self.run(name, part, k, value_dtype, part_out, scale)
+            _, part_cleared, part_touched = result.future.wait()
+            acc[group], buffer[group] = part, part_out
+            cleared.append(group[part_cleared])
+            touched.append(group[part_touched])
+            sent, network = sent + result.sent, network + result.network
+        return Exchanged(completed(buffer, torch.cat(cleared), torch.cat(touched)), sent, network, picked)
+
     def run(self, algorithm: str, acc: torch.Tensor, k: int, value_dtype, out: torch.Tensor, scale: float = 1.0):
-        """Exchange ``acc`` by ``algorithm`` with a budget of ``k``: the future of ``(out, cleared, touched)``, and the
-        bytes sent."""
+        """Exchange all of ``acc`` by ``algorithm`` with a budget of ``k``; the update (times ``scale``) goes to
+        ``out``."""
         if algorithm == "allgather":
             values, indices = select_topk(acc, self.selected(algorithm, k))
-            return allgather(
+            future, sent = allgather(
                 acc, values, indices, value_dtype, self.group, out, scale=scale, on_decoded=self.on_decoded
             )
-        if algorithm == "sharded":
+        elif algorithm == "sharded":
             chosen = self.selected(algorithm, k)
             values, indices = select_topk(acc, chosen)
             capacity, keep = sharded_counts(chosen, self.world_size, self.capacity_factor, self.keep_factor)
-            return sharded(acc, values, indices, value_dtype, self.group, out, capacity, keep, scale, self.on_decoded)
-        return self._hierarchical(acc, k, value_dtype, out, scale)
+            future, sent = sharded(
+                acc, values, indices, value_dtype, self.group, out, capacity, keep, scale, self.on_decoded
+            )
+        else:
+            future, sent = self._hierarchical(acc, k, value_dtype, out, scale)
+        network = self.network_bytes(algorithm, acc.numel(), k, value_dtype.itemsize, sent)
+        return Exchanged(future, sent, network, [algorithm])
 
     def _hierarchical(self, acc: torch.Tensor, k: int, value_dtype, out: torch.Tensor, scale: float):
         """Two levels: dense reduce-scatter on the node, sparse across nodes, sparse all-gather on the node.

@@ -15,17 +15,18 @@ import dataclasses
 import math
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from raytopk import kernels
-from raytopk.compression import VALUE_DTYPES, accumulate_topk, index_dtype, payload_bytes, select_topk
+from raytopk.compression import VALUE_DTYPES, payload_bytes
 from raytopk.cost_model import Link, dense_allreduce_bytes
-from raytopk.exchange import Exchanger, allgather, completed, finite_at
+from raytopk.exchange import Exchanger, finite_at
 from raytopk.optim import check_optimizer
 from raytopk.options import CompressionOptions, options_from
+from raytopk.residuals import KINDS, ResidualStore
 
 __all__ = ["TopKState", "topk_hook", "redistribute", "gather_state_dicts", "load_rank_state"]
 
@@ -139,23 +140,8 @@ class TopKState:
         self._exchanger: Optional[Exchanger] = None
         # Buckets exchanged by each algorithm (what auto chose), counted for logs and benchmarks.
         self.algorithms: Dict[str, int] = {}
-        # Parameter names, for checkpoints that outlive bucket layouts; without a module,
-        # each parameter's place in the first step's bucket order names it, and a loaded
-        # checkpoint's entries wait here for the parameter of their name.
-        self.module = module
-        self._order: Dict[torch.Tensor, int] = {}
-        self._met_all = False  # this process's first step is done: every parameter has been handed over
-        self._unplaced: Dict[str, Dict[str, torch.Tensor]] = {kind: {} for kind in _KINDS}
-        self._unplaced_layout: List[Tuple[int, List[str]]] = []  # (place in the saved layout, names)
-        # Error feedback: this worker's residual, one _BucketMemory per bucket index.
-        self._buckets: Dict[int, _BucketMemory] = {}
-        # Residuals and velocities per parameter waiting for their bucket's first
-        # step (after load_state_dict, or after DDP changed its bucket layout).
-        self._pending: Dict[str, Dict[torch.Tensor, torch.Tensor]] = {kind: {} for kind in _KINDS}
-        # The bucket layout a loaded checkpoint was selecting over, (place, parameters) in
-        # saved order: a resumed DDP starts with other buckets, and selecting over the saved
-        # ones until it rebuilds keeps the run identical to the uninterrupted one.
-        self._placed_layout: List[Tuple[int, Tuple[torch.Tensor, ...]]] = []
+        # Error feedback: this worker's residuals, by parameter and by bucket.
+        self.residuals = ResidualStore(module)
         # Step counter, advanced after the last bucket of each step.
         self.iter = 0
         # Cumulative counters, read by training loops and benchmarks.
@@ -197,124 +183,21 @@ class TopKState:
         check_optimizer(self.options.momentum, optimizer)
 
     def state_dict(self) -> dict:
-        """Everything a resumed run needs: settings, step count, stats, residuals (and velocities) by parameter name."""
-        names = self._names()
-        if self._buckets:
-            layout = [[names[p] for p in m.params] for _, m in sorted(self._buckets.items())]
-        else:  # a loaded checkpoint's layout, its buckets placed or not yet
-            saved = [(i, [names[p] for p in params]) for i, params in self._placed_layout] + self._unplaced_layout
-            layout = [bucket_names for _, bucket_names in sorted(saved, key=lambda placed: placed[0])]
+        """Everything a resumed run needs: the options, step count, stats, and residuals (and velocities) by parameter
+        name with the bucket layout they were selected over (:meth:`ResidualStore.state_dict`)."""
         return {
             **dataclasses.asdict(self.options),
             "iter": self.iter,
             "stats": dict(self.stats),
-            **{
-                kind: {
-                    **{names[p]: t.detach().cpu().clone() for p, t in self._by_param(kind).items()},
-                    **{name: t.clone() for name, t in self._unplaced[kind].items()},
-                }
-                for kind in _KINDS
-            },
-            "buckets": layout,
+            **self.residuals.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a :meth:`state_dict`; residuals reach their buckets on the next step."""
+        """Restore a :meth:`state_dict` (its options are this state's own); residuals reach their buckets on the next
+        step."""
         self.iter = int(state_dict["iter"])
         self.stats.update(state_dict["stats"])
-        self._buckets = {}
-        self._pending = {kind: {} for kind in _KINDS}
-        self._placed_layout = []
-        self._unplaced = {kind: {name: t.clone() for name, t in state_dict.get(kind, {}).items()} for kind in _KINDS}
-        self._unplaced_layout = list(enumerate(state_dict["buckets"]))
-        self._place(self._names())  # every name with a module; without, those a first step has already met
-        if self.module is not None or self._met_all:
-            self._check_placed()
-
-    def _names(self) -> Dict[torch.Tensor, str]:
-        """Each parameter's name in checkpoints: by ``module``, else by its place in the first step's bucket order."""
-        if self.module is not None:
-            return {p: name for name, p in self.module.named_parameters()}
-        return {p: f"param{i}" for p, i in self._order.items()}
-
-    def _meet(self, params) -> None:
-        """Without a module: number the parameters DDP hands the hook, in order, the first time each comes."""
-        new = [p for p in params if p not in self._order]
-        for p in new:
-            self._order[p] = len(self._order)
-        if new and any(self._unplaced.values()):
-            self._place({p: f"param{self._order[p]}" for p in new})
-
-    def _place(self, names: Dict[torch.Tensor, str]) -> None:
-        """Move loaded residuals (and velocities, and saved bucket groups) to the parameters of their names."""
-        for kind in _KINDS:
-            for p, name in names.items():
-                saved = self._unplaced[kind].pop(name, None)
-                if saved is None:
-                    continue
-                if saved.shape != p.shape:
-                    raise ValueError(
-                        f"checkpoint residual {name} has shape {tuple(saved.shape)}, but this model's parameter "
-                        f"{name} has {tuple(p.shape)}{self._load_hint()}"
-                    )
-                self._pending[kind][p] = saved
-        params = {name: p for p, name in self._names().items()}
-        ready = [(i, names) for i, names in self._unplaced_layout if all(name in params for name in names)]
-        self._placed_layout = sorted(
-            self._placed_layout + [(i, tuple(params[name] for name in names)) for i, names in ready],
-            key=lambda placed: placed[0],
-        )
-        self._unplaced_layout = [(i, names) for i, names in self._unplaced_layout if (i, names) not in ready]
-
-    @property
-    def _saved_layout(self) -> List[Tuple[torch.Tensor, ...]]:
-        return [params for _, params in self._placed_layout]
-
-    def _check_placed(self) -> None:
-        """Once every parameter is known: a loaded checkpoint must have found all of its own."""
-        left = sorted(name for kind in _KINDS for name in self._unplaced[kind])
-        if left:
-            raise ValueError(
-                f"checkpoint has residuals for parameters this model does not have: {left[:5]}{self._load_hint()}"
-            )
-
-    def _load_hint(self) -> str:
-        if self.module is not None:
-            return ""
-        return (
-            "; load it into the model it was saved from, or give TopKState module= to name residuals by parameter name"
-        )
-
-    def _by_param(self, kind: str) -> Dict[torch.Tensor, torch.Tensor]:
-        """Every residual (``kind="residuals"``) or velocity, placed in a bucket or pending, one tensor per
-        parameter."""
-        by_param = dict(self._pending[kind])
-        for memory in self._buckets.values():
-            flat = memory.residual if kind == "residuals" else memory.velocity
-            if flat is not None:
-                for p, piece in zip(memory.params, flat.split([q.numel() for q in memory.params])):
-                    by_param[p] = piece.view_as(p)
-        return by_param
-
-    def _memory(self, bucket: dist.GradBucket) -> "_BucketMemory":
-        """This bucket's memory; rebuilt, residuals carried per parameter, when DDP changed the layout."""
-        params = tuple(bucket.parameters())
-        memory = self._buckets.get(bucket.index())
-        if (
-            memory is not None
-            and len(memory.params) == len(params)
-            and all(a is b for a, b in zip(memory.params, params))
-        ):
-            return memory
-        placed = {p for m in self._buckets.values() for p in m.params}
-        if memory is not None or placed.intersection(params):
-            # DDP changed its bucket layout: take every residual apart by parameter.
-            self._pending = {kind: self._by_param(kind) for kind in _KINDS}
-            self._buckets = {}
-            self._placed_layout = []
-        memory = _BucketMemory(params, bucket.buffer(), self)
-        self._buckets[bucket.index()] = memory
-        return memory
+        self.residuals.load_state_dict(state_dict)
 
     def _add_hook_time(self, seconds: float) -> None:
         """Count time the hook computed outside the hook call: decoding and committing when a gather lands."""
@@ -337,9 +220,7 @@ class TopKState:
             if bucket.is_last():
                 self.iter += 1
                 self.stats["steps"] += 1
-                if not self._met_all:  # the end of this process's first step
-                    self._met_all = True
-                    self._check_placed()
+                self.residuals.first_step_done()
 
 
 def redistribute(state_dicts: List[dict], world_size: int) -> dict:
@@ -352,8 +233,8 @@ def redistribute(state_dicts: List[dict], world_size: int) -> dict:
     counters split so that their sum over the new workers is the old sum.
     """
     first = state_dicts[0]
-    merged = {key: value for key, value in first.items() if key not in _KINDS and key != "stats"}
-    for kind in _KINDS:
+    merged = {key: value for key, value in first.items() if key not in KINDS and key != "stats"}
+    for kind in KINDS:
         names = first.get(kind, {})
         merged[kind] = {name: torch.stack([sd[kind][name] for sd in state_dicts]).mean(0) for name in names}
     merged["stats"] = {key: sum(sd["stats"][key] for sd in state_dicts) / world_size for key in first["stats"]}
@@ -391,146 +272,13 @@ def load_rank_state(state: TopKState, saved: List[dict], group: Optional[dist.Pr
         torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
     )
     restored, error = state.state_dict(), torch.zeros((), dtype=torch.float64, device="cpu")  # compared on the host
-    for kind in _KINDS:
+    for kind in KINDS:
         for name, tensor in restored.get(kind, {}).items():
             ours = tensor.to(device, torch.float64)
             dist.all_reduce(ours, group=group)
             theirs = torch.stack([sd[kind][name].to(torch.float64) for sd in saved]).mean(0)
             error = torch.maximum(error, (ours.cpu() / world_size - theirs).abs().max())
     return {"resized_from": len(saved), "residual_mean_error": error.item()}
-
-
-# What a checkpoint holds per parameter.
-_KINDS = ("residuals", "velocities")
-
-
-class _BucketMemory:
-    """One bucket's residual (and velocity), and the groups of its entries that each get their own top-k.
-
-    ``spare`` is a second residual-sized tensor: each step writes
-    ``gradient + residual`` into it and, once every rank's entries arrived
-    finite, it becomes the residual (the two swap). That costs one extra
-    bucket of memory and saves copying the bucket back, and a step that is
-    skipped (non-finite values) leaves the old residual untouched, bit for bit.
-    The velocity of momentum correction is double-buffered the same way.
-
-    Groups: normally the whole bucket is one. With ``per_layer`` each large
-    parameter is a group (a slice) and the small ones are sent dense. On the
-    first step after a resume, DDP's fresh bucket can hold several of the
-    buckets the checkpoint was selecting over; each of those stays a group of
-    its own (in its saved order), so the step selects exactly what the
-    uninterrupted run selected.
-    """
-
-    def __init__(self, params, buffer, state: TopKState):
-        self.params = params
-
-        def flat(kind):
-            pending = state._pending[kind]
-            return torch.cat(
-                [pending.pop(p).to(buffer).reshape(-1) if p in pending else buffer.new_zeros(p.numel()) for p in params]
-            )
-
-        self.residual = flat("residuals")
-        self.spare = torch.empty_like(self.residual)
-        self.velocity = flat("velocities") if state.options.momentum else None
-        self.velocity_spare = torch.empty_like(self.residual) if state.options.momentum else None
-        spans, start = {}, 0
-        for p in params:
-            spans[p] = (start, start + p.numel())
-            start += p.numel()
-        idx_dtype = index_dtype(buffer.numel())
-        self.slices, self.groups = None, None
-        self.dense = torch.empty(0, dtype=idx_dtype, device=buffer.device)  # positions sent as bare values
-        if state.options.per_layer:
-            dense = [p.dim() <= 1 or p.numel() < state.options.dense_below for p in params]
-            self.slices = [spans[p] for p, whole in zip(params, dense) if not whole]
-            if any(dense):
-                whole = [torch.arange(*spans[p], device=buffer.device) for p, whole in zip(params, dense) if whole]
-                self.dense = torch.cat(whole).to(idx_dtype)
-        else:
-            held = [saved for saved in state._saved_layout if all(p in spans for p in saved)]
-            if len(held) > 1 and sum(len(saved) for saved in held) == len(params):
-                self.groups = [
-                    torch.cat([torch.arange(*spans[p], device=buffer.device) for p in saved]) for saved in held
-                ]
-        if self.slices is not None:
-            self.sizes = [end - start for start, end in self.slices]
-        else:
-            self.sizes = [buffer.numel()] if self.groups is None else [len(g) for g in self.groups]
-
-    def accumulate(self, buffer: torch.Tensor, momentum: float) -> torch.Tensor:
-        """Write ``residual + (momentum * velocity + buffer)`` into ``spare`` (the new velocity into its spare)."""
-        added = (
-            buffer
-            if self.velocity is None
-            else torch.add(buffer, self.velocity, alpha=momentum, out=self.velocity_spare)
-        )
-        return torch.add(added, self.residual, out=self.spare)
-
-    def accumulate_select(self, buffer: torch.Tensor, momentum: float, ks: List[int]):
-        """:meth:`accumulate`, :meth:`select`, and ``buffer`` zeroed (the update is added into it):
-        ``(acc, values, indices)``.
-
-        A bucket of one group with no velocity and no dense entries is the
-        common case, and :func:`~raytopk.compression.accumulate_topk` fuses it.
-        """
-        if self.velocity is None and self.slices is None and self.groups is None and not len(self.dense):
-            values, indices = accumulate_topk(buffer, self.residual, self.spare, ks[0])
-            return self.spare, values, indices
-        acc = self.accumulate(buffer, momentum)
-        buffer.zero_()
-        return (acc, *self.select(acc, ks))
-
-    def select(self, acc: torch.Tensor, ks: List[int]):
-        """The top-``ks[i]`` entries of each group of ``acc``, then the dense ones: ``(values, indices)``.
-
-        ``indices`` covers the selected entries only; the dense values follow
-        them in ``values``, at the positions in ``self.dense``.
-        """
-        if self.slices is not None:
-            picks = [select_topk(acc[start:end], k) for (start, end), k in zip(self.slices, ks)]
-            starts = [start for start, _ in self.slices]
-            indices = [i + start for (_, i), start in zip(picks, starts)]
-        elif self.groups is None:
-            picks = [select_topk(acc, ks[0])]
-            indices = [picks[0][1]]
-        else:
-            picks = [select_topk(acc[group], k) for group, k in zip(self.groups, ks)]
-            indices = [group[i.long()] for group, (_, i) in zip(self.groups, picks)]
-        values = (
-            torch.cat([v for v, _ in picks] + [acc[self.dense]]) if len(picks) > 1 or len(self.dense) else picks[0][0]
-        )
-        indices = (
-            indices[0] if len(indices) == 1 else torch.cat([self.dense[:0], *indices])
-        )  # none: every parameter dense
-        return values, indices.to(index_dtype(acc.numel()))
-
-    def positions(self, indices: torch.Tensor) -> torch.Tensor:
-        """Where a payload's values go, as int64: its ``indices``, then the dense positions."""
-        return (torch.cat([indices, self.dense]) if len(self.dense) else indices).long()
-
-    def commit(self, cleared: torch.Tensor, finite) -> None:
-        """If every rank's step arrived ``finite``: ``acc``, which the exchange turned into what it did not use, becomes
-        the residual.
-
-        Momentum factor masking clears the velocity at ``cleared``, the
-        positions whose entry the exchange used. ``finite`` is a ``bool``, or
-        on a GPU a 0-dim bool tensor that the host does not wait for: then
-        ``torch.where`` puts the old memory back into the spares when it is
-        false (one more pass over the bucket on the device), and they swap
-        either way.
-        """
-        if isinstance(finite, torch.Tensor):
-            torch.where(finite, self.spare, self.residual, out=self.spare)
-        elif not finite:
-            return
-        self.residual, self.spare = self.spare, self.residual
-        if self.velocity is not None:
-            self.velocity_spare.index_fill_(0, cleared, 0)
-            if isinstance(finite, torch.Tensor):
-                torch.where(finite, self.velocity_spare, self.velocity, out=self.velocity_spare)
-            self.velocity, self.velocity_spare = self.velocity_spare, self.velocity
 
 
 def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -575,8 +323,8 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     world_size = dist.get_world_size(group)
     buffer = bucket.buffer()
     n, dense_bytes = buffer.numel(), buffer.numel() * buffer.element_size()
-    if state.module is None and not state._met_all:
-        state._meet(bucket.parameters())
+    if not state.residuals.met_all:
+        state.residuals.meet(bucket.parameters())
     if state._exchanger is None:
         o = state.options
         state._exchanger = Exchanger(
@@ -596,10 +344,10 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         )
         return future
 
-    memory = state._memory(bucket)
+    memory = state.residuals.memory(bucket, state.options)
     value_dtype = VALUE_DTYPES[state.options.value_dtype]
-    ks = [state.k_for(size) for size in memory.sizes]
-    k, dense = sum(ks), len(memory.dense)
+    ks = [state.k_for(size) for size in memory.selection.sizes]
+    k, dense = sum(ks), len(memory.selection.dense)
     if state.options.clip_norm is not None:
         _clip(buffer, state.options.clip_norm / math.sqrt(world_size))
 
@@ -623,7 +371,8 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         )
         return future
 
-    future, sent, network = _exchange(state, memory, buffer, ks, value_dtype, 1.0 / world_size)
+    result = state._exchanger.exchange(memory, buffer, ks, value_dtype, 1.0 / world_size, state.options.momentum)
+    _tally(state, result.algorithms)
 
     def keep_residual(fut: torch.futures.Future) -> torch.Tensor:
         commit_started = time.thread_time()
@@ -632,60 +381,8 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         state._add_hook_time(time.thread_time() - commit_started)
         return out
 
-    state._count(bucket, world_size, sent, network, time.thread_time() - started)
-    return future.then(keep_residual)
-
-
-def _exchange(
-    state: TopKState, memory: "_BucketMemory", buffer: torch.Tensor, ks: List[int], value_dtype, scale: float
-):
-    """Accumulate and exchange one bucket with budgets ``ks``: the future of ``(buffer, cleared, touched)`` (``buffer``:
-    the sum times ``scale``), the bytes sent, and those of them that crossed a node's network card.
-
-    All-gather takes every selection mode (per-layer, dense parameters, the
-    saved groups of a resumed step) in one collective. Sharded and
-    hierarchical route by position in the bucket, so on the first step after a
-    resume each saved group is exchanged on its own, as the bucket it was in
-    the uninterrupted run.
-    """
-    exchanger = state._exchanger
-    value_bytes = value_dtype.itemsize
-    groups = memory.groups if memory.groups is not None else [None]
-    sizes = [buffer.numel() if g is None else len(g) for g in groups]
-    picked = [exchanger.pick(size, k, value_bytes) for size, k in zip(sizes, ks)]
-    _tally(state, picked)
-    if state.options.per_layer or all(name == "allgather" for name in picked):
-        chosen = [exchanger.selected("allgather", k) for k in ks]
-        acc, values, indices = memory.accumulate_select(buffer, state.options.momentum, chosen)
-        positions = memory.positions if len(memory.dense) else None
-        future, sent = allgather(
-            acc,
-            values,
-            indices,
-            value_dtype,
-            exchanger.group,
-            buffer,
-            positions,
-            scale,
-            exchanger.on_decoded,
-            zeroed=True,
-        )
-        return future, sent, exchanger.network_bytes("allgather", buffer.numel(), sum(ks), value_bytes, sent)
-    acc, out = memory.accumulate(buffer, state.options.momentum), buffer
-    if memory.groups is None:
-        future, sent = exchanger.run(picked[0], acc, ks[0], value_dtype, out, scale)
-        return future, sent, exchanger.network_bytes(picked[0], sizes[0], ks[0], value_bytes, sent)
-    cleared, touched, sent, network = [], [], 0, 0.0
-    for group, size, k, name in zip(memory.groups, sizes, ks, picked):
-        part, part_out = acc[group], torch.zeros(size, dtype=out.dtype, device=out.device)
-        future, part_sent = exchanger.run(name, part, k, value_dtype, part_out, scale)
-        _, part_cleared, part_touched = future.wait()
-        acc[group], out[group] = part, part_out
-        cleared.append(group[part_cleared])
-        touched.append(group[part_touched])
-        sent += part_sent
-        network += exchanger.network_bytes(name, size, k, value_bytes, part_sent)
-    return completed(out, torch.cat(cleared), torch.cat(touched)), sent, network
+    state._count(bucket, world_size, result.sent, result.network, time.thread_time() - started)
+    return result.future.then(keep_residual)
 
 
 def _tally(state: TopKState, picked: List[str]) -> None:

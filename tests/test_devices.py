@@ -72,7 +72,7 @@ def _every_exchange_under_the_guard(rank, world_size, local_world_size):
             exchanger = Exchanger(algorithm, torch.distributed.group.WORLD, Link(), 1.0)
             for dtype in (torch.float32, torch.float16):
                 acc = _integer_acc(rank, 3000, 1)
-                future, _ = exchanger.run(algorithm, acc, 200, dtype, torch.zeros_like(acc))
+                future = exchanger.run(algorithm, acc, 200, dtype, torch.zeros_like(acc)).future
                 future.wait()
         # The hook: DGC's options, fp16 values, a resume (its first step selects over the saved buckets), each exchange.
         for exchange in algorithms:

@@ -51,7 +51,7 @@ def _run(algorithm, acc, k, local_world_size, capacity=None, keep=None, capacity
     else:
         _as_nodes(local_world_size)
         exchanger = Exchanger(algorithm, dist.group.WORLD, Link(), capacity_factor)
-        future, sent = exchanger.run(algorithm, acc, k, torch.float32, out)
+        future, sent, *_ = exchanger.run(algorithm, acc, k, torch.float32, out)
     result, cleared, _ = future.wait()
     assert result is out
     return out, cleared, sent
@@ -62,7 +62,7 @@ def _decoding_reported(rank, world_size, algorithm, local_world_size):
     seconds = []
     exchanger = Exchanger(algorithm, dist.group.WORLD, Link(), 1.25, on_decoded=seconds.append)
     acc = _integer_acc(rank, 4000, 0)
-    exchanger.run(algorithm, acc, 40, torch.float32, torch.zeros_like(acc))[0].wait()
+    exchanger.run(algorithm, acc, 40, torch.float32, torch.zeros_like(acc)).future.wait()
     return seconds
 
 
@@ -316,7 +316,7 @@ def _generated_invariant(rank, world_size, algorithm, local_world_size, cases, v
         acc = torch.randint(-60, 61, (numel,), generator=g).float()
         total = _gather_all(acc).sum(0)
         out = torch.zeros_like(acc)
-        future, sent = exchanger.run(algorithm, acc, k, dtype, out)
+        future, sent, *_ = exchanger.run(algorithm, acc, k, dtype, out)
         future.wait()
         assert torch.equal(_gather_all(out), out.expand(world_size, -1)), "ranks got different updates"
         assert torch.equal(_gather_all(acc).sum(0) + out, total), f"lost mass at numel {numel}, k {k}"

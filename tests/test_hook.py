@@ -628,12 +628,13 @@ def test_non_finite_step_is_skipped_on_every_rank_and_spares_the_residual():
 def test_a_finite_flag_left_on_the_device_commits_as_the_bool_does(finite):
     """On a GPU the hook keeps the finite check a 0-dim tensor (the host never waits for it); the memory ends the
     same."""
-    from raytopk.hook import _BucketMemory
+    from raytopk.options import CompressionOptions
+    from raytopk.residuals import BucketMemory, ResidualStore
 
     params = (torch.nn.Parameter(torch.zeros(40)), torch.nn.Parameter(torch.zeros(3, 8)))
-    state = TopKState(ratio=0.1, momentum=0.9)
+    options = CompressionOptions(ratio=0.1, momentum=0.9)
     generator = torch.Generator().manual_seed(1)
-    memories = [_BucketMemory(params, torch.zeros(64), state) for _ in range(2)]
+    memories = [BucketMemory(params, torch.zeros(64), ResidualStore(), options) for _ in range(2)]
     for flat in ("residual", "spare", "velocity", "velocity_spare"):
         values = torch.randn(64, generator=generator)
         for memory in memories:

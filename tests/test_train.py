@@ -361,7 +361,7 @@ def _buckets_per_step(config):
         for _ in range(2):  # DDP lays its buckets out again after the first step, as the gradients arrived
             seen.clear()
             ddp(torch.randn(4, 1, 28, 28)).sum().backward()
-        return len(state._buckets) if state is not None else len(seen)
+        return len(state.residuals.buckets) if state is not None else len(seen)
 
     seen = set()
     counts = {}
