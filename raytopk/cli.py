@@ -48,7 +48,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a job key (as submit.py passes them); repeatable"
     )
-    for f in fields(TrainConfig):
+    for f in sorted(fields(TrainConfig), key=lambda f: "help" in f.metadata):  # what to train first, then how
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_help(f))
@@ -65,8 +65,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _help(f) -> Optional[str]:
-    """A flag's help: a compression option's own (raytopk.options), else the line above."""
-    return f.metadata.get("help") or _FLAG_HELP.get(f.name)
+    """A flag's help: a compression option's own (raytopk.options), with what it allows, else the line above."""
+    if "help" not in f.metadata:
+        return _FLAG_HELP.get(f.name)
+    allowed = f.metadata["interval"] or ", ".join(f.metadata["choices"] or ())
+    return f"{f.metadata['help']}; allowed: {allowed}" if allowed else f.metadata["help"]
 
 
 def _yaml_value(text: str):

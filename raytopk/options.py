@@ -56,9 +56,9 @@ def option(default, help: str, *, choices=None, interval: Optional[str] = None):
 class CompressionOptions:
     """What :func:`~raytopk.topk_hook` sends and how: see :class:`~raytopk.TopKState` for what each does."""
 
-    ratio: float = option(0.01, "each worker's share of dense DDP's entries on the wire, in (0, 1]", interval="(0, 1]")
+    ratio: float = option(0.01, "each worker's share of dense DDP's entries on the wire", interval="(0, 1]")
     start_iter: int = option(2, "dense allreduce steps before compression starts", interval="[0, inf)")
-    value_dtype: str = option("fp32", "how values travel: fp32 | fp16 | bf16", choices=tuple(VALUE_DTYPES))
+    value_dtype: str = option("fp32", "how values travel", choices=tuple(VALUE_DTYPES))
     # Deep Gradient Compression's techniques, each off by default.
     warmup_ratio: Optional[float] = option(
         None, "sparsity warm-up: the ratio decays from this to ratio", interval="(0, 1]"
@@ -71,9 +71,7 @@ class CompressionOptions:
     per_layer: bool = option(False, "top-k of each parameter; 1-D and small ones dense")
     dense_below: int = option(1024, "with per_layer: parameters with fewer entries go dense", interval="[0, inf)")
     # How the selected entries cross the network.
-    exchange: str = option(
-        "auto", "auto | allgather | sharded | hierarchical: how entries cross the network", choices=EXCHANGES
-    )
+    exchange: str = option("auto", "how entries cross the network (auto: by the cost model)", choices=EXCHANGES)
     capacity_factor: float = option(
         1.25, "sharded: slots per destination, as a multiple of its selection over the workers", interval="[1, inf)"
     )

@@ -291,7 +291,7 @@ def decode(column, image_shape, encoded: bool, mode: Optional[str]):
         try:
             image = Image.open(io.BytesIO(data))
             mode = mode or ("L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB")
-            pixels = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
+            pixels = np.asarray(image if image.mode == mode else image.convert(mode))  # 8 bits per channel
         except Exception as err:  # PIL's errors for undecodable bytes are of several kinds
             raise ValueError(f"row {i} is not a PNG or JPEG image ({err})") from None
         if images and pixels.shape != images[0].shape:
@@ -300,7 +300,7 @@ def decode(column, image_shape, encoded: bool, mode: Optional[str]):
                 "allowed: images of one size"
             )
         images.append(pixels)
-    stacked = np.stack(images) if images else np.zeros((0, 1, 1), np.float32)
+    stacked = np.stack(images).astype(np.float32) / 255.0 if images else np.zeros((0, 1, 1), np.float32)
     return stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)
 
 
