@@ -58,6 +58,20 @@ def start_ray(address=None, verbose: bool = False, num_cpus=None) -> None:
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,
     )
+    if not verbose:
+        _quiet_ray_data()
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's lines on this driver (its progress bars, and the INFO log it prints while a Parquet dataset is read
+    and decoded) off the console; its log file in Ray's log directory keeps them all."""
+    import ray.data  # sets up the "ray.data" logger: a file handler and a console one
+    from ray.data._internal.logging import SessionFileHandler
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, SessionFileHandler):
+            handler.setLevel(logging.ERROR)
 
 
 def ray_log_dir():

@@ -19,7 +19,9 @@ The driver reads only footers and one row group (:func:`inspect`), so a bad
 dataset is one line before any worker starts. :func:`datasets` builds the Ray
 Datasets: reading, decoding and normalising run as Ray Data tasks on nodes
 with CPUs to spare, and each worker iterates its equal share of the training
-rows with :func:`shard_batches`. With ``shuffle_seed`` the file order (one
+rows with :func:`shard_batches`. A dataset whose decoded images fit in a
+quarter of the object store is decoded once, before training; a larger one is
+read and decoded anew each epoch, streaming. With ``shuffle_seed`` the file order (one
 for the run) and each epoch's shuffle of the rows are seeded and Ray Data
 keeps its order, so a rerun, or a resumed run, sees the same batches;
 without it, files are shuffled anew each epoch, unseeded, and order is not kept.
@@ -39,6 +41,7 @@ LAYOUTS = ("png", "list")  # how export writes images: PNG bytes, or numeric lis
 SAMPLE_ROWS = 1000  # images the driver decodes to learn the shape and each channel's mean and std
 SHUFFLE_ROWS = 4096  # rows each worker's local shuffle buffer mixes (after the files' order is shuffled)
 DECODE_ROWS = 4096  # rows per Ray Data decode call: few large tasks (per-task overhead outweighs small images)
+CACHE_SHARE = 0.25  # decode once and keep the result when it takes at most this share of the object store
 
 
 @dataclass(frozen=True)
@@ -375,9 +378,31 @@ def datasets(cfg, spec: ParquetSpec) -> dict:
     context = ray.data.DataContext.get_current()
     v2, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
-        return {"train": read(spec.train_files, False, True), "test": read(spec.test_files, True, False)}
+        train, test = read(spec.train_files, False, True), read(spec.test_files, True, False)
     finally:
         context.use_datasource_v2 = v2
+    if not _decode_once(spec):
+        return {"train": train, "test": test}
+    # Decoded once, its blocks in file order (seeded or not), then each epoch in a new order of its blocks (one
+    # order with shuffle_seed), mixed further by each worker's shuffle buffer.
+    order, context.execution_options.preserve_order = context.execution_options.preserve_order, True
+    try:
+        return {
+            "train": train.materialize().randomize_block_order(seed=cfg.shuffle_seed),
+            "test": test.materialize(),
+        }
+    finally:
+        context.execution_options.preserve_order = order
+
+
+def _decode_once(spec: ParquetSpec) -> bool:
+    """Whether the decoded images fit in :data:`CACHE_SHARE` of the cluster's object store: then they are decoded
+    once, before training, and every epoch reads them from there (as torchvision's path keeps its tensors in
+    memory); larger datasets are read and decoded anew each epoch, streaming."""
+    import ray
+
+    decoded = (spec.train_rows + spec.test_rows) * (4 * math.prod(spec.image_shape) + 8)
+    return decoded <= CACHE_SHARE * ray.cluster_resources().get("object_store_memory", 0)
 
 
 def data_config(cfg):
