@@ -69,6 +69,36 @@ def test_a_test_fraction_splits_rows_by_hash_the_same_way_every_time():
     assert np.all(_in_test(hashes, seed=0, fraction=0.3)[test])
 
 
+def _rows(dataset) -> list:
+    """Every row of a Ray Dataset as ``(label, pixel sum)``, sorted: the rows, whatever their order."""
+    return sorted(
+        (int(y), round(float(x.sum()), 2))
+        for batch in dataset.iter_batches(batch_size=1024)
+        for x, y in zip(batch["x"], batch["y"])
+    )
+
+
+def test_decoded_once_and_streamed_each_epoch_give_the_same_rows(exported, monkeypatch):
+    """A dataset that fits in the object store is decoded once (materialised) before training; a larger one is read
+    and decoded each epoch. Both give every row once, with the same values."""
+    import ray
+
+    from raytopk import parquet
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        cfg = _cfg(exported["png"])
+        spec = inspect(cfg)
+        once = parquet.datasets(cfg, spec)
+        monkeypatch.setattr(parquet, "CACHE_SHARE", 0.0)  # as if the decoded images were larger than the store
+        streamed = parquet.datasets(cfg, spec)
+        assert type(once["test"]).__name__ == "MaterializedDataset" != type(streamed["test"]).__name__
+        for split in ("train", "test"):
+            assert _rows(once[split]) == _rows(streamed[split]), split
+    finally:
+        ray.shutdown()
+
+
 def test_without_split_directories_the_test_fraction_is_used(exported):
     spec = inspect(_cfg(os.path.join(exported["png"], "train"), test_fraction=0.25))
     assert spec.test_fraction == 0.25 and spec.train_files == spec.test_files
