@@ -110,6 +110,7 @@ def options_from(options: Optional[CompressionOptions] = None, **changes) -> Com
 
 
 def type_ok(value, kind) -> bool:
+    """Whether ``value`` is of the field type ``kind`` (``Optional[X]``: None too); a bool is not a number."""
     if kind in (Optional[str], Optional[float], Optional[dict], Optional[list], Optional[int]):
         return value is None or type_ok(value, kind.__args__[0])
     if kind is float:
@@ -121,7 +122,7 @@ def type_ok(value, kind) -> bool:
 
 def _describe(kind) -> str:
     names = {str: "a string", bool: "true or false", int: "an integer", float: "a number", dict: "a mapping"}
-    names.update({list: "a list"})
+    names[list] = "a list"
     if kind in names:
         return names[kind]
     return f"{names[kind.__args__[0]]} or null"
