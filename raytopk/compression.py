@@ -18,7 +18,10 @@ almost always above a threshold that a small random sample predicts, so
 integers), and drops the few smallest candidates beyond ``k``. When the
 sample misleads and fewer than ``k`` entries pass, a lower threshold gets a
 second pass, and only then a full ``torch.topk`` runs: the result is always
-the exact top-k, only the time changes.
+the exact top-k, only the time changes. On a GPU, where a sample's threshold
+would make the host wait to learn how many entries passed, a radix select on
+the magnitudes' bits finds the k-th largest in a few passes and gathers
+exactly ``k`` positions, all on the device.
 """
 
 import functools
@@ -52,6 +55,9 @@ _BITS_DTYPE = {
     torch.float16: torch.int16,
     torch.bfloat16: torch.int16,
 }
+# Each dtype's largest magnitude key that orders by :func:`_topk_by_radix_select`: every NaN counts as one value above
+# infinity, whatever its payload bits, so ties among NaNs keep the lowest positions as on the other paths.
+_NAN_KEY = {dtype: torch.tensor(float("inf"), dtype=dtype).view(bits).item() + 1 for dtype, bits in _BITS_DTYPE.items()}
 # Each value dtype by its option name (raytopk.options).
 VALUE_DTYPES = {name: getattr(torch, dtype) for name, dtype in options.VALUE_DTYPES.items()}
 
@@ -118,10 +124,9 @@ def _sampled(x: torch.Tensor, k: int) -> bool:
 def _torch_topk(x: torch.Tensor, k: int):
     """``torch.topk``'s exact set, with the tie rule of every path: among entries tied at the k-th magnitude, the lowest
     positions."""
+    if x.device.type != "cpu":
+        return _topk_by_radix_select(x, k)
     magnitude = x.abs()
-    if x.device.type != "cpu":  # one stable sort keeps ties in position order, and the host never waits
-        indices = torch.sort(magnitude, descending=True, stable=True).indices[:k]
-        return x[indices], indices.to(index_dtype(x.numel()))
     largest = torch.topk(magnitude, k, sorted=False).values
     finite = largest[~torch.isnan(largest)]  # NaN counts as largest, as in torch.topk: always kept
     if not len(finite):
@@ -131,6 +136,49 @@ def _torch_topk(x: torch.Tensor, k: int):
         above = torch.nonzero((magnitude > kth) | torch.isnan(magnitude)).reshape(-1)
         indices = torch.cat([above, torch.nonzero(magnitude == kth).reshape(-1)[: k - len(above)]])
     return x[indices], indices.to(index_dtype(x.numel()))
+
+
+def _topk_by_radix_select(x: torch.Tensor, k: int):
+    """The exact top-k in a few passes over memory, on any device, without the host waiting: the GPU path.
+
+    A float's bits with the sign cleared order as its magnitude does (NaN
+    above infinity above every finite value), so the k-th largest magnitude
+    is found digit by digit on those integer keys, 16 bits at a time from the
+    top: one histogram per digit of the keys that share the digits found so
+    far, then the largest digit with at least the missing count at or above
+    it (a radix select). Everything stays a tensor on the device; ``k`` is
+    known, so ``torch.nonzero_static`` gathers the positions without asking
+    how many there are. Among entries tied at the k-th magnitude the lowest
+    positions are kept, as on every path (a running count of the ties).
+    """
+    bits_dtype = _BITS_DTYPE[x.dtype]
+    key = x.detach().contiguous().view(bits_dtype) & torch.iinfo(bits_dtype).max
+    key = key.clamp_(max=_NAN_KEY[x.dtype]).to(torch.int64 if bits_dtype == torch.int64 else torch.int32)
+    kth, above = _kth_largest_key(key, k, torch.iinfo(bits_dtype).bits - 1)
+    tied = key == kth
+    chosen = (key > kth) | (tied & (torch.cumsum(tied, 0, dtype=index_dtype(key.numel())) <= k - above))
+    indices = torch.nonzero_static(chosen, size=k).reshape(-1)
+    return x[indices], indices.to(index_dtype(x.numel()))
+
+
+def _kth_largest_key(key: torch.Tensor, k: int, key_bits: int):
+    """The k-th largest of non-negative integer ``key`` s of ``key_bits`` bits, and how many keys are larger, as 0-dim
+    tensors on ``key``'s device."""
+    kth = torch.zeros((), dtype=key.dtype, device=key.device)
+    above = torch.zeros((), dtype=torch.int64, device=key.device)
+    shift = key_bits
+    while shift > 0:
+        width = min(16, shift)
+        shift -= width
+        digit = (key >> shift) & ((1 << width) - 1)
+        sharing = (key >> (shift + width)) == (kth >> (shift + width))  # the digits found so far
+        counts = torch.zeros((1 << width) + 1, dtype=torch.int64, device=key.device)
+        counts.index_add_(0, digit, sharing.to(torch.int64))
+        at_or_above = counts.flip(0).cumsum(0).flip(0)  # [d]: keys whose digit is d or more (0 past the last)
+        found = (at_or_above[:-1] >= k - above).sum() - 1  # the largest digit that still holds the k-th key
+        above = above + at_or_above[found + 1]
+        kth = kth | (found.to(key.dtype) << shift)
+    return kth, above
 
 
 def _topk_above_sampled_threshold(x: torch.Tensor, k: int):

@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from raytopk.compression import VALUE_DTYPES, _sample_positions, index_dtype, pack, payload_bytes, select_topk, unpack
+from raytopk.compression import (
+    VALUE_DTYPES,
+    _sample_positions,
+    _topk_by_radix_select,
+    _torch_topk,
+    index_dtype,
+    pack,
+    payload_bytes,
+    select_topk,
+    unpack,
+)
 
 
 def _topk_set(x, k):
@@ -213,8 +223,9 @@ def test_past_two_to_the_31_entries_indices_are_int64_on_the_wire():
     )
 
 
+@pytest.mark.parametrize("select", [select_topk, _topk_by_radix_select], ids=["select_topk", "radix_select"])
 @pytest.mark.parametrize("numel", [7, 1000, 40_000, 300_001])
-def test_ties_at_the_kth_magnitude_keep_the_lowest_positions(numel):
+def test_ties_at_the_kth_magnitude_keep_the_lowest_positions(numel, select):
     """The tie rule on its own, against a set written down here: every path keeps the lowest positions among ties."""
     x = torch.full((numel,), 0.5)
     x[1::2] = -0.5  # every entry ties at magnitude 0.5 ...
@@ -222,6 +233,32 @@ def test_ties_at_the_kth_magnitude_keep_the_lowest_positions(numel):
     k = min(numel, 5 + numel // 100)
     expected = {numel - 1, numel // 2} | set(i for i in range(numel) if i not in (numel - 1, numel // 2))
     expected = {numel - 1, numel // 2} | set(sorted(expected - {numel - 1, numel // 2})[: k - 2])
-    values, indices = select_topk(x, k)
+    values, indices = select(x, k)
     assert set(indices.tolist()) == expected
     assert torch.equal(values, x[indices.long()])
+
+
+def _hard_inputs(dtype):
+    """Gradients that stress a threshold: plain, few distinct values, mostly zeros, NaN payloads and infinities."""
+    gen = torch.Generator().manual_seed(11)
+    plain = torch.randn(300_001, generator=gen)
+    coarse = torch.randint(-40, 41, (65_537,), generator=gen).float() / 8
+    sparse = torch.zeros(50_000)
+    sparse[torch.randperm(50_000, generator=gen)[:30]] = torch.randn(30, generator=gen)
+    odd = torch.randn(10_000, generator=gen)
+    odd[[5, 70, 900]] = float("nan")
+    odd[6], odd[71] = float("inf"), float("-inf")
+    odd.view(torch.int32)[70] |= 0x3FFFFF  # a NaN with other payload bits: still one NaN, tied with the rest
+    return [x.to(dtype) for x in (plain, coarse, sparse, odd)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_radix_select_picks_the_cpu_paths_set(dtype):
+    """The GPU path (a radix select on the magnitudes' bits) checked on CPU: the same entries as the CPU path, ties and
+    NaNs by the same rule, for k from one entry to all of them."""
+    for x in _hard_inputs(dtype):
+        for k in {1, 3, max(1, x.numel() // 1000), x.numel() // 100, 40, x.numel()}:
+            values, indices = _topk_by_radix_select(x, k)
+            expected_values, expected = _torch_topk(x, k)
+            assert indices.dtype == expected.dtype and torch.equal(indices.sort().values, expected.sort().values)
+            assert torch.equal(values.view(torch.uint8), x[indices.long()].view(torch.uint8))  # NaNs compared as bits

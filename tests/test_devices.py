@@ -62,6 +62,14 @@ def test_the_guard_refuses_a_factory_without_device_in_raytopk_code():
         torch.arange(3)  # outside raytopk: not its business
 
 
+def test_the_gpu_selection_makes_every_tensor_on_the_inputs_device():
+    from raytopk.compression import _topk_by_radix_select
+
+    with RequireDevice():
+        for dtype in (torch.float32, torch.float16, torch.float64):
+            _topk_by_radix_select(torch.linspace(-1, 1, 1001, dtype=dtype), 10)
+
+
 def _every_exchange_under_the_guard(rank, world_size, local_world_size):
     from raytopk.exchange import Exchanger, Link
 
