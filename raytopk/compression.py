@@ -166,14 +166,16 @@ def _kth_largest_key(key: torch.Tensor, k: int, key_bits: int):
     tensors on ``key``'s device."""
     kth = torch.zeros((), dtype=key.dtype, device=key.device)
     above = torch.zeros((), dtype=torch.int64, device=key.device)
+    one = torch.ones((), dtype=torch.int64, device=key.device).expand(key.numel())  # one count per key, no copy
     shift = key_bits
     while shift > 0:
         width = min(16, shift)
         shift -= width
         digit = (key >> shift) & ((1 << width) - 1)
-        sharing = (key >> (shift + width)) == (kth >> (shift + width))  # the digits found so far
-        counts = torch.zeros((1 << width) + 1, dtype=torch.int64, device=key.device)
-        counts.index_add_(0, digit, sharing.to(torch.int64))
+        if shift + width < key_bits:  # keys whose higher digits differ from the k-th's count in a last, spare slot
+            digit = torch.where((key >> (shift + width)) == (kth >> (shift + width)), digit, 1 << width)
+        counts = torch.zeros((1 << width) + 1, dtype=torch.int64, device=key.device).index_add_(0, digit, one)
+        counts[-1] = 0
         at_or_above = counts.flip(0).cumsum(0).flip(0)  # [d]: keys whose digit is d or more (0 past the last)
         found = (at_or_above[:-1] >= k - above).sum() - 1  # the largest digit that still holds the k-th key
         above = above + at_or_above[found + 1]
