@@ -30,8 +30,9 @@ Suites (``--suites``):
 
 - ``fashion_mnist_exchange`` (run on its own): SimpleCNN on Fashion-MNIST, 5
   epochs, 4 workers as 2 nodes of 2 (``ranks_per_node: 2``), SGD over 3
-  seeds: top-k at 0.01 and 0.001 through each exchange (all-gather, sharded,
-  hierarchical), each compared with all-gather's exact sum::
+  seeds: dense, and top-k at 0.01 and 0.001 through each exchange (all-gather, sharded,
+  hierarchical; ``auto`` picks hierarchical there), each compared with all-gather at the same
+  bytes::
 
       python benchmarks/accuracy.py --suites fashion_mnist_exchange \
           --output benchmarks/results/accuracy_exchange.json
@@ -44,12 +45,16 @@ Suites (``--suites``):
   About 5 minutes a run on 2 cores::
 
       python benchmarks/accuracy.py --suites fashion_mnist_exchange_8x1 fashion_mnist_exchange_2x4 \
-          fashion_mnist_exchange_8x1_bytes --output benchmarks/results/accuracy_exchange_8.json
+          fashion_mnist_exchange_8x1_bytes fashion_mnist_2_workers_batch_256 \
+          --output benchmarks/results/accuracy_exchange_8.json
 
-  ``fashion_mnist_exchange_8x1_bytes`` adds, for one seed, the sharded exchange at ratios 0.02
-  and 0.04 and all-gather at 0.04 and 0.004 (what each worker's own top 1% and 0.1% to every
-  other cost before ``ratio`` became a share of the wire): accuracy against bytes; and the
-  default at 0.01 with DGC's momentum correction.
+  ``fashion_mnist_exchange_8x1_bytes`` adds accuracy against bytes: the sharded exchange at
+  ratios 0.02 and 0.04 (3 seeds), and for one seed all-gather at 0.04 and 0.004 (what each
+  worker's own top 1% and 0.1% to every other cost before ``ratio`` became a share of the
+  wire) and the default at 0.01 with DGC's momentum correction.
+  ``fashion_mnist_2_workers_batch_256`` trains the same global batch (512) for the same steps on
+  2 workers of batch 256, dense and top-k. The rows an output file (or its ``.partial`` file)
+  already holds are kept, and only the rows it lacks train: delete it to train every row again.
 
 Fashion-MNIST comes from Debian's package (``apt-get install dataset-fashion-mnist``,
 files under /usr/share/datasets/fashion-mnist) or a torchvision download into
@@ -152,7 +157,7 @@ SUITES = {
             "cpus_per_worker": 0.5,
             "ranks_per_node": 2,
         },
-        [("sgd", [0, 1, 2], [m for m in METHODS if m.endswith(("allgather", "sharded", "hierarchical"))])],
+        [("sgd", [0, 1, 2], ["dense"] + [m for m in METHODS if m.endswith(("allgather", "sharded", "hierarchical"))])],
     ),
     # 8 workers, each its own node, then as 2 nodes of 4. At one ratio every exchange sends the same bytes; the
     # layout changes only what crosses a node card and what auto picks, so the 2 x 4 suite trains only the default,
@@ -180,18 +185,24 @@ SUITES = {
             "ranks_per_node": 1,
         },
         [
+            # The frontier, over 3 seeds: the bytes that dense's accuracy needs at 8 workers.
+            ("sgd", [0, 1, 2], ["topk 0.02 sharded", "topk 0.04 sharded"]),
             (
                 "sgd",
                 [0],
                 [
-                    "topk 0.02 sharded",
-                    "topk 0.04 sharded",
                     "topk 0.04 allgather",
                     "topk 0.004 allgather",
                     "topk 0.01 + momentum correction",
                 ],
-            )
+            ),
         ],
+    ),
+    # The 8-worker training's global batch (512) and step count on 2 workers of batch 256, where every exchange is
+    # all-gather of each worker's own top-k: is the gap to dense the worker count's, or that of few, large steps?
+    "fashion_mnist_2_workers_batch_256": (
+        {"model": "simple_cnn", "dataset": "fashion_mnist", "epochs": 5, "batch_size": 256, "workers": 2},
+        [("sgd", [0, 1, 2], ["dense", "topk 0.01", "topk 0.001"])],
     ),
     "fashion_mnist_exchange_2x4": (
         {
@@ -378,7 +389,11 @@ def main() -> None:
     args = parser.parse_args()
 
     partial = args.output + ".partial"
-    rows = json.loads(read_text(partial)) if os.path.exists(partial) else []
+    # Rows already trained, of a cut-off run or a finished one: only the rows they lack train.
+    if os.path.exists(partial):
+        rows = json.loads(read_text(partial))
+    else:
+        rows = json.loads(read_text(args.output))["runs"] if os.path.exists(args.output) else []
     done = {(r["suite"], r["optimizer"], r["method"], r["seed"]) for r in rows}
     todo = [job for job in jobs(args.suites) if job[:4] not in done]
     if not args.finished_only:
@@ -403,7 +418,7 @@ def main() -> None:
             "runs": rows,
         },
     )
-    if complete:
+    if complete and os.path.exists(partial):
         os.remove(partial)
     print(f"wrote {args.output}")
 
