@@ -88,6 +88,7 @@ COMMAND = "python benchmarks/accuracy.py"
 # Deep Gradient Compression's options (Lin et al., 2018): exponential sparsity warm-up over the first epoch,
 # momentum correction, gradient clipping before the residual, and selection layer by layer.
 DGC = {"warmup_ratio": 0.25, "warmup_epochs": 1, "momentum_correction": True, "clip_norm": 5.0, "per_layer": True}
+EXCHANGES = ("allgather", "sharded", "hierarchical")
 METHODS = {
     "dense": {"compress": False},
     "topk 0.01": {"compress": True, "ratio": 0.01},
@@ -99,7 +100,7 @@ METHODS = {
     **{
         f"topk {ratio} {exchange}": {"compress": True, "ratio": ratio, "exchange": exchange}
         for ratio in (0.01, 0.001)
-        for exchange in ("allgather", "sharded", "hierarchical", "auto")
+        for exchange in (*EXCHANGES, "auto")
     },
     # More bytes at 8 workers, for the frontier of accuracy against bytes; all-gather at 0.04 and 0.004 sends what each
     # worker's own top 1% and 0.1% to every other worker cost before ratio became a share of the wire.
@@ -157,7 +158,10 @@ SUITES = {
             "cpus_per_worker": 0.5,
             "ranks_per_node": 2,
         },
-        [("sgd", [0, 1, 2], ["dense"] + [m for m in METHODS if m.endswith(("allgather", "sharded", "hierarchical"))])],
+        [
+            ("sgd", [0, 1, 2], ["dense"] + [f"topk {r} {e}" for r in (0.01, 0.001) for e in EXCHANGES]),
+            ("sgd", [0], ["topk 0.02 sharded", "topk 0.04 sharded", "topk 0.04 allgather", "topk 0.004 allgather"]),
+        ],
     ),
     # 8 workers, each its own node, then as 2 nodes of 4. At one ratio every exchange sends the same bytes; the
     # layout changes only what crosses a node card and what auto picks, so the 2 x 4 suite trains only the default,
