@@ -32,7 +32,7 @@ Suites (``--suites``):
   epochs, 4 workers as 2 nodes of 2 (``ranks_per_node: 2``), SGD over 3
   seeds: dense, and top-k at 0.01 and 0.001 through each exchange (all-gather, sharded,
   hierarchical; ``auto`` picks hierarchical there), each compared with all-gather at the same
-  bytes::
+  bytes; and for one seed, sharded at 0.02 and 0.04 and all-gather at 0.04 and 0.004::
 
       python benchmarks/accuracy.py --suites fashion_mnist_exchange \
           --output benchmarks/results/accuracy_exchange.json

@@ -36,8 +36,8 @@ __all__ = [
 EXCHANGES = ("auto", "allgather", "sharded", "hierarchical")
 # What the cost model knows: the exchanges, and dense DDP in fp32 and fp16 for comparison.
 ALGORITHMS = ("dense", "dense_fp16", "allgather", "sharded", "hierarchical")
-# Flat groups of at most this many ranks may exchange by all-gather under auto (accurate_exchanges).
-ALLGATHER_MAX_RANKS = 2
+# Flat groups of at most this many ranks exchange by all-gather under auto, larger ones by sharded (accurate_exchanges).
+ALLGATHER_MAX_RANKS = 4
 # Sums each sharded owner keeps, as a multiple of its share ``selected / W`` (measured: docs/benchmarks.md).
 KEEP_FACTOR = 3.0
 
@@ -301,12 +301,16 @@ def accurate_exchanges(layout: Layout) -> Tuple[str, ...]:
     """The exchanges ``auto`` chooses among for ``layout``: those whose measured accuracy keeps up at equal bytes.
 
     At one ratio every exchange sends the same bytes, so the question is
-    which spends them better. Beyond ``ALLGATHER_MAX_RANKS`` ranks all-gather
-    spends them on ``2 / W`` of the budget per rank, and the sharded
-    exchange's global top of summed selections is more accurate (measured at
-    4 and 8 workers: docs/benchmarks.md); the two-level exchange sums whole
-    nodes densely first. Hierarchical needs several nodes of several ranks.
+    which spends them better. All-gather spends them on ``2 / W`` of the
+    budget per rank, exactly; the sharded exchange on a global top of summed
+    selections, which applies fewer entries. Measured (docs/benchmarks.md):
+    at 4 workers all-gather is the more accurate (sharded 0.3 points below),
+    at 8 the sharded exchange (0.07 above at ratio 0.01, 0.68 at 0.001), so
+    flat groups of up to ``ALLGATHER_MAX_RANKS`` ranks use all-gather and
+    larger ones sharded. The two-level exchange, which sums whole nodes
+    densely first, was at least as accurate as all-gather at 2 x 2 and 2 x 4;
+    it needs several nodes of several ranks.
     """
-    flat = ("allgather", "sharded") if layout.world_size <= ALLGATHER_MAX_RANKS else ("sharded",)
+    flat = ("allgather",) if layout.world_size <= ALLGATHER_MAX_RANKS else ("sharded",)
     several = layout.local_world_size > 1 and layout.nodes > 1
     return flat + (("hierarchical",) if several else ())
