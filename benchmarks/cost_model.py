@@ -17,11 +17,10 @@ Results go to ``benchmarks/results/cost_model.json`` and ``cost_model.png``.
 """
 
 import argparse
-import math
 import os
 import sys
 
-from raytopk.cost_model import ALGORITHMS, Layout, Link, accurate_exchanges, cost
+from raytopk.cost_model import ALGORITHMS, Layout, Link, accurate_exchanges, budget, cost
 from raytopk.storage import write_figure, write_json
 
 COMMAND = "python benchmarks/cost_model.py"
@@ -40,7 +39,7 @@ def buckets(numel: int) -> list:
 def step(algorithm: str, workers: int, gbps: float, ratio: float) -> dict:
     layout = Layout(workers, min(workers, RANKS_PER_NODE))
     link = Link(inter_gbps=gbps)
-    costs = [cost(algorithm, layout, n, max(1, math.ceil(ratio * n)), link=link) for n in buckets(RESNET50)]
+    costs = [cost(algorithm, layout, n, budget(ratio, n, workers), link=link) for n in buckets(RESNET50)]
     return {"bytes_per_worker": sum(c.bytes_sent for c in costs), "seconds": sum(c.seconds for c in costs)}
 
 

@@ -33,7 +33,6 @@ Results go to ``benchmarks/results/multinode.json`` and ``multinode.png``.
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -57,6 +56,7 @@ def worker(args) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import raytopk
+    from raytopk.cost_model import budget
     from raytopk.exchange import Exchanger, Link, dense_network_bytes, node_layout
 
     from netns import read_node_tx_bytes, shape_node_card
@@ -110,7 +110,7 @@ def worker(args) -> None:
     report = {"exchanges": {}, "steps": {}, "latency_us_per_message": latency_us, "intra_gbps": intra_gbps}
     layout = node_layout(dist.group.WORLD)[0]
     # 1. exchanges alone
-    k = math.ceil(args.ratio * args.numel)
+    k = budget(args.ratio, args.numel, dist.get_world_size())
     bucket = torch.randn(args.numel, generator=torch.Generator().manual_seed(rank))
     for algorithm, rate in [(a, r) for a in EXCHANGES for r in (None, args.rate)]:
         shape_card(rate)  # unshaped first: what the exchange costs without the link (compute, latency)
@@ -258,12 +258,12 @@ def _shared_flags(args) -> list:
 
 def modelled(nodes: int, local: int, args, report: dict) -> dict:
     """The cost model with this network's figures, and the part of its time the card's bandwidth adds."""
-    from raytopk.cost_model import Layout, Link, cost
+    from raytopk.cost_model import Layout, Link, budget, cost
 
     latency, intra = report["latency_us_per_message"], report["intra_gbps"]
     shaped = Link(inter_gbps=args.gbps, inter_latency_us=latency, intra_gbps=intra, intra_latency_us=latency)
     unlimited = Link(inter_gbps=1e9, inter_latency_us=latency, intra_gbps=intra, intra_latency_us=latency)
-    k = math.ceil(args.ratio * args.numel)
+    k = budget(args.ratio, args.numel, nodes * local)
     layout = Layout(nodes * local, local)
     rows = {}
     for name in EXCHANGES:

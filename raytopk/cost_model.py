@@ -1,8 +1,10 @@
 """What each exchange costs, without starting a process: bytes per rank, bytes across node cards, alpha-beta time.
 
-Torch-free, so benchmarks, docs and the job config can import it. Every
-exchange spends a budget of ``k`` entries per bucket (``ratio * n``) so that
-each rank sends about ``2 k (W - 1) / W`` entries (:func:`selected`);
+Torch-free, so benchmarks, docs and the job config can import it. ``ratio``
+is each worker's top share, as in Deep Gradient Compression: a bucket's
+budget is ``k`` entries (:func:`budget`), what all-gathering every rank's top
+``ratio * n`` sends, and every exchange spends it so that each rank sends
+about ``2 k (W - 1) / W`` entries (:func:`selected`);
 :func:`cost` models one bucket's exchange for any worker count and node
 layout, and :func:`choose` is ``exchange="auto"``: the fastest of the
 exchanges measured not to cost accuracy for the layout
@@ -22,6 +24,7 @@ __all__ = [
     "Link",
     "Layout",
     "Cost",
+    "budget",
     "cost",
     "choose",
     "accurate_exchanges",
@@ -153,6 +156,24 @@ def _plus(*costs: Cost) -> Cost:
     return Cost(*(sum(getattr(c, field) for c in costs) for field in ("bytes_sent", "seconds", "network_bytes")))
 
 
+def budget(ratio: float, numel: int, world_size: int) -> int:
+    """The budget ``k`` of a bucket of ``numel`` entries at ``ratio``: the bytes of all-gathering each rank's top share.
+
+    Each of ``W`` ranks contributes its top ``r = max(1, ceil(ratio * numel))``
+    entries, as in DGC and GRACE, so a step applies up to ``W * r`` entries
+    whatever ``W``: the entries per sample stay those of two workers, and so
+    does the accuracy (``docs/benchmarks.md`` measures 8 workers). All-gather
+    sends each rank's ``r`` to the ``W - 1`` others; the budget is that many
+    entries on the wire, ``2 k (W - 1) / W`` with ``k = r * W / 2`` (``r`` at
+    one or two workers), which the sharded and hierarchical exchanges spend on
+    a global top-k of the summed selections instead. So the bytes per rank per
+    step grow like all-gather's, ``W * ratio`` of dense DDP's at fp32; per
+    epoch, with a fixed batch per worker, they stay flat. At most ``numel``.
+    """
+    per_rank = max(1, math.ceil(ratio * numel))
+    return min(numel, per_rank if world_size <= 2 else math.ceil(per_rank * world_size / 2))
+
+
 def selected(
     algorithm: str, k: int, world_size: int, capacity_factor: float = 1.25, keep_factor: float = KEEP_FACTOR
 ) -> int:
@@ -197,18 +218,21 @@ def cost(
     """Bytes per rank and alpha-beta seconds of exchanging one bucket of ``numel`` entries with a budget of ``k``.
 
     ``value_bytes`` is the size of a sent value (indices add 4), ``element_bytes``
-    that of a dense gradient entry. Starts no process: use it to project any
-    worker count (``benchmarks/cost_model.py`` plots it up to 1,024 workers).
+    that of a dense gradient entry. A budget whose entries would cost at least
+    the dense bucket goes dense, as the hook sends it. Starts no process: use it
+    to project any worker count (``benchmarks/cost_model.py`` plots it up to 1,024 workers).
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     w = layout.world_size
     if w == 1:
         return Cost(0, 0.0)
+    entry = value_bytes + index_bytes(numel)
+    if algorithm in EXCHANGES and k * entry >= numel * element_bytes:
+        algorithm = "dense"
     if algorithm in ("dense", "dense_fp16"):
         nbytes = numel * (2 if algorithm == "dense_fp16" else element_bytes)
         return _ring(layout, link, 2 * (w - 1), dense_allreduce_bytes(nbytes, w))
-    entry = value_bytes + index_bytes(numel)
     if algorithm != "hierarchical":
         return _flat(algorithm, layout, k, entry, link, capacity_factor, keep_factor)
     local, nodes = layout.local_world_size, layout.nodes

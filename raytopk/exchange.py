@@ -1,8 +1,8 @@
 """How each worker's selected gradient entries cross the network, and what each way costs.
 
 Every exchange takes this rank's accumulated bucket ``acc`` (gradient plus
-residual) and a budget of ``k`` entries (``ratio * n``, from the hook), and
-produces two things:
+residual) and a budget of ``k`` entries (from the hook:
+:func:`~raytopk.cost_model.budget`), and produces two things:
 
 * ``out``: the sum over ranks of what the exchange used, times ``scale``,
   dense, the same on every rank (the hook passes ``1 / W``: the mean);
@@ -12,18 +12,19 @@ produces two things:
 
 What the budget promises, for any worker count ``W`` and every exchange: each
 rank sends about ``2 k (W - 1) / W`` entries (index and value) per bucket,
-which is ``ratio`` of the entries DDP's ring allreduce sends. So the wire
-bytes are ``ratio * (value bytes + 4) / 4`` of dense DDP's (2% at ratio 0.01
-with fp32 values) at 2 workers and at 1,000: ``ratio`` is a share of the
-wire, and two exchanges at one ratio are compared at equal bytes. (Rounding
-adds at most one entry per peer and stage; the hierarchical exchange's dense
-stage inside a node is outside the budget: it never crosses a network card.)
-Each exchange spends the budget its own way (:func:`selected`):
+what all-gathering every rank's top ``ratio * n`` sends (``k = ratio * n * W
+/ 2``, ``ratio * n`` at two workers). So a step applies up to ``W * ratio *
+n`` entries, as in Deep Gradient Compression, and the wire bytes are ``W *
+ratio * (value bytes + 4) / 8`` of dense DDP's (2% at ratio 0.01, fp32 values
+and 2 workers; 8% at 8): two exchanges at one ratio are compared at equal
+bytes. (Rounding adds at most one entry per peer and stage; the hierarchical
+exchange's dense stage inside a node is outside the budget: it never crosses
+a network card.) Each exchange spends the budget its own way (:func:`selected`):
 
-1. ``allgather``: each rank selects ``2k / W`` entries (``k`` at two
-   workers) and gathers every rank's (one ring all-gather). Exact: the update
-   is the sum of every rank's selection. The simplest, and the best use of
-   the bytes at two workers, where every entry a rank sends is one it chose.
+1. ``allgather``: each rank selects ``2k / W`` entries (its top ``ratio *
+   n``) and gathers every rank's (one ring all-gather). Exact: the update is
+   the sum of every rank's selection. The simplest, and the best use of the
+   bytes at two workers, where every entry a rank sends is one it chose.
 2. ``sharded`` (as in Ok-Topk and SparCML): index ``i`` is owned by rank
    ``i % W``. Each rank selects ``s = 2k / (capacity_factor + keep_factor)``
    entries and sends them to their owners in one ``all_to_all_single`` with

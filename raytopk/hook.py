@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from raytopk import kernels
 from raytopk.compression import VALUE_DTYPES, payload_bytes
-from raytopk.cost_model import Link, dense_allreduce_bytes
+from raytopk.cost_model import Link, budget, dense_allreduce_bytes
 from raytopk.exchange import Exchanger, finite_at
 from raytopk.optim import check_optimizer
 from raytopk.options import CompressionOptions, options_from
@@ -35,21 +35,26 @@ class TopKState:
     r"""State of :func:`topk_hook`: the compression settings and this worker's residuals.
 
     Each step, every worker adds its residual (what it did not send before) to
-    the gradient bucket, sends its entries of largest magnitude (at two
-    workers, ``k = max(1, ceil(ratio * n))`` of them; with more, as many as
-    ``ratio``'s share of the wire allows) and keeps the rest as its new residual. Nothing is lost,
+    the gradient bucket, sends its entries of largest magnitude (its top
+    ``ceil(ratio * n)``, or what sending those costs, spent by the exchange)
+    and keeps the rest as its new residual. Nothing is lost,
     only delayed: this error feedback is why training converges almost as if
     the whole gradient had been sent.
 
     Tuning:
 
-    1. ``ratio`` is each worker's share of the wire, at any worker count: it
-       sends ``ratio`` of the entries DDP's ring allreduce would, as index and
-       value, so ``ratio * (value size + 4) / 4`` of dense fp32's bytes (2% at
-       0.01). At two workers that is its top ``ratio * n`` entries; with more,
+    1. ``ratio`` is each worker's top share, as in Deep Gradient Compression:
+       each step applies up to ``W * ratio * n`` entries, so the entries per
+       sample, and with them the accuracy, stay those of two workers as
+       workers are added. A worker sends what its top ``ratio * n`` entries
+       cost to all-gather, as index and value, ``W * ratio * (value size + 4)
+       / 8`` of dense fp32's bytes (2% at 0.01 and two workers, 8% at eight);
        the exchange decides how to spend it (8.). 0.01 keeps accuracy within
-       noise of dense training on the CNNs we measured at two workers; 0.001
-       saves ten times more and may cost a little accuracy.
+       half a point of dense training on the CNNs we measured at two and eight
+       workers; 0.001 saves ten times more and may cost a little accuracy.
+       With a fixed batch per worker the bytes per epoch stay flat; to keep
+       the bytes per step flat instead, divide ``ratio`` by ``W / 2`` (at
+       the accuracy ``docs/benchmarks.md`` measures).
     2. ``start_iter`` dense iterations come first. DDP rebuilds its buckets
        after the first iteration, and dense steps at the start are cheap
        insurance, as in PowerSGD. Keep it at least 2.
@@ -95,11 +100,11 @@ class TopKState:
        worker count, the node layout (``ranks_per_node``, else
        ``LOCAL_WORLD_SIZE`` as torchrun and Ray Train set it), the bucket and
        the link between nodes (``link_gbps``, ``link_latency_us``), among the exchanges measured to keep
-       accuracy for that layout. Every exchange keeps ``ratio``'s bytes; with
-       many workers all-gather spends them on ``2 / W`` of the ratio per worker,
-       sharded on a global top-k of summed selections (its owners keep
+       accuracy for that layout. Every exchange keeps ``ratio``'s bytes;
+       all-gather spends them on each worker's own top ``ratio * n``, sharded
+       on a global top-k of summed selections (its owners keep
        ``keep_factor`` times their share of the sums), which is why it is more
-       accurate there. What an exchange does not use stays in the residuals.
+       accurate with many workers. What an exchange does not use stays in the residuals.
        Per-layer selection sends with "allgather".
 
     Memory: two residual-sized tensors per worker (twice the gradient size):
@@ -168,14 +173,14 @@ class TopKState:
             return o.ratio
         return o.warmup_ratio * (o.ratio / o.warmup_ratio) ** (max(done, 0) / o.warmup_steps)
 
-    def k_for(self, numel: int) -> int:
-        """The budget of a group of ``numel`` this step: ``max(1, ceil(ratio * numel))`` entries.
+    def k_for(self, numel: int, world_size: int) -> int:
+        """The budget of a group of ``numel`` this step among ``world_size`` ranks (:func:`raytopk.cost_model.budget`).
 
         Each exchange spends it as :func:`raytopk.cost_model.selected` says, so
-        that every rank sends about ``2 k (W - 1) / W`` entries: at two workers,
-        ``k`` of its own.
+        that every rank sends about ``2 k (W - 1) / W`` entries: what
+        all-gathering each rank's top ``ceil(ratio * numel)`` sends.
         """
-        return max(1, min(numel, math.ceil(self.current_ratio() * numel)))
+        return budget(self.current_ratio(), numel, world_size)
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Raise ``ValueError`` if ``optimizer`` would apply momentum correction's momentum wrongly
@@ -291,9 +296,11 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     3. ``acc = bucket + residual`` (error feedback: this worker's own memory),
        written into the bucket's spare residual tensor. With ``momentum``:
        ``u = momentum * u + bucket`` and ``acc = u + residual`` instead.
-    4. The budget is ``k = max(1, ceil(ratio * n))`` entries. Where sending k
-       indices and values would cost at least as many bytes as the dense
-       bucket (``ratio`` near 1), allreduce ``acc`` densely instead.
+    4. The budget is ``k`` entries (:func:`raytopk.cost_model.budget`: what
+       all-gathering each worker's top ``ceil(ratio * n)`` sends, ``ratio * n *
+       W / 2``). Where sending k indices and values would cost at least as
+       many bytes as the dense bucket (``ratio * W`` near 1), allreduce ``acc``
+       densely instead.
     5. Exchange (:mod:`raytopk.exchange`; ``state.options.exchange``, or ``auto``'s
        choice): each exchange selects the entries of largest ``|acc|`` its
        share of the budget allows (per parameter with ``per_layer``, small ones
@@ -346,7 +353,7 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
 
     memory = state.residuals.memory(bucket, state.options)
     value_dtype = VALUE_DTYPES[state.options.value_dtype]
-    ks = [state.k_for(size) for size in memory.selection.sizes]
+    ks = [state.k_for(size, world_size) for size in memory.selection.sizes]
     k, dense = sum(ks), len(memory.selection.dense)
     if state.options.clip_norm is not None:
         _clip(buffer, state.options.clip_norm / math.sqrt(world_size))

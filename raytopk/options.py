@@ -56,7 +56,7 @@ def option(default, help: str, *, choices=None, interval: Optional[str] = None):
 class CompressionOptions:
     """What :func:`~raytopk.topk_hook` sends and how: see :class:`~raytopk.TopKState` for what each does."""
 
-    ratio: float = option(0.01, "each worker's share of dense DDP's entries on the wire", interval="(0, 1]")
+    ratio: float = option(0.01, "each worker's top share of a bucket's entries (DGC's ratio)", interval="(0, 1]")
     start_iter: int = option(2, "dense allreduce steps before compression starts", interval="[0, inf)")
     value_dtype: str = option("fp32", "how values travel", choices=tuple(VALUE_DTYPES))
     # Deep Gradient Compression's techniques, each off by default.

@@ -140,6 +140,13 @@ def _reference_ratio(step, ratio, start_iter, warmup_ratio=None, warmup_steps=0,
     return warmup_ratio * (ratio / warmup_ratio) ** (done / warmup_steps)
 
 
+def _budget(ratio, numel, world_size):
+    """The budget, written out: what all-gathering each rank's top ``ceil(ratio * numel)`` sends, as entries ``k`` with
+    ``2 k (W - 1) / W`` sent per rank: ``k = x W / 2`` beyond two ranks, rounded up, at most ``numel``."""
+    x = max(1, math.ceil(ratio * numel))
+    return min(numel, x if world_size <= 2 else math.ceil(x * world_size / 2))
+
+
 def _allgather_k(budget, world_size):
     """What all-gather selects per rank of a budget: 2k / W (k itself on one rank, with no one to send to)."""
     return budget if world_size == 1 else max(1, 2 * budget // world_size)
@@ -222,7 +229,7 @@ def _against_reference(rank, world_size, ratio, value_dtype, start_iter, options
         else:
             expected = torch.zeros(n)
             current = _reference_ratio(step, ratio, start_iter, **options)
-            budget = max(1, math.ceil(current * n))
+            budget = _budget(current, n, world_size)
             accs = []
             for r in range(world_size):
                 g = grads[r]
@@ -242,7 +249,7 @@ def _against_reference(rank, world_size, ratio, value_dtype, start_iter, options
                             if dense
                             else lo
                             + torch.topk(
-                                acc[lo:hi].abs(), _allgather_k(math.ceil(current * (hi - lo)), world_size)
+                                acc[lo:hi].abs(), _allgather_k(_budget(current, hi - lo, world_size), world_size)
                             ).indices
                             for lo, hi, dense in spans
                         ]
@@ -349,7 +356,7 @@ def test_warmup_ratio_decays_exponentially_to_the_target():
         ratios.append(state.current_ratio())
     expected = [0.25, 0.25 * 0.004**0.25, 0.25 * 0.004**0.5, 0.25 * 0.004**0.75, 0.001, 0.001]
     assert ratios == pytest.approx(expected, rel=1e-12)
-    assert state.k_for(1_000_000) == 1000
+    assert [state.k_for(1_000_000, w) for w in (1, 2, 3, 8)] == [1000, 1000, 1500, 4000]
 
 
 # error feedback conserves mass, over many buckets -------------------------------------
@@ -446,8 +453,9 @@ def test_generated_training_conserves_mass_and_counts_allgather_bytes(case):
         for step, numel in sizes:
             ring = int(2 * (world_size - 1) / world_size * numel * 4)
             ratio = _reference_ratio(step, **options)
-            sparse = (world_size - 1) * max(1, 2 * math.ceil(ratio * numel) // world_size) * item  # 2k / W selected
-            expected += ring if step < options["start_iter"] or math.ceil(ratio * numel) * item >= numel * 4 else sparse
+            k = _budget(ratio, numel, world_size)
+            sparse = (world_size - 1) * _allgather_k(k, world_size) * item  # each rank's top ceil(ratio * numel)
+            expected += ring if step < options["start_iter"] or k * item >= numel * 4 else sparse
         assert stats["bytes_sent"] == expected, (stats, sizes)
         assert set(algorithms) <= {"allgather"}
 
@@ -538,10 +546,9 @@ def _stats(rank, world_size, value_dtype):
     value_bytes = {"fp32": 4, "fp16": 2}[value_dtype]
     ring = 2 * (world_size - 1) / world_size  # of the bucket, per rank, in a ring allreduce
     dense = [int(ring * n * 4) for _, n in sizes]
-    # a ring all-gather: each rank passes on the W - 1 payloads of the others, each of 2k / W entries
+    # a ring all-gather: each rank passes on the W - 1 payloads of the others, each rank's top ceil(ratio * n)
     expected_sent = sum(
-        d if it < 2 else (world_size - 1) * max(1, 2 * math.ceil(0.01 * n) // world_size) * (value_bytes + 4)
-        for (it, n), d in zip(sizes, dense)
+        d if it < 2 else (world_size - 1) * math.ceil(0.01 * n) * (value_bytes + 4) for (it, n), d in zip(sizes, dense)
     )
     assert state.stats["bytes_sent"] == expected_sent
     assert state.stats["dense_bytes"] == sum(dense)
