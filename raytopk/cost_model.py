@@ -325,15 +325,15 @@ def accurate_exchanges(layout: Layout) -> Tuple[str, ...]:
     """The exchanges ``auto`` chooses among for ``layout``: those whose measured accuracy keeps up at equal bytes.
 
     At one ratio every exchange sends the same bytes, so the question is
-    which spends them better. All-gather spends them on ``2 / W`` of the
-    budget per rank, exactly; the sharded exchange on a global top of summed
+    which spends them better. All-gather spends them on each rank's own top
+    share, exactly; the sharded exchange on a global top of summed
     selections, which applies fewer entries. Measured (docs/benchmarks.md):
-    at 4 workers all-gather is the more accurate (sharded 0.3 points below),
-    at 8 the sharded exchange (0.07 above at ratio 0.01, 0.68 at 0.001), so
-    flat groups of up to ``ALLGATHER_MAX_RANKS`` ranks use all-gather and
-    larger ones sharded. The two-level exchange, which sums whole nodes
-    densely first, was at least as accurate as all-gather at 2 x 2 and 2 x 4;
-    it needs several nodes of several ranks.
+    at 4 workers all-gather is the more accurate (sharded 0.14 points below
+    at ratio 0.01, 0.23 at 0.001), at 8 the sharded exchange (0.06 above at
+    0.01, 0.15 at 0.001), so flat groups of up to ``ALLGATHER_MAX_RANKS``
+    ranks use all-gather and larger ones sharded. The two-level exchange,
+    which sums whole nodes densely first, was more accurate than all-gather
+    at 2 x 2 and 2 x 4; it needs several nodes of several ranks.
     """
     flat = ("allgather",) if layout.world_size <= ALLGATHER_MAX_RANKS else ("sharded",)
     several = layout.local_world_size > 1 and layout.nodes > 1
