@@ -45,10 +45,11 @@ Suites (``--suites``):
   About 3 minutes a run on 2 cores::
 
       python benchmarks/accuracy.py --suites fashion_mnist_exchange_8x1 fashion_mnist_exchange_2x4 \
-          fashion_mnist_2_workers_batch_256 --output benchmarks/results/accuracy_exchange_8.json
+          fashion_mnist_exchange_8x1_bytes fashion_mnist_2_workers_batch_256 \
+          --output benchmarks/results/accuracy_exchange_8.json
 
-  Adding ``fashion_mnist_exchange_8x1_bytes`` trains accuracy against bytes: the sharded
-  exchange at ratios 0.0025 and 0.005 (3 seeds), the bytes per step of two workers at 0.01 and 0.02.
+  ``fashion_mnist_exchange_8x1_bytes`` adds accuracy against bytes: the sharded exchange at
+  ratios 0.0025 and 0.005 (3 seeds), the bytes per step of two workers at 0.01 and 0.02.
   ``fashion_mnist_2_workers_batch_256`` trains the same global batch (512) for the same steps on
   2 workers of batch 256, dense and top-k. The rows an output file (or its ``.partial`` file)
   already holds are kept, and only the rows it lacks train: delete it to train every row again.
