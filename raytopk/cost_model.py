@@ -161,8 +161,8 @@ def budget(ratio: float, numel: int, world_size: int) -> int:
 
     Each of ``W`` ranks contributes its top ``r = max(1, ceil(ratio * numel))``
     entries, as in DGC and GRACE, so a step applies up to ``W * r`` entries
-    whatever ``W``: the entries per sample stay those of two workers, and so
-    does the accuracy (``docs/benchmarks.md`` measures 8 workers). All-gather
+    whatever ``W``: the entries per sample stay those of two workers, and the
+    accuracy with them (``docs/benchmarks.md`` measures 8 workers). All-gather
     sends each rank's ``r`` to the ``W - 1`` others; the budget is that many
     entries on the wire, ``2 k (W - 1) / W`` with ``k = r * W / 2`` (``r`` at
     one or two workers), which the sharded and hierarchical exchanges spend on

@@ -45,8 +45,8 @@ class TopKState:
 
     1. ``ratio`` is each worker's top share, as in Deep Gradient Compression:
        each step applies up to ``W * ratio * n`` entries, so the entries per
-       sample, and with them the accuracy, stay those of two workers as
-       workers are added. A worker sends what its top ``ratio * n`` entries
+       sample stay those of two workers as workers are added, and the
+       accuracy with them. A worker sends what its top ``ratio * n`` entries
        cost to all-gather, as index and value, ``W * ratio * (value size + 4)
        / 8`` of dense fp32's bytes (2% at 0.01 and two workers, 8% at eight);
        the exchange decides how to spend it (8.). 0.01 ended within half a

@@ -263,6 +263,10 @@ def test_every_flat_exchange_sends_what_all_gathering_each_workers_top_share_sen
             )
             assert 0.00975 * w < share <= 0.01 * w * (1 + w / k), (name, w, share)
     assert budget(0.3, 1000, 8) == 1000 and budget(1e-9, 1000, 8) == 4
+    # from 100 workers the entries cost the dense bucket: the hook sends it densely, and the model says so
+    for name in ("allgather", "sharded", "hierarchical"):
+        layout = Layout(128, 8)
+        assert cost(name, layout, numel, budget(0.01, numel, 128)) == cost("dense", layout, numel, 0), name
 
 
 def test_auto_is_allgather_up_to_four_workers_sharded_when_many_and_hierarchical_across_nodes():
