@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from raytopk import kernels, options
+from raytopk.devices import on_host
 
 __all__ = ["select_topk", "accumulate_topk", "index_dtype", "pack", "unpack", "payload_bytes"]
 
@@ -113,18 +114,13 @@ def accumulate_topk(grad: torch.Tensor, residual: torch.Tensor, acc: torch.Tenso
 def _sampled(x: torch.Tensor, k: int) -> bool:
     """Whether :func:`select_topk` takes the sampled-threshold path for ``x`` and ``k``."""
     n = x.numel()
-    return (
-        x.device.type == "cpu"
-        and x.dtype in _BITS_DTYPE
-        and n >= _FAST_PATH_MIN_NUMEL
-        and k <= _FAST_PATH_MAX_FRACTION * n
-    )
+    return on_host(x) and x.dtype in _BITS_DTYPE and n >= _FAST_PATH_MIN_NUMEL and k <= _FAST_PATH_MAX_FRACTION * n
 
 
 def _torch_topk(x: torch.Tensor, k: int):
     """``torch.topk``'s exact set, with the tie rule of every path: among entries tied at the k-th magnitude, the lowest
     positions."""
-    if x.device.type != "cpu":
+    if not on_host(x):
         return _topk_by_radix_select(x, k)
     magnitude = x.abs()
     largest = torch.topk(magnitude, k, sorted=False).values
@@ -178,7 +174,7 @@ def _kth_largest_key(key: torch.Tensor, k: int, key_bits: int):
         counts[-1] = 0
         at_or_above = counts.flip(0).cumsum(0).flip(0)  # [d]: keys whose digit is d or more (0 past the last)
         found = (at_or_above[:-1] >= k - above).sum() - 1  # the largest digit that still holds the k-th key
-        above = above + at_or_above[found + 1]
+        above = above + at_or_above.index_select(0, (found + 1).reshape(1)).reshape(())  # no host read
         kth = kth | (found.to(key.dtype) << shift)
     return kth, above
 

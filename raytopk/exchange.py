@@ -75,6 +75,7 @@ from raytopk.cost_model import (
     selected,
     sharded_counts,
 )
+from raytopk.devices import on_host
 
 # The cost model's names stay importable from here, where the exchanges they describe run.
 __all__ = [
@@ -140,8 +141,11 @@ def node_layout(group, local_world_size: Optional[int] = None) -> Tuple[Layout, 
 # Each returns (future, bytes sent by this rank). The future's value is
 # (out, cleared, touched): ``out`` holds the sum over ranks (times ``scale``),
 # ``cleared`` the positions where this rank's contribution was used (momentum
-# factor masking), ``touched`` every position the update may hold (repeats allowed):
-# ``out`` is zero everywhere else, so checking ``out[touched]`` checks all of it.
+# factor masking; the sharded exchange gives a bool mask of them), ``touched``
+# every position the update may hold (repeats allowed): ``out`` is zero
+# everywhere else, so checking ``out[touched]`` checks all of it. Every size is
+# known before the data arrive, so a GPU's host never waits to learn one
+# (:mod:`raytopk.devices`).
 
 
 class Exchanged(NamedTuple):
@@ -269,44 +273,65 @@ def allgather(
 def finite_at(out: torch.Tensor, touched: torch.Tensor):
     """Whether ``out`` is finite at every position in ``touched`` (an exchange's update is zero elsewhere).
 
-    A ``bool``; for a CUDA ``out``, a 0-dim bool tensor on the device instead:
+    A ``bool`` on the CPU; elsewhere a 0-dim bool tensor on the device:
     reading it on the host would wait for every kernel queued before it, and
     the hook calls this while the backward pass is still launching its own.
     """
     if touched.dtype == torch.int32 and kernels.usable(out, touched):
         return kernels.finite_at(out, touched)
     finite = torch.isfinite(out.index_select(0, touched)).all()
-    return finite if out.is_cuda else bool(finite)
+    return bool(finite) if on_host(out) else finite
 
 
-def _route(indices: torch.Tensor, values: torch.Tensor, owners: int, capacity: int):
-    """Slots of the entries that fit their owner's ``capacity`` (largest magnitudes first): ``(chosen, slots)``.
+def _route(indices: torch.Tensor, values: torch.Tensor, owners: int, capacity: int) -> torch.Tensor:
+    """Each entry's slot: ``owner * capacity + place`` among its owner's ``capacity`` largest magnitudes, or
+    ``owners * capacity`` (one past the last slot) for an entry that does not fit.
 
     Usually every owner's entries fit (the capacity has headroom, and
-    interleaved ownership spreads indices evenly): one sort by owner places
-    them. Only when some owner overflows are its entries ranked by magnitude.
+    interleaved ownership spreads indices evenly): on the CPU, which sees that
+    at no cost, one sort by owner places them. Otherwise, and always on a
+    device (where seeing it would make the host wait), entries are ranked by
+    magnitude first. Either way the same entries fit.
     """
     owner = indices.long() % owners
-    if int(torch.bincount(owner, minlength=owners).max()) <= capacity:
+    if on_host(indices) and int(torch.bincount(owner, minlength=owners).max()) <= capacity:
         order = torch.arange(len(indices), device=indices.device)
     else:
         order = torch.sort(values.abs(), descending=True, stable=True).indices
-        owner = owner[order]
-    by_owner = torch.sort(owner, stable=True)
+    by_owner = torch.sort(owner[order], stable=True)
     order, owner = order[by_owner.indices], by_owner.values
-    counts = torch.bincount(owner, minlength=owners)
-    place = torch.arange(len(order), device=order.device) - (torch.cumsum(counts, 0) - counts)[owner]
-    fits = place < capacity
-    return order[fits], owner[fits] * capacity + place[fits]
+    first = torch.searchsorted(owner, torch.arange(owners, device=owner.device))  # each owner's first place
+    place = torch.arange(len(order), device=order.device) - first[owner]
+    slots = torch.where(place < capacity, owner * capacity + place, owners * capacity)
+    return torch.empty_like(slots).index_copy_(0, order, slots)
 
 
 def _owner_sums(indices: torch.Tensor, values: torch.Tensor, dtype):
-    """Distinct ``indices`` (sentinels dropped) and the exact sum of ``values`` at each."""
-    valid = indices != _SENTINEL
-    distinct, inverse = torch.unique(indices[valid].long(), return_inverse=True)
-    return distinct, torch.zeros(len(distinct), dtype=dtype, device=values.device).index_add_(
-        0, inverse, values[valid].to(dtype)
-    )
+    """Every distinct index among ``indices`` and the exact sum of ``values`` at each, in fixed-size tensors.
+
+    Returns ``(distinct, sums)`` as long as ``indices``: the distinct indices in
+    ascending order, then ``_SENTINEL`` (sum 0) in the rest; a sentinel among
+    ``indices`` (an empty slot, value 0) sums to a sentinel entry. The size is
+    fixed so that the host never waits to learn how many there are
+    (``torch.unique``'s size would). Each sum adds its values in their order in
+    ``indices``.
+    """
+    ordered, order = torch.sort(indices.long(), stable=True)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    entry = torch.cumsum(starts, 0) - 1  # which distinct index each sorted entry is
+    distinct = torch.full_like(ordered, _SENTINEL).scatter_(0, entry, ordered)  # a group's entries write one value
+    sums = torch.zeros(len(indices), dtype=dtype, device=values.device).index_add_(0, entry, values[order].to(dtype))
+    return distinct, sums
+
+
+def _real_entries(indices: torch.Tensor, values: torch.Tensor):
+    """Gathered ``(indices, values)`` with each sentinel entry replaced by a copy of the first real one, indices as
+    int64: the sizes stay fixed (the host need not count the real entries), and writing the result
+    (``out[positions] = values``) writes the real entries alone, one of them again. Some entry is always real."""
+    real = indices != _SENTINEL
+    first = torch.argmax(real.to(torch.uint8)).reshape(1)  # the first real entry (a 0-dim index would be read)
+    return torch.where(real, indices, indices[first]).long(), torch.where(real, values, values[first])
 
 
 def sharded(
@@ -338,49 +363,48 @@ def sharded(
     Returns the future of ``(out, cleared, touched)`` and the bytes this rank sent.
     """
     world_size, numel = dist.get_world_size(group), acc.numel()
-    idx_dtype = index_dtype(numel)
-    chosen, slots = _route(indices, values, world_size, capacity)
-    send_indices = torch.full((world_size * capacity,), _SENTINEL, dtype=idx_dtype, device=acc.device)
-    send_values = torch.zeros(world_size * capacity, dtype=value_dtype, device=acc.device)
-    send_indices[slots] = indices[chosen].to(idx_dtype)
-    send_values[slots] = values[chosen].to(value_dtype)
-    rows = [t.view(torch.uint8).view(world_size, -1) for t in (send_indices, send_values)]
+    idx_dtype, slots = index_dtype(numel), world_size * capacity
+    # Stage 1 (an entry that does not fit goes to a spare slot past the last, which is not sent)
+    slot = _route(indices, values, world_size, capacity)
+    send_indices = torch.full((slots + 1,), _SENTINEL, dtype=idx_dtype, device=acc.device)
+    send_values = torch.zeros(slots + 1, dtype=value_dtype, device=acc.device)
+    send_indices[slot] = indices.to(idx_dtype)
+    send_values[slot] = values.to(value_dtype)
+    rows = [t[:slots].view(torch.uint8).view(world_size, -1) for t in (send_indices, send_values)]
     send = torch.cat(rows, 1).reshape(-1)
     received = torch.empty_like(send)
     _all_to_all(received, send, group)
     received = received.view(world_size, -1)
     split = capacity * idx_dtype.itemsize
-    got_indices = received[:, :split].contiguous().view(idx_dtype).reshape(-1)
-    got_values = received[:, split:].contiguous().view(value_dtype).reshape(-1)
+    got_indices = received[:, :split].reshape(-1).view(idx_dtype)  # flat first: one row's slice keeps its stride
+    got_values = received[:, split:].reshape(-1).view(value_dtype)
 
+    # Stage 2 (sizes stay fixed: sentinel sums rank below every real one and carry nothing)
     distinct, sums = _owner_sums(got_indices, got_values, acc.dtype)
-    kept = min(keep, len(distinct))
-    top = (
-        torch.topk(sums.abs(), kept, sorted=False).indices
-        if kept < len(distinct)
-        else torch.arange(kept, device=acc.device)
-    )
+    real = distinct != _SENTINEL
+    top = torch.topk(torch.where(real, sums.abs(), -1), min(keep, slots), sorted=False).indices
+    distinct, sums, real = distinct[top], sums[top], real[top]
     keep_indices = torch.full((keep,), _SENTINEL, dtype=idx_dtype, device=acc.device)
     keep_values = torch.zeros(keep, dtype=value_dtype, device=acc.device)
-    keep_indices[:kept] = distinct[top].to(idx_dtype)
-    keep_values[:kept] = sums[top].to(value_dtype)
-    owner_rounding = (distinct[top], sums[top] - keep_values[:kept].to(acc.dtype))
-    sent_positions = indices[chosen].long()
-    leftover = values[chosen] - values[chosen].to(value_dtype).to(values.dtype)
+    keep_indices[: len(top)] = distinct.to(idx_dtype)
+    keep_values[: len(top)] = sums.to(value_dtype)
+    # The owner's rounding to value_dtype stays in its residual (adding -0.0 changes nothing, not even a -0.0).
+    owner_rounding = (torch.where(real, distinct, 0), torch.where(real, sums - keep_values[: len(top)].to(sums), -0.0))
+    positions, sent = indices.long(), slot < slots
+    leftover = values - values.to(value_dtype).to(values.dtype)
     payload = pack(keep_values, keep_indices, value_dtype)
 
     def apply_kept(gathered):
-        all_values, all_indices = _unpack_all(gathered, keep, numel, value_dtype)
-        valid = all_indices != _SENTINEL
-        update_positions = all_indices[valid].long()
+        update_positions, update = _real_entries(*reversed(_unpack_all(gathered, keep, numel, value_dtype)))
         out.zero_()
-        out.index_add_(0, update_positions, all_values[valid].to(out.dtype), alpha=scale)
-        kept_anywhere = torch.zeros(out.numel(), dtype=torch.bool, device=out.device)
+        out[update_positions] = update.to(out.dtype) * scale  # owners are disjoint: a repeat is a copy
+        kept_anywhere = torch.zeros(numel, dtype=torch.bool, device=out.device)
         kept_anywhere[update_positions] = True
-        used = kept_anywhere[sent_positions]
-        cleared = sent_positions[used]
-        acc[cleared] = leftover[used]
+        used = kept_anywhere[positions] & sent
+        acc[positions] = torch.where(used, leftover, acc[positions])
         acc.index_add_(0, *owner_rounding)
+        cleared = torch.zeros(numel, dtype=torch.bool, device=out.device)
+        cleared[positions] = used
         return out, cleared, update_positions
 
     sent_bytes = (world_size - 1) * (send.numel() // world_size + payload.numel())
@@ -612,11 +636,9 @@ class Exchanger:
         payload = pack(result_values, result_indices, node_out.dtype)
 
         def put_together(gathered):
-            all_values, all_indices = _unpack_all(gathered, entries, numel, node_out.dtype)
-            valid = all_indices != _SENTINEL
-            positions = all_indices[valid].long()
+            positions, update = _real_entries(*reversed(_unpack_all(gathered, entries, numel, node_out.dtype)))
             out.zero_()
-            out[positions] = all_values[valid] * scale  # a position touched twice carries the same sum twice
+            out[positions] = update * scale  # a position touched twice carries the same sum twice
             return out, positions, positions
 
         return _gather(payload, self.intra, local, put_together, self.on_decoded), (local - 1) * payload.numel()

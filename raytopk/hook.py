@@ -399,10 +399,12 @@ def _tally(state: TopKState, picked: List[str]) -> None:
 
 
 def _clip(buffer: torch.Tensor, max_norm: float) -> None:
-    """Scale ``buffer`` in place to norm ``max_norm`` if its norm is above it (a non-finite norm passes)."""
-    norm = float(torch.linalg.vector_norm(buffer))
-    if norm > max_norm:
-        buffer.mul_(max_norm / norm)
+    """Scale ``buffer`` in place to norm ``max_norm`` if its norm is above it (a NaN norm passes).
+
+    The factor is chosen on the device, so a GPU's host does not wait for the norm.
+    """
+    norm = torch.linalg.vector_norm(buffer).double()
+    buffer.mul_(torch.where(norm > max_norm, max_norm / norm, 1.0))
 
 
 def _dense_allreduce(buffer: torch.Tensor, group, world_size: int) -> torch.futures.Future[torch.Tensor]:

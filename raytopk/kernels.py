@@ -36,6 +36,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from raytopk.devices import on_host
+
 __all__ = [
     "library",
     "usable",
@@ -183,7 +185,7 @@ def usable(*tensors: torch.Tensor) -> bool:
     fewer than 2**31 entries (the kernels' positions are int32), and the kernels built (never tried for others)."""
     return (
         all(
-            t.is_cpu and t.dtype in (torch.float32, torch.int32) and t.is_contiguous() and t.numel() <= _MAX_NUMEL
+            on_host(t) and t.dtype in (torch.float32, torch.int32) and t.is_contiguous() and t.numel() <= _MAX_NUMEL
             for t in tensors
         )
         and library() is not None

@@ -298,7 +298,7 @@ class BucketMemory:
         the residual.
 
         Momentum factor masking clears the velocity at ``cleared``, the
-        positions whose entry the exchange used. ``finite`` is a ``bool``, or
+        positions whose entry the exchange used (or a bool mask of them). ``finite`` is a ``bool``, or
         on a GPU a 0-dim bool tensor that the host does not wait for: then
         ``torch.where`` puts the old memory back into the spares when it is
         false (one more pass over the bucket on the device), and they swap
@@ -310,7 +310,10 @@ class BucketMemory:
             return
         self.residual, self.spare = self.spare, self.residual
         if self.velocity is not None:
-            self.velocity_spare.index_fill_(0, cleared, 0)
+            if cleared.dtype == torch.bool:
+                self.velocity_spare.masked_fill_(cleared, 0)
+            else:
+                self.velocity_spare.index_fill_(0, cleared, 0)
             if isinstance(finite, torch.Tensor):
                 torch.where(finite, self.velocity_spare, self.velocity, out=self.velocity_spare)
             self.velocity, self.velocity_spare = self.velocity_spare, self.velocity

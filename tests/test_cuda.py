@@ -118,6 +118,23 @@ def test_a_non_finite_step_on_nccl_keeps_the_memory_without_waiting_for_the_gpu(
             assert same == poisoned, f"step {step}: memory {'changed' if not same else 'unchanged'}"
 
 
+@pytest.mark.parametrize("exchange", ["allgather", "sharded", "hierarchical"])
+def test_steady_steps_of_every_exchange_on_nccl_never_wait_for_the_gpu(nccl_group, exchange):
+    """One rank (the two-level exchange is then its stage across nodes alone), DGC's options and fp16 values: from the
+    third step on, the backward pass returns before the GPU has run it, as plain DDP's does. (The CPU suite checks
+    the same path with several ranks for any host read: tests/test_devices.py.)"""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10)).cuda()
+    ddp = DDP(model, device_ids=[torch.cuda.current_device()], bucket_cap_mb=1)
+    options = {"momentum": 0.9, "clip_norm": 5.0, "value_dtype": "fp16"}
+    state = raytopk.TopKState(ratio=0.01, start_iter=0, exchange=exchange, module=model, **options)
+    ddp.register_comm_hook(state, raytopk.topk_hook)
+    x, y = torch.randn(32, 256, device="cuda"), torch.randint(10, (32,), device="cuda")
+    waited = [_host_waited_for_the_gpu(ddp, x, y) for _ in range(5)]
+    assert not any(waited[2:]), f"{exchange}: the host waited for the GPU at steps {waited}"
+    assert set(state.algorithms) == {exchange}, state.algorithms
+
+
 @pytest.mark.parametrize("exchange, world_size, local", gpu_exchanges.LAYOUTS)
 def test_every_exchange_with_ranks_sharing_the_gpu_is_lossless_and_trains_as_on_cpu(exchange, world_size, local):
     """Several processes on one GPU over gloo (NCCL refuses two ranks on a device): see benchmarks/gpu_exchanges.py."""

@@ -54,7 +54,7 @@ def _run(algorithm, acc, k, local_world_size, capacity=None, keep=None, capacity
         future, sent, *_ = exchanger.run(algorithm, acc, k, torch.float32, out)
     result, cleared, _ = future.wait()
     assert result is out
-    return out, cleared, sent
+    return out, cleared.nonzero().reshape(-1) if cleared.dtype == torch.bool else cleared, sent
 
 
 def _decoding_reported(rank, world_size, algorithm, local_world_size):
@@ -96,7 +96,7 @@ def _invariant(rank, world_size, algorithm, local_world_size):
     "algorithm, world_size, local_world_size",
     [(a, w, 1) for a in ("allgather", "sharded") for w in (2, 3, 4)]
     + [("allgather", 4, 2), ("sharded", 4, 2)]
-    + [("hierarchical", w, local) for w, local in LAYOUTS],
+    + [("hierarchical", w, local) for w, local in LAYOUTS + [(10, 2)]],  # 5 nodes: sharded across them
 )
 def test_error_feedback_loses_nothing(algorithm, world_size, local_world_size):
     updated = run_ranks(_invariant, world_size, algorithm, local_world_size)

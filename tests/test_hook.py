@@ -463,7 +463,7 @@ def test_generated_training_conserves_mass_and_counts_allgather_bytes(case):
 # exact resume through state_dict ------------------------------------------------------
 
 
-def _train(rank, steps, first_step, cap_mb, saved=None, options=None):
+def _train(rank, steps, first_step, cap_mb, saved=None, options=None, hook=topk_hook):
     """SGD steps with the hook; optionally resume from ``saved``; return weights and a save point."""
     options = options or {}
     model = _model(hidden=64, depth=4)
@@ -474,7 +474,7 @@ def _train(rank, steps, first_step, cap_mb, saved=None, options=None):
         opt.load_state_dict(saved["optimizer"])
         state.load_state_dict(saved["hook"])
     ddp = DDP(model, bucket_cap_mb=cap_mb)
-    ddp.register_comm_hook(state, topk_hook)
+    ddp.register_comm_hook(state, hook)
     checkpoint = None
     for step in range(first_step, first_step + steps):
         opt.zero_grad()
