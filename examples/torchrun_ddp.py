@@ -2,6 +2,9 @@
 
     torchrun --standalone --nproc_per_node 2 examples/torchrun_ddp.py --epochs 3
 
+Where there are GPUs, each process takes the one of its ``LOCAL_RANK`` and
+the group is NCCL; elsewhere it is gloo on the CPU.
+
 The hook is registered as PyTorch's PowerSGD hook is, with a ``TopKState`` that
 needs no ``module``. With ``--checkpoint DIR`` every epoch saves the model and
 optimizer (rank 0) and each rank's hook state (``rank{N}.pt``: its own residual),
@@ -30,16 +33,20 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="directory to save each epoch in, and to resume from")
     args = parser.parse_args()
 
-    dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and LOCAL_WORLD_SIZE
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, LOCAL_RANK and LOCAL_WORLD_SIZE
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     train_set, test_set = load_dataset("mnist5k", "", download=False)
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, seed=0)
     loader = DataLoader(train_set, batch_size=32, sampler=sampler, drop_last=True)
 
-    model = build_model("simple_cnn")
+    model = build_model("simple_cnn").to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    ddp = DDP(model)
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     state = raytopk.TopKState(ratio=args.ratio)
     ddp.register_comm_hook(state, raytopk.topk_hook)
 
@@ -48,26 +55,32 @@ def main() -> None:
         with open(os.path.join(args.checkpoint, "meta.json")) as f:
             meta = json.load(f)
         start, optimizer_steps = meta["epoch"], meta["steps"]
-        model.load_state_dict(torch.load(os.path.join(args.checkpoint, "model.pt"), weights_only=True))
-        optimizer.load_state_dict(torch.load(os.path.join(args.checkpoint, "optimizer.pt"), weights_only=True))
-        own = torch.load(os.path.join(args.checkpoint, f"rank{rank}.pt"), weights_only=True)
+        model.load_state_dict(
+            torch.load(os.path.join(args.checkpoint, "model.pt"), map_location=device, weights_only=True)
+        )
+        optimizer.load_state_dict(
+            torch.load(os.path.join(args.checkpoint, "optimizer.pt"), map_location=device, weights_only=True)
+        )
+        own = torch.load(os.path.join(args.checkpoint, f"rank{rank}.pt"), map_location=device, weights_only=True)
         state.load_state_dict(own["hook"])  # this rank's residual, exactly as it was saved
-        torch.set_rng_state(own["rng"])
+        torch.set_rng_state(own["rng"].cpu())
 
     for epoch in range(start, args.epochs):
         sampler.set_epoch(epoch)
         ddp.train()
         for x, y in loader:
             optimizer.zero_grad()
-            F.cross_entropy(ddp(x), y).backward()
+            F.cross_entropy(ddp(x.to(device)), y.to(device)).backward()
             optimizer.step()
             optimizer_steps += 1
         model.eval()
         with torch.no_grad():
             x, y = zip(*(test_set[i] for i in range(rank, len(test_set), world_size)))
-            correct = (model(torch.stack(x)).argmax(1) == torch.tensor(y)).sum()
+            correct = (model(torch.stack(x).to(device)).argmax(1) == torch.tensor(y, device=device)).sum()
         totals = torch.tensor(
-            [float(correct), len(y), state.stats["bytes_sent"], state.stats["dense_bytes"]], dtype=torch.float64
+            [float(correct), len(y), state.stats["bytes_sent"], state.stats["dense_bytes"]],
+            dtype=torch.float64,
+            device=device,
         )
         dist.all_reduce(totals)
         if args.checkpoint:

@@ -99,6 +99,9 @@ __all__ = [
     "completed",
 ]
 
+# One buffer from every rank into one tensor: torch 2.14's name, all_gather_into_tensor in older releases (such as the
+# 2.11 of some GPU images, which benchmarks/gpu_check.sh runs on as it finds them).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _SENTINEL = -1  # an index slot that carries nothing (padding to a fixed size; fits int32 and int64 indices)
 
 
@@ -185,9 +188,9 @@ def _gather(
     staged = _staged(payload, group)
     if staged:
         host = torch.empty(gathered.numel(), dtype=gathered.dtype, device="cpu", pin_memory=True)
-        work = dist.all_gather_single(host, payload.cpu(), group=group, async_op=True)
+        work = _all_gather_single(host, payload.cpu(), group=group, async_op=True)
     else:
-        work = dist.all_gather_single(gathered, payload, group=group, async_op=True)
+        work = _all_gather_single(gathered, payload, group=group, async_op=True)
     rows = gathered.view(world_size, -1)
 
     def gathered_then_finish(fut: torch.futures.Future):

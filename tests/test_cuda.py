@@ -140,3 +140,30 @@ def test_every_exchange_with_ranks_sharing_the_gpu_is_lossless_and_trains_as_on_
     """Several processes on one GPU over gloo (NCCL refuses two ranks on a device): see benchmarks/gpu_exchanges.py."""
     row = gpu_exchanges.check(exchange, world_size, local, "cuda")
     assert row["lossless"] and row["matches_cpu"], row
+
+
+def _the_gpu_jobs_exchange(gpus_per_node: int):
+    """What ``auto`` picks for jobs/cifar10_resnet50_gpu.yaml's ResNet-50 buckets, its workers on nodes of
+    ``gpus_per_node``: ``(exchange, workers)``."""
+    from raytopk.compression import VALUE_DTYPES
+    from raytopk.config import load_config
+    from raytopk.cost_model import Layout, Link, budget, choose
+
+    job = load_config(
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "jobs", "cifar10_resnet50_gpu.yaml")
+    )
+    options = job.compression(steps_per_epoch=1)
+    numel = 25 * 2**20 // 4  # DDP's 25 MB buckets of fp32 gradients
+    link = Link(inter_gbps=options.link_gbps, inter_latency_us=options.link_latency_us)
+    value_bytes = VALUE_DTYPES[options.value_dtype].itemsize
+    layout = Layout(job.workers, gpus_per_node)
+    return choose(layout, numel, budget(options.ratio, numel, job.workers), value_bytes, link), job.workers
+
+
+@pytest.mark.parametrize("gpus_per_node", [1, 4])  # cluster.yaml's node types gpu_1x and gpu_4x
+def test_the_gpu_jobs_exchange_runs_on_cuda(gpus_per_node):
+    """The exchange that jobs/cifar10_resnet50_gpu.yaml gets on cluster.yaml's nodes, its workers as ranks sharing
+    this GPU: lossless, and training as on the CPU."""
+    exchange, workers = _the_gpu_jobs_exchange(gpus_per_node)
+    row = gpu_exchanges.check(exchange, workers, gpus_per_node, "cuda")
+    assert row["lossless"] and row["matches_cpu"], row
