@@ -235,11 +235,10 @@ def _the_gpu_path_on_cpu(rank, world_size, local_world_size, with_the_hook):
             for what, on_cpu, on_gpu_path in zip(("update", "residual", "cleared"), *results):
                 assert torch.equal(on_cpu, on_gpu_path), f"{algorithm} {dtype}: the {what} differs"
     # The hook: DGC's options, fp16 values, a resume, and a step through the dense fallback, each exchange; and
-    # DGC's per-layer selection with small parameters sent dense.
+    # DGC's per-layer selection with small parameters sent dense, its sparsity warm-up, bf16 values.
     dgc = {"momentum": 0.9, "clip_norm": 5.0, "value_dtype": "fp16"}
-    option_sets = [{"exchange": exchange, **dgc} for exchange in algorithms] + [
-        {"per_layer": True, "dense_below": 100, **dgc}
-    ]
+    per_layer = {**dgc, "per_layer": True, "dense_below": 100, "warmup_ratio": 0.25, "warmup_steps": 3}
+    option_sets = [{"exchange": exchange, **dgc} for exchange in algorithms] + [{**per_layer, "value_dtype": "bf16"}]
     for options in option_sets if with_the_hook else []:
         for ratio in (0.01, 0.9):
             runs = []
