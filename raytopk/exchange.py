@@ -328,10 +328,11 @@ def _owner_sums(indices: torch.Tensor, values: torch.Tensor, dtype):
     return distinct, sums
 
 
-def _real_entries(indices: torch.Tensor, values: torch.Tensor):
-    """Gathered ``(indices, values)`` with each sentinel entry replaced by a copy of the first real one, indices as
-    int64: the sizes stay fixed (the host need not count the real entries), and writing the result
-    (``out[positions] = values``) writes the real entries alone, one of them again. Some entry is always real."""
+def _real_entries(values: torch.Tensor, indices: torch.Tensor):
+    """Gathered entries (as :func:`_unpack_all` gives them) with each sentinel replaced by a copy of the first real
+    one: ``(positions as int64, values)``. The sizes stay fixed (the host need not count the real entries), and
+    writing the result (``out[positions] = values``) writes the real entries alone, one of them again. Some entry is
+    always real."""
     real = indices != _SENTINEL
     first = torch.argmax(real.to(torch.uint8)).reshape(1)  # the first real entry (a 0-dim index would be read)
     return torch.where(real, indices, indices[first]).long(), torch.where(real, values, values[first])
@@ -398,7 +399,7 @@ def sharded(
     payload = pack(keep_values, keep_indices, value_dtype)
 
     def apply_kept(gathered):
-        update_positions, update = _real_entries(*reversed(_unpack_all(gathered, keep, numel, value_dtype)))
+        update_positions, update = _real_entries(*_unpack_all(gathered, keep, numel, value_dtype))
         out.zero_()
         out[update_positions] = update.to(out.dtype) * scale  # owners are disjoint: a repeat is a copy
         kept_anywhere = torch.zeros(numel, dtype=torch.bool, device=out.device)
@@ -406,7 +407,7 @@ def sharded(
         used = kept_anywhere[positions] & sent
         acc[positions] = torch.where(used, leftover, acc[positions])
         acc.index_add_(0, *owner_rounding)
-        cleared = torch.zeros(numel, dtype=torch.bool, device=out.device)
+        cleared = kept_anywhere.zero_()  # its buffer, reused
         cleared[positions] = used
         return out, cleared, update_positions
 
@@ -639,7 +640,7 @@ class Exchanger:
         payload = pack(result_values, result_indices, node_out.dtype)
 
         def put_together(gathered):
-            positions, update = _real_entries(*reversed(_unpack_all(gathered, entries, numel, node_out.dtype)))
+            positions, update = _real_entries(*_unpack_all(gathered, entries, numel, node_out.dtype))
             out.zero_()
             out[positions] = update * scale  # a position touched twice carries the same sum twice
             return out, positions, positions

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from raytopk import kernels
 from raytopk.compression import VALUE_DTYPES, payload_bytes
-from raytopk.cost_model import Link, budget, dense_allreduce_bytes
+from raytopk.cost_model import budget, dense_allreduce_bytes
 from raytopk.exchange import Exchanger, finite_at
 from raytopk.optim import check_optimizer
 from raytopk.options import CompressionOptions, options_from
@@ -337,7 +337,7 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         state._exchanger = Exchanger(
             "allgather" if o.per_layer else o.exchange,
             group,
-            Link(inter_gbps=o.link_gbps, inter_latency_us=o.link_latency_us),
+            o.link,
             o.capacity_factor,
             o.ranks_per_node or None,
             state._add_hook_time,

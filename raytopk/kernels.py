@@ -184,10 +184,9 @@ def usable(*tensors: torch.Tensor) -> bool:
     """Whether the kernels can take these tensors: every one contiguous float32 or int32 on the CPU, with
     fewer than 2**31 entries (the kernels' positions are int32), and the kernels built (never tried for others)."""
     return (
-        all(
-            on_host(t) and t.dtype in (torch.float32, torch.int32) and t.is_contiguous() and t.numel() <= _MAX_NUMEL
-            for t in tensors
-        )
+        on_host(*tensors)
+        and all(t.dtype in (torch.float32, torch.int32) and t.is_contiguous() for t in tensors)
+        and all(t.numel() <= _MAX_NUMEL for t in tensors)
         and library() is not None
     )
 

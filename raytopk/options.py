@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
-from raytopk.cost_model import EXCHANGES, KEEP_FACTOR
+from raytopk.cost_model import EXCHANGES, KEEP_FACTOR, Link
 
 __all__ = [
     "CompressionOptions",
@@ -96,6 +96,11 @@ class CompressionOptions:
             raise ConfigError(
                 f"exchange: got {self.exchange!r} with per_layer: true; allowed with per_layer: auto, allgather"
             )
+
+    @property
+    def link(self) -> Link:
+        """The network between nodes that ``auto``'s cost model assumes (``link_gbps``, ``link_latency_us``)."""
+        return Link(inter_gbps=self.link_gbps, inter_latency_us=self.link_latency_us)
 
 
 def options_from(options: Optional[CompressionOptions] = None, **changes) -> CompressionOptions:

@@ -147,17 +147,17 @@ def _the_gpu_jobs_exchange(gpus_per_node: int):
     ``gpus_per_node``: ``(exchange, workers)``."""
     from raytopk.compression import VALUE_DTYPES
     from raytopk.config import load_config
-    from raytopk.cost_model import Layout, Link, budget, choose
+    from raytopk.cost_model import Layout, budget, choose
 
     job = load_config(
         os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "jobs", "cifar10_resnet50_gpu.yaml")
     )
     options = job.compression(steps_per_epoch=1)
     numel = 25 * 2**20 // 4  # DDP's 25 MB buckets of fp32 gradients
-    link = Link(inter_gbps=options.link_gbps, inter_latency_us=options.link_latency_us)
-    value_bytes = VALUE_DTYPES[options.value_dtype].itemsize
+    k, value_bytes = budget(options.ratio, numel, job.workers), VALUE_DTYPES[options.value_dtype].itemsize
     layout = Layout(job.workers, gpus_per_node)
-    return choose(layout, numel, budget(options.ratio, numel, job.workers), value_bytes, link), job.workers
+    picked = choose(layout, numel, k, value_bytes, options.link, options.capacity_factor, options.keep_factor)
+    return picked, job.workers
 
 
 @pytest.mark.parametrize("gpus_per_node", [1, 4])  # cluster.yaml's node types gpu_1x and gpu_4x

@@ -216,6 +216,13 @@ def _steady_state_guarded(first_read_free: int):
     return hook
 
 
+def _as_mask(cleared: torch.Tensor, numel: int) -> torch.Tensor:
+    """An exchange's ``cleared`` (positions, in any order, or a bool mask) as a bool mask."""
+    if cleared.dtype == torch.bool:
+        return cleared
+    return torch.zeros(numel, dtype=torch.bool).index_fill_(0, cleared, True)
+
+
 def _the_gpu_path_on_cpu(rank, world_size, local_world_size, with_the_hook):
     from raytopk.exchange import Exchanger, Link
 
@@ -230,8 +237,7 @@ def _the_gpu_path_on_cpu(rank, world_size, local_world_size, with_the_hook):
                 out = torch.zeros_like(acc)
                 with path():
                     _, cleared, _ = exchanger.run(algorithm, acc, k, dtype, out).future.wait()
-                mask = cleared if cleared.dtype == torch.bool else torch.zeros(3000, dtype=torch.bool)
-                results.append((out, acc, mask.index_fill_(0, cleared, True) if mask is not cleared else mask))
+                results.append((out, acc, _as_mask(cleared, 3000)))
             for what, on_cpu, on_gpu_path in zip(("update", "residual", "cleared"), *results):
                 assert torch.equal(on_cpu, on_gpu_path), f"{algorithm} {dtype}: the {what} differs"
     # The hook: DGC's options, fp16 values, a resume, and a step through the dense fallback, each exchange; and
