@@ -21,7 +21,8 @@ second pass, and only then a full ``torch.topk`` runs: the result is always
 the exact top-k, only the time changes. On a GPU, where a sample's threshold
 would make the host wait to learn how many entries passed, a radix select on
 the magnitudes' bits finds the k-th largest in a few passes and gathers
-exactly ``k`` positions, all on the device.
+exactly ``k`` positions, all on the device: Triton kernels
+(:mod:`raytopk.triton_kernels`) where Triton is, else PyTorch calls.
 """
 
 import functools
@@ -30,7 +31,7 @@ import math
 import numpy as np
 import torch
 
-from raytopk import kernels, options
+from raytopk import kernels, options, triton_kernels
 from raytopk.devices import on_host
 
 __all__ = ["select_topk", "accumulate_topk", "index_dtype", "pack", "unpack", "payload_bytes"]
@@ -100,6 +101,8 @@ def accumulate_topk(grad: torch.Tensor, residual: torch.Tensor, acc: torch.Tenso
     n = acc.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}] for a tensor of {n} elements, got {k}")
+    if not on_host(acc) and triton_kernels.usable(grad, residual, acc):
+        return triton_kernels.accumulate_topk(grad, residual, acc, k)
     if not kernels.usable(grad, residual, acc):
         torch.add(grad, residual, out=acc)
         grad.zero_()
@@ -121,7 +124,7 @@ def _torch_topk(x: torch.Tensor, k: int):
     """``torch.topk``'s exact set, with the tie rule of every path: among entries tied at the k-th magnitude, the lowest
     positions."""
     if not on_host(x):
-        return _topk_by_radix_select(x, k)
+        return triton_kernels.topk(x, k) if triton_kernels.usable(x) else _topk_by_radix_select(x, k)
     magnitude = x.abs()
     largest = torch.topk(magnitude, k, sorted=False).values
     finite = largest[~torch.isnan(largest)]  # NaN counts as largest, as in torch.topk: always kept
@@ -135,7 +138,8 @@ def _torch_topk(x: torch.Tensor, k: int):
 
 
 def _topk_by_radix_select(x: torch.Tensor, k: int):
-    """The exact top-k in a few passes over memory, on any device, without the host waiting: the GPU path.
+    """The exact top-k on any device, without the host waiting: the GPU path where Triton is not, as PyTorch calls
+    (:mod:`raytopk.triton_kernels` runs the same algorithm in fewer passes, with the same result).
 
     A float's bits with the sign cleared order as its magnitude does (NaN
     above infinity above every finite value), so the k-th largest magnitude

@@ -3,6 +3,7 @@
 import os
 import tempfile
 import traceback
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -21,17 +22,22 @@ def _entry(rank, world_size, store_path, fn, args, results):
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size, *args, timeout=240, dying=()):
+def run_ranks(fn, world_size, *args, timeout=240, dying=(), env=None):
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` new processes.
 
     Returns the per-rank return values (a list indexed by rank; None for the
     ranks in ``dying``, which end their process without returning); re-raises
     the first rank's failure with its traceback. ``fn`` must be importable (module level).
+    ``env``: variables the ranks start with, for what is read at import (such as ``TRITON_INTERPRET``); each rank
+    then starts a new interpreter instead of forking from one that imported torch already.
     """
-    ctx = mp.get_context("forkserver")  # a fresh process per rank, forked from a server that imported torch once
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "raytopk"])
+    if env is None:
+        ctx = mp.get_context("forkserver")  # a fresh process per rank, forked from a server that imported torch once
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "raytopk"])
+    else:
+        ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, env or {}):
         procs = [
             ctx.Process(target=_entry, args=(r, world_size, os.path.join(tmp, "store"), fn, args, results))
             for r in range(world_size)
