@@ -32,7 +32,10 @@ each kernel once per GPU type and caches it (``~/.triton/cache``);
 ``RAYTOPK_TRITON=0`` takes the PyTorch path instead.
 """
 
+import contextlib
+import functools
 import os
+import warnings
 
 import torch
 
@@ -62,11 +65,34 @@ def usable(*tensors: torch.Tensor) -> bool:
         and all(t.dtype in _DTYPES and (t.is_cuda or (_interpreted() and t.device.type == "cpu")) for t in tensors)
         and all(t.numel() < 2**31 for t in tensors)
         and len({t.dtype for t in tensors}) == 1
+        and _compiles(tensors[0].dtype, tensors[0].device)
     )
 
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _compiles(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether every kernel compiles and runs for ``dtype`` on ``device``, tried once on a throwaway tensor before a
+    bucket's first selection: where Triton fails (a GPU or driver it does not support), the hook warns once and
+    takes the PyTorch path instead of failing halfway through a bucket, with its gradient already zeroed."""
+    if _interpreted():
+        return True  # nothing to compile
+    try:
+        x = torch.ones(2 * _BLOCK * _MAX_PROGRAMS + 1, dtype=dtype, device=device)  # several blocks per program
+        _select(x, 5)
+        _select(torch.empty_like(x), 5, x.clone(), x)
+        return True
+    except Exception as error:  # Triton's compile and launch errors have no common base class
+        warnings.warn(
+            f"raytopk: Triton could not run its selection kernels for {dtype} on {device} ({error}); the hook "
+            "takes its slower PyTorch path. RAYTOPK_TRITON=0 silences this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
 
 
 def topk(x: torch.Tensor, k: int):
@@ -82,8 +108,9 @@ def accumulate_topk(grad: torch.Tensor, residual: torch.Tensor, acc: torch.Tenso
 
 def _select(x: torch.Tensor, k: int, grad=None, residual=None):
     values, indices, launches = _plan(x, k, grad, residual)
-    for kernel, programs, args, constants in launches:
-        kernel[(programs,)](*args, **constants)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton launches on the current one
+        for kernel, programs, args, constants in launches:
+            kernel[(programs,)](*args, **constants)
     return values, indices
 
 

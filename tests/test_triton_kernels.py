@@ -59,6 +59,12 @@ def test_every_launch_compiles_for_a100_and_h100_gpus(dtype, arch):
         assert triton_kernels.triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["cubin"]
 
 
+def test_where_triton_cannot_run_the_kernels_the_hook_warns_and_takes_the_pytorch_path():
+    """Launching them without a GPU fails as on one Triton does not support: one warning, then the PyTorch path."""
+    with pytest.warns(RuntimeWarning, match=r"Triton could not run its selection kernels for torch.float32 on cpu"):
+        assert not triton_kernels._compiles.__wrapped__(torch.float32, torch.device("cpu"))
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """Compare floats by their bits, so NaN equals NaN and -0.0 differs from 0.0."""
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
