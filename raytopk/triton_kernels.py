@@ -8,21 +8,25 @@ integer keys, from the top. Written as PyTorch calls
 (:func:`raytopk.compression._topk_by_radix_select`) that is some sixty
 launches and a dozen passes per bucket; here it is:
 
-1. one pass per digit (:data:`DIGIT_BITS` bits: four for float32 keys, two
-   for float16 and bfloat16) that counts, per program in registers, the
-   digits of the keys that share the digits found so far, and adds its
-   counts to one histogram. The first pass also writes ``acc = grad +
-   residual`` and zeroes ``grad`` when asked (the hook's accumulation, fused
-   as the CPU kernels fuse it);
-2. after each, one single-program launch that picks the largest digit still
-   holding the k-th key and adds the keys above it to the count of larger
-   ones, on the device;
-3. one pass that counts, per program, the keys above the k-th and those
-   equal to it;
-4. one pass that writes exactly ``k`` positions and values, in ascending
-   position: every key above the k-th, then as many equal to it as fit,
-   lowest positions first (the tie rule of every path), each program at the
-   offset the counts before it give.
+1. one pass per digit (:data:`DIGIT_BITS` bits: four passes for float32
+   keys, two for float16 and bfloat16) that counts, per program in
+   registers, the digit of every key that shares the digits found so far,
+   and adds its counts to that digit's histogram. Each program first works
+   out the digits found so far from the earlier histograms itself (a few
+   hundred counts), so no launch in between picks them. The first pass also
+   writes ``acc = grad + residual`` and zeroes ``grad`` when asked (the
+   hook's accumulation, fused as the CPU kernels fuse it); the last keeps
+   each program's histogram and its count of keys above the digits found;
+2. one small launch that turns those into each program's count of keys
+   above the k-th key and equal to it, without reading the keys again;
+3. one pass that writes exactly ``k`` positions and values, in ascending
+   position and packed for sending: every key above the k-th, then as many
+   equal to it as fit, lowest positions first (the tie rule of every path),
+   each program at the offset the counts before it give.
+
+So a float32 bucket takes seven launches and five reads of its entries
+(the first also reads the residual and writes both tensors, in place of a
+separate add and zeroing).
 
 Every size is known before the data arrive, so the host never waits. The
 result is the same as the PyTorch path's, bit for bit, which the test suite
@@ -133,7 +137,9 @@ def _plan(x: torch.Tensor, k: int, grad=None, residual=None):
         "BLOCK": _BLOCK,
     }
     histograms = torch.zeros(passes << DIGIT_BITS, dtype=torch.int32, device=x.device)  # one per digit
-    counts = torch.empty(2 * programs, dtype=torch.int64, device=x.device)  # per program: keys above the k-th, tied
+    # The last pass's histogram per program, and per program: its keys above the k-th, and those tied with it.
+    program_histograms = torch.empty(programs << DIGIT_BITS, dtype=torch.int32, device=x.device)
+    counts = torch.empty(2 * programs, dtype=torch.int64, device=x.device)
     idx_dtype = index_dtype(n)
     packed = torch.empty(k * (idx_dtype.itemsize + x.element_size()), dtype=torch.uint8, device=x.device)
     indices, values = packed[: k * idx_dtype.itemsize].view(idx_dtype), packed[k * idx_dtype.itemsize :].view(x.dtype)
@@ -141,12 +147,13 @@ def _plan(x: torch.Tensor, k: int, grad=None, residual=None):
     for done in range(passes):
         accumulate = grad is not None and done == 0
         sources = (grad, residual) if accumulate else (x, x)
-        args = (x, *sources, n, k, blocks, histograms)
-        launches.append((_histogram_kernel, programs, args, {"DONE": done, "ACCUMULATE": accumulate, **keys}))
+        args = (x, *sources, n, k, blocks, histograms, program_histograms, counts)
+        constants = {"DONE": done, "LAST": done == passes - 1, "ACCUMULATE": accumulate, **keys}
+        launches.append((_histogram_kernel, programs, args, constants))
+    args, constants = (k, histograms, program_histograms, counts), {"PASSES": passes, "KEY_BITS": key_bits}
+    launches.append((_count_kernel, programs, args, {**constants, "DIGIT": DIGIT_BITS}))
     args = (x, n, k, blocks, histograms, counts, values, indices)
-    for write in (False, True):  # count per program, then write at the offsets the counts give
-        constants = {"WRITE": write, "PASSES": passes, "MAX_PROGRAMS": _MAX_PROGRAMS, **keys}
-        launches.append((_chosen_kernel, programs, args, constants))
+    launches.append((_write_kernel, programs, args, {"PASSES": passes, "MAX_PROGRAMS": _MAX_PROGRAMS, **keys}))
     return values, indices, launches
 
 
@@ -192,7 +199,10 @@ if triton is not None:
         k,
         blocks,
         histograms_ptr,
+        program_histograms_ptr,
+        counts_ptr,
         DONE: tl.constexpr,
+        LAST: tl.constexpr,
         ACCUMULATE: tl.constexpr,
         BLOCK: tl.constexpr,
         BITS_TYPE: tl.constexpr,
@@ -202,11 +212,15 @@ if triton is not None:
         DIGIT: tl.constexpr,
     ):
         """Count, into histogram ``DONE``, the next digit of every key whose ``DONE`` digits above it are the k-th
-        key's (``acc = grad + residual`` written first, and ``grad`` zeroed, when ``ACCUMULATE``)."""
+        key's (``acc = grad + residual`` written first, and ``grad`` zeroed, when ``ACCUMULATE``). The ``LAST`` pass
+        also keeps this program's histogram and its count of keys above those digits, which is all the count of
+        its keys above and at the k-th key needs."""
+        program = tl.program_id(0)
         known_shift = KEY_BITS - DIGIT * DONE
-        start = tl.program_id(0).to(tl.int64) * blocks * BLOCK
+        start = program.to(tl.int64) * blocks * BLOCK
         kth, _ = _kth_key(histograms_ptr, k, DONE, KEY_BITS, DIGIT)
         counts = tl.zeros([1 << DIGIT], dtype=tl.int32)
+        above = tl.zeros([], dtype=tl.int64)
         for block in range(blocks):
             offsets = start + block * BLOCK + tl.arange(0, BLOCK)
             valid = offsets < n
@@ -223,10 +237,36 @@ if triton is not None:
             # Keys not counted land in bin 0 and are taken out of it again (histogram has no mask in every release).
             counts += tl.histogram(tl.where(counted, digit, 0), 1 << DIGIT)
             counts -= tl.where(tl.arange(0, 1 << DIGIT) == 0, tl.sum((~counted).to(tl.int32), 0), 0)
+            if LAST:
+                above += tl.sum((valid & ((key >> known_shift) > (kth >> known_shift))).to(tl.int64), 0)
         tl.atomic_add(histograms_ptr + (DONE << DIGIT) + tl.arange(0, 1 << DIGIT), counts)
+        if LAST:
+            tl.store(program_histograms_ptr + (program << DIGIT) + tl.arange(0, 1 << DIGIT), counts)
+            tl.store(counts_ptr + 2 * program, above)
 
     @triton.jit
-    def _chosen_kernel(
+    def _count_kernel(
+        k,
+        histograms_ptr,
+        program_histograms_ptr,
+        counts_ptr,
+        PASSES: tl.constexpr,
+        KEY_BITS: tl.constexpr,
+        DIGIT: tl.constexpr,
+    ):
+        """Per program, from its last-pass histogram: how many of its keys are above the k-th key, and how many
+        equal it (without reading the keys again)."""
+        program = tl.program_id(0)
+        kth, _ = _kth_key(histograms_ptr, k, PASSES, KEY_BITS, DIGIT)
+        bins = tl.arange(0, 1 << DIGIT)
+        counts = tl.load(program_histograms_ptr + (program << DIGIT) + bins).to(tl.int64)
+        digit = kth & ((1 << DIGIT) - 1)
+        above = tl.load(counts_ptr + 2 * program) + tl.sum(tl.where(bins > digit, counts, 0), 0)
+        tl.store(counts_ptr + 2 * program, above)
+        tl.store(counts_ptr + 2 * program + 1, tl.sum(tl.where(bins == digit, counts, 0), 0))
+
+    @triton.jit
+    def _write_kernel(
         x_ptr,
         n,
         k,
@@ -235,7 +275,6 @@ if triton is not None:
         counts_ptr,
         values_ptr,
         indices_ptr,
-        WRITE: tl.constexpr,
         PASSES: tl.constexpr,
         MAX_PROGRAMS: tl.constexpr,
         BLOCK: tl.constexpr,
@@ -245,15 +284,15 @@ if triton is not None:
         KEY_BITS: tl.constexpr,
         DIGIT: tl.constexpr,
     ):
-        """Count, per program, its keys above the k-th key and equal to it; or (``WRITE``) write the chosen positions
-        and values of its run at the slots those counts leave it: every key above, then ties while ``k`` allows."""
+        """Write this program's chosen positions and values at the slots the earlier programs' counts leave it:
+        every key above the k-th, then ties while ``k`` allows (lowest positions first)."""
         program = tl.program_id(0)
         start = program.to(tl.int64) * blocks * BLOCK
         kth, above_kth = _kth_key(histograms_ptr, k, PASSES, KEY_BITS, DIGIT)
         ties_kept = k - above_kth
-        earlier = tl.arange(0, MAX_PROGRAMS) < program if WRITE else tl.zeros([MAX_PROGRAMS], dtype=tl.int1)
-        above_before = tl.sum(tl.load(counts_ptr + 2 * tl.arange(0, MAX_PROGRAMS), mask=earlier, other=0), 0)
-        tied_before = tl.sum(tl.load(counts_ptr + 2 * tl.arange(0, MAX_PROGRAMS) + 1, mask=earlier, other=0), 0)
+        earlier = tl.arange(0, MAX_PROGRAMS)
+        above_before = tl.sum(tl.load(counts_ptr + 2 * earlier, mask=earlier < program, other=0), 0)
+        tied_before = tl.sum(tl.load(counts_ptr + 2 * earlier + 1, mask=earlier < program, other=0), 0)
         for block in range(blocks):
             offsets = start + block * BLOCK + tl.arange(0, BLOCK)
             valid = offsets < n
@@ -261,14 +300,10 @@ if triton is not None:
             key = _keys(x, BITS_TYPE, KEY_MASK, NAN_KEY)
             above = (key > kth) & valid
             tied = (key == kth) & valid
-            if WRITE:
-                tie_rank = tied_before + tl.cumsum(tied.to(tl.int64), 0) - 1
-                chosen = above | (tied & (tie_rank < ties_kept))
-                slot = above_before + tl.minimum(tied_before, ties_kept) + tl.cumsum(chosen.to(tl.int64), 0) - 1
-                tl.store(indices_ptr + slot, offsets.to(indices_ptr.dtype.element_ty), mask=chosen)
-                tl.store(values_ptr + slot, x, mask=chosen)
+            tie_rank = tied_before + tl.cumsum(tied.to(tl.int64), 0) - 1
+            chosen = above | (tied & (tie_rank < ties_kept))
+            slot = above_before + tl.minimum(tied_before, ties_kept) + tl.cumsum(chosen.to(tl.int64), 0) - 1
+            tl.store(indices_ptr + slot, offsets.to(indices_ptr.dtype.element_ty), mask=chosen)
+            tl.store(values_ptr + slot, x, mask=chosen)
             above_before += tl.sum(above.to(tl.int64), 0)
             tied_before += tl.sum(tied.to(tl.int64), 0)
-        if not WRITE:
-            tl.store(counts_ptr + 2 * program, above_before)
-            tl.store(counts_ptr + 2 * program + 1, tied_before)
