@@ -266,7 +266,10 @@ def allgather(
         cleared = positions(indices)
         acc.index_copy_(0, cleared, values - unpack(payload, k, numel, value_dtype)[0].to(values.dtype))
         all_values, all_indices = _unpack_all(rows, k, numel, value_dtype)
-        touched = torch.cat([positions(peer_indices) for peer_indices in all_indices.view(world_size, k)])
+        if positions is _as_positions:  # one launch, not one per peer
+            touched = all_indices.long()
+        else:
+            touched = torch.cat([positions(peer_indices) for peer_indices in all_indices.view(world_size, k)])
         out.index_add_(0, touched, all_values.to(out.dtype), alpha=scale)
         return out, cleared, touched
 
