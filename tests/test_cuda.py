@@ -11,7 +11,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import raytopk
-from raytopk.compression import select_topk
+from raytopk import triton_kernels
+from raytopk.compression import _topk_by_radix_select, accumulate_topk, select_topk
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 import gpu_exchanges  # noqa: E402  (a benchmark script: the checks gpu_check.sh runs, shared with this test)
@@ -27,6 +28,29 @@ def test_selection_on_cuda_is_exact(numel, k, dtype):
     assert values.device.type == "cuda" and values.dtype == dtype
     kth = torch.topk(x.abs().float(), k).values.min()
     assert len(set(indices.tolist())) == k and bool((x[indices.long()].abs().float() >= kth).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_triton_kernels_pick_what_the_pytorch_path_and_the_cpu_pick(dtype):
+    """On many ties (eighths from -6 to 6) and on normal values: the Triton kernels' values and indices are the
+    PyTorch radix select's bit for bit, the same entries as the CPU path's (the lowest positions among ties), and the
+    fused accumulation's sums are torch.add's."""
+    g = torch.Generator().manual_seed(7)
+    for x in ((torch.randint(-48, 49, (3_000_001,), generator=g) / 8).to(dtype), torch.randn(3_000_001).to(dtype)):
+        gpu = x.cuda()
+        assert triton_kernels.usable(gpu)
+        for k in (1, 30_000, len(x)):
+            values, indices = select_topk(gpu, k)
+            radix = _topk_by_radix_select(gpu, k)
+            assert torch.equal(indices, radix[1]) and torch.equal(values, radix[0])
+            cpu_values, cpu_indices = select_topk(x, k)
+            order = cpu_indices.argsort()
+            assert torch.equal(indices.cpu(), cpu_indices[order]) and torch.equal(values.cpu(), cpu_values[order])
+        grad, residual, acc = gpu.clone(), torch.randn(len(x), generator=g).to(dtype).cuda(), torch.empty_like(gpu)
+        values, indices = accumulate_topk(grad, residual, acc, 30_000)
+        expected = torch.add(gpu, residual)
+        assert torch.equal(acc, expected) and not grad.any()
+        assert torch.equal(indices, _topk_by_radix_select(expected, 30_000)[1])
 
 
 @pytest.fixture
