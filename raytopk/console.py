@@ -63,14 +63,15 @@ def start_ray(address=None, verbose: bool = False, num_cpus=None) -> None:
 
 
 def _quiet_ray_data() -> None:
-    """Ray Data's lines on this driver (its progress bars, and the INFO log it prints while a Parquet dataset is read
-    and decoded) off the console; its log file in Ray's log directory keeps them all."""
+    """Ray Data's lines on this driver (its progress bars, the INFO log it prints while a Parquet dataset is read and
+    decoded, and the traceback it logs when a task fails, which raytopk reports in one line) off the console; its log
+    file in Ray's log directory keeps them all."""
     import ray.data  # sets up the "ray.data" logger: a handler for its log file, and a stream one for the console
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler):
-            handler.setLevel(logging.ERROR)
+            handler.setLevel(logging.CRITICAL)
 
 
 def ray_log_dir():

@@ -296,15 +296,26 @@ def decode(column, image_shape, encoded: bool, mode: Optional[str]):
             mode = mode or ("L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB")
             pixels = np.asarray(image if image.mode == mode else image.convert(mode))  # 8 bits per channel
         except Exception as err:  # PIL's errors for undecodable bytes are of several kinds
-            raise ValueError(f"row {i} is not a PNG or JPEG image ({err})") from None
-        if images and pixels.shape != images[0].shape:
-            raise ValueError(
-                f"row {i} is {pixels.shape[:2]} pixels, the first image {images[0].shape[:2]}; "
-                "allowed: images of one size"
-            )
+            raise ImageError(i, f"is not a PNG or JPEG image ({type(err).__name__})") from None
+        size = tuple(image_shape[1:]) if image_shape is not None else images[0].shape[:2] if images else None
+        if size is not None and pixels.shape[:2] != size:
+            where = "the data's first images" if image_shape is not None else "the first image"
+            raise ImageError(i, f"is {_pixels(pixels.shape)} pixels, {where} {_pixels(size)}; allowed: one size")
         images.append(pixels)
     stacked = np.stack(images).astype(np.float32) / 255.0 if images else np.zeros((0, 1, 1), np.float32)
     return stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)
+
+
+class ImageError(ValueError):
+    """An image that does not decode, or not to the size of the others: its ``row`` in the column, and ``what``."""
+
+    def __init__(self, row: int, what: str):
+        super().__init__(f"row {row} {what}")
+        self.row, self.what = row, what
+
+
+def _pixels(shape) -> str:
+    return f"{shape[1]} x {shape[0]}"
 
 
 def _in_test(row_hash, seed: int, fraction: float):
@@ -328,7 +339,13 @@ def _prepare(batch, image_column: str, label_column: str, image_shape, encoded: 
         seed, fraction, want_test = split
         keep = _in_test(batch.column("row_hash").to_numpy(), seed, fraction) == want_test
         batch = batch.filter(keep)
-    images = decode(batch.column(image_column), image_shape, encoded, mode)
+    try:
+        images = decode(batch.column(image_column), image_shape, encoded, mode)
+    except ImageError as err:  # found by a worker or Ray Data's task: the file is in the row's path column
+        from raytopk.data import DatasetError
+
+        path = batch.column("path")[err.row].as_py()
+        raise DatasetError(f"image_column: {image_column!r} in {path}: an image {err.what}") from None
     images = (images - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
     return {"x": images.astype(np.float32), "y": batch.column(label_column).to_numpy().astype(np.int64)}
 
@@ -353,6 +370,7 @@ def datasets(cfg, spec: ParquetSpec) -> dict:
             filesystem=spec.filesystem,
             columns=[cfg.image_column, cfg.label_column],
             include_row_hash=hashed,
+            include_paths=True,  # for an error's file
             shuffle=shuffle,
         )
         mode = "L" if spec.image_shape[0] == 1 else "RGB"
@@ -376,6 +394,7 @@ def datasets(cfg, spec: ParquetSpec) -> dict:
     # Ray Data's first Parquet reader: its second (the default in Ray 2.60, listing files in a task of its own) took
     # 1.8-4.3 s to a first batch here against 0.12 s, and every epoch and evaluation starts a new read.
     context = ray.data.DataContext.get_current()
+    context.raise_original_map_exception = True  # a bad image's DatasetError, not "UDF failed", wherever it decodes
     v2, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
         train, test = read(spec.train_files, False, True), read(spec.test_files, True, False)
@@ -391,8 +410,27 @@ def datasets(cfg, spec: ParquetSpec) -> dict:
             "train": train.materialize().randomize_block_order(seed=cfg.shuffle_seed),
             "test": test.materialize(),
         }
+    except Exception as err:
+        bad_data = _dataset_error(err)
+        if bad_data is None:
+            raise
+        raise bad_data from None  # one line, as the checks before Ray's start give
     finally:
         context.execution_options.preserve_order = order
+
+
+def _dataset_error(err: BaseException):
+    """The DatasetError a Ray Data task raised (an image that does not decode or fit) in the exceptions Ray wraps it
+    in, or None."""
+    from raytopk.data import DatasetError
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if type(err) is DatasetError:  # not Ray's copy of a task's error, which also is one and prints a traceback
+            return DatasetError(str(err).splitlines()[0])  # without the retry advice Ray Data appends
+        seen.add(id(err))
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+    return None
 
 
 def _decode_once(spec: ParquetSpec) -> bool:

@@ -1,5 +1,6 @@
 """Own data as Parquet: export, the driver's checks, the split, decoding, and training through Ray Data for real."""
 
+import io
 import json
 import os
 import re
@@ -97,6 +98,42 @@ def test_decoded_once_and_streamed_each_epoch_give_the_same_rows(exported, monke
             assert _rows(once[split]) == _rows(streamed[split]), split
     finally:
         ray.shutdown()
+
+
+def _png(size: int) -> bytes:
+    from PIL import Image
+
+    encoded = io.BytesIO()
+    Image.new("L", (size, size), color=128).save(encoded, format="PNG")
+    return encoded.getvalue()
+
+
+@pytest.mark.parametrize(
+    "late, what",
+    [(_png(32), "is 32 x 32 pixels, the data's first images 28 x 28; allowed: one size"), (b"junk", "is not a PNG")],
+    ids=["another size", "not an image"],
+)
+def test_an_image_past_the_checked_rows_that_does_not_fit_is_one_line_naming_its_file(tmp_path, late, what):
+    """The driver's check reads the first file's first rows; an image that does not decode, or not to their size,
+    in another file surfaces where Ray Data decodes it, as the same kind of one-line error, naming its file."""
+    import ray
+
+    from raytopk import parquet
+    from raytopk.data import DatasetError
+
+    good = [_png(28)] * 40
+    _write(str(tmp_path / "a.parquet"), image=good, label=[1] * 40)
+    _write(str(tmp_path / "b.parquet"), image=good[:30] + [late] * 10, label=[2] * 40)
+    cfg = _cfg(str(tmp_path), test_fraction=0.25, batch_size=8)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(DatasetError) as raised:
+            parquet.datasets(cfg, inspect(cfg))
+    finally:
+        ray.shutdown()
+    message = str(raised.value)
+    assert message.startswith(f"image_column: 'image' in {tmp_path}/b.parquet: an image {what}"), message
+    assert "\n" not in message
 
 
 def test_without_split_directories_the_test_fraction_is_used(exported):
