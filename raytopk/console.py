@@ -52,6 +52,9 @@ def start_ray(address=None, verbose: bool = False, num_cpus=None) -> None:
     """
     import ray
 
+    from raytopk.preflight import check_ray_address
+
+    check_ray_address(address)
     ray.init(
         address=address,
         num_cpus=num_cpus,

@@ -15,6 +15,7 @@ run says it waits for nodes. What a worker asks for is :func:`worker_resources`.
 """
 
 import os
+import socket
 import tempfile
 from typing import Optional
 
@@ -28,6 +29,7 @@ __all__ = [
     "check_file",
     "local_ray_cpus",
     "check_local",
+    "check_ray_address",
     "say_if_waiting",
     "worker_resources",
 ]
@@ -154,6 +156,21 @@ def local_ray_cpus(cfg, address: Optional[str] = None) -> Optional[int]:
     if cfg.dataset != PARQUET or address or cfg.address or os.environ.get("RAY_ADDRESS"):
         return None
     return len(os.sched_getaffinity(0)) + 1
+
+
+def check_ray_address(address: Optional[str]) -> None:
+    """Refuse in one line a Ray address ``HOST:PORT`` or ``ray://HOST:PORT`` (``address``, else ``RAY_ADDRESS``)
+    where nothing answers, which ``ray.init`` would keep trying for minutes. Other forms (``auto``, none) go to
+    ``ray.init`` as they are."""
+    key, address = ("address", address) if address else ("RAY_ADDRESS", os.environ.get("RAY_ADDRESS"))
+    host, _, port = (address or "").removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    allowed = "allowed: HOST:PORT of a running Ray head (ray start --head prints it), ray://HOST:PORT, or auto"
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as err:
+        raise ConfigError(f"{key}: got {address!r}, where nothing answers ({err.strerror or err}); {allowed}") from None
 
 
 def worker_resources(cfg) -> dict:
