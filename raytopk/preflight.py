@@ -164,7 +164,7 @@ def check_ray_address(address: Optional[str]) -> None:
     ``ray.init`` as they are."""
     key, address = ("address", address) if address else ("RAY_ADDRESS", os.environ.get("RAY_ADDRESS"))
     host, _, port = (address or "").removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
+    if not host or "/" in host or not port.isdigit():  # auto, none, or another scheme (http:// is the jobs API's)
         return
     allowed = "allowed: HOST:PORT of a running Ray head (ray start --head prints it), ray://HOST:PORT, or auto"
     try:
