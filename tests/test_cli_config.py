@@ -251,3 +251,18 @@ def test_paths_are_checked_before_ray_starts_and_nothing_is_left(tmp_path):
 def test_version():
     done = subprocess.run([sys.executable, "-m", "raytopk", "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == f"raytopk {raytopk.__version__}"
+
+
+def test_a_ray_address_is_checked_only_where_it_names_a_host_and_port(monkeypatch):
+    """HOST:PORT and ray://HOST:PORT, from --address or RAY_ADDRESS, must answer; other forms (auto, the jobs API's
+    http:// address that users export for ray job submit) go to Ray as they are."""
+    from raytopk.preflight import check_ray_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for address in ("auto", "http://127.0.0.1:1", "localhost", None):
+        check_ray_address(address)
+    with pytest.raises(ConfigError, match=r"^address: got 'ray://127.0.0.1:1', where nothing answers"):
+        check_ray_address("ray://127.0.0.1:1")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    with pytest.raises(ConfigError, match=r"^RAY_ADDRESS: got '127.0.0.1:1', where nothing answers"):
+        check_ray_address(None)
