@@ -31,7 +31,7 @@ import math
 import numpy as np
 import torch
 
-from raytopk import kernels, options, triton_kernels
+from raytopk import kernels, options
 from raytopk.devices import on_host
 
 __all__ = ["select_topk", "accumulate_topk", "index_dtype", "pack", "unpack", "payload_bytes"]
@@ -101,8 +101,11 @@ def accumulate_topk(grad: torch.Tensor, residual: torch.Tensor, acc: torch.Tenso
     n = acc.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}] for a tensor of {n} elements, got {k}")
-    if not on_host(acc) and triton_kernels.usable(grad, residual, acc):
-        return triton_kernels.accumulate_topk(grad, residual, acc, k)
+    if not on_host(acc):
+        from raytopk import triton_kernels  # imported where the accelerator path runs: Triton's import takes 0.2 s
+
+        if triton_kernels.usable(grad, residual, acc):
+            return triton_kernels.accumulate_topk(grad, residual, acc, k)
     if not kernels.usable(grad, residual, acc):
         torch.add(grad, residual, out=acc)
         grad.zero_()
@@ -124,6 +127,8 @@ def _torch_topk(x: torch.Tensor, k: int):
     """``torch.topk``'s exact set, with the tie rule of every path: among entries tied at the k-th magnitude, the lowest
     positions."""
     if not on_host(x):
+        from raytopk import triton_kernels  # imported where the accelerator path runs: Triton's import takes 0.2 s
+
         return triton_kernels.topk(x, k) if triton_kernels.usable(x) else _topk_by_radix_select(x, k)
     magnitude = x.abs()
     largest = torch.topk(magnitude, k, sorted=False).values

@@ -5,8 +5,8 @@ count, so its selection is a radix select: a float's bits with the sign
 cleared order as its magnitude does (NaN above infinity above every finite
 value), so the k-th largest magnitude is found digit by digit on those
 integer keys, from the top. Written as PyTorch calls
-(:func:`raytopk.compression._topk_by_radix_select`) that is some sixty
-launches and a dozen passes per bucket; here it is:
+(:func:`raytopk.compression._topk_by_radix_select`) that is a launch per
+call, most of them a pass over the keys; here it is:
 
 1. one pass per digit (:data:`DIGIT_BITS` bits: four passes for float32
    keys, two for float16 and bfloat16) that counts, per program in
@@ -42,6 +42,8 @@ import os
 import warnings
 
 import torch
+
+from raytopk.compression import _NAN_KEY, index_dtype
 
 try:
     import triton
@@ -121,8 +123,6 @@ def _select(x: torch.Tensor, k: int, grad=None, residual=None):
 def _plan(x: torch.Tensor, k: int, grad=None, residual=None):
     """The selection's outputs, its scratch tensors, and its launches: ``(values, indices, [(kernel, programs,
     arguments, constants), ...])``. Nothing runs yet (the tests compile exactly these for a GPU they do not have)."""
-    from raytopk.compression import _NAN_KEY, index_dtype  # compression imports this module
-
     n = x.numel()
     key_bits = 8 * x.element_size()
     passes = key_bits // DIGIT_BITS
