@@ -21,7 +21,6 @@ Exit status: 0 when the job SUCCEEDED (or was submitted, with ``--no-wait``);
 reached or refuses the token; 130 when interrupted (the job keeps running).
 """
 
-import argparse
 import asyncio
 import os
 import shlex
@@ -127,7 +126,9 @@ async def _stream(client, job_id: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    from raytopk.cli import ArgumentParser, flag_type
+
+    parser = ArgumentParser(
         description="Submit a raytopk job (jobs/*.yaml) or sweep (tune_configs/*.yaml) to a Ray cluster."
     )
     parser.add_argument("config", help="jobs/X.yaml or tune_configs/X.yaml, inside this project")
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--entrypoint-num-cpus",
-        type=float,
+        type=flag_type(float, "a number in [0, inf)"),
         default=0,
         metavar="N",
         help="CPUs the driver holds for as long as the job runs (default 0, as in Ray: it runs on the head and "

@@ -54,14 +54,37 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_help(f))
         else:
             kind = {
-                int: int,
-                Optional[int]: int,
-                float: float,
-                Optional[float]: float,
-                Optional[dict]: _yaml_value,
-                Optional[list]: _yaml_value,
+                int: flag_type(int, "an integer"),
+                Optional[int]: flag_type(int, "an integer"),
+                float: flag_type(float, "a number"),
+                Optional[float]: flag_type(float, "a number"),
+                Optional[dict]: flag_type(_yaml_value, "YAML"),
+                Optional[list]: flag_type(_yaml_value, "YAML"),
             }.get(f.type, str)
             parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=_help(f))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, with its errors as one line, as every raytopk user error is (argparse prints the usage
+    first, which for ``raytopk train`` is a screenful); ``submit.py`` uses it too."""
+
+    def error(self, message: str):
+        program = self.prog.split()[0]
+        self.exit(2, f"{program}: error: {message.removeprefix('argument ')} (see: {self.prog} --help)\n")
+
+
+def flag_type(convert, allowed: str):
+    """A flag's type: ``convert``, whose failure argparse reports as ``--flag: got 'x'; allowed: <allowed>``."""
+
+    def read(text: str):
+        try:
+            return convert(text)
+        except ConfigError as err:  # already names the value
+            raise argparse.ArgumentTypeError(str(err)) from None
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"got {text!r}; allowed: {allowed}") from None
+
+    return read
 
 
 def _help(f) -> Optional[str]:
@@ -200,7 +223,7 @@ def _export(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser: each command's flags, and the function that runs it (``args.func``)."""
-    parser = argparse.ArgumentParser(prog="raytopk", description="Top-k compressed data-parallel training on Ray.")
+    parser = ArgumentParser(prog="raytopk", description="Top-k compressed data-parallel training on Ray.")
     parser.add_argument("--version", action="version", version=f"raytopk {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, fn, text in (

@@ -183,6 +183,11 @@ def test_every_shipped_job_is_valid():
         (["--save-every", "4", "--epochs", "3"], "save_every: got 4, more than epochs 3; allowed: 1 to 3"),
         (["--workers", "4001", "--batch-size", "1"], "workers: got 4001, but mnist5k has 4000 training images"),
         (["--address", "127.0.0.1:1"], "address: got '127.0.0.1:1', where nothing answers (Connection refused)"),
+        # argparse's own errors, one line too (not its usage first)
+        (["--epochs", "abc"], "--epochs: got 'abc'; allowed: an integer (see: raytopk train --help)"),
+        (["--lr", "fast"], "--lr: got 'fast'; allowed: a number"),
+        (["--resources-per-worker", "{a: ["], "--resources-per-worker: got '{a: [', which is not YAML"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ],
 )
 def test_cli_user_errors_are_one_line_exit_2(args, fragment, tmp_path):

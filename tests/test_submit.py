@@ -352,6 +352,22 @@ def test_unreachable_cluster_is_one_line(tmp_path):
     assert f"cannot reach a Ray cluster at http://127.0.0.1:{port}" in done.stderr
 
 
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["jobs/smoke.yaml", "--entrypoint-num-cpus", "x"], "--entrypoint-num-cpus: got 'x'; allowed: a number"),
+        (["jobs/smoke.yaml", "--entrypoint-num-cpus", "-1"], "--entrypoint-num-cpus: got -1; allowed: a number"),
+        ([], "the following arguments are required: config"),
+    ],
+)
+def test_a_bad_flag_is_one_line(args, fragment):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "submit.py"), *args], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("submit.py: error: ") and fragment in done.stderr
+
+
 def test_cluster_yaml_passes_rays_schema_and_scales_gpu_nodes_from_zero():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
