@@ -108,13 +108,13 @@ def _yaml_value(text: str):
         raise ConfigError(f"got {text[:40]!r}..., nested too deeply to read") from None
 
 
-def config_from_args(args) -> TrainConfig:
+def config_from_args(args, side_by_side: bool = False) -> TrainConfig:
     """Defaults, then the YAML, then ``--set`` pairs, then the per-key flags; its paths checked (``run`` checks them
-    too, but here a bad one is refused before PyTorch and Ray load)."""
+    too, but here a bad one is refused before PyTorch and Ray load). ``side_by_side``: for ``raytopk bench``."""
     from raytopk.preflight import check_paths
 
     flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-    cfg = load_config(args.config, parse_sets(args.set), **flags)
+    cfg = load_config(args.config, parse_sets(args.set), side_by_side=side_by_side, **flags)
     check_paths(cfg)
     return cfg
 
@@ -135,7 +135,7 @@ def _bench(args) -> int:
     from raytopk.bench import format_table, plot_path, write_plot
     from raytopk.storage import write_json
 
-    cfg = config_from_args(args)  # its output path checked too, before either run trains
+    cfg = config_from_args(args, side_by_side=True)  # its output path checked too, before either run trains
     from raytopk.train import run
 
     # The dense row drops the compression-only settings (DGC's); SGD keeps its momentum there.

@@ -23,6 +23,7 @@ __all__ = [
     "check_fields",
     "check_sizes",
     "check_name",
+    "check_compression_used",
     "from_mapping",
     "run_identity",
     "default_run_name",
@@ -285,16 +286,43 @@ def _check_keys(cls, keys, source: str) -> None:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(known))}")
 
 
-def load_config(path: Optional[str] = None, sets: Optional[dict] = None, **overrides) -> TrainConfig:
+def load_config(
+    path: Optional[str] = None, sets: Optional[dict] = None, *, side_by_side: bool = False, **overrides
+) -> TrainConfig:
     """A validated config: defaults, then the YAML file at ``path``, then ``sets`` (``--set`` pairs: a null there is
-    a value, as in the YAML), then ``overrides`` (flags: None is a flag not given)."""
+    a value, as in the YAML), then ``overrides`` (flags: None is a flag not given).
+
+    ``side_by_side``: the job also runs compressed (``raytopk bench``), so its compression keys are used even where
+    ``compress`` is false (see :func:`check_compression_used`)."""
     values = read_yaml_mapping(path) if path is not None else {}
     _check_keys(TrainConfig, values, path)
     _check_keys(TrainConfig, sets or {}, "--set")
     _check_keys(TrainConfig, overrides, "override")  # a flag, or a caller's keyword
     values.update(sets or {})
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    if not side_by_side:
+        check_compression_used(cfg, values)
+    return cfg
+
+
+# The keys only the hook reads (CompressionOptions' own; DGC's are refused by value in _check_combinations).
+_COMPRESSION_KEYS = {f.name for f in fields(CompressionOptions) if f.name not in JOB_FORMS}
+
+
+def check_compression_used(cfg: TrainConfig, given: dict) -> None:
+    """Refuse a compression key (``ratio``, ``exchange``, ...) that was ``given`` (keys to their values, or their
+    search space) for a job that does not compress: it would change nothing, and the run would silently be dense
+    (``--ratio 0.001`` without ``--compress``). A job that turns compression off itself (``compress: false``, a
+    ``method``) may keep them: the dense baseline of a top-k job."""
+    if cfg.compress or {"compress", "method"} & given.keys():
+        return
+    unused = sorted(_COMPRESSION_KEYS & given.keys())
+    if unused:
+        raise ConfigError(
+            f"{unused[0]}: got {given[unused[0]]!r}, but compress is false, so nothing uses it; "
+            "allowed: with compress: true (--compress); to train dense on purpose, say compress: false (--no-compress)"
+        )
 
 
 def read_yaml_mapping(path: str) -> dict:

@@ -32,7 +32,16 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
-from raytopk.config import ConfigError, TrainConfig, check_fields, check_name, from_mapping, read_yaml_mapping, resolved
+from raytopk.config import (
+    ConfigError,
+    TrainConfig,
+    check_compression_used,
+    check_fields,
+    check_name,
+    from_mapping,
+    read_yaml_mapping,
+    resolved,
+)
 from raytopk.preflight import check_directory, local_ray_cpus
 from raytopk.storage import exists, join, read_text, resolve, write_json
 from raytopk.sweep_results import trial_config, trial_rows, write_results
@@ -156,6 +165,10 @@ def load_sweep(path: str, overrides: Optional[dict] = None) -> tuple:
         cfg = from_mapping(TrainConfig, {**base, **sweep.train}, f"{base_path} with train")
     except ConfigError as err:
         raise ConfigError(f"{path}: train: {err}") from None
+    try:  # a sweep of ratio over a dense job would run dense trials only
+        check_compression_used(cfg, {**base, **sweep.train, **sweep.search_space})
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     sweep = dataclasses.replace(sweep, base=os.path.abspath(base_path))
     _check_space(path, sweep, cfg)
     return sweep, cfg

@@ -113,9 +113,34 @@ def test_bad_yaml_files(tmp_path, text, message):
 
 def test_yaml_then_flags(tmp_path):
     path = tmp_path / "job.yaml"
-    path.write_text("ratio: 0.001\nepochs: 4\n")
+    path.write_text("compress: true\nratio: 0.001\nepochs: 4\n")
     cfg = load_config(str(path), epochs=2, ratio=None)
     assert (cfg.ratio, cfg.epochs) == (0.001, 2)
+
+
+def test_a_compression_key_for_a_job_that_does_not_compress_is_refused_unless_dense_is_said_outright(tmp_path):
+    """``--ratio 0.001`` without ``--compress`` would train dense and say nothing; a top-k job run dense on purpose
+    (``--no-compress``, a ``method``) keeps its keys, and ``raytopk bench`` uses them in its top-k row."""
+    job = tmp_path / "job.yaml"
+    job.write_text("ratio: 0.001\n")
+    for refused, message in (
+        (lambda: load_config(sets={"ratio": 0.001}), "ratio: got 0.001, but compress is false, so nothing uses it"),
+        (lambda: load_config(exchange="sharded"), "exchange: got 'sharded', but compress is false"),
+        (lambda: load_config(str(job)), "ratio: got 0.001, but compress is false"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            refused()
+        assert str(err.value).startswith(message) and "allowed: with compress: true (--compress)" in str(err.value)
+    assert [
+        (c.compress, c.ratio)
+        for c in (
+            load_config(str(ROOT / "jobs" / "mnist5k_topk.yaml"), compress=False),
+            load_config(str(job), compress=False),
+            load_config(method="dense", exchange="sharded", ratio=0.001),
+            load_config(method="fp16", ratio=0.001),
+            load_config(str(job), side_by_side=True),
+        )
+    ] == [(False, 0.01), (False, 0.001), (False, 0.001), (False, 0.001), (False, 0.001)]
 
 
 def test_method_names_the_comparison_and_sets_compress():
@@ -183,6 +208,7 @@ def test_every_shipped_job_is_valid():
         (["--save-every", "4", "--epochs", "3"], "save_every: got 4, more than epochs 3; allowed: 1 to 3"),
         (["--workers", "4001", "--batch-size", "1"], "workers: got 4001, but mnist5k has 4000 training images"),
         (["--address", "127.0.0.1:1"], "address: got '127.0.0.1:1', where nothing answers (Connection refused)"),
+        (["--ratio", "0.001"], "ratio: got 0.001, but compress is false, so nothing uses it"),
         # argparse's own errors, one line too (not its usage first)
         (["--epochs", "abc"], "--epochs: got 'abc'; allowed: an integer (see: raytopk train --help)"),
         (["--lr", "fast"], "--lr: got 'fast'; allowed: a number"),

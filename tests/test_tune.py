@@ -103,6 +103,17 @@ def test_bad_sweeps_name_the_value_and_what_is_allowed(tmp_path, values, fragmen
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_sweep_of_compression_keys_over_a_job_that_does_not_compress_is_refused(tmp_path):
+    """Every trial would train dense; a sweep that says compress itself (or sweeps it) is fine."""
+    dense = tmp_path / "dense.yaml"
+    dense.write_text("epochs: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_sweep(_write(tmp_path, base=str(dense)))
+    assert "ratio: got {'choice': [0.01, 0.001]}, but compress is false, so nothing uses it" in str(err.value)
+    load_sweep(_write(tmp_path, base=str(dense), train={"compress": True}))
+    load_sweep(_write(tmp_path, base=str(dense), search_space={"compress": {"choice": [True, False]}}))
+
+
 def test_set_overrides_sweep_and_job_keys(tmp_path):
     sweep, cfg = load_sweep(_write(tmp_path), {"num_samples": 3, "lr": 0.2, "epochs": 1, "grace_period": 1})
     assert sweep.num_samples == 3 and cfg.lr == 0.2 and cfg.epochs == 1
