@@ -20,7 +20,7 @@ def format_table(rows: list) -> str:
         network = f"{row['network_bytes'] / 1e6:>12.2f}" if row["nodes"] > 1 else f"{'one node':>12}"
         lines.append(
             f"{method_label(row):<14}{100 * row['test_accuracy']:>9.2f}%{row['wire_mb_per_worker']:>16.2f}{network}"
-            f"{row['reduction']:>10.1f}x{row['wall_s']:>8.0f}"
+            f"{row['reduction']:>10.1f}x{'-' if row['wall_s'] is None else round(row['wall_s']):>8}"
         )
     return "\n".join(lines)
 

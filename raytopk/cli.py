@@ -124,7 +124,8 @@ def _train(args) -> int:
     from raytopk.train import bytes_line, run
 
     summary = run(cfg, restart=args.restart, command=args.command, verbose=args.verbose)
-    print(f"test accuracy {100 * summary['test_accuracy']:.2f}%  {bytes_line(summary)}  wall {summary['wall_s']:.0f} s")
+    wall = "unknown" if summary["wall_s"] is None else f"{summary['wall_s']:.0f} s"  # a run finished long ago
+    print(f"test accuracy {100 * summary['test_accuracy']:.2f}%  {bytes_line(summary)}  wall {wall}")
     return 0
 
 

@@ -9,8 +9,10 @@ random state, so a resumed run continues exactly where this one stopped.
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
+import posixpath
 import secrets
 import tempfile
 import time
@@ -38,6 +40,8 @@ __all__ = ["train_loop_per_worker", "build_trainer", "run", "RunInterrupted", "b
 
 # The driver writes a token here in a local run directory; every worker must read it back.
 STORAGE_PROBE = ".storage_probe"
+# The summary of the run's last finish, in its directory: a rerun of the finished run returns it.
+SUMMARY_FILE = "summary.json"
 NOT_SHARED = "is not seen from the node of worker"  # in the error a worker raises when it cannot
 
 
@@ -47,9 +51,10 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(w.start_epoch, w.cfg.epochs):
         started = time.perf_counter()
         loss_sum, batches = _train_epoch(w, epoch, started)
+        lr = w.optimizer.param_groups[0]["lr"]  # the rate this epoch trained at, before the schedule moves on
         w.scheduler.step()
         w.steps_done += batches // w.cfg.accumulate
-        metrics = _epoch_metrics(w, epoch, loss_sum, batches, time.perf_counter() - started)
+        metrics = _epoch_metrics(w, epoch, loss_sum, batches, time.perf_counter() - started, lr)
         _report(w, epoch, metrics)
     if w.writer is not None:
         w.writer.close()
@@ -176,8 +181,9 @@ def _train_epoch(w: _Worker, epoch: int, started: float):
     return loss_sum, batches
 
 
-def _epoch_metrics(w: _Worker, epoch: int, loss_sum, batches: int, seconds: float) -> dict:
-    """The epoch's metrics, summed over workers: loss, test accuracy, bytes (the hook's or dense DDP's), speed."""
+def _epoch_metrics(w: _Worker, epoch: int, loss_sum, batches: int, seconds: float, lr: float) -> dict:
+    """The epoch's metrics, summed over workers: loss, test accuracy, bytes (the hook's or dense DDP's), speed, and
+    the learning rate it trained at."""
     # The plain module: each rank's test shard may hold a different number of
     # batches, and DDP's forward could start a collective the others never join.
     correct, total = _evaluate(w.model, w.test_batches(), w.device)
@@ -192,7 +198,7 @@ def _epoch_metrics(w: _Worker, epoch: int, loss_sum, batches: int, seconds: floa
         "samples_per_s": w.world_size * batches * w.cfg.batch_size / seconds,
         "train_s": seconds,  # this epoch's training steps, evaluation and checkpoint left out
         "workers": w.world_size,
-        "lr": w.optimizer.param_groups[0]["lr"],
+        "lr": lr,
         # What auto chose (or the exchange set), this rank's buckets: e.g. "sharded" or "allgather+sharded".
         "exchange": "+".join(sorted(w.state.algorithms)) if w.state is not None and w.state.algorithms else "dense",
     }
@@ -485,7 +491,7 @@ def run(cfg: TrainConfig, restart: bool = False, command: Optional[str] = None, 
                 "or --restart to train it again",
                 flush=True,
             )
-            return _finish(cfg, _summary(cfg, meta, path, wall_s=0.0, command=command))
+            return _finish(cfg, _finished_summary(cfg, meta, path, command))
         print(f"raytopk: resuming {cfg.name} after epoch {meta['epoch']} from {path}", flush=True)
     check_local(cfg)
     console = Console()
@@ -513,7 +519,9 @@ def run(cfg: TrainConfig, restart: bool = False, command: Optional[str] = None, 
             raise ConfigError(shared[shared.index("checkpoint_dir:") :]) from None
         raise
     path, meta = recorded(join(cfg.checkpoint_dir, cfg.name))
-    return _finish(cfg, _summary(cfg, meta, path, time.time() - started, command))
+    summary = _summary(cfg, meta, path, time.time() - started, command)
+    write_json(join(cfg.checkpoint_dir, cfg.name, SUMMARY_FILE), summary)
+    return _finish(cfg, summary)
 
 
 def _what_runs(cfg: TrainConfig) -> str:
@@ -541,7 +549,21 @@ def _finish(cfg: TrainConfig, summary: dict) -> dict:
     return summary
 
 
-def _summary(cfg: TrainConfig, meta: dict, checkpoint, wall_s: float, command: Optional[str]) -> dict:
+def _finished_summary(cfg: TrainConfig, meta: dict, checkpoint, command: Optional[str]) -> dict:
+    """A finished run's summary, as the command that finished it wrote it (its wall time included; its paths where
+    the run is now); where that file is gone or is of an older checkpoint, one made from the checkpoint, whose wall
+    time is unknown (None)."""
+    run_dir = join(cfg.checkpoint_dir, cfg.name)
+    try:
+        stored = json.loads(read_text(join(run_dir, SUMMARY_FILE)))
+    except (OSError, ValueError):
+        stored = None
+    if isinstance(stored, dict) and posixpath.basename(str(stored.get("checkpoint"))) == posixpath.basename(checkpoint):
+        return {**stored, "run_dir": run_dir, "checkpoint": checkpoint}
+    return _summary(cfg, meta, checkpoint, wall_s=None, command=command)
+
+
+def _summary(cfg: TrainConfig, meta: dict, checkpoint, wall_s: Optional[float], command: Optional[str]) -> dict:
     """The run's summary from its last checkpoint's ``meta``: the final metrics and every epoch's."""
     m = meta["metrics"]
     return {

@@ -192,9 +192,9 @@ def test_elastic_run_goes_on_without_a_lost_node_and_grows_when_a_node_joins(tmp
     for m in history:  # the mean residual the new group holds is the saved workers' mean, to float32 rounding
         assert m.get("residual_mean_error", 0.0) < 1e-6, m
         # The linear rule: the job's lr (0.05) is for 3 workers; a group of W uses W/3 of it, on the same cosine
-        # schedule.
+        # schedule (each epoch records the rate it trained at).
         assert m["lr"] == pytest.approx(
-            0.05 * m["workers"] / 3 * 0.5 * (1 + math.cos(math.pi * m["epoch"] / epochs))
+            0.05 * m["workers"] / 3 * 0.5 * (1 + math.cos(math.pi * (m["epoch"] - 1) / epochs))
         ), m
     # Bytes keep counting across resizes; each epoch that trained was printed once (no epoch trained twice).
     assert all(b["bytes_sent"] > a["bytes_sent"] for a, b in zip(history, history[1:]))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from raytopk.bench import plot_path, write_plot
+from raytopk.bench import format_table, plot_path, write_plot
 from raytopk.console import Channel, Console, failure_report, worker_failures_line
 
 from cluster import kill_tree
@@ -244,9 +244,19 @@ def test_bench_plot_is_written_whole_beside_the_output(tmp_path):
             "dataset": "mnist5k",
             "workers": 2,
             "epochs": len(accuracies),
+            "test_accuracy": accuracies[-1],
+            "network_bytes": None,
+            "nodes": 1,
+            "reduction": 300.0 / mb,
+            "wall_s": 41.6 if compress else None,  # None: a run finished before summaries were kept
         }
 
+    dense, topk = row(False, [0.9, 0.95, 0.97], 300.0), row(True, [0.88, 0.94, 0.96], 9.6)
+    assert format_table([dense, topk]).splitlines()[1:] == [
+        "dense             97.00%          300.00    one node       1.0x       -",
+        "top-k 0.01        96.00%            9.60    one node      31.2x      42",
+    ]
     path = plot_path(str(tmp_path / "demo.json"))
     assert path == str(tmp_path / "demo.png")
-    write_plot([row(False, [0.9, 0.95, 0.97], 300.0), row(True, [0.88, 0.94, 0.96], 9.6)], path)
+    write_plot([dense, topk], path)
     assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.listdir(tmp_path) == ["demo.png"]

@@ -22,7 +22,7 @@ from raytopk.config import ConfigError, TrainConfig, load_config
 from raytopk.data import DatasetError
 from raytopk.models import build_model
 from raytopk.ray import hook_state, prepare_model, rank_file
-from raytopk.train import _hook_state, _optimizer, run
+from raytopk.train import SUMMARY_FILE, _hook_state, _optimizer, run
 
 from cluster import kill_tree
 
@@ -92,6 +92,9 @@ def test_elastic_run_records_every_epoch_with_its_workers(local_ray, tmp_path):
     )
     assert [m["epoch"] for m in summary["history"]] == [1, 2, 3]
     assert [m["workers"] for m in summary["history"]] == [2, 2, 2] and summary["workers"] == 2
+    # each epoch records the rate it trained at: the cosine schedule's 1, 3/4 and 1/4 of lr
+    lr = _cfg(tmp_path, "elastic").lr
+    assert [m["lr"] for m in summary["history"]] == pytest.approx([lr, 0.75 * lr, 0.25 * lr])
     assert len([p for p in glob.glob(os.path.join(summary["run_dir"], "checkpoint_*")) if os.path.isdir(p)]) == 1
     assert summary["history"][-1]["bytes_sent"] == summary["bytes_sent"] > summary["history"][0]["bytes_sent"]
     # ranks_per_node 1: each worker its own node, so every byte of the all-gather's ring and DDP's crosses a card,
@@ -238,8 +241,19 @@ def test_rerun_of_a_finished_run_returns_it_without_training(local_ray, straight
         and again["test_accuracy"] == straight["test_accuracy"]
     )
     assert _files(straight["run_dir"]) == before
-    with open(tmp_path / "again.json") as f:  # the summary it promised, though nothing trained
-        assert json.load(f)["test_accuracy"] == straight["test_accuracy"]
+    # the summary of the command that finished it, its wall time included, though nothing trained now
+    assert again == straight and again["wall_s"] > 0
+    with open(tmp_path / "again.json") as f:
+        assert json.load(f) == straight
+    # Moved elsewhere, the run keeps its summary; without it (a run finished before summaries were kept) the
+    # summary is made from the checkpoint, and its wall time is unknown.
+    moved = tmp_path / "moved"
+    shutil.copytree(os.path.dirname(straight["run_dir"]), moved)
+    there = run(_cfg(moved, "straight"))
+    assert there["wall_s"] == straight["wall_s"] and there["checkpoint"].startswith(str(moved / "straight"))
+    os.remove(moved / "straight" / SUMMARY_FILE)
+    made = run(_cfg(moved, "straight"))
+    assert made["wall_s"] is None and made["history"] == straight["history"]
 
 
 def _raytopk_train(checkpoint_dir, name, *flags, timeout=120):
