@@ -125,8 +125,9 @@ def _torchvision(dataset_class, mean, std, train_transform=None, mirror=None):
                 test = cls(data_dir, train=False, download=download, transform=test_transform)
             except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
                 hint = "pass --download to fetch it" if not download else "check the network and the directory"
+                reason = " ".join(str(err).split())  # one line: torchvision's download error lists each mirror
                 raise DatasetError(
-                    f"{cls_name} not found or unreadable under {os.path.abspath(data_dir)} ({err}); {hint}"
+                    f"{cls_name} not found or unreadable under {os.path.abspath(data_dir)} ({reason}); {hint}"
                 ) from None
         return train, test
 

@@ -12,6 +12,8 @@ from raytopk import data
 from raytopk.data import DATASETS, DatasetError, load_dataset
 from raytopk.models import MODELS, build_model
 
+from cluster import free_ports
+
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])
@@ -121,6 +123,21 @@ def test_missing_dataset_says_where_and_how(tmp_path, name, monkeypatch):
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(tmp_path / "nowhere"))
     with pytest.raises(DatasetError, match=f"under {tmp_path}.*pass --download"):
         load_dataset(name, str(tmp_path))
+
+
+def test_a_failed_download_is_one_line_naming_each_mirror_tried(tmp_path, monkeypatch):
+    """torchvision's error lists every mirror on a line of its own; the user error stays one line."""
+    import torchvision
+
+    (port,) = free_ports(1)  # nothing listens there: the download fails at once, network or not
+    monkeypatch.setattr(
+        torchvision.datasets.MNIST, "mirrors", [f"http://127.0.0.1:{port}/a/", f"http://127.0.0.1:{port}/b/"]
+    )
+    with pytest.raises(DatasetError) as err:
+        load_dataset("mnist", str(tmp_path), download=True)
+    message = str(err.value)
+    assert "\n" not in message and message.endswith("check the network and the directory"), message
+    assert f"Tried http://127.0.0.1:{port}/a/" in message and f"Tried http://127.0.0.1:{port}/b/" in message
 
 
 def test_unknown_dataset_lists_the_known_ones():
