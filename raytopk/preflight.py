@@ -182,16 +182,14 @@ def check_local(cfg) -> None:
     """On a local Ray (no address: nothing scales up, the data is here), refuse what can never run.
 
     Too many workers would wait for resources forever, and a missing dataset
-    would fail on every worker and retry; both are one-line errors instead,
-    before Ray starts.
+    (or a failed download) would fail on every worker and retry; both are
+    one-line errors instead, before Ray starts.
     """
     import ray
     import torch
 
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         return
-    if not cfg.download and cfg.dataset != PARQUET:  # Parquet files were checked by check_paths
-        load_dataset(cfg.dataset, cfg.data_dir, False)  # a DatasetError says where it looked and what to do
     if ray.is_initialized():
         have = ray.cluster_resources()
     else:  # what ray.init() will find on this machine
@@ -210,6 +208,10 @@ def check_local(cfg) -> None:
             f"{key}: got {getattr(cfg, key)}, which need {need:g} {resource} in all, but this local Ray has {got:g}; "
             f"allowed: {allowed}"
         )
+    if cfg.dataset != PARQUET:  # Parquet files were checked by check_paths
+        # A DatasetError says where it looked and what to do. With download, the local workers read this machine's
+        # directory: it is fetched here once, and a failed download is that one line too.
+        load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
 
 
 def say_if_waiting(cfg) -> None:

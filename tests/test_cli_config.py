@@ -1,5 +1,6 @@
 """Bad config values and flags: one line naming the value and what is allowed, exit 2, no traceback."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,8 @@ import pytest
 
 import raytopk
 from raytopk.config import ConfigError, default_run_name, load_config
+
+from cluster import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -228,6 +231,26 @@ def test_cli_user_errors_are_one_line_exit_2(args, fragment, tmp_path):
     assert fragment in done.stderr
     assert "Traceback" not in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_download_on_a_local_ray_is_one_line_before_ray_starts(tmp_path):
+    """The download goes through a proxy where nothing listens, so it fails at once with or without a network."""
+    (port,) = free_ports(1)
+    proxy = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    done = subprocess.run(
+        [sys.executable, "-m", "raytopk", "train", "--dataset", "mnist", "--download", "--data-dir", str(tmp_path)]
+        + ["--checkpoint-dir", str(tmp_path / "runs")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(env, http_proxy=proxy, https_proxy=proxy, HTTP_PROXY=proxy, HTTPS_PROXY=proxy),
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"MNIST not found or unreadable under {tmp_path} (Error downloading" in done.stderr
+    assert (
+        done.stderr.rstrip().endswith("check the network and the directory") and "raytopk: training" not in done.stdout
+    )
 
 
 def test_paths_are_checked_before_ray_starts_and_nothing_is_left(tmp_path):
