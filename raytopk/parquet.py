@@ -164,6 +164,7 @@ def _parquet_files(key: str, path: str):
 def _check_schema_and_count(cfg, fs, train_files, test_files):
     """``(train rows, test rows, largest label)`` from the footers, each file's columns checked; the largest label from
     statistics."""
+    import pyarrow.compute
     import pyarrow.parquet as pq
 
     rows, largest = {}, -1
@@ -174,16 +175,22 @@ def _check_schema_and_count(cfg, fs, train_files, test_files):
                 schema = meta.schema.to_arrow_schema()
                 _check_columns(cfg, path, schema)
                 rows[path] = meta.num_rows
-                low, high = _label_range(meta, cfg.label_column)
-                if low is None:  # no statistics in this file: read its label column alone
+                low, high, nulls = _label_range(meta, cfg.label_column)
+                if nulls is None:  # no statistics in this file: read its label column alone
                     labels = pq.read_table(f, columns=[cfg.label_column]).column(0)
-                    low, high = (None, None) if len(labels) == 0 else (labels.to_numpy().min(), labels.to_numpy().max())
+                    extremes, nulls = pyarrow.compute.min_max(labels), labels.null_count
+                    low, high = extremes["min"].as_py(), extremes["max"].as_py()
         except ConfigError:
             raise
         except Exception as err:  # a truncated or foreign file: pyarrow's error says which part
             raise ConfigError(
                 f"data_path: {path} is not a readable Parquet file ({str(err).splitlines()[0]}); allowed: Parquet files"
             ) from None
+        if nulls:
+            raise ConfigError(
+                f"label_column: {cfg.label_column!r} in {path} has {nulls} empty (null) labels; allowed: a class "
+                "index in every row"
+            )
         if low is not None and low < 0:
             raise ConfigError(
                 f"label_column: {cfg.label_column!r} in {path} holds {low}; allowed: class indices 0, 1, 2, ..."
@@ -221,18 +228,20 @@ def _check_columns(cfg, path: str, schema) -> None:
 
 
 def _label_range(meta, column: str):
-    """``(min, max)`` of ``column`` over the file's row groups from their statistics, or ``(None, None)`` where any
-    lacks them."""
+    """``(min, max, nulls)`` of ``column`` over the file's row groups from their statistics, or ``(None, None, None)``
+    where any lacks them (an all-null group has no min and max)."""
     low = high = None
+    nulls = 0
     for g in range(meta.num_row_groups):
         group = meta.row_group(g)
         chunk = next(group.column(c) for c in range(group.num_columns) if group.column(c).path_in_schema == column)
         stats = chunk.statistics
-        if group.num_rows and (stats is None or not stats.has_min_max):
-            return None, None
+        if group.num_rows and (stats is None or not stats.has_min_max or not stats.has_null_count):
+            return None, None, None
         if group.num_rows:
             low, high = (stats.min, stats.max) if low is None else (min(low, stats.min), max(high, stats.max))
-    return low, high
+            nulls += stats.null_count
+    return low, high, nulls
 
 
 def _sample_images(cfg, fs, path: str):

@@ -234,6 +234,20 @@ def test_bad_data_is_one_line_naming_it(bad, columns, overrides, message):
     assert str(err.value) == message.format(path=path)
 
 
+@pytest.mark.parametrize("statistics", [True, False])
+def test_null_labels_are_one_line_with_or_without_the_files_statistics(tmp_path, statistics):
+    """Null labels would reach the loss as -2**63; a file written without statistics is read for them."""
+    path = tmp_path / "data" / "part.parquet"
+    path.parent.mkdir()
+    table = pa.table({"image": LISTS, "label": pa.array([3, None, 1, None, 0, 1, 2, 3], pa.int64())})
+    pq.write_table(table, str(path), write_statistics=statistics)
+    with pytest.raises(ConfigError) as err:
+        check_paths(_cfg(str(path.parent), image_shape=[1, 2, 2]))
+    assert str(err.value) == (
+        f"label_column: 'label' in {path} has 2 empty (null) labels; allowed: a class index in every row"
+    )
+
+
 def test_bad_paths_and_keys(tmp_path, bad):
     with pytest.raises(
         ConfigError, match=r"^data_path: got '\S+', which does not exist; allowed: a directory, a file or a URI"
