@@ -268,7 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # a bare ``raytopk``: what it can do, not an error line
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     args.command = shlex.join(["raytopk", *(sys.argv[1:] if argv is None else argv)])  # recorded in what it writes
     try:
         return args.func(args)

@@ -307,6 +307,14 @@ def test_version():
     assert done.returncode == 0 and done.stdout.strip() == f"raytopk {raytopk.__version__}"
 
 
+def test_a_bare_raytopk_prints_its_commands_and_a_wrong_one_is_one_line():
+    bare = subprocess.run([sys.executable, "-m", "raytopk"], capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 2 and bare.stderr.startswith("usage: raytopk") and "train one job" in bare.stderr
+    wrong = subprocess.run([sys.executable, "-m", "raytopk", "trian"], capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1, wrong.stderr
+    assert wrong.stderr.startswith("raytopk: error: command: invalid choice: 'trian' (choose from 'train'")
+
+
 def test_a_ray_address_is_checked_only_where_it_names_a_host_and_port(monkeypatch):
     """HOST:PORT and ray://HOST:PORT, from --address or RAY_ADDRESS, must answer; other forms (auto, the jobs API's
     http:// address that users export for ray job submit) go to Ray as they are."""
