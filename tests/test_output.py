@@ -143,6 +143,7 @@ def test_a_run_on_a_terminal_draws_a_bar_and_ends_with_the_result(tmp_path):
     assert not any("%|" in line for line in _screen(raw)), _screen(raw)
 
 
+@pytest.mark.integrations  # a whole run, as CI or ray job logs shows it
 def test_a_run_on_a_pipe_writes_plain_lines_only(tmp_path):
     returncode, text = _on_a_pipe(_command(tmp_path))
     assert returncode == 0, text[-3000:]

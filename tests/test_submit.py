@@ -57,6 +57,7 @@ def planted_secrets():
             path.unlink(missing_ok=True)
 
 
+@pytest.mark.integrations  # a whole job through a head, as users submit one
 def test_submit_py_runs_the_smoke_job_to_success(head, tmp_path, planted_secrets):
     summary = tmp_path / "smoke.json"
     done = _submit(head, "jobs/smoke.yaml", "--set", f"checkpoint_dir={tmp_path}", "--set", f"output={summary}")
