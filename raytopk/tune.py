@@ -161,6 +161,12 @@ def load_sweep(path: str, overrides: Optional[dict] = None) -> tuple:
             raise ConfigError(
                 f"{path}: {key}: set per trial by the sweep; allowed in train and search_space: other job keys"
             )
+    for key in sorted(sweep.train.keys() & sweep.search_space.keys()):  # the sample would win, silently
+        where = f"--set {key}" if key in (overrides or {}) else f"{path}: train.{key}"
+        raise ConfigError(
+            f"{where}: got {sweep.train[key]!r}, but search_space.{key} samples it for each trial; allowed: a key the "
+            "sweep does not sample (--set 'search_space={...}' changes what it samples)"
+        )
     try:
         cfg = from_mapping(TrainConfig, {**base, **sweep.train}, f"{base_path} with train")
     except ConfigError as err:

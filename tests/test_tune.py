@@ -78,7 +78,7 @@ def test_every_shipped_sweep_is_valid():
             "search_space.ratoi: unknown job key; allowed: accumulate, amp, backend, batch_size",
         ),
         (
-            {"search_space": {"epochs": {"uniform": [1, 3]}}},
+            {"search_space": {"epochs": {"uniform": [1, 3]}}, "train": {}},
             "search_space.epochs: uniform samples real numbers but epochs takes an integer; use choice or grid",
         ),
         ({"search_space": {"model": {"choice": ["vgg"]}}}, "search_space.model: model: got 'vgg'; allowed: resnet18"),
@@ -95,6 +95,7 @@ def test_every_shipped_sweep_is_valid():
         ({"train": {"batch_size": 0}}, "train: batch_size: got 0; allowed: a number in [1, inf)"),
         ({"base": "no/such.yaml"}, "config file not found:"),
         ({"base": ""}, "base: missing"),
+        ({"train": {"ratio": 0.01}}, "train.ratio: got 0.01, but search_space.ratio samples it for each trial"),
     ],
 )
 def test_bad_sweeps_name_the_value_and_what_is_allowed(tmp_path, values, fragment):
@@ -120,6 +121,11 @@ def test_set_overrides_sweep_and_job_keys(tmp_path):
     assert sweep.name == "sweep" and os.path.isabs(sweep.base)
     with pytest.raises(ConfigError, match="--set colour: unknown key"):
         load_sweep(_write(tmp_path), {"colour": 1})
+    # a key the sweep samples: the sample would win over the value, so the value is refused
+    with pytest.raises(ConfigError, match=r"^--set ratio: got 0.001, but search_space.ratio samples it for each trial"):
+        load_sweep(_write(tmp_path), {"ratio": 0.001})
+    sweep, cfg = load_sweep(_write(tmp_path), {"ratio": 0.001, "search_space": {"lr": {"choice": [0.1, 0.2]}}})
+    assert cfg.ratio == 0.001 and list(sweep.search_space) == ["lr"]
 
 
 def test_cli_bad_sweep_is_one_line_exit_2(tmp_path):
