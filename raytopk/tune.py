@@ -414,9 +414,11 @@ def run_sweep(
 
     if not ray.is_initialized():
         start_ray(address or cfg.address, verbose, num_cpus=local_ray_cpus(cfg, address))
+    trials = _trial_count(sweep)
     print(
-        f"raytopk: sweep {sweep.name}: {_trial_count(sweep)} trials of {cfg.model} on {cfg.dataset} over "
-        f"{', '.join(sweep.search_space)}, {cfg.epochs} epochs each; results in {directory}",
+        f"raytopk: sweep {sweep.name}: {trials} trial{'s' * (trials != 1)} of {cfg.model} "
+        f"on {cfg.dataset} over {', '.join(sweep.search_space)}, {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} each; "
+        f"results in {directory}",
         flush=True,
     )
 

@@ -262,6 +262,7 @@ def test_sweep_on_parquet_data(tmp_path):
     )
     done = _tune(path)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "raytopk: sweep own: 2 trials of simple_cnn on parquet over ratio, 1 epoch each;" in done.stdout
     rows = json.loads((tmp_path / "runs" / "own" / TRIALS_FILE).read_text())["trials"]
     assert [row["status"] for row in rows] == ["done", "done"]
     # 20 steps of SimpleCNN on the digits: well above chance (10%) when the workers read the shards and trained
