@@ -175,7 +175,7 @@ class Console:
         with self._lock:
             if self.live and self._bar is None:
                 self._desc = desc
-                self._bar = tqdm(desc=desc, file=self.stream, leave=False, bar_format=_WAIT_FORMAT)
+                self._bar = tqdm(desc=desc, file=self.stream, leave=False, bar_format=_WAIT_FORMAT, **self._width())
 
     def update(self, desc: str, n: int, total: int, elapsed: float, postfix: str, unit: str = "step") -> None:
         """Progress ``n`` of ``total`` ``unit`` in phase ``desc`` (a new phase starts a new bar), ``elapsed`` seconds
@@ -191,8 +191,8 @@ class Console:
                         unit=unit,
                         file=self.stream,
                         leave=False,
-                        dynamic_ncols=True,
                         bar_format=_LIVE_FORMAT,
+                        **self._width(),
                     )
             if self._bar is not None:
                 self._bar.set_postfix_str(postfix, refresh=False)
@@ -203,6 +203,15 @@ class Console:
                     n, total, elapsed, prefix=desc, unit=unit, postfix=postfix, bar_format=_PLAIN_FORMAT
                 )
                 print(line, file=self.stream, flush=True)
+
+    def _width(self) -> dict:
+        """tqdm's size: the terminal's, followed as it is resized; 80 x 24 where the terminal reports a size of 0 (a
+        pseudo-terminal nobody sized, as ``script`` makes), where tqdm would print nothing at all."""
+        try:
+            columns = os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            columns = 0
+        return {"dynamic_ncols": True} if columns else {"ncols": 80, "nrows": 24}
 
     def tick(self) -> None:
         """Redraw the bar (its clock and time left move between updates)."""

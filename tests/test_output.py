@@ -207,6 +207,33 @@ def test_plain_progress_lines_on_long_epochs_and_a_bar_never():
     assert quiet.stream.getvalue() == "epoch 1/2  loss 0.5\n"
 
 
+@pytest.mark.parametrize("columns", [0, 60])
+def test_the_bar_shows_on_a_terminal_of_any_reported_size(columns):
+    """A pseudo-terminal nobody sized reports 0 x 0, where tqdm's own sizing prints nothing at all."""
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", columns and 20, columns, 0, 0))
+    with os.fdopen(child, "w") as terminal:
+        console = Console(terminal)
+        assert console.live
+        console.wait("starting Ray Train's workers")
+        console.update("epoch 1/2", 5, 10, elapsed=1.0, postfix="loss 0.5000")
+        console.tick()  # drawn now, not at tqdm's next interval
+        console.close()
+    raw = b""
+    while select.select([main], [], [], 0.5)[0]:
+        try:
+            data = os.read(main, 65536)
+        except OSError:  # the terminal's only writer closed it
+            break
+        if not data:
+            break
+        raw += data
+    os.close(main)
+    text = raw.decode(errors="replace")
+    assert "starting Ray Train's workers [00:00]" in text and "epoch 1/2  50%" in text and "5/10" in text, text
+    assert max(len(part) for part in re.split(r"[\r\n]", text)) <= (columns or 80), text
+
+
 def test_a_channel_without_a_console_prints_its_lines(capsys):
     channel = Channel()
     channel.post("step", {"step": 1})
