@@ -244,6 +244,8 @@ def _check_combinations(cfg: "TrainConfig") -> None:
             )
     if cfg.amp == "fp16" and not cfg.use_gpu:
         raise ConfigError("amp: got 'fp16' without use_gpu; allowed on CPU: none, bf16")
+    if cfg.backend == "nccl" and not cfg.use_gpu:  # NCCL's process group refuses to start without GPUs
+        raise ConfigError("backend: got 'nccl' without use_gpu; allowed on CPU: auto, gloo")
 
 
 _CHOICES = {

@@ -90,6 +90,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ({"link_latency_us": -1}, "link_latency_us: got -1; allowed: a number in [0, inf)"),
         ({"bucket_cap_mb": 0}, "bucket_cap_mb: got 0; allowed: a number in (0, inf)"),
         ({"bucket_cap_mb": "big"}, "bucket_cap_mb: got 'big'; allowed: a number or null"),
+        ({"backend": "nccl"}, "backend: got 'nccl' without use_gpu; allowed on CPU: auto, gloo"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(overrides, message):
